@@ -1,0 +1,137 @@
+"""Builds the FastAPI application around the one router.
+
+`create_app(backend, api_keys=...)` is what every server mounts: error
+handlers, body-size limit, request ids, the router and a lifespan that starts
+and stops the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.backend import ModelBackend
+from app.api.errors import error_payload, install_error_handlers
+from app.api.routes import router
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimitMiddleware:
+    """Rejects request bodies over `max_bytes` with 413 (by Content-Length or while streaming)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(send)
+            return
+        seen = 0
+        too_big = False
+
+        async def limited() -> Message:
+            nonlocal seen, too_big
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    too_big = True
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        import json
+
+        body = json.dumps(
+            error_payload(f"request body exceeds {self.max_bytes} bytes", 413, code="request_too_large")
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class JSONBodyMiddleware:
+    """Treats every POST body under /v1 as JSON, whatever Content-Type says (curl -d sends form type)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+            headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+class RequestIdMiddleware:
+    """Echoes X-Request-Id (or makes one) on every response."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = dict(scope.get("headers") or []).get(b"x-request-id") or uuid.uuid4().hex.encode()
+
+        async def with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid[:128])]
+            await send(message)
+
+        await self.app(scope, receive, with_id)
+
+
+def create_app(
+    backend: ModelBackend,
+    *,
+    api_keys: list[str] | None = None,
+    max_body_bytes: int = 4 * 1024 * 1024,
+    manage_backend: bool = True,
+    title: str = "LLM serving kit",
+) -> FastAPI:
+    """The API application. `manage_backend=False` when the caller starts/stops the backend itself."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_backend:
+            await backend.start()
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            if manage_backend:
+                await backend.shutdown()
+
+    app = FastAPI(title=title, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.backend = backend
+    app.state.api_keys = list(api_keys or [])
+    app.state.draining = False
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(JSONBodyMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app

@@ -1,0 +1,119 @@
+"""What the API router talks to: a set of models, each served by some engine.
+
+`ModelBackend` is the seam between the one API router and the three servers that
+mount it: `LocalBackend` holds in-process engines (standalone server, DeepSpeed
+rank 0); the Ray Serve ingress provides a backend that forwards to model
+deployments. The router never knows which one it has.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from app.engines.base import (
+    Engine,
+    EngineInfo,
+    GenerationChunk,
+    GenerationRequest,
+    ModelNotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ModelBackend(abc.ABC):
+    @abc.abstractmethod
+    def model_ids(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def engine_info(self, model_id: str) -> EngineInfo:
+        """Raises ModelNotFoundError for unknown ids."""
+
+    @abc.abstractmethod
+    def generate(self, model_id: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+
+    @abc.abstractmethod
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(all models ready, per-model detail)."""
+
+    async def model_ready(self, model_id: str) -> bool:
+        _, detail = await self.readiness()
+        return bool(detail.get(model_id, {}).get("ready"))
+
+    async def start(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    def not_found(self, model_id: str) -> ModelNotFoundError:
+        available = ", ".join(self.model_ids()) or "none"
+        return ModelNotFoundError(f"model {model_id!r} does not exist; available models: {available}")
+
+
+class LocalBackend(ModelBackend):
+    """Engines living in this process, started in the background at server start-up."""
+
+    def __init__(self, engines: dict[str, Engine]):
+        self.engines = engines
+        self._start_errors: dict[str, str] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def model_ids(self) -> list[str]:
+        return list(self.engines)
+
+    def _engine(self, model_id: str) -> Engine:
+        try:
+            return self.engines[model_id]
+        except KeyError:
+            raise self.not_found(model_id) from None
+
+    async def engine_info(self, model_id: str) -> EngineInfo:
+        return self._engine(model_id).info
+
+    def generate(self, model_id: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        return self._engine(model_id).generate(request)
+
+    async def start(self) -> None:
+        """Load every engine in the background so /healthz answers at once and /readyz tracks loading."""
+
+        async def _load(mid: str, engine: Engine) -> None:
+            try:
+                await engine.start()
+            except Exception as exc:
+                log.exception("model %s failed to load", mid)
+                self._start_errors[mid] = f"{type(exc).__name__}: {exc}"
+
+        for mid, engine in self.engines.items():
+            self._tasks.append(asyncio.create_task(_load(mid, engine), name=f"load-{mid}"))
+
+    async def wait_started(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks)
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        detail: dict[str, Any] = {}
+        for mid, engine in self.engines.items():
+            entry: dict[str, Any] = {"ready": engine.is_ready(), **engine.info.as_dict()}
+            if mid in self._start_errors:
+                entry["error"] = self._start_errors[mid]
+            else:
+                try:
+                    await engine.check_health()
+                except Exception as exc:
+                    entry["ready"] = False
+                    entry["error"] = str(exc)
+            s = engine.stats()
+            entry["running"], entry["waiting"] = s.running, s.waiting
+            detail[mid] = entry
+        return bool(detail) and all(e["ready"] for e in detail.values()), detail
+
+    async def shutdown(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for engine in self.engines.values():
+            await engine.shutdown()

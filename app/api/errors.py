@@ -1,0 +1,112 @@
+"""OpenAI-shaped error responses and the exception handlers that produce them.
+
+Every error leaves the server as `{"error": {"message", "type", "param", "code"}}`;
+bad input is a 4xx, never a 500, and no response ever carries a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.protocol import ErrorBody, ErrorResponse
+from app.engines.base import EngineError
+
+log = logging.getLogger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+def error_payload(
+    message: str, status: int, *, err_type: str | None = None, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    body = ErrorBody(
+        message=message, type=err_type or _TYPE_BY_STATUS.get(status, "server_error"), param=param, code=code
+    )
+    return ErrorResponse(error=body).model_dump()
+
+
+def error_response(
+    message: str,
+    status: int,
+    *,
+    err_type: str | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        error_payload(message, status, err_type=err_type, param=param, code=code),
+        status_code=status,
+        headers=headers,
+    )
+
+
+def engine_error_response(exc: EngineError) -> JSONResponse:
+    headers = None
+    if exc.retry_after is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
+    return error_response(
+        exc.message, exc.status_code, err_type=exc.error_type, param=exc.param, code=exc.code, headers=headers
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "")).strip(), None
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # pydantic puts union member names into the location; keep the field path only
+    loc = [p for p in loc if not p.startswith(("function-", "list[", "str", "int", "float", "bool"))]
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "invalid value"))
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if first.get("type") == "missing":
+        msg = "field required"
+    text = f"{param}: {msg}" if param else msg
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return text, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(message, 400, param=param, code="invalid_value")
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        return engine_error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(str(exc.detail), exc.status_code, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response("internal server error", 500, code="internal_error")

@@ -1,0 +1,371 @@
+"""OpenAI serving logic: protocol requests in, engine chunks through, JSON or SSE out.
+
+This is the only place that knows the wire format of completions. It fans out
+`n` choices (and multi-prompt completions) as parallel engine requests, primes
+streams so that admission errors (429, 400, 503) become real HTTP statuses,
+records metrics, and cancels generation when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from app import metrics
+from app.api.backend import ModelBackend
+from app.api.errors import engine_error_response, error_payload
+from app.api.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    new_id,
+)
+from app.engines.base import EngineError, GenerationChunk, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+
+
+@dataclass
+class _Observation:
+    """Per-request metrics bookkeeping."""
+
+    model: str
+    engine: str
+    endpoint: str
+    start: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"model": self.model, "engine": self.engine, "endpoint": self.endpoint}
+
+    def token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+            metrics.observe(metrics.TTFT, self.labels, self.first_token_at - self.start)
+
+    def finish(self, status: int, error_type: str | None = None) -> None:
+        labels = self.labels
+        metrics.inc(metrics.REQUESTS, {**labels, "status": str(status)})
+        metrics.observe(metrics.REQUEST_LATENCY, labels, time.monotonic() - self.start)
+        if self.output_tokens:
+            metrics.inc(metrics.OUTPUT_TOKENS, labels, self.output_tokens)
+        if self.prompt_tokens:
+            metrics.inc(metrics.PROMPT_TOKENS, labels, self.prompt_tokens)
+        if error_type:
+            metrics.inc(metrics.REQUEST_ERRORS, {**labels, "error_type": error_type})
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+    return GenerationRequest(
+        max_tokens=req.token_limit,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=req.stop_list,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+def _fan_out(base: GenerationRequest, n: int, offset: int = 0) -> list[tuple[int, GenerationRequest]]:
+    out = []
+    for i in range(n):
+        seed = None if base.seed is None else base.seed + i
+        out.append((offset + i, replace(base, seed=seed, request_id=new_id("gen"))))
+    return out
+
+
+async def _primed(gen: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    """Pull the first chunk now (so errors surface before headers are sent), then stream the rest."""
+    try:
+        first = await gen.__anext__()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await gen.aclose()  # type: ignore[attr-defined]
+        raise
+
+    async def rest() -> AsyncIterator[GenerationChunk]:
+        try:
+            yield first
+            async for chunk in gen:
+                yield chunk
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+
+    return rest()
+
+
+async def _merge(streams: dict[int, AsyncIterator[GenerationChunk]]) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Interleave several chunk streams, tagging each chunk with its choice index."""
+    if len(streams) == 1:
+        (idx, only), = streams.items()
+        async for chunk in only:
+            yield idx, chunk
+        return
+    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(idx: int, s: AsyncIterator[GenerationChunk]) -> None:
+        try:
+            async for chunk in s:
+                await queue.put((idx, chunk))
+            await queue.put((idx, None))
+        except BaseException as exc:  # forwarded to the consumer
+            await queue.put((idx, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in streams.items()]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            idx, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield idx, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work`, cancelling it if the client disconnects first (returns None then)."""
+    task = asyncio.ensure_future(work)
+
+    async def listen() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    listener = asyncio.create_task(listen())
+    try:
+        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return None
+    finally:
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, backend: ModelBackend):
+        self.backend = backend
+
+    # --------------------------------------------------------------------- shared
+    async def _run(
+        self,
+        request: Request,
+        endpoint: str,
+        model: str,
+        items: list[tuple[int, GenerationRequest]],
+        n: int,
+        stream: bool,
+        render_stream: Callable[[AsyncIterator[tuple[int, GenerationChunk]], _Observation], AsyncIterator[str]],
+        render_full: Callable[[dict[int, str], dict[int, str | None], Usage], dict[str, Any]],
+    ) -> Response:
+        info = await self.backend.engine_info(model)  # 404 for unknown models
+        obs = _Observation(model=model, engine=info.engine, endpoint=endpoint)
+        try:
+            if stream:
+                primed: dict[int, AsyncIterator[GenerationChunk]] = {}
+                try:
+                    for idx, greq in items:
+                        primed[idx] = await _primed(self.backend.generate(model, greq))
+                except BaseException:
+                    for s in primed.values():
+                        with contextlib.suppress(Exception):
+                            await s.aclose()  # type: ignore[attr-defined]
+                    raise
+                return StreamingResponse(
+                    render_stream(_merge(primed), obs), media_type="text/event-stream", headers=SSE_HEADERS
+                )
+            result = await _until_disconnect(request, self._collect(model, items, obs, n))
+            if result is None:
+                obs.finish(499, "client_disconnected")
+                return Response(status_code=499)
+            texts, reasons, usage = result
+            obs.finish(200)
+            return JSONResponse(render_full(texts, reasons, usage))
+        except EngineError as exc:
+            obs.finish(exc.status_code, exc.error_type)
+            return engine_error_response(exc)
+
+    async def _collect(
+        self, model: str, items: list[tuple[int, GenerationRequest]], obs: _Observation, n: int
+    ) -> tuple[dict[int, str], dict[int, str | None], Usage]:
+        texts: dict[int, list[str]] = {i: [] for i, _ in items}
+        reasons: dict[int, str | None] = {i: None for i, _ in items}
+        prompt: dict[int, int] = {}
+        completion: dict[int, int] = {}
+
+        async def one(idx: int, greq: GenerationRequest) -> None:
+            async for chunk in self.backend.generate(model, greq):
+                obs.token()
+                texts[idx].append(chunk.text)
+                prompt[idx] = chunk.prompt_tokens
+                completion[idx] = chunk.completion_tokens
+                if chunk.finish_reason:
+                    reasons[idx] = chunk.finish_reason
+
+        async with asyncio.TaskGroup() as tg:
+            for idx, greq in items:
+                tg.create_task(one(idx, greq))
+        usage = _usage(prompt, completion, n)
+        obs.prompt_tokens, obs.output_tokens = usage.prompt_tokens, usage.completion_tokens
+        return {i: "".join(t) for i, t in texts.items()}, reasons, usage
+
+    async def _stream_body(
+        self,
+        merged: AsyncIterator[tuple[int, GenerationChunk]],
+        obs: _Observation,
+        make_chunk: Callable[[int, str | None, str | None, bool], dict[str, Any]],
+        usage_chunk: Callable[[Usage], dict[str, Any]] | None,
+        n: int,
+    ) -> AsyncIterator[str]:
+        prompt: dict[int, int] = {}
+        completion: dict[int, int] = {}
+        started: set[int] = set()
+        status, err_type = 200, None
+        try:
+            async for idx, chunk in merged:
+                obs.token()
+                prompt[idx], completion[idx] = chunk.prompt_tokens, chunk.completion_tokens
+                first = idx not in started
+                started.add(idx)
+                if chunk.text or first:
+                    yield _sse(make_chunk(idx, chunk.text, None, first))
+                if chunk.finish_reason:
+                    yield _sse(make_chunk(idx, None, chunk.finish_reason, False))
+            usage = _usage(prompt, completion, n)
+            obs.prompt_tokens, obs.output_tokens = usage.prompt_tokens, usage.completion_tokens
+            if usage_chunk is not None:
+                yield _sse(usage_chunk(usage))
+            yield "data: [DONE]\n\n"
+        except EngineError as exc:
+            status, err_type = exc.status_code, exc.error_type
+            yield _sse(error_payload(exc.message, exc.status_code, err_type=exc.error_type, code=exc.code))
+            yield "data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            status, err_type = 499, "client_disconnected"
+            raise
+        except Exception:
+            log.exception("stream failed")
+            status, err_type = 500, "server_error"
+            yield _sse(error_payload("internal server error", 500, code="internal_error"))
+            yield "data: [DONE]\n\n"
+        finally:
+            await merged.aclose()  # type: ignore[attr-defined]
+            if not obs.output_tokens:
+                partial = _usage(prompt, completion, n)
+                obs.prompt_tokens, obs.output_tokens = partial.prompt_tokens, partial.completion_tokens
+            obs.finish(status, err_type)
+
+    # --------------------------------------------------------------------- chat
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        base = _sampling(req)
+        base.messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        items = _fan_out(base, req.n)
+        rid, created = new_id("chatcmpl"), int(time.time())
+
+        def make_chunk(idx: int, text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+            delta = ChatDelta(role="assistant" if first else None, content=text)
+            return ChatCompletionChunk(
+                id=rid, created=created, model=req.model,
+                choices=[ChatChunkChoice(index=idx, delta=delta, finish_reason=finish)],
+            ).model_dump(exclude_none=True)
+
+        def usage_chunk(usage: Usage) -> dict[str, Any]:
+            return ChatCompletionChunk(
+                id=rid, created=created, model=req.model, choices=[], usage=usage
+            ).model_dump(exclude_none=True)
+
+        def full(texts: dict[int, str], reasons: dict[int, str | None], usage: Usage) -> dict[str, Any]:
+            choices = [
+                ChatChoice(index=i, message=ChatResponseMessage(content=texts[i]), finish_reason=reasons[i])
+                for i in sorted(texts)
+            ]
+            return ChatCompletionResponse(
+                id=rid, created=created, model=req.model, choices=choices, usage=usage
+            ).model_dump()
+
+        def stream(merged: AsyncIterator[tuple[int, GenerationChunk]], obs: _Observation) -> AsyncIterator[str]:
+            return self._stream_body(
+                merged, obs, make_chunk, usage_chunk if req.include_usage else None, req.n
+            )
+
+        return await self._run(request, "chat", req.model, items, req.n, req.stream, stream, full)
+
+    # --------------------------------------------------------------------- completions
+    async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        items: list[tuple[int, GenerationRequest]] = []
+        for p_idx, prompt in enumerate(req.prompts):
+            base = _sampling(req)
+            base.prompt = prompt
+            items += _fan_out(base, req.n, offset=p_idx * req.n)
+        rid, created = new_id("cmpl"), int(time.time())
+
+        def make_chunk(idx: int, text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
+            return CompletionResponse(
+                id=rid, created=created, model=req.model,
+                choices=[CompletionChoice(index=idx, text=text or "", finish_reason=finish)],
+            ).model_dump(exclude={"usage"})
+
+        def usage_chunk(usage: Usage) -> dict[str, Any]:
+            return CompletionResponse(id=rid, created=created, model=req.model, choices=[], usage=usage).model_dump()
+
+        def full(texts: dict[int, str], reasons: dict[int, str | None], usage: Usage) -> dict[str, Any]:
+            choices = [CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i]) for i in sorted(texts)]
+            return CompletionResponse(
+                id=rid, created=created, model=req.model, choices=choices, usage=usage
+            ).model_dump()
+
+        def stream(merged: AsyncIterator[tuple[int, GenerationChunk]], obs: _Observation) -> AsyncIterator[str]:
+            return self._stream_body(
+                merged, obs, make_chunk, usage_chunk if req.include_usage else None, req.n
+            )
+
+        return await self._run(request, "completions", req.model, items, req.n, req.stream, stream, full)
+
+
+def _usage(prompt: dict[int, int], completion: dict[int, int], n: int) -> Usage:
+    # the n choices fanned out from one prompt share it: count each distinct prompt once
+    p = sum(v for i, v in prompt.items() if i % n == 0)
+    c = sum(completion.values())
+    return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)

@@ -1,0 +1,127 @@
+"""Command line (typer): every container and test runs one of these commands.
+
+Core commands live here (`serve`, `make-tiny-model`). Feature packages add their
+own by exposing `register(cli)` in the modules listed in `_PLUGINS`; a package
+whose optional dependencies are missing still imports (heavy imports stay inside
+command functions), so `--help` always works.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+cli = typer.Typer(
+    name="app",
+    help="LLM serving kit: OpenAI-compatible API on Ray Serve, vLLM/transformers, nginx, DeepSpeed.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_PLUGINS = (
+    "app.cluster.cli",
+    "app.deepspeed.cli",
+    "app.client.cli",
+    "app.integrations.cli",
+    "app.ops.cli",
+)
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error and return the Exit to raise."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+@cli.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="Local folder or hub id of the model.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: --model).")] = None,
+    engine: Annotated[str | None, typer.Option(help="auto | vllm | transformers")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Cap on the context length.")] = None,
+    max_running: Annotated[int | None, typer.Option(help="Concurrent generations per model.")] = None,
+    max_waiting: Annotated[int | None, typer.Option(help="Queued requests before answering 429.")] = None,
+    config: Annotated[
+        list[Path] | None, typer.Option("--config", help="Model config YAML (LLMConfig layout); repeatable.")
+    ] = None,
+) -> None:
+    """Run the OpenAI-compatible API on uvicorn without Ray (also the nginx fallback)."""
+    from pydantic import ValidationError
+
+    from app.server import standalone
+    from app.settings import Settings
+
+    overrides = {k: v for k, v in {
+        "model": model, "served_model_name": served_model_name, "engine": engine, "host": host, "port": port,
+        "device": device, "dtype": dtype, "max_model_len": max_model_len, "max_running": max_running,
+        "max_waiting": max_waiting,
+    }.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise fail(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    setup_logging(settings.log_level)
+    specs = None
+    if config:
+        try:
+            from app.models.config import load_engine_specs  # provided by the model-config module
+        except ImportError:
+            raise fail("--config needs app.models.config, which is not available in this build") from None
+        try:
+            specs = load_engine_specs(config)
+        except Exception as exc:
+            raise fail(str(exc)) from None
+    try:
+        standalone.run(settings, specs)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+@cli.command("make-tiny-model")
+def make_tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
+    seed: Annotated[int, typer.Option(help="Weight seed.")] = 0,
+    max_context: Annotated[int, typer.Option(help="max_position_embeddings of the model.")] = 2048,
+) -> None:
+    """Build a tiny random-weight Qwen2 model + BPE tokenizer offline (tests, CI, demo)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from app.models.tiny import build_tiny_model
+
+    path = build_tiny_model(out_dir, seed=seed, max_context=max_context)
+    typer.echo(str(path))
+
+
+def _load_plugins() -> None:
+    for name in _PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # that feature package is not part of this build
+            raise
+        module.register(cli)
+
+
+def main() -> None:
+    _load_plugins()
+    cli()

@@ -1,0 +1,78 @@
+"""Admission control: bounded concurrency plus a bounded wait queue.
+
+A request first takes one of `max_running` slots; when none is free it waits in a
+queue of at most `max_waiting` entries; when that is full it is refused at once
+with `QueueFullError` (HTTP 429 with Retry-After) instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from app.engines.base import EngineStats, QueueFullError
+
+
+class AdmissionController:
+    def __init__(
+        self,
+        max_running: int,
+        max_waiting: int,
+        retry_after_s: float = 1.0,
+        on_change: Callable[[], None] | None = None,
+    ):
+        if max_running < 1:
+            raise ValueError("max_running must be >= 1")
+        if max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0")
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.retry_after_s = retry_after_s
+        self._running = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._on_change = on_change or (lambda: None)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=self._running, waiting=len(self._waiters))
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        await self._acquire()
+        self._on_change()
+        try:
+            yield
+        finally:
+            self._release()
+            self._on_change()
+
+    async def _acquire(self) -> None:
+        if self._running < self.max_running and not self._waiters:
+            self._running += 1
+            return
+        if len(self._waiters) >= self.max_waiting:
+            raise QueueFullError(
+                f"server busy: {self._running} requests running and {len(self._waiters)} waiting "
+                f"(limit {self.max_running}+{self.max_waiting}); retry later",
+                retry_after=self.retry_after_s,
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._on_change()
+        try:
+            await fut  # resolved by _release, which hands its slot over (running unchanged)
+        except BaseException:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+            elif fut.done() and not fut.cancelled():
+                # the slot was handed to us just as we were cancelled: pass it on
+                self._release()
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.pop(0)
+            if not fut.done():
+                fut.set_result(None)  # hand the slot over
+                return
+        self._running -= 1

@@ -1,0 +1,174 @@
+"""The engine protocol: the one small contract every inference engine implements.
+
+An engine turns a `GenerationRequest` into an async stream of `GenerationChunk`s.
+Closing (or cancelling) that stream aborts the generation: that is how client
+disconnects reach the engine. Engines raise `EngineError` subclasses, whose
+HTTP status and OpenAI error type the API layer maps without knowing engines.
+Everything here is plain data (dataclasses) so it crosses Ray and
+torch.distributed boundaries by pickling.
+"""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class GenerationRequest:
+    """Engine-level request: either a raw `prompt` or chat `messages`."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class GenerationChunk:
+    """One step of output. `completion_tokens` is cumulative; `text` is the new delta."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class EngineInfo:
+    """What the API reports about the engine serving a model."""
+
+    model_id: str
+    engine: str  # "transformers" | "vllm" | "deepspeed"
+    model_source: str
+    max_context: int
+    device: str = "cpu"
+    dtype: str = "float32"
+    reason: str = ""  # why this engine was selected (e.g. the vLLM fallback reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "model_source": self.model_source,
+            "max_context": self.max_context,
+            "device": self.device,
+            "dtype": self.dtype,
+            "reason": self.reason,
+        }
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class EngineError(Exception):
+    """Base of errors an engine reports to clients. Picklable (message only)."""
+
+    status_code = 500
+    error_type = "server_error"
+    code: str | None = None
+    param: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.message = message
+        if param is not None:
+            self.param = param
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_error, (type(self), self.message, self.param, self.retry_after))
+
+
+def _rebuild_error(cls: type[EngineError], message: str, param: str | None, retry_after: float | None):
+    return cls(message, param=param, retry_after=retry_after)
+
+
+class InvalidRequestError(EngineError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class PromptTooLongError(InvalidRequestError):
+    code = "context_length_exceeded"
+    param = "messages"
+
+
+class ModelNotFoundError(EngineError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+    param = "model"
+
+
+class QueueFullError(EngineError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "queue_full"
+
+
+class EngineNotReadyError(EngineError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "engine_not_ready"
+
+
+class EngineDeadError(EngineNotReadyError):
+    code = "engine_dead"
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+class Engine(abc.ABC):
+    """Contract for inference engines (transformers, vLLM, DeepSpeed TP)."""
+
+    info: EngineInfo
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model and run a warm-up forward pass. Raises on failure."""
+
+    @abc.abstractmethod
+    def is_ready(self) -> bool:
+        """True once `start` succeeded and the engine has not died."""
+
+    @abc.abstractmethod
+    async def check_health(self) -> None:
+        """Raise `EngineDeadError` when the engine can no longer serve."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream output. Admission/validation errors raise before the first chunk.
+
+        The last chunk carries `finish_reason`. Closing the iterator aborts the request.
+        """
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats:
+        """Current running/waiting request counts."""
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:  # pragma: no cover - optional
+        raise NotImplementedError
+
+    async def shutdown(self) -> None:
+        """Release resources. Default: nothing to do."""
+        return None

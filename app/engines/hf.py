@@ -1,0 +1,401 @@
+"""Hugging Face transformers engine: the fallback that runs on any device.
+
+Loads a local folder or hub id with AutoModelForCausalLM/AutoTokenizer and runs
+its own token-by-token decode loop (KV cache, per-request torch.Generator for
+seeded sampling, temperature/top-p, presence/frequency penalties) in a worker
+thread, so that every token streams out at once, each request checks its own
+cancel flag between tokens (client disconnects stop generation within one
+token), and stop strings are matched on the decoded text. Concurrency is bounded
+by an `AdmissionController` whose full queue turns into HTTP 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from app import metrics
+from app.engines.admission import AdmissionController
+from app.engines.base import (
+    Engine,
+    EngineDeadError,
+    EngineError,
+    EngineInfo,
+    EngineNotReadyError,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+    PromptTooLongError,
+)
+
+log = logging.getLogger(__name__)
+
+_FALLBACK_TEMPLATE_WARNED = False
+
+
+@dataclass
+class HFEngineConfig:
+    model_id: str
+    model_source: str
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    max_model_len: int | None = None
+    max_running: int = 4
+    max_waiting: int = 32
+    default_max_tokens: int = 256
+    trust_remote_code: bool = False
+    retry_after_s: float = 1.0
+    reason: str = ""
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "half": torch.float16,
+                "bfloat16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype!r}: use auto, float32, float16 or bfloat16") from None
+
+
+class _IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-decoding everything.
+
+    Holds back output while the tail decodes to an incomplete UTF-8 sequence (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prev = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(full) > len(prev) and not full.endswith("\ufffd"):
+            delta = full[len(prev) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            return delta
+        return ""
+
+
+class _StopMatcher:
+    """Finds stop strings in streamed text, holding back a possible partial match."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, stop found)."""
+        self.text += delta
+        if self.stops:
+            start = max(0, self.emitted - self.hold)
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                cut = min(hits)
+                out = self.text[self.emitted : cut] if cut > self.emitted else ""
+                self.emitted = max(self.emitted, cut)
+                return out, True
+        safe = len(self.text) - self.hold if self.stops else len(self.text)
+        if safe > self.emitted:
+            out = self.text[self.emitted : safe]
+            self.emitted = safe
+            return out, False
+        return "", False
+
+    def flush(self) -> str:
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out
+
+
+class TransformersEngine(Engine):
+    """Engine protocol over a transformers causal LM."""
+
+    name = "transformers"
+
+    def __init__(self, config: HFEngineConfig):
+        self.cfg = config
+        self.info = EngineInfo(
+            model_id=config.model_id,
+            engine=self.name,
+            model_source=config.model_source,
+            max_context=config.max_model_len or 0,
+            reason=config.reason,
+        )
+        self._admission = AdmissionController(
+            config.max_running, config.max_waiting, config.retry_after_s, on_change=self._publish_stats
+        )
+        self._executor = ThreadPoolExecutor(max_workers=config.max_running, thread_name_prefix="hf-gen")
+        self._ready = False
+        self._dead_reason: str | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._eos_ids: list[int] = []
+        self._labels = {"model": config.model_id, "engine": self.name}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
+        await asyncio.to_thread(self._load)
+        await asyncio.to_thread(self._warmup)
+        self._ready = True
+        metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
+        metrics.set_gauge(
+            metrics.ENGINE_INFO,
+            {**self._labels, "fallback": "true" if self.cfg.reason.startswith("fallback") else "false",
+             "reason": self.cfg.reason},
+            1,
+        )
+        self._publish_stats()
+        log.info("model %s ready on %s (%s)", self.cfg.model_id, self.info.device, self.info.dtype)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = _resolve_device(self.cfg.device)
+        dtype = _resolve_dtype(self.cfg.dtype, device)
+        t0 = time.monotonic()
+        tok = AutoTokenizer.from_pretrained(self.cfg.model_source, trust_remote_code=self.cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.cfg.model_source, dtype=dtype, trust_remote_code=self.cfg.trust_remote_code
+        )
+        model.to(device)
+        model.eval()
+        self._model, self._tokenizer = model, tok
+        eos: set[int] = set()
+        for src in (model.generation_config.eos_token_id if model.generation_config else None,
+                    model.config.eos_token_id, tok.eos_token_id):
+            if isinstance(src, int):
+                eos.add(src)
+            elif isinstance(src, list):
+                eos.update(int(x) for x in src)
+        self._eos_ids = sorted(eos)
+        ctx = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
+        if self.cfg.max_model_len:
+            ctx = min(ctx, self.cfg.max_model_len)
+        self.info.max_context = ctx
+        self.info.device = device
+        self.info.dtype = str(dtype).removeprefix("torch.")
+        torch.set_grad_enabled(False)
+        log.info("loaded %s from %s in %.1fs", self.cfg.model_id, self.cfg.model_source, time.monotonic() - t0)
+
+    def _warmup(self) -> None:
+        ids = self._tokenizer("warm-up", add_special_tokens=False)["input_ids"] or [0]
+        cancel = threading.Event()
+        for _ in self._decode_steps(ids, GenerationRequest(temperature=0.0, max_tokens=2), 2, cancel):
+            pass
+
+    def is_ready(self) -> bool:
+        return self._ready and self._dead_reason is None
+
+    async def check_health(self) -> None:
+        if self._dead_reason:
+            raise EngineDeadError(f"engine for {self.cfg.model_id} is dead: {self._dead_reason}")
+        if not self._ready:
+            raise EngineNotReadyError(f"model {self.cfg.model_id} is still loading")
+
+    def stats(self) -> EngineStats:
+        return self._admission.stats()
+
+    def _publish_stats(self) -> None:
+        s = self._admission.stats()
+        metrics.set_gauge(metrics.RUNNING, self._labels, s.running)
+        metrics.set_gauge(metrics.QUEUE_DEPTH, self._labels, s.waiting)
+
+    async def shutdown(self) -> None:
+        self._ready = False
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ prompt handling
+    def _render(self, req: GenerationRequest) -> list[int]:
+        tok = self._tokenizer
+        if req.messages is not None:
+            if getattr(tok, "chat_template", None):
+                text = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+            else:
+                global _FALLBACK_TEMPLATE_WARNED
+                if not _FALLBACK_TEMPLATE_WARNED:
+                    log.warning("tokenizer of %s has no chat template; using a plain one", self.cfg.model_id)
+                    _FALLBACK_TEMPLATE_WARNED = True
+                text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in req.messages) + "assistant:"
+        else:
+            text = req.prompt or ""
+        ids: list[int] = tok(text, add_special_tokens=req.messages is None)["input_ids"]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty after tokenization", param="prompt")
+        return ids
+
+    def _budget(self, prompt_len: int, req: GenerationRequest) -> int:
+        ctx = self.info.max_context
+        param = "messages" if req.messages is not None else "prompt"
+        if prompt_len >= ctx:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {ctx} tokens; the prompt has {prompt_len} tokens",
+                param=param,
+            )
+        room = ctx - prompt_len
+        if req.max_tokens is None:
+            return min(room, self.cfg.default_max_tokens)
+        if req.max_tokens > room:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {ctx} tokens; the prompt has {prompt_len} tokens "
+                f"and max_tokens is {req.max_tokens} (at most {room} fit)",
+                param="max_tokens",
+            )
+        return req.max_tokens
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(self._render(request))
+
+    # ------------------------------------------------------------------ decode loop (worker thread)
+    def _decode_steps(self, prompt_ids: list[int], req: GenerationRequest, max_new: int, cancel: threading.Event):
+        """Yields (token_id, finish) per generated token; finish is None, 'stop' or 'length'."""
+        import torch
+        from transformers import DynamicCache
+
+        model = self._model
+        device = self.info.device
+        gen = torch.Generator(device=device)
+        if req.seed is not None:
+            gen.manual_seed(int(req.seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        else:
+            gen.seed()
+        vocab = model.config.vocab_size
+        counts = torch.zeros(vocab, device=device) if (req.presence_penalty or req.frequency_penalty) else None
+        eos = torch.tensor(self._eos_ids, dtype=torch.long, device=device) if self._eos_ids else None
+        cache = DynamicCache()
+        inp = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            for step in range(max_new):
+                if cancel.is_set():
+                    raise _Cancelled()
+                out = model(input_ids=inp, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                logits = out.logits[0, -1, :vocab].float()
+                if counts is not None:
+                    logits = logits - req.frequency_penalty * counts - req.presence_penalty * (counts > 0).float()
+                if eos is not None and (req.ignore_eos or step < req.min_tokens):
+                    logits[eos] = float("-inf")
+                if req.temperature <= 0.0:
+                    token = int(torch.argmax(logits))
+                else:
+                    logits = logits / req.temperature
+                    probs = torch.softmax(logits, dim=-1)
+                    if req.top_p < 1.0:
+                        sorted_p, idx = torch.sort(probs, descending=True)
+                        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p
+                        sorted_p = sorted_p * keep
+                        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+                    token = int(torch.multinomial(probs, 1, generator=gen))
+                if counts is not None:
+                    counts[token] += 1
+                finish = None
+                if token in self._eos_ids and not req.ignore_eos:
+                    finish = "stop"
+                elif step + 1 >= max_new:
+                    finish = "length"
+                yield token, finish
+                if finish:
+                    return
+                inp = torch.tensor([[token]], dtype=torch.long, device=device)
+
+    def _run_thread(self, prompt_ids, req, max_new, cancel, loop, queue) -> None:
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        try:
+            for token, finish in self._decode_steps(prompt_ids, req, max_new, cancel):
+                put(("token", token, finish))
+        except _Cancelled:
+            put(("cancelled",))
+        except Exception as exc:  # surfaced to the request; the engine stays up
+            log.exception("generation failed for request %s", req.request_id)
+            put(("error", exc))
+
+    # ------------------------------------------------------------------ public generate
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self._dead_reason:
+            raise EngineDeadError(f"engine for {self.cfg.model_id} is dead: {self._dead_reason}")
+        if not self._ready:
+            raise EngineNotReadyError(f"model {self.cfg.model_id} is still loading", retry_after=5)
+        prompt_ids = self._render(request)
+        max_new = self._budget(len(prompt_ids), request)
+        try:
+            async with self._admission.slot():
+                async for chunk in self._generate_admitted(prompt_ids, request, max_new):
+                    yield chunk
+        finally:
+            self._publish_stats()
+
+    async def _generate_admitted(
+        self, prompt_ids: list[int], req: GenerationRequest, max_new: int
+    ) -> AsyncIterator[GenerationChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        cancel = threading.Event()
+        fut = loop.run_in_executor(
+            self._executor, self._run_thread, prompt_ids, req, max_new, cancel, loop, queue
+        )
+        detok = _IncrementalDetokenizer(self._tokenizer)
+        stops = _StopMatcher(req.stop)
+        n_prompt = len(prompt_ids)
+        n_out = 0
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                kind = item[0]
+                if kind == "error":
+                    raise EngineError(f"generation failed: {type(item[1]).__name__}")
+                if kind == "cancelled":
+                    finished = True
+                    return
+                _, token, finish = item
+                n_out += 1
+                text, hit = stops.feed(detok.push(token))
+                if hit:
+                    finished = True
+                    yield GenerationChunk(text, n_prompt, n_out, "stop")
+                    return
+                if finish:
+                    finished = True
+                    yield GenerationChunk(text + stops.flush(), n_prompt, n_out, finish)
+                    return
+                if text:
+                    yield GenerationChunk(text, n_prompt, n_out)
+        finally:
+            cancel.set()
+            if not finished:
+                metrics.inc(metrics.ABORTED, self._labels)
+            # hold the admission slot until the worker thread has really stopped
+            await asyncio.shield(fut)

@@ -1,0 +1,159 @@
+"""Engine selection: `auto | vllm | transformers`, with automatic fallback to transformers.
+
+`auto` picks vLLM when it is importable and a CUDA device is visible, else
+transformers. When vLLM was picked by `auto` but fails to start, the reason is
+logged once and the transformers engine serves the same model instead; the
+reason travels in `EngineInfo.reason` (shown by /v1/models, /readyz, the
+`llm_engine_info` metric and `cluster status`). An explicit `vllm` that fails
+is an error: no silent fallback when the operator asked for vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from app.engines.base import (
+    Engine,
+    EngineInfo,
+    EngineNotReadyError,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+)
+from app.engines.hf import HFEngineConfig, TransformersEngine
+
+log = logging.getLogger(__name__)
+
+EngineChoice = Literal["auto", "vllm", "transformers"]
+
+# engine_kwargs the transformers engine understands; the rest are vLLM-only and ignored by it
+_HF_KWARGS = {"dtype", "max_model_len", "device", "trust_remote_code", "max_num_seqs"}
+
+
+@dataclass
+class EngineSpec:
+    model_id: str
+    model_source: str
+    engine: EngineChoice = "auto"
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_waiting: int = 32
+    default_max_tokens: int = 256
+    retry_after_s: float = 1.0
+
+
+def vllm_status() -> tuple[bool, str]:
+    """(usable, reason) for vLLM on this process: importable and a CUDA device visible."""
+    if importlib.util.find_spec("vllm") is None:
+        return False, "vllm is not installed"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is visible"
+    except Exception as exc:  # pragma: no cover - torch import problems
+        return False, f"torch cannot query CUDA: {exc}"
+    return True, "vllm is installed and a CUDA device is visible"
+
+
+def hf_config(spec: EngineSpec, reason: str) -> HFEngineConfig:
+    kw = spec.engine_kwargs
+    return HFEngineConfig(
+        model_id=spec.model_id,
+        model_source=spec.model_source,
+        device=str(kw.get("device", "auto")),
+        dtype=str(kw.get("dtype", "auto")),
+        max_model_len=kw.get("max_model_len"),
+        max_running=int(kw.get("max_num_seqs", 4)),
+        max_waiting=spec.max_waiting,
+        default_max_tokens=spec.default_max_tokens,
+        trust_remote_code=bool(kw.get("trust_remote_code", False)),
+        retry_after_s=spec.retry_after_s,
+        reason=reason,
+    )
+
+
+def _build_vllm(spec: EngineSpec, reason: str) -> Engine:
+    from app.engines.vllm import VLLMEngine  # vLLM imports stay inside that module
+
+    return VLLMEngine(spec, reason=reason)
+
+
+async def start_engine(spec: EngineSpec) -> Engine:
+    """Build and start the engine for `spec`, falling back from vLLM when `auto` allows it."""
+    if spec.engine == "transformers":
+        engine: Engine = TransformersEngine(hf_config(spec, "configured: engine=transformers"))
+        await engine.start()
+        return engine
+
+    usable, why = vllm_status()
+    if spec.engine == "vllm" and not usable:
+        raise RuntimeError(f"engine=vllm was requested for {spec.model_id} but {why}")
+    if usable:
+        try:
+            engine = _build_vllm(spec, reason=f"{'configured' if spec.engine == 'vllm' else 'auto'}: {why}")
+            await engine.start()
+            return engine
+        except Exception as exc:
+            if spec.engine == "vllm":
+                raise RuntimeError(f"vLLM failed to start for {spec.model_id}: {type(exc).__name__}: {exc}") from exc
+            why = f"vLLM failed to start: {type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("model %s: %s; falling back to transformers", spec.model_id, why)
+
+    engine = TransformersEngine(hf_config(spec, f"fallback: {why}"))
+    await engine.start()
+    return engine
+
+
+class SelectedEngine(Engine):
+    """An engine whose implementation is chosen (and possibly fallen back) when it starts.
+
+    Lets a server register a model before loading it: until `start` finishes it
+    reports not ready, then every call is delegated to the engine that started.
+    """
+
+    def __init__(self, spec: EngineSpec):
+        self.spec = spec
+        self.inner: Engine | None = None
+        self.info = EngineInfo(
+            model_id=spec.model_id,
+            engine=spec.engine if spec.engine != "auto" else "pending",
+            model_source=spec.model_source,
+            max_context=int(spec.engine_kwargs.get("max_model_len") or 0),
+            reason="loading",
+        )
+
+    async def start(self) -> None:
+        try:
+            self.inner = await start_engine(self.spec)
+        except Exception as exc:
+            self.info.reason = f"failed to start: {type(exc).__name__}: {exc}"
+            raise
+        self.info = self.inner.info
+
+    def is_ready(self) -> bool:
+        return self.inner is not None and self.inner.is_ready()
+
+    async def check_health(self) -> None:
+        if self.inner is None:
+            raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
+        await self.inner.check_health()
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self.inner is None:
+            raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
+        return self.inner.generate(request)
+
+    def stats(self) -> EngineStats:
+        return self.inner.stats() if self.inner else EngineStats()
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        assert self.inner is not None
+        return await self.inner.count_prompt_tokens(request)
+
+    async def shutdown(self) -> None:
+        if self.inner is not None:
+            await self.inner.shutdown()

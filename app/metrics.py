@@ -1,0 +1,198 @@
+"""The one set of metric names, and the backends that export them.
+
+Names, kinds, label sets and buckets are declared once (`SPECS`). Code records
+through `inc`/`observe`/`set_gauge`; the active backend decides where it goes:
+`PrometheusBackend` (standalone and DeepSpeed servers, served on `/metrics`) or,
+inside Ray Serve replicas, `RayBackend` (Ray's metrics API, exported on each
+node's metrics port: a prometheus_client metric created in a replica is never
+exported by Ray). Dashboards and alert rules use these names only.
+
+Names contain no ':' on purpose: prometheus_client >= 0.23 rewrites such names
+when scraped by Prometheus 2.x (client_python #1177).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Kind = Literal["counter", "gauge", "histogram"]
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # exported name (counters end in _total)
+    kind: Kind
+    description: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...] = ()
+
+
+REQUESTS = MetricSpec(
+    "llm_requests_total",
+    "counter",
+    "Finished API requests by endpoint and HTTP status.",
+    ("model", "engine", "endpoint", "status"),
+)
+REQUEST_ERRORS = MetricSpec(
+    "llm_request_errors_total",
+    "counter",
+    "API requests that ended in an error, by error type.",
+    ("model", "engine", "endpoint", "error_type"),
+)
+REQUEST_LATENCY = MetricSpec(
+    "llm_request_latency_seconds",
+    "histogram",
+    "End-to-end request latency (until the last byte of the response).",
+    ("model", "engine", "endpoint"),
+    LATENCY_BUCKETS,
+)
+TTFT = MetricSpec(
+    "llm_time_to_first_token_seconds",
+    "histogram",
+    "Time from request arrival to the first generated token.",
+    ("model", "engine"),
+    TTFT_BUCKETS,
+)
+PROMPT_TOKENS = MetricSpec(
+    "llm_prompt_tokens_total", "counter", "Prompt tokens processed.", ("model", "engine")
+)
+OUTPUT_TOKENS = MetricSpec(
+    "llm_output_tokens_total", "counter", "Completion tokens generated.", ("model", "engine")
+)
+ABORTED = MetricSpec(
+    "llm_requests_aborted_total",
+    "counter",
+    "Generations stopped early because the client went away or the request was cancelled.",
+    ("model", "engine"),
+)
+RUNNING = MetricSpec(
+    "llm_running_requests", "gauge", "Requests currently generating.", ("model", "engine")
+)
+QUEUE_DEPTH = MetricSpec(
+    "llm_queue_depth", "gauge", "Requests waiting for a generation slot.", ("model", "engine")
+)
+MODEL_READY = MetricSpec(
+    "llm_model_ready", "gauge", "1 when the model has loaded and passed warm-up.", ("model", "engine")
+)
+ENGINE_INFO = MetricSpec(
+    "llm_engine_info",
+    "gauge",
+    "Always 1: which engine serves a model, and why (fallback reason).",
+    ("model", "engine", "fallback", "reason"),
+)
+
+SPECS: tuple[MetricSpec, ...] = (
+    REQUESTS,
+    REQUEST_ERRORS,
+    REQUEST_LATENCY,
+    TTFT,
+    PROMPT_TOKENS,
+    OUTPUT_TOKENS,
+    ABORTED,
+    RUNNING,
+    QUEUE_DEPTH,
+    MODEL_READY,
+    ENGINE_INFO,
+)
+
+
+def exported_series_names() -> set[str]:
+    """Every series name Prometheus can store for our specs (histograms expand)."""
+    names: set[str] = set()
+    for spec in SPECS:
+        if spec.kind == "histogram":
+            names |= {f"{spec.name}_bucket", f"{spec.name}_sum", f"{spec.name}_count"}
+        else:
+            names.add(spec.name)
+    return names
+
+
+class Backend(Protocol):
+    def inc(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None: ...
+    def set(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None: ...
+    def observe(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None: ...
+
+
+class PrometheusBackend:
+    """prometheus_client metrics in a private registry, rendered by `/metrics`."""
+
+    def __init__(self) -> None:
+        import prometheus_client as pc
+
+        self._pc = pc
+        pc.disable_created_metrics()  # no *_created series: they double the series count for nothing
+        self.registry = pc.CollectorRegistry(auto_describe=True)
+        self._metrics: dict[str, object] = {}
+        for spec in SPECS:
+            if spec.kind == "counter":
+                # prometheus_client appends _total itself
+                m: object = pc.Counter(
+                    spec.name.removesuffix("_total"), spec.description, spec.labels, registry=self.registry
+                )
+            elif spec.kind == "gauge":
+                m = pc.Gauge(spec.name, spec.description, spec.labels, registry=self.registry)
+            else:
+                m = pc.Histogram(
+                    spec.name, spec.description, spec.labels, buckets=spec.buckets, registry=self.registry
+                )
+            self._metrics[spec.name] = m
+
+    def inc(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+        self._metrics[spec.name].labels(**labels).inc(value)  # type: ignore[attr-defined]
+
+    def set(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+        self._metrics[spec.name].labels(**labels).set(value)  # type: ignore[attr-defined]
+
+    def observe(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+        self._metrics[spec.name].labels(**labels).observe(value)  # type: ignore[attr-defined]
+
+    def render(self) -> tuple[bytes, str]:
+        return self._pc.generate_latest(self.registry), self._pc.CONTENT_TYPE_LATEST
+
+
+_lock = threading.Lock()
+_backend: Backend | None = None
+
+
+def backend() -> Backend:
+    global _backend
+    with _lock:
+        if _backend is None:
+            _backend = PrometheusBackend()
+        return _backend
+
+
+def use_backend(new: Backend) -> None:
+    """Switch where metrics go (Ray replicas call this with the Ray backend)."""
+    global _backend
+    with _lock:
+        _backend = new
+
+
+def _clean(spec: MetricSpec, labels: dict[str, str]) -> dict[str, str]:
+    return {k: str(labels.get(k, "")) for k in spec.labels}
+
+
+def inc(spec: MetricSpec, labels: dict[str, str], value: float = 1.0) -> None:
+    backend().inc(spec, _clean(spec, labels), value)
+
+
+def set_gauge(spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+    backend().set(spec, _clean(spec, labels), value)
+
+
+def observe(spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+    backend().observe(spec, _clean(spec, labels), value)
+
+
+def render() -> tuple[bytes, str]:
+    """Prometheus text of this process's metrics (empty when the backend is not Prometheus)."""
+    b = backend()
+    if isinstance(b, PrometheusBackend):
+        return b.render()
+    return b"# metrics of this process are exported by Ray on the node's metrics port\n", "text/plain"

@@ -1,0 +1,1 @@
+"""Servers that mount the API: the standalone uvicorn server lives here."""

@@ -1,0 +1,137 @@
+"""Shared test fixtures: the tiny model, free ports, real server processes, CI skip policy.
+
+Tests drive real processes over real sockets. Suites that need root, network
+namespaces or a system package may skip on a developer machine that lacks them,
+but under CI=true such a skip fails the run (`need`), so CI proves every suite ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip when `condition` is false, except under CI=true, where it is a failure."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required in CI but missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def need_root() -> None:
+    need(os.geteuid() == 0, "needs root (network namespaces)")
+
+
+def need_binary(*names: str) -> None:
+    for name in names:
+        need(shutil.which(name) is not None, f"needs `{name}` on PATH (installed by tests/run.sh)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll `predicate` until it returns a truthy value; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # keep polling; report the last error on timeout
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline tiny model, built once per session with the real CLI."""
+    cached = os.environ.get("TINY_MODEL_DIR")
+    if cached and (Path(cached) / "config.json").exists():
+        return Path(cached)
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    subprocess.run([sys.executable, "-m", "app", "make-tiny-model", str(out)], check=True, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    os.environ["TINY_MODEL_DIR"] = str(out)  # reused by subprocesses of this session
+    return out
+
+
+class ServerProcess:
+    """A real `python -m app serve` process on 127.0.0.1."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None,
+                 log_path: Path | None = None):
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, **(env or {})}
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_text()[-2000:]}")
+            return httpx.get(self.base_url + "/readyz", timeout=2).status_code == 200
+
+        wait_until(ready, timeout, 0.2, "server /readyz")
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, tiny_model: Path) -> Iterator:
+    """Factory: start_server(*extra_args, env=..., model_name='tiny') -> ready ServerProcess."""
+    started: list[ServerProcess] = []
+
+    def _start(*extra: str, env: dict[str, str] | None = None, model_name: str = "tiny",
+               wait: bool = True) -> ServerProcess:
+        args = ["--model", str(tiny_model), "--served-model-name", model_name, *extra]
+        srv = ServerProcess(args, env=env, log_path=tmp_path / f"server-{len(started)}.log")
+        started.append(srv)
+        return srv.wait_ready() if wait else srv
+
+    yield _start
+    for srv in started:
+        srv.stop(signal.SIGKILL)
