@@ -155,6 +155,46 @@ class PrometheusBackend:
         return self._pc.generate_latest(self.registry), self._pc.CONTENT_TYPE_LATEST
 
 
+class RayBackend:
+    """Ray's metrics API (inside Ray Serve replicas): exported on each node's metrics export port.
+
+    Ray prefixes exported names with `ray_` (e.g. `ray_llm_requests_total`); the
+    Prometheus scrape jobs for Ray nodes strip that prefix, so stored names equal
+    the standalone server's. Inside a replica `ray.serve.metrics` is used, which
+    adds `application`/`deployment`/`replica` labels.
+    """
+
+    def __init__(self) -> None:
+        try:
+            from ray.serve import get_replica_context
+
+            get_replica_context()
+            from ray.serve import metrics as rm
+        except Exception:  # not inside a Serve replica
+            from ray.util import metrics as rm  # type: ignore[no-redef]
+
+        self._metrics: dict[str, object] = {}
+        for spec in SPECS:
+            if spec.kind == "counter":
+                # Ray's exporter appends _total to counters itself
+                m: object = rm.Counter(spec.name.removesuffix("_total"), spec.description, tag_keys=spec.labels)
+            elif spec.kind == "gauge":
+                m = rm.Gauge(spec.name, spec.description, tag_keys=spec.labels)
+            else:
+                m = rm.Histogram(spec.name, spec.description, boundaries=list(spec.buckets), tag_keys=spec.labels)
+            self._metrics[spec.name] = m
+
+    def inc(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+        if value > 0:
+            self._metrics[spec.name].inc(value, tags=labels)  # type: ignore[attr-defined]
+
+    def set(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+        self._metrics[spec.name].set(value, tags=labels)  # type: ignore[attr-defined]
+
+    def observe(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+        self._metrics[spec.name].observe(value, tags=labels)  # type: ignore[attr-defined]
+
+
 _lock = threading.Lock()
 _backend: Backend | None = None
 
@@ -172,6 +212,13 @@ def use_backend(new: Backend) -> None:
     global _backend
     with _lock:
         _backend = new
+
+
+def use_ray_backend() -> Backend:
+    """Route this process's metrics through Ray (call once in each Serve replica)."""
+    b = RayBackend()
+    use_backend(b)
+    return b
 
 
 def _clean(spec: MetricSpec, labels: dict[str, str]) -> dict[str, str]:

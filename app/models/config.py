@@ -219,7 +219,8 @@ def load_model_configs(paths: str | Path | Sequence[str | Path]) -> list[ModelCo
     for cfg in configs:
         if cfg.model_id in seen:
             raise ConfigError(
-                f"{cfg.source_file}: model_loading_config.model_id {cfg.model_id!r} is also used by {seen[cfg.model_id]}"
+                f"{cfg.source_file}: model_loading_config.model_id {cfg.model_id!r} is also used by "
+                f"{seen[cfg.model_id]}"
             )
         if cfg.deployment_name in names:
             raise ConfigError(

@@ -1,0 +1,142 @@
+"""`RayServeBackend`: the `ModelBackend` the ingress mounts, forwarding to LLM server deployments.
+
+Routes by model id to that model's deployment handle, streams chunks back with
+`handle.options(stream=True)`, and turns Ray's wrapper exceptions back into the
+engine's HTTP errors: a `RayTaskError` around an `EngineError` becomes that
+error, Serve's `BackPressureError` (max_queued_requests reached) becomes 429
+with Retry-After, a dead replica or actor becomes 503. Closing the stream (the
+client went away) cancels the request on the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from app.api.backend import ModelBackend
+from app.engines.base import (
+    EngineError,
+    EngineInfo,
+    EngineNotReadyError,
+    GenerationChunk,
+    GenerationRequest,
+    QueueFullError,
+)
+
+log = logging.getLogger(__name__)
+
+
+def unwrap_ray_error(exc: BaseException, model_id: str, retry_after_s: float = 1.0) -> BaseException:
+    """Map an exception raised through a Serve handle to the error the API should report."""
+    from ray import exceptions as rex
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, EngineError) and not isinstance(exc, rex.RayTaskError):
+        return exc
+    if isinstance(exc, rex.RayTaskError):
+        cause = exc.cause
+        if isinstance(cause, EngineError):
+            return type(cause)(cause.message, param=cause.param, retry_after=cause.retry_after)
+        if isinstance(cause, BaseException) and not isinstance(cause, rex.RayTaskError):
+            nested = unwrap_ray_error(cause, model_id, retry_after_s)
+            if isinstance(nested, EngineError):
+                return nested
+        return EngineError(f"model {model_id}: replica failed: {type(cause).__name__}")
+    if isinstance(exc, BackPressureError):
+        return QueueFullError(
+            f"model {model_id} is at capacity (max_queued_requests reached); retry later", retry_after=retry_after_s
+        )
+    if isinstance(exc, rex.RayActorError | rex.ActorUnavailableError | DeploymentUnavailableError):
+        return EngineNotReadyError(f"model {model_id}: replica unavailable ({type(exc).__name__})", retry_after=5)
+    return exc
+
+
+class RayServeBackend(ModelBackend):
+    """Model id -> Serve deployment handle of that model's LLM server."""
+
+    def __init__(self, handles: dict[str, Any], info_timeout_s: float = 5.0, retry_after_s: float = 1.0):
+        self.handles = handles
+        self.info_timeout_s = info_timeout_s
+        self.retry_after_s = retry_after_s
+        self._info: dict[str, EngineInfo] = {}
+        self._stream = {mid: h.options(stream=True) for mid, h in handles.items()}
+
+    def model_ids(self) -> list[str]:
+        return list(self.handles)
+
+    def _check(self, model_id: str) -> None:
+        if model_id not in self.handles:
+            raise self.not_found(model_id)
+
+    async def _replica_info(self, model_id: str) -> dict[str, Any]:
+        resp = self.handles[model_id].info.remote()
+        try:
+            return await asyncio.wait_for(resp, self.info_timeout_s)
+        except TimeoutError:
+            resp.cancel()
+            raise
+
+    def _remember(self, model_id: str, info: dict[str, Any]) -> EngineInfo:
+        ei = EngineInfo(
+            model_id=model_id,
+            engine=info.get("engine", "unknown"),
+            model_source=info.get("model_source", ""),
+            max_context=int(info.get("max_context") or 0),
+            device=info.get("device", ""),
+            dtype=info.get("dtype", ""),
+            reason=info.get("reason", ""),
+        )
+        self._info[model_id] = ei
+        return ei
+
+    async def engine_info(self, model_id: str) -> EngineInfo:
+        self._check(model_id)
+        if model_id in self._info:
+            return self._info[model_id]
+        try:
+            return self._remember(model_id, await self._replica_info(model_id))
+        except Exception as exc:
+            return EngineInfo(model_id=model_id, engine="pending", model_source="", max_context=0,
+                              reason=f"no ready replica yet ({type(exc).__name__})")
+
+    async def generate(self, model_id: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        self._check(model_id)
+        gen = self._stream[model_id].generate.remote(request)
+        finished = False
+        try:
+            async for chunk in gen:
+                yield chunk
+            finished = True
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:
+            mapped = unwrap_ray_error(exc, model_id, self.retry_after_s)
+            finished = True
+            if mapped is exc:
+                raise
+            raise mapped from None
+        finally:
+            if not finished:
+                gen.cancel()  # client went away: stop the replica's generation
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when every model has a RUNNING replica whose engine is ready (replicas only run once loaded)."""
+
+        async def one(mid: str) -> tuple[str, dict[str, Any]]:
+            try:
+                info = await self._replica_info(mid)
+            except Exception as exc:
+                known = self._info.get(mid)
+                return mid, {
+                    "ready": False,
+                    **(known.as_dict() if known else {"engine": "pending", "reason": "no running replica"}),
+                    "error": f"no running replica answered within {self.info_timeout_s:g}s ({type(exc).__name__})",
+                }
+            ei = self._remember(mid, info)
+            return mid, {"ready": bool(info.get("ready")), **ei.as_dict(), "running": info.get("running", 0),
+                         "waiting": info.get("waiting", 0), "node_ip": info.get("node_ip", "")}
+
+        detail = dict(await asyncio.gather(*(one(m) for m in self.handles)))
+        return bool(detail) and all(e["ready"] for e in detail.values()), detail
