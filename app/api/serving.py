@@ -244,9 +244,13 @@ class OpenAIServing:
                 if chunk.finish_reason:
                     reasons[idx] = chunk.finish_reason
 
-        async with asyncio.TaskGroup() as tg:
-            for idx, greq in items:
-                tg.create_task(one(idx, greq))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for idx, greq in items:
+                    tg.create_task(one(idx, greq))
+        except BaseExceptionGroup as group:  # surface the engine's error (429/400/503), not the group
+            errors = [e for e in group.exceptions if isinstance(e, EngineError)]
+            raise (errors or list(group.exceptions))[0] from None
         usage = _usage(prompt, completion, n)
         obs.prompt_tokens, obs.output_tokens = usage.prompt_tokens, usage.completion_tokens
         return {i: "".join(t) for i, t in texts.items()}, reasons, usage
