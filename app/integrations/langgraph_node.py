@@ -1,0 +1,114 @@
+"""LangGraph node that answers from retrieved documents with the cluster (`langchain_openai.ChatOpenAI`).
+
+    from app.integrations.langgraph_node import make_generate_node
+    graph.add_node("generate", make_generate_node())          # reads state["question"], state["documents"]
+    graph.add_edge("retrieve", "generate")                    # writes state["answer"] (+ state["usage"])
+
+The node builds the prompt the same way the MCP `generate` tool does (documents
+numbered in a system message, `cluster_client.build_messages`), calls the cluster
+through a `ChatOpenAI` pointed at `CLUSTER_BASE_URL` (the openai client retries
+429/5xx and honours Retry-After), and works in `graph.invoke` and `graph.ainvoke`.
+Needs the `langgraph` extra (langgraph, langchain-openai, langchain-core).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import BaseMessage
+from langchain_core.runnables import RunnableLambda
+from langchain_openai import ChatOpenAI
+
+from app.integrations.cluster_client import DEFAULT_SYSTEM_PROMPT, build_messages
+from app.integrations.settings import ClusterSettings
+
+NO_KEY = "none"  # ChatOpenAI insists on a key; a server without API_KEYS ignores it
+
+
+def _first_model(settings: ClusterSettings, api_key: str) -> str:
+    url = settings.base_url + "/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=min(settings.timeout_s, 30.0))
+        response.raise_for_status()
+        cards = response.json().get("data") or []
+    except (httpx.HTTPError, ValueError) as exc:
+        raise RuntimeError(f"no model given and listing {url} failed ({exc}); pass model= or set CLUSTER_MODEL") \
+            from None
+    if not cards:
+        raise RuntimeError(f"the cluster at {settings.base_url} serves no models")
+    return str(cards[0]["id"])
+
+
+def cluster_chat_model(
+    model: str | None = None, *, settings: ClusterSettings | None = None, **kwargs: Any
+) -> ChatOpenAI:
+    """A `ChatOpenAI` for the cluster: base URL, key and timeout from `ClusterSettings` (CLUSTER_* env).
+
+    `model` defaults to CLUSTER_MODEL, else the first model the cluster lists (one GET at
+    construction). Extra keyword arguments go to `ChatOpenAI` (max_tokens, temperature,
+    max_retries, extra_body={"min_tokens": ...}, ...).
+    """
+    settings = settings or ClusterSettings()
+    api_key = settings.effective_api_key
+    model = model or settings.model or _first_model(settings, api_key)
+    kwargs.setdefault("timeout", settings.timeout_s)
+    kwargs.setdefault("max_retries", settings.max_attempts - 1)
+    return ChatOpenAI(model=model, base_url=settings.base_url, api_key=api_key or NO_KEY, **kwargs)
+
+
+def _usage(message: BaseMessage) -> dict[str, int]:
+    meta = getattr(message, "usage_metadata", None) or {}
+    return {
+        "prompt_tokens": int(meta.get("input_tokens", 0)),
+        "completion_tokens": int(meta.get("output_tokens", 0)),
+        "total_tokens": int(meta.get("total_tokens", 0)),
+    }
+
+
+def make_generate_node(
+    llm: BaseChatModel | None = None,
+    *,
+    question_key: str = "question",
+    documents_key: str = "documents",
+    answer_key: str = "answer",
+    usage_key: str | None = "usage",
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+    name: str = "generate",
+    **llm_kwargs: Any,
+) -> RunnableLambda:
+    """A graph node: `state[question_key]` + `state[documents_key]` -> `{answer_key: text, usage_key: {...}}`.
+
+    Documents may be strings, LangChain `Document`s or dicts with page_content/content/text;
+    a missing or empty documents entry means no context. `llm` defaults to
+    `cluster_chat_model(**llm_kwargs)`; pass your own chat model to reuse this node elsewhere.
+    Keys absent from the graph's state schema are dropped by LangGraph, so `usage` is harmless.
+    """
+    chat = llm if llm is not None else cluster_chat_model(**llm_kwargs)
+    if llm is not None and llm_kwargs:
+        raise TypeError("pass either llm= or ChatOpenAI keyword arguments, not both")
+
+    def _messages(state: Mapping[str, Any]) -> list[tuple[str, str]]:
+        question = state.get(question_key)
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"graph state has no question under {question_key!r}")
+        docs = state.get(documents_key) or []
+        msgs = build_messages(prompt=question, context=list(docs), system_prompt=system_prompt)
+        return [(m["role"], m["content"]) for m in msgs]
+
+    def _update(message: BaseMessage) -> dict[str, Any]:
+        update: dict[str, Any] = {answer_key: str(message.text)}
+        if usage_key:
+            update[usage_key] = _usage(message)
+        return update
+
+    def node(state: Mapping[str, Any]) -> dict[str, Any]:
+        return _update(chat.invoke(_messages(state)))
+
+    async def anode(state: Mapping[str, Any]) -> dict[str, Any]:
+        return _update(await chat.ainvoke(_messages(state)))
+
+    return RunnableLambda(node, afunc=anode, name=name)
