@@ -110,7 +110,7 @@ def test_node_from_environment_with_custom_keys(cluster: ServerProcess, monkeypa
     monkeypatch.setenv("API_KEYS", f"{API_KEY},other")  # fallback: the first of the server's keys
     monkeypatch.setenv("CLUSTER_MODEL", "tiny")
     node = make_generate_node(question_key="query", documents_key="docs", answer_key="reply", usage_key=None,
-                              max_tokens=4, extra_body={"min_tokens": 1})
+                              max_tokens=4, temperature=0.0, extra_body={"min_tokens": 1})
     out = node.invoke({"query": "Hello?", "docs": [{"page_content": "A dict document."}, "a plain string"]})
     assert set(out) == {"reply"} and out["reply"].strip()
 
