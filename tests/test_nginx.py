@@ -1,0 +1,272 @@
+"""nginx front door: the shipped template, rendered and run for real in front of real tiny-model servers.
+
+Covers `nginx -t` with a private prefix, failover on SIGKILL of the primary during
+a concurrent request loop (zero failures), a frozen primary (SIGSTOP) costing at
+most one read timeout, traffic returning to a restarted primary within
+fail_timeout, SSE streaming through nginx, /nginx-health, loopback-only
+stub_status, body-size and per-client rate limits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.ops.nginx import NginxSettings, render_nginx
+from tests.conftest import ROOT, ServerProcess, free_port, need_binary, wait_until
+
+COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+
+
+class Nginx:
+    """A private nginx (own prefix, pid, temp and log paths) started from a rendered config."""
+
+    def __init__(self, prefix: Path, **settings: object) -> None:
+        need_binary("nginx")
+        self.prefix = prefix
+        self.port = free_port()
+        self.status_port = free_port()
+        self.settings = NginxSettings(nginx_port=self.port, nginx_status_port=self.status_port,
+                                      nginx_worker_processes="2", **settings)  # type: ignore[arg-type]
+        self.conf = render_nginx(prefix, self.settings)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def cmd(self, *extra: str) -> list[str]:
+        return ["nginx", "-p", str(self.prefix), "-e", str(self.prefix / "logs" / "error.log"),
+                "-c", str(self.conf), *extra]
+
+    def start(self) -> Nginx:
+        self.proc = subprocess.Popen(self.cmd("-g", "daemon off;"), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"nginx exited {self.proc.returncode}: {self.error_log()[-2000:]}")
+            return httpx.get(self.base_url + "/nginx-health", timeout=2).status_code == 200
+
+        wait_until(up, 30, 0.1, "nginx /nginx-health")
+        return self
+
+    def error_log(self) -> str:
+        path = self.prefix / "logs" / "error.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def access_log(self) -> str:
+        return (self.prefix / "logs" / "access.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful: lets the access log flush
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def nginx_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+    started: list[Nginx] = []
+
+    def _make(**settings: object) -> Nginx:
+        n = Nginx(tmp_path / f"nginx{len(started)}", **settings)
+        started.append(n)
+        return n.start()
+
+    yield _make
+    for n in started:
+        n.stop()
+
+
+def _addr(srv: ServerProcess) -> str:
+    return f"127.0.0.1:{srv.port}"
+
+
+def test_render_cli_and_nginx_t(tmp_path: Path) -> None:
+    need_binary("nginx")
+    env = {**os.environ, "SERVE_PORT": "18000", "FALLBACK_PORT": "18001,18003", "NGINX_PORT": "18080",
+           "NGINX_RATE_LIMIT": "5r/s", "NGINX_READ_TIMEOUT": "120s"}
+    out = subprocess.run([sys.executable, "-m", "app", "ops", "render-nginx", "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    conf = (tmp_path / "nginx.conf").read_text()
+    res = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-e", str(tmp_path / "logs/error.log"),
+                          "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "test is successful" in res.stderr
+    assert not re.search(r"^\s*user\s", conf, re.M), "a `user` directive breaks non-root runs"
+    assert "server 127.0.0.1:18000 max_fails=1 fail_timeout=10s;" in conf
+    assert "server 127.0.0.1:18001 max_fails=1 fail_timeout=10s backup;" in conf
+    assert "server 127.0.0.1:18003 max_fails=1 fail_timeout=10s backup;" in conf
+    assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in conf
+    assert "listen 127.0.0.1:18080;" in conf and "listen 127.0.0.1:8081;" in conf
+    assert "proxy_read_timeout 120s;" in conf
+    assert "limit_req zone=per_client burst=20 nodelay;" in conf and "rate=5r/s" in conf
+    assert not re.search(r"\$\{[A-Z]", conf), "unrendered placeholder"
+
+
+def test_render_rejects_bad_values(tmp_path: Path) -> None:
+    env = {**os.environ, "NGINX_READ_TIMEOUT": "forever"}
+    out = subprocess.run([sys.executable, "-m", "app", "ops", "render-nginx", "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "NGINX_READ_TIMEOUT" in out.stderr, out.stderr
+    env = {**os.environ, "NGINX_BACKUPS": "10.0.0.5"}
+    out = subprocess.run([sys.executable, "-m", "app", "ops", "render-nginx", "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "NGINX_BACKUPS" in out.stderr, out.stderr
+
+
+def test_streaming_limits_health_and_status(start_server, nginx_factory) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server()
+    ngx = nginx_factory(serve_port=srv.port, fallback_port=str(free_port()), nginx_max_body="2k",
+                        nginx_expose_upstream=True)
+    conf = ngx.conf.read_text()
+    # a timing test alone cannot prove the absence of buffering: assert the directives too
+    for directive in ("proxy_buffering off;", "gzip off;", "proxy_cache off;", "proxy_http_version 1.1;",
+                      'proxy_set_header Connection "";', "add_header X-Accel-Buffering no always;"):
+        assert directive in conf
+
+    assert httpx.get(ngx.base_url + "/nginx-health", timeout=5).text == "ok\n"
+    status = httpx.get(f"http://127.0.0.1:{ngx.status_port}/stub_status", timeout=5)
+    assert status.status_code == 200 and "Active connections" in status.text
+    assert f"listen 127.0.0.1:{ngx.status_port};" in conf
+
+    body = {"model": "tiny", "prompt": "stream me", "max_tokens": 300, "min_tokens": 300, "stream": True}
+    stamps: list[float] = []
+    lines: list[str] = []
+    with httpx.stream("POST", ngx.base_url + "/v1/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["x-upstream"] == _addr(srv)
+        assert resp.headers.get("x-accel-buffering") == "no"
+        assert "content-encoding" not in resp.headers
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                stamps.append(time.monotonic())
+                lines.append(line)
+    assert lines[-1] == "data: [DONE]"
+    assert len(lines) > 50
+    # 300 tokens take well over 100 ms on this CPU; a buffered proxy would deliver them in one burst
+    spread = stamps[-1] - stamps[0]
+    assert spread > 0.1, f"all {len(lines)} chunks arrived within {spread:.3f}s: nginx buffered the stream"
+    # chunks arrive spread out, not in a handful of bursts
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert sum(1 for g in gaps if g > 0.0005) > len(gaps) // 4
+
+    big = {"model": "tiny", "prompt": "x" * 4096, "max_tokens": 1}
+    assert httpx.post(ngx.base_url + "/v1/completions", json=big, timeout=30).status_code == 413
+
+
+def test_rate_limit_per_client(start_server, nginx_factory) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server()
+    ngx = nginx_factory(serve_port=srv.port, fallback_port=str(free_port()), nginx_rate_limit="1r/m",
+                        nginx_rate_burst=1)
+    codes = [httpx.get(ngx.base_url + "/v1/models", timeout=30).status_code for _ in range(4)]
+    assert codes[:2] == [200, 200] and codes[2:] == [429, 429], codes
+    assert httpx.get(ngx.base_url + "/nginx-health", timeout=5).status_code == 200  # not rate limited
+
+
+def _request_loop(url: str, n: int, threads: int, on_index: dict[int, object]) -> list[tuple[int, str]]:
+    """n POSTs from `threads` workers; callable `on_index[i]` runs (once) just before request i is sent."""
+    results: list[tuple[int, str]] = []
+    lock = threading.Lock()
+    counter = iter(range(n))
+
+    def worker() -> None:
+        with httpx.Client(timeout=60) as client:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                hook = on_index.get(i)
+                if callable(hook):
+                    hook()
+                try:
+                    r = client.post(url, json=COMPLETION)
+                    item = (r.status_code, r.headers.get("x-upstream", ""))
+                except httpx.HTTPError as exc:
+                    item = (-1, type(exc).__name__)
+                with lock:
+                    results.append(item)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(300)
+    return results
+
+
+def test_failover_on_sigkill_and_return_of_primary(start_server, nginx_factory, tmp_path: Path,
+                                                  tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    primary, backup = start_server(), start_server()
+    fail_timeout = 5
+    ngx = nginx_factory(serve_port=primary.port, fallback_port=str(backup.port),
+                        nginx_fail_timeout=f"{fail_timeout}s", nginx_expose_upstream=True)
+
+    results = _request_loop(ngx.base_url + "/v1/completions", 240, 4,
+                            {60: lambda: primary.stop(signal.SIGKILL)})
+    statuses = Counter(code for code, _ in results)
+    assert len(results) == 240
+    assert statuses == {200: 240}, f"failed requests during the primary kill: {statuses}"
+    served = Counter(up for _, up in results)
+    assert served[_addr(primary)] >= 50 and served[_addr(backup)] >= 150, served
+    log = ngx.access_log()
+    assert f"upstream={_addr(primary)}" in log and f"upstream={_addr(backup)}" in log  # the log names upstreams
+    assert re.search(r"urt=[0-9.]+", log)
+
+    # the primary comes back on the same port: it gets traffic again within fail_timeout
+    revived = ServerProcess(["--model", str(tiny_model), "--served-model-name", "tiny"], port=primary.port,
+                            log_path=tmp_path / "revived.log")
+    try:
+        revived.wait_ready()
+        t0 = time.monotonic()
+
+        def on_primary() -> bool:
+            r = httpx.post(ngx.base_url + "/v1/completions", json=COMPLETION, timeout=60)
+            assert r.status_code == 200
+            return r.headers["x-upstream"] == _addr(primary)
+
+        wait_until(on_primary, fail_timeout + 10, 0.2, "traffic back on the restarted primary")
+        back_after = time.monotonic() - t0
+        assert back_after <= fail_timeout + 1.5, f"primary got traffic only after {back_after:.1f}s"
+    finally:
+        revived.stop(signal.SIGKILL)
+
+
+def test_frozen_primary_costs_one_read_timeout(start_server, nginx_factory) -> None:  # type: ignore[no-untyped-def]
+    primary, backup = start_server(), start_server()
+    read_timeout = 3.0
+    ngx = nginx_factory(serve_port=primary.port, fallback_port=str(backup.port), nginx_read_timeout="3s",
+                        nginx_fail_timeout="60s", nginx_expose_upstream=True)
+    with httpx.Client(timeout=60) as client:
+        for _ in range(3):  # warm keepalive connections to the primary
+            assert client.post(ngx.base_url + "/v1/completions", json=COMPLETION).headers["x-upstream"] == \
+                _addr(primary)
+        primary.proc.send_signal(signal.SIGSTOP)
+        try:
+            timings: list[tuple[int, float, str]] = []
+            for _ in range(20):
+                t0 = time.monotonic()
+                r = client.post(ngx.base_url + "/v1/completions", json=COMPLETION)
+                timings.append((r.status_code, time.monotonic() - t0, r.headers.get("x-upstream", "")))
+        finally:
+            primary.proc.send_signal(signal.SIGCONT)
+    assert all(code == 200 for code, _, _ in timings), timings
+    slow = [t for _, t, _ in timings if t >= read_timeout * 0.9]
+    assert len(slow) <= 1, f"more than one request paid the read timeout: {timings}"
+    assert timings[0][1] >= read_timeout * 0.9  # the first one did pay it (the primary was tried)
+    assert all(up.endswith(_addr(backup)) for _, _, up in timings), timings
