@@ -241,5 +241,41 @@ def render() -> tuple[bytes, str]:
     """Prometheus text of this process's metrics (empty when the backend is not Prometheus)."""
     b = backend()
     if isinstance(b, PrometheusBackend):
-        return b.render()
+        body, content_type = b.render()
+        return body + engine_registry_text(), content_type
     return b"# metrics of this process are exported by Ray on the node's metrics port\n", "text/plain"
+
+
+ENGINE_METRIC_PREFIXES = ("vllm:", "vllm_")
+
+
+def engine_registry_text() -> bytes:
+    """Metrics engines register in prometheus_client's default REGISTRY (vLLM: `vllm:*`), as text.
+
+    Only `vllm:*`/`vllm_*` families are taken (not the default process/GC collectors).
+    The classic text format keeps the ':' (legal in Prometheus metric names), so what
+    Prometheus stores is vLLM's own name, e.g. `vllm:time_to_first_token_seconds_bucket`;
+    prometheus_client >= 0.23 rewrites ':' to '_' only on the OpenMetrics path
+    (client_python #1177), which `/metrics` never negotiates. With PROMETHEUS_MULTIPROC_DIR
+    set, vLLM's values live in files and are read with a MultiProcessCollector.
+    """
+    import os
+
+    import prometheus_client as pc
+
+    source: object = pc.REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        source = pc.CollectorRegistry()
+        multiprocess.MultiProcessCollector(source)
+
+    class _EngineFamilies:
+        def collect(self):  # type: ignore[no-untyped-def]
+            for family in source.collect():  # type: ignore[attr-defined]
+                if family.name.startswith(ENGINE_METRIC_PREFIXES):
+                    yield family
+
+    registry = pc.CollectorRegistry(auto_describe=False)
+    registry.register(_EngineFamilies())  # type: ignore[arg-type]
+    return pc.generate_latest(registry)

@@ -6,18 +6,29 @@ logged once and the transformers engine serves the same model instead; the
 reason travels in `EngineInfo.reason` (shown by /v1/models, /readyz, the
 `llm_engine_info` metric and `cluster status`). An explicit `vllm` that fails
 is an error: no silent fallback when the operator asked for vLLM.
+
+Operator knob `LLM_VLLM_PRECHECK` (environment, read when an engine starts):
+`cuda` (default) makes `auto` try vLLM only when it is importable and CUDA is
+visible; `none` skips that probe, so `auto` always tries vLLM and falls back on
+whatever stops it from starting (the ImportError, an engine_kwargs value vLLM
+cannot honour, a missing model, CUDA/driver errors, OOM). Use `none` for vLLM
+builds for platforms that torch.cuda does not report (CPU, TPU, XPU builds).
+With `engine: vllm` and `none` the start is attempted and its error reported.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from app import metrics
 from app.engines.base import (
     Engine,
+    EngineDeadError,
     EngineInfo,
     EngineNotReadyError,
     EngineStats,
@@ -45,8 +56,25 @@ class EngineSpec:
     retry_after_s: float = 1.0
 
 
+PRECHECK_ENV = "LLM_VLLM_PRECHECK"
+PRECHECK_MODES = ("cuda", "none")
+
+
+def vllm_precheck_mode() -> str:
+    """`LLM_VLLM_PRECHECK`: `cuda` (default) or `none`; anything else is a config error naming the variable."""
+    mode = os.environ.get(PRECHECK_ENV, "cuda").strip().lower() or "cuda"
+    if mode not in PRECHECK_MODES:
+        raise ValueError(f"{PRECHECK_ENV}={mode!r}: use one of {', '.join(PRECHECK_MODES)}")
+    return mode
+
+
 def vllm_status() -> tuple[bool, str]:
-    """(usable, reason) for vLLM on this process: importable and a CUDA device visible."""
+    """(worth trying, reason) for vLLM in this process: importable and a CUDA device visible.
+
+    With `LLM_VLLM_PRECHECK=none` vLLM is always worth trying; its start decides.
+    """
+    if vllm_precheck_mode() == "none":
+        return True, f"{PRECHECK_ENV}=none: trying vLLM without the CUDA probe"
     if importlib.util.find_spec("vllm") is None:
         return False, "vllm is not installed"
     try:
@@ -91,15 +119,27 @@ async def start_engine(spec: EngineSpec) -> Engine:
 
     usable, why = vllm_status()
     if spec.engine == "vllm" and not usable:
-        raise RuntimeError(f"engine=vllm was requested for {spec.model_id} but {why}")
+        raise RuntimeError(
+            f"engine=vllm was requested for {spec.model_id} but {why}; "
+            "set engine: auto to allow the transformers fallback"
+        )
     if usable:
+        vllm_engine: Engine | None = None
         try:
-            engine = _build_vllm(spec, reason=f"{'configured' if spec.engine == 'vllm' else 'auto'}: {why}")
-            await engine.start()
-            return engine
+            vllm_engine = _build_vllm(spec, reason=f"{'configured' if spec.engine == 'vllm' else 'auto'}: {why}")
+            await vllm_engine.start()
+            return vllm_engine
         except Exception as exc:
+            if vllm_engine is not None:
+                try:  # free what a half-started vLLM holds (GPU memory) before the fallback loads
+                    await vllm_engine.shutdown()
+                except Exception:
+                    log.debug("shutdown of the failed vLLM engine failed", exc_info=True)
             if spec.engine == "vllm":
-                raise RuntimeError(f"vLLM failed to start for {spec.model_id}: {type(exc).__name__}: {exc}") from exc
+                raise RuntimeError(
+                    f"vLLM failed to start for {spec.model_id}: {type(exc).__name__}: {exc} "
+                    "(engine=vllm was requested, so there is no fallback; set engine: auto to allow it)"
+                ) from exc
             why = f"vLLM failed to start: {type(exc).__name__}: {str(exc)[:300]}"
             log.warning("model %s: %s; falling back to transformers", spec.model_id, why)
 
@@ -118,6 +158,7 @@ class SelectedEngine(Engine):
     def __init__(self, spec: EngineSpec):
         self.spec = spec
         self.inner: Engine | None = None
+        self.failure: str | None = None
         self.info = EngineInfo(
             model_id=spec.model_id,
             engine=spec.engine if spec.engine != "auto" else "pending",
@@ -130,21 +171,28 @@ class SelectedEngine(Engine):
         try:
             self.inner = await start_engine(self.spec)
         except Exception as exc:
-            self.info.reason = f"failed to start: {type(exc).__name__}: {exc}"
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self.info.reason = f"failed to start: {self.failure}"
+            metrics.set_gauge(metrics.MODEL_READY, {"model": self.spec.model_id, "engine": self.info.engine}, 0)
             raise
         self.info = self.inner.info
 
     def is_ready(self) -> bool:
         return self.inner is not None and self.inner.is_ready()
 
+    def _not_started(self) -> EngineNotReadyError:
+        if self.failure is not None:
+            return EngineDeadError(f"model {self.spec.model_id} failed to start: {self.failure}")
+        return EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
+
     async def check_health(self) -> None:
         if self.inner is None:
-            raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
+            raise self._not_started()
         await self.inner.check_health()
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self.inner is None:
-            raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
+            raise self._not_started()
         return self.inner.generate(request)
 
     def stats(self) -> EngineStats:

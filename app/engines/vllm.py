@@ -1,0 +1,374 @@
+"""vLLM engine: the primary engine on GPU workers, written against vLLM 0.33.0's API.
+
+The `vllm` extra pins vllm==0.33.0; this module follows that version's source:
+`AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., **engine_kwargs), stat_loggers=...)`
+(vllm/v1/engine/async_llm.py, vllm/engine/arg_utils.py), `generate(prompt, sampling_params,
+request_id)` as an async generator of `RequestOutput` (vllm/outputs.py) with
+`SamplingParams(output_kind=RequestOutputKind.DELTA)` so every output carries only the new
+text and token ids, `abort(request_id)`, `check_health()` and `shutdown()`. Prompts are
+passed as a token-id prompt dict (`{"prompt_token_ids": [...]}`, vLLM's `TokensPrompt`;
+raw prompt strings are deprecated in 0.33): we apply the chat template and count prompt
+tokens ourselves with the model's transformers tokenizer, so a prompt or `max_tokens` that
+does not fit `max_model_len` is a 400 (`PromptTooLongError`) before vLLM sees it.
+
+Every `vllm` import stays inside this module (and inside functions), so nothing else in
+the kit needs vLLM installed. What can be checked without vLLM is checked before it is
+imported (`vllm_engine_args`: unknown-to-0.33 or invalid engine_kwargs), so a bad config
+fails fast and `engine: auto` falls back with that reason (see `app.engines.select`).
+
+Concurrency: vLLM batches up to `max_num_seqs` sequences itself; in front of it our
+`AdmissionController` holds `max_num_seqs` running plus `max_waiting` queued requests and
+answers 429 beyond that, like the transformers engine.
+
+vLLM's own metrics (`vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds`,
+`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, ...)
+are registered by its `PrometheusStatLogger` in prometheus_client's default REGISTRY of this
+process; `app.metrics.render()` appends them to our `/metrics`. Inside a Ray Serve replica
+(our metrics backend is `RayBackend`) we pass vLLM's `RayPrometheusStatLogger` instead, which
+exports them through Ray with ':' replaced by '_' (`vllm_time_to_first_token_seconds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from app import metrics
+from app.engines.admission import AdmissionController
+from app.engines.base import (
+    Engine,
+    EngineDeadError,
+    EngineError,
+    EngineInfo,
+    EngineNotReadyError,
+    EngineStats,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from app.engines.select import EngineSpec
+
+log = logging.getLogger(__name__)
+
+VLLM_VERSION = "0.33.0"  # the version the `vllm` extra pins and this module is written against
+
+# keys our specs may carry that are not AsyncEngineArgs fields in vLLM 0.33 (it picks its platform itself)
+_OUR_ONLY_KWARGS = {"device"}
+# devices vLLM can honour (it has no `device` argument; CUDA is the platform we deploy)
+_VLLM_DEVICES = {"auto", "cuda", "gpu"}
+_VLLM_DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
+# value checks for the engine_kwargs the model configs document; vLLM checks the rest itself
+_INT_MIN_1 = ("tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "max_num_batched_tokens",
+              "max_model_len")
+_BOOLS = ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "trust_remote_code")
+
+
+def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Validate `engine_kwargs` without importing vLLM and return the AsyncEngineArgs kwargs.
+
+    Raises ValueError naming the key and the fix. Our own keys (`device`) are checked and dropped.
+    """
+    kw = dict(engine_kwargs)
+    device = str(kw.pop("device", "auto") or "auto")
+    if device.split(":")[0] not in _VLLM_DEVICES:
+        raise ValueError(
+            f"engine_kwargs.device={device!r}: vLLM {VLLM_VERSION} has no device argument and serves on the "
+            "GPU platform it detects; use engine: transformers (or device: auto) for a CPU model"
+        )
+    for key in kw:
+        if key in _OUR_ONLY_KWARGS or not key.isidentifier():
+            raise ValueError(f"engine_kwargs.{key}: not a vLLM engine argument")
+    for key in _INT_MIN_1:
+        if key in kw and kw[key] is not None and (
+            isinstance(kw[key], bool) or not isinstance(kw[key], int) or kw[key] < 1
+        ):
+            raise ValueError(f"engine_kwargs.{key}={kw[key]!r}: must be an integer >= 1")
+    for key in _BOOLS:
+        if key in kw and kw[key] is not None and not isinstance(kw[key], bool):
+            raise ValueError(f"engine_kwargs.{key}={kw[key]!r}: must be true or false")
+    gmu = kw.get("gpu_memory_utilization")
+    if gmu is not None and (isinstance(gmu, bool) or not isinstance(gmu, int | float) or not 0 < gmu <= 1):
+        raise ValueError(f"engine_kwargs.gpu_memory_utilization={gmu!r}: must be in (0, 1]")
+    dtype = kw.get("dtype")
+    if dtype is not None and str(dtype) not in _VLLM_DTYPES:
+        raise ValueError(f"engine_kwargs.dtype={dtype!r}: vLLM accepts {', '.join(sorted(_VLLM_DTYPES))}")
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def token_budget(prompt_len: int, req: GenerationRequest, max_context: int, default_max_tokens: int) -> int:
+    """max_tokens for this request; PromptTooLongError when the prompt (plus max_tokens) exceeds the context."""
+    param = "messages" if req.messages is not None else "prompt"
+    if prompt_len >= max_context:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {max_context} tokens; the prompt has {prompt_len} tokens",
+            param=param,
+        )
+    room = max_context - prompt_len
+    if req.max_tokens is None:
+        return min(room, default_max_tokens)
+    if req.max_tokens > room:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {max_context} tokens; the prompt has {prompt_len} tokens "
+            f"and max_tokens is {req.max_tokens} (at most {room} fit)",
+            param="max_tokens",
+        )
+    return req.max_tokens
+
+
+def sampling_params_kwargs(req: GenerationRequest, max_tokens: int) -> dict[str, Any]:
+    """Translate our request into vLLM 0.33 `SamplingParams` keyword arguments (pure; no vLLM import).
+
+    `output_kind=RequestOutputKind.DELTA` is added by the engine (it needs the vLLM enum).
+    """
+    if max_tokens < 1:
+        raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+    if not math.isfinite(req.temperature) or req.temperature < 0:
+        raise InvalidRequestError("temperature must be a finite number >= 0", param="temperature")
+    if not 0.0 < req.top_p <= 1.0:
+        raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
+    kw: dict[str, Any] = {
+        "n": 1,
+        "max_tokens": max_tokens,
+        # vLLM rejects min_tokens > max_tokens; ours means "at least this many, within the budget"
+        "min_tokens": min(max(req.min_tokens, 0), max_tokens),
+        "temperature": float(req.temperature),
+        "top_p": float(req.top_p),
+        "presence_penalty": float(req.presence_penalty),
+        "frequency_penalty": float(req.frequency_penalty),
+        "ignore_eos": bool(req.ignore_eos),
+        "stop": list(req.stop),
+        "include_stop_str_in_output": False,  # OpenAI semantics: the stop string is not returned
+        "skip_special_tokens": True,
+        "detokenize": True,
+    }
+    if req.seed is not None:
+        # same 64-bit folding as the transformers engine (vLLM treats -1 as "no seed")
+        kw["seed"] = int(req.seed) & 0xFFFF_FFFF_FFFF_FFFF
+    return kw
+
+
+def _local_path_problem(source: str) -> str | None:
+    """A model source written as a local path that does not exist (hub ids like `org/name` pass)."""
+    if source.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(source)):
+        return f"model path {source!r} does not exist"
+    return None
+
+
+class VLLMEngine(Engine):
+    """Engine protocol over vLLM's in-process `AsyncLLM` (v1 engine, vLLM 0.33.0)."""
+
+    name = "vllm"
+
+    def __init__(self, spec: EngineSpec, reason: str = ""):
+        self.spec = spec
+        self.reason = reason
+        kw = spec.engine_kwargs
+        self.info = EngineInfo(
+            model_id=spec.model_id,
+            engine=self.name,
+            model_source=spec.model_source,
+            max_context=int(kw.get("max_model_len") or 0),
+            device="cuda",
+            dtype=str(kw.get("dtype") or "auto"),
+            reason=reason,
+        )
+        max_running = int(kw.get("max_num_seqs") or 256)
+        self._admission = AdmissionController(
+            max_running, spec.max_waiting, spec.retry_after_s, on_change=self._publish_stats
+        )
+        self._labels = {"model": spec.model_id, "engine": self.name}
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._vllm: dict[str, Any] = {}
+        self._ready = False
+        self._dead_reason: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Validate, import vLLM, build AsyncLLM, load the tokenizer, run one warm-up request."""
+        args = vllm_engine_args(self.spec.engine_kwargs)  # ValueError before anything heavy
+        problem = _local_path_problem(self.spec.model_source)
+        if problem:
+            raise FileNotFoundError(problem)
+
+        import vllm  # an ImportError here is a start failure: `auto` falls back
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.exceptions import QueueOverflowError, VLLMClientError
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+        installed = getattr(vllm, "__version__", "?")
+        if installed != VLLM_VERSION:
+            log.warning("vLLM %s is installed; this engine is written against %s", installed, VLLM_VERSION)
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"engine_kwargs {unknown} are not AsyncEngineArgs fields of vLLM {installed}")
+        self._vllm = {
+            "SamplingParams": SamplingParams,
+            "DELTA": RequestOutputKind.DELTA,
+            "client_errors": (VLLMClientError,),
+            "queue_errors": (QueueOverflowError,),
+            "dead_errors": (VLLMEngineDeadError,),
+        }
+        stat_loggers = None
+        if isinstance(metrics.backend(), metrics.RayBackend):
+            # in a Ray Serve replica a prometheus_client metric is never exported: use Ray's metrics API
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            stat_loggers = [RayPrometheusStatLogger]
+
+        metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
+        engine_args = AsyncEngineArgs(model=self.spec.model_source, served_model_name=self.spec.model_id, **args)
+        self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            args.get("tokenizer") or self.spec.model_source,
+            revision=args.get("tokenizer_revision") or args.get("revision"),
+            trust_remote_code=bool(args.get("trust_remote_code", False)),
+        )
+        mc = self._llm.model_config
+        self.info.max_context = int(mc.max_model_len)
+        self.info.dtype = str(mc.dtype).removeprefix("torch.")
+        await self._warmup()
+        self._ready = True
+        metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
+        metrics.set_gauge(
+            metrics.ENGINE_INFO,
+            {**self._labels, "fallback": "false", "reason": self.reason},
+            1,
+        )
+        self._publish_stats()
+        log.info("model %s ready on vLLM %s (max_model_len %s)", self.spec.model_id, installed, mc.max_model_len)
+
+    async def _warmup(self) -> None:
+        ids = self._tokenizer("warm-up", add_special_tokens=False)["input_ids"] or [0]
+        sp = self._sampling_params(GenerationRequest(temperature=0.0), 2)
+        async for _ in self._llm.generate({"prompt_token_ids": ids}, sp, f"warmup-{uuid.uuid4().hex}"):
+            pass
+
+    def is_ready(self) -> bool:
+        return self._ready and self._dead_reason is None
+
+    async def check_health(self) -> None:
+        if self._dead_reason:
+            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}")
+        if not self._ready or self._llm is None:
+            raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            self._mark_dead(exc)
+            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}") from exc
+
+    def _mark_dead(self, exc: BaseException) -> None:
+        if self._dead_reason is None:
+            self._dead_reason = f"{type(exc).__name__}: {exc}"
+            log.error("vLLM engine for %s died: %s", self.spec.model_id, self._dead_reason)
+            metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
+
+    def stats(self) -> EngineStats:
+        return self._admission.stats()
+
+    def _publish_stats(self) -> None:
+        s = self._admission.stats()
+        metrics.set_gauge(metrics.RUNNING, self._labels, s.running)
+        metrics.set_gauge(metrics.QUEUE_DEPTH, self._labels, s.waiting)
+
+    async def shutdown(self) -> None:
+        self._ready = False
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    # ------------------------------------------------------------------ requests
+    def _render(self, req: GenerationRequest) -> list[int]:
+        tok = self._tokenizer
+        if req.messages is not None:
+            if not getattr(tok, "chat_template", None):
+                raise InvalidRequestError(
+                    f"model {self.spec.model_id} has no chat template: use /v1/completions", param="messages"
+                )
+            text = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+        else:
+            text = req.prompt or ""
+        ids: list[int] = tok(text, add_special_tokens=req.messages is None)["input_ids"]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty after tokenization", param="prompt")
+        return ids
+
+    def _sampling_params(self, req: GenerationRequest, max_tokens: int) -> Any:
+        return self._vllm["SamplingParams"](output_kind=self._vllm["DELTA"], **sampling_params_kwargs(req, max_tokens))
+
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(self._render(request))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self._dead_reason:
+            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}")
+        if not self._ready:
+            raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
+        prompt_ids = self._render(request)
+        max_new = token_budget(len(prompt_ids), request, self.info.max_context, self.spec.default_max_tokens)
+        params = self._sampling_params(request, max_new)
+        try:
+            async with self._admission.slot():
+                async for chunk in self._stream(prompt_ids, params, request):
+                    yield chunk
+        finally:
+            self._publish_stats()
+
+    async def _stream(
+        self, prompt_ids: list[int], params: Any, req: GenerationRequest
+    ) -> AsyncIterator[GenerationChunk]:
+        request_id = f"{req.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique among live requests
+        outputs = self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id)
+        n_prompt, n_out, finished = len(prompt_ids), 0, False
+        try:
+            async for ro in outputs:
+                out = ro.outputs[0]
+                n_out += len(out.token_ids)
+                reason = out.finish_reason
+                if reason == "abort":
+                    finished = True  # aborted inside vLLM (e.g. by us): nothing more to send
+                    return
+                if reason == "error":
+                    raise EngineError("generation failed inside vLLM")
+                finish = None if reason is None else ("length" if reason == "length" else "stop")
+                if out.text or finish:
+                    yield GenerationChunk(out.text, n_prompt, n_out, finish)
+                if finish or ro.finished:
+                    finished = True
+                    return
+        except EngineError:
+            raise
+        except self._vllm["queue_errors"] as exc:
+            raise QueueFullError(f"vLLM queue is full: {exc}", retry_after=self.spec.retry_after_s) from exc
+        except self._vllm["client_errors"] as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        except self._vllm["dead_errors"] as exc:
+            self._mark_dead(exc)
+            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} died") from exc
+        except Exception as exc:
+            raise EngineError(f"generation failed: {type(exc).__name__}") from exc
+        finally:
+            if not finished:
+                metrics.inc(metrics.ABORTED, self._labels)
+                # closing vLLM's generator aborts the request there too; abort explicitly as well
+                await outputs.aclose()
+                if self._llm is not None:
+                    try:
+                        await self._llm.abort(request_id)
+                    except Exception:  # engine already gone: nothing left to abort
+                        log.debug("abort of %s failed", request_id, exc_info=True)
