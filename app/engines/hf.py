@@ -38,6 +38,7 @@ from app.engines.base import (
 log = logging.getLogger(__name__)
 
 _FALLBACK_TEMPLATE_WARNED = False
+_IMPORT_LOCK = threading.Lock()
 
 
 @dataclass
@@ -180,7 +181,9 @@ class TransformersEngine(Engine):
 
     def _load(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with _IMPORT_LOCK:  # transformers' lazy imports race when two models load in parallel threads
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = _resolve_device(self.cfg.device)
         dtype = _resolve_dtype(self.cfg.dtype, device)
