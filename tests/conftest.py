@@ -64,7 +64,8 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
         except Exception as exc:  # keep polling; report the last error on timeout
             last_exc = exc
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+    detail = f" (last error: {last_exc})" if last_exc else ""
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
 @pytest.fixture(scope="session")
@@ -89,7 +90,7 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, **(env or {})}
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
@@ -135,3 +136,40 @@ def start_server(tmp_path: Path, tiny_model: Path) -> Iterator:
     yield _start
     for srv in started:
         srv.stop(signal.SIGKILL)
+
+
+def spawn_server(log_dir: Path, model: Path | str, *extra: str, env: dict[str, str] | None = None,
+                 model_name: str = "tiny", wait: bool = True) -> ServerProcess:
+    """Start `python -m app serve` outside a function-scoped fixture (module/session-scoped servers)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    n = len(list(log_dir.glob("server-*.log")))
+    srv = ServerProcess(["--model", str(model), "--served-model-name", model_name, *extra], env=env,
+                        log_path=log_dir / f"server-{n}.log")
+    if not wait:
+        return srv
+    try:
+        return srv.wait_ready()
+    except BaseException:
+        srv.stop(signal.SIGKILL)
+        raise
+
+
+@pytest.fixture(scope="session")
+def core_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[ServerProcess]:
+    """One default tiny-model server (served id `tiny`) shared by suites that do not disturb each other."""
+    srv = spawn_server(tmp_path_factory.mktemp("core-server"), tiny_model)
+    yield srv
+    srv.stop(signal.SIGKILL)
+
+
+def scrape(base_url: str, name: str, **labels: str) -> float:
+    """Sum of the samples named `name` on `base_url`/metrics whose labels include `labels` (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=10).text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total

@@ -39,6 +39,7 @@ class BodyLimitMiddleware:
             return
         seen = 0
         too_big = False
+        started = False
 
         async def limited() -> Message:
             nonlocal seen, too_big
@@ -50,9 +51,19 @@ class BodyLimitMiddleware:
                     raise _BodyTooLarge()
             return message
 
+        async def guarded(message: Message) -> None:
+            nonlocal started
+            if too_big:
+                return  # the app's answer to a truncated body (FastAPI turns our exception into a 400) is dropped
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
-            await self.app(scope, limited, send)
+            await self.app(scope, limited, guarded)
         except _BodyTooLarge:
+            pass
+        if too_big and not started:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:

@@ -3,6 +3,7 @@
 Only data shapes live here; the logic that fills them is in `app.api.serving`.
 Unknown request fields are ignored (as OpenAI-compatible servers do), but fields
 whose semantics we do not implement are rejected with a 400 naming the field.
+Types are strict (no "5" for an integer, no 1 for a boolean), as OpenAI's API is.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ MAX_STOP_SEQUENCES = 8
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: OpenAI rejects "5" for an integer and "yes" for a boolean; lax pydantic would coerce them
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Request):

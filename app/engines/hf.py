@@ -104,6 +104,13 @@ class _IncrementalDetokenizer:
             return delta
         return ""
 
+    def flush(self) -> str:
+        """At the end of generation: whatever is still held back (an incomplete sequence stays U+FFFD)."""
+        prev = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        self.prefix = self.read = len(self.ids)
+        return full[len(prev) :] if len(full) > len(prev) else ""
+
 
 class _StopMatcher:
     """Finds stop strings in streamed text, holding back a possible partial match."""
@@ -386,6 +393,9 @@ class TransformersEngine(Engine):
                 _, token, finish = item
                 n_out += 1
                 text, hit = stops.feed(detok.push(token))
+                if finish and not hit:  # text the detokenizer held back would otherwise be lost
+                    more, hit = stops.feed(detok.flush())
+                    text += more
                 if hit:
                     finished = True
                     yield GenerationChunk(text, n_prompt, n_out, "stop")

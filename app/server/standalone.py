@@ -8,6 +8,8 @@ requests get up to `graceful_timeout_s` to finish, then the engines stop.
 from __future__ import annotations
 
 import logging
+import math
+import signal
 from typing import Any
 
 import uvicorn
@@ -31,6 +33,10 @@ class _DrainingServer(uvicorn.Server):
         self._app_state.draining = True
         log.info("signal %s: draining (in-flight requests get %ss)", sig, self.config.timeout_graceful_shutdown)
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after its shutdown, so a clean drain would end in "killed by
+        # SIGTERM" (exit -15); a drained SIGTERM is a normal stop for systemd/compose/nginx failover: exit 0
+        if sig == signal.SIGTERM:
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
 def build_backend(specs: list[EngineSpec]) -> LocalBackend:
@@ -68,7 +74,8 @@ def run(settings: Settings, specs: list[EngineSpec] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.graceful_timeout_s) or None,
+        # 0 means no grace period (int(0.5) or None would have meant waiting forever)
+        timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s),
         timeout_keep_alive=30,
         access_log=False,
     )
