@@ -22,9 +22,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import ROOT, ServerProcess, free_port, need_binary, wait_until
 
 from app.ops.nginx import NginxSettings, render_nginx
-from tests.conftest import ROOT, ServerProcess, free_port, need_binary, wait_until
 
 COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
 
