@@ -69,6 +69,9 @@ def engine_error_response(exc: EngineError) -> JSONResponse:
     )
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "literal"}
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -78,7 +81,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "")).strip(), None
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
     # pydantic puts union member names into the location; keep the field path only
-    loc = [p for p in loc if not p.startswith(("function-", "list[", "str", "int", "float", "bool"))]
+    # (exact tags only: a prefix test would drop real fields such as `stream`)
+    loc = [p for p in loc if not (p in _UNION_TAGS or "[" in p or p.startswith(("function-", "constrained-")))]
     param = ".".join(loc) or None
     msg = str(first.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
