@@ -1,0 +1,129 @@
+"""API keys and overload against one real server started with API_KEYS and small admission limits.
+
+API keys: every `/v1/*` call needs a listed bearer key (401 in OpenAI shape otherwise);
+`/healthz`, `/readyz` and `/metrics` stay open. Overload: more concurrent requests than
+max_running + max_waiting -> some 429 with Retry-After, no 5xx, all others complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ServerProcess, scrape, spawn_server, wait_until
+from tests.test_api_errors import assert_openai_error
+
+KEYS = ("key-one", "key-two")
+MAX_RUNNING, MAX_WAITING = 1, 2
+OVERLOAD_TOKENS = 200
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[ServerProcess]:
+    srv = spawn_server(tmp_path_factory.mktemp("limits"), tiny_model,
+                       "--max-running", str(MAX_RUNNING), "--max-waiting", str(MAX_WAITING),
+                       env={"API_KEYS": ",".join(KEYS), "LLM_RETRY_AFTER_S": "2"})
+    yield srv
+    srv.stop()
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+# --------------------------------------------------------------------------- API keys
+
+
+@pytest.mark.parametrize("headers", [
+    {},
+    {"Authorization": "Bearer wrong"},
+    {"Authorization": "Basic a2V5LW9uZQ=="},
+    {"Authorization": "Bearer"},
+    {"Authorization": "key-one"},
+], ids=["none", "wrong", "basic", "empty", "no-scheme"])
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/completions"])
+def test_missing_or_wrong_key_is_401(server: ServerProcess, headers: dict[str, str], path: str) -> None:
+    with httpx.Client(base_url=server.base_url, timeout=30) as http:
+        if path == "/v1/models":
+            r = http.get(path, headers=headers)
+        else:
+            r = http.post(path, headers=headers, json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    err = assert_openai_error(r, 401)
+    assert err["type"] == "authentication_error"
+    assert "key" in err["message"].lower()
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+def test_probes_and_metrics_stay_open(server: ServerProcess, path: str) -> None:
+    assert httpx.get(server.base_url + path, timeout=30).status_code == 200
+
+
+def test_every_listed_key_works_with_the_openai_client(server: ServerProcess) -> None:
+    for key in KEYS:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        out = client.completions.create(model="tiny", prompt="hi", max_tokens=3, extra_body={"ignore_eos": True})
+        assert out.usage.completion_tokens == 3
+    bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="nope", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_unauthenticated_requests_do_not_reach_the_engine(server: ServerProcess) -> None:
+    before = scrape(server.base_url, "llm_requests_total")
+    for _ in range(3):
+        httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)
+    assert scrape(server.base_url, "llm_requests_total") == before
+
+
+# --------------------------------------------------------------------------- overload
+
+
+async def _one(http: httpx.AsyncClient, stream: bool) -> tuple[int, str | None, str]:
+    body = {"model": "tiny", "prompt": "load", "max_tokens": OVERLOAD_TOKENS, "ignore_eos": True, "stream": stream}
+    async with http.stream("POST", "/v1/completions", json=body) as r:
+        text = (await r.aread()).decode()
+        return r.status_code, r.headers.get("retry-after"), text
+
+
+async def _burst(base_url: str, n: int) -> list[tuple[int, str | None, str]]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=base_url, headers=_auth(KEYS[0]), timeout=120, limits=limits) as http:
+        return await asyncio.gather(*[_one(http, stream=i % 2 == 0) for i in range(n)])
+
+
+def test_overload_gives_429_with_retry_after_and_no_5xx(server: ServerProcess) -> None:
+    n = 4 * (MAX_RUNNING + MAX_WAITING)
+    results = asyncio.run(_burst(server.base_url, n))
+    statuses = collections.Counter(status for status, _, _ in results)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses[429] >= 1, statuses
+    assert statuses[200] >= MAX_RUNNING + MAX_WAITING, statuses
+    for status, retry_after, text in results:
+        if status == 429:
+            assert retry_after == "2"
+            err = json.loads(text)["error"]
+            assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+        elif text.startswith("data: "):
+            events = [e for e in text.split("\n\n") if e.startswith("data: ")]
+            assert events[-1] == "data: [DONE]"
+            reasons = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]]
+            assert reasons[-1] == "length"
+        else:
+            body = json.loads(text)
+            assert body["usage"]["completion_tokens"] == OVERLOAD_TOKENS
+    # everything drained: nothing left running or queued, and the server takes work again
+    wait_until(lambda: scrape(server.base_url, "llm_running_requests") == 0
+               and scrape(server.base_url, "llm_queue_depth") == 0, 30, 0.1, "engine idle after the burst")
+    r = httpx.post(server.base_url + "/v1/completions", headers=_auth(KEYS[1]), timeout=60,
+                   json={"model": "tiny", "prompt": "after", "max_tokens": 2})
+    assert r.status_code == 200
+    assert scrape(server.base_url, "llm_requests_total", endpoint="completions", status="429") == statuses[429]
