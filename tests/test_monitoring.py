@@ -9,6 +9,7 @@ quantile under exactly the names the app exports (no ':' rewriting).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -21,6 +22,7 @@ import httpx
 import pytest
 import yaml
 from conftest import ROOT, free_port, need_binary, wait_until
+from test_dashboards import dashboard_exprs
 
 from app.metrics import exported_series_names
 from app.ops.prometheus import PrometheusSettings, render_prometheus
@@ -182,5 +184,16 @@ def test_prometheus_scrapes_standalone_server(start_server, prometheus_factory) 
     assert len(rules) == 11 and all(r["health"] in ("ok", "unknown") for r in rules), rules
     wait_until(lambda: all(r["health"] == "ok" for g in httpx.get(prom.url + "/api/v1/rules", timeout=10)
                            .json()["data"]["groups"] for r in g["rules"]), 30, 0.5, "rules evaluated")
+    # every dashboard query over the app's metrics returns data from what Prometheus really stored
+    dash = json.loads((MONITORING / "grafana" / "dashboards" / "llm-serving.json").read_text())
+    checked = 0
+    for key, expr in dashboard_exprs(dash):
+        names = set(re.findall(r"\b([A-Za-z_][A-Za-z0-9_]*)\s*[{\[]", expr))
+        if not names or not all(n.startswith("llm_") for n in names) or "5.." in expr or "errors" in expr:
+            continue  # Ray/GPU/nginx panels (no such targets here) and error panels (no errors here)
+        assert prom.query(expr), f"dashboard query {key} returned nothing: {expr}"
+        checked += 1
+    assert checked >= 8
+
     up = {r["metric"]["job"]: r["value"][1] for r in prom.query("up")}
     assert up["llm-fallback"] == "1" and up["ray-nodes"] == "0"
