@@ -239,6 +239,8 @@ class VLLMEngine(Engine):
             trust_remote_code=bool(args.get("trust_remote_code", False)),
         )
         mc = self._llm.model_config
+        # admit exactly as many running requests as vLLM batches (it resolves max_num_seqs=None per platform)
+        self._admission.max_running = int(self._llm.scheduler_config.max_num_seqs)
         self.info.max_context = int(mc.max_model_len)
         self.info.dtype = str(mc.dtype).removeprefix("torch.")
         await self._warmup()
