@@ -137,6 +137,7 @@ def deepspeed_command(settings: DSSettings, hostfile: Path) -> list[str]:
         "--master_addr", settings.host_list[0].addr,
         "--master_port", str(settings.master_port),
         "--no_ssh_check",  # our own check above names the host and the fix
+        "--no_local_rank",  # ranks read LOCAL_RANK from the environment; `--local_rank=N` would break the CLI
     ]
     if settings.ssh_port:
         cmd += ["--ssh_port", str(settings.ssh_port)]
@@ -198,6 +199,7 @@ def _stop_group(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
 
 def supervise(settings: DSSettings, files: LaunchFiles, poll_s: float = 0.5) -> int:
     """Run the group; return its exit code (non-zero whenever it died or missed the deadline)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one probe per poll_s: keep the log readable
     log.info("launching: %s", " ".join(shlex.quote(c) for c in files.command))
     proc = subprocess.Popen(files.command, env=files.env, start_new_session=True)
     stop_requested: list[int] = []
