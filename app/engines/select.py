@@ -14,6 +14,13 @@ whatever stops it from starting (the ImportError, an engine_kwargs value vLLM
 cannot honour, a missing model, CUDA/driver errors, OOM). Use `none` for vLLM
 builds for platforms that torch.cuda does not report (CPU, TPU, XPU builds).
 With `engine: vllm` and `none` the start is attempted and its error reported.
+
+An explicit `vllm` that fails does not stop the process: the model stays
+registered but never ready, so `/readyz` answers 503 with the error in its
+detail, `/v1/models` shows `engine_reason: "failed to start: ..."`, requests get
+503 (`engine_dead`) and `llm_model_ready{engine="vllm"}` is 0. Health checks and
+nginx take the server out of rotation while the error stays readable; inside Ray
+Serve the replica's start fails and Serve reports the deployment unhealthy.
 """
 
 from __future__ import annotations
