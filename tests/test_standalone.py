@@ -1,0 +1,134 @@
+"""The standalone server process: readiness while the model loads, a broken model, graceful shutdown.
+
+- `/readyz` is 503 from the first moment the port answers until the model has loaded
+  and warmed up, then 200; `/healthz` is 200 throughout.
+- A model that cannot load keeps `/readyz` at 503 with the error in its detail, and
+  generation requests get a 503 in OpenAI shape.
+- SIGTERM during an in-flight stream: the stream still completes with [DONE], new
+  connections are refused (or `/readyz` says 503), and the process exits 0 within the bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, spawn_server, wait_until
+from tests.test_api_errors import assert_openai_error
+
+GRACE_S = 20
+
+
+def _status(url: str) -> int | str:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.TransportError:
+        return "refused"
+
+
+def test_readyz_503_until_loaded_then_200_and_graceful_sigterm(tmp_path: Path, tiny_model: Path) -> None:
+    srv = spawn_server(tmp_path, tiny_model, env={"LLM_GRACEFUL_TIMEOUT_S": str(GRACE_S)}, wait=False)
+    try:
+        # poll from the first moment: the port opens before the model is loaded
+        seen: list[int | str] = []
+
+        def ready() -> bool:
+            assert srv.proc.poll() is None, srv.log_text()[-2000:]
+            code = _status(srv.base_url + "/readyz")
+            seen.append(code)
+            if code == 503:
+                assert _status(srv.base_url + "/healthz") == 200
+            return code == 200
+
+        wait_until(ready, 120, 0.01, "readyz 200")
+        answered = [c for c in seen if c != "refused"]
+        assert answered[0] == 503, seen[:20]
+        assert set(answered) == {503, 200}
+
+        # a long stream is in flight when SIGTERM arrives
+        body = {"model": "tiny", "prompt": "drain me", "max_tokens": 600, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", srv.base_url + "/v1/completions",
+                                                           json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            srv.proc.send_signal(signal.SIGTERM)
+            sent_at = time.monotonic()
+            # stop accepting: new connections are refused (or a still-open listener reports draining)
+            wait_until(lambda: _status(srv.base_url + "/readyz") in ("refused", 503), 10, 0.05,
+                       "readyz 503 or connection refused after SIGTERM")
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        finishes = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in rest[:-1]]
+        assert finishes[-1] == "length"
+        rc = srv.proc.wait(GRACE_S + 15)
+        assert rc == 0, srv.log_text()[-2000:]
+        assert time.monotonic() - sent_at < GRACE_S + 15
+        assert _status(srv.base_url + "/healthz") == "refused"
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_graceful_bound_cuts_off_a_stream_that_outlives_it(tmp_path: Path, tiny_model: Path) -> None:
+    srv = spawn_server(tmp_path, tiny_model, env={"LLM_GRACEFUL_TIMEOUT_S": "1"})
+    try:
+        body = {"model": "tiny", "prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as http, http.stream("POST", srv.base_url + "/v1/completions",
+                                                           json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            srv.proc.send_signal(signal.SIGTERM)
+            sent_at = time.monotonic()
+            with pytest.raises(httpx.HTTPError):  # cut mid-stream (no [DONE]) once the bound has passed
+                for line in lines:
+                    assert line != "data: [DONE]"
+        srv.proc.wait(30)
+        assert time.monotonic() - sent_at < 15
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_broken_model_keeps_readyz_503_with_the_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    srv = spawn_server(tmp_path, broken, "--engine", "transformers", wait=False)
+    try:
+        wait_until(lambda: _status(srv.base_url + "/healthz") == 200, 60, 0.05, "healthz")
+
+        def failed() -> dict | None:
+            r = httpx.get(srv.base_url + "/readyz", timeout=5)
+            assert r.status_code == 503
+            detail = r.json()["models"]["tiny"]
+            return detail if "failed to start" in detail.get("reason", "") else None
+
+        detail = wait_until(failed, 60, 0.1, "load failure in /readyz")
+        assert detail["ready"] is False
+        assert detail["error"]
+        assert _status(srv.base_url + "/healthz") == 200
+        r = httpx.post(srv.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)
+        err = assert_openai_error(r, 503)
+        assert err["type"] == "service_unavailable"
+        models = httpx.get(srv.base_url + "/v1/models", timeout=5).json()["data"]
+        assert models[0]["id"] == "tiny" and models[0]["ready"] is False
+        assert srv.proc.poll() is None  # the process stays up (nginx fails over on /readyz)
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_serve_rejects_bad_options_with_one_line_errors(tiny_model: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "app", "serve", "--model", str(tiny_model), "--port", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "port" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, "-m", "app", "serve"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "LLM_MODEL": ""})
+    assert out.returncode == 2
+    assert "--model" in out.stderr and "Traceback" not in out.stderr
