@@ -1,0 +1,95 @@
+"""Deploy the Serve application (ingress + one LLM server per model config) onto a running cluster.
+
+A short-lived driver: validates the configs first (errors name file and key),
+connects with the cluster token, starts Serve's HTTP proxy on the head only,
+submits the app without blocking, then polls `serve.status()` until every
+deployment is RUNNING, failing with Serve's message on DEPLOY_FAILED or after
+the deadline. The app keeps running after the driver exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.cluster.node import LOOPBACK, ClusterError, apply_env, ray_env, wait_tcp
+from app.models.config import ModelConfig, load_model_configs
+from app.serving.ingress import APP_NAME
+
+
+@dataclass
+class DeployOptions:
+    address: str  # HEAD_IP:GCS_PORT
+    http_host: str
+    http_port: int = 8000
+    request_timeout_s: float = 300.0
+    wait_s: float = 900.0
+    api_keys: list[str] | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+def connect(address: str, timeout_s: float = 60.0) -> None:
+    """Connect this process to the cluster as a driver (token from RAY_AUTH_TOKEN)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"the cluster address must be HEAD_IP:PORT, got {address!r}")
+    apply_env(ray_env(host))  # before `import ray`: Ray reads some of these at import time
+    import ray
+    from ray._private import ray_constants
+
+    if host in LOOPBACK:
+        # Ray rewrites 127.0.0.1 to the host's routable address unless this is off (read at import time)
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    if ray.is_initialized():
+        return
+    wait_tcp(host, int(port), timeout_s)  # ray.init would wait ~forever on an unreachable head
+    try:
+        ray.init(address=address, namespace="serve", logging_level=logging.WARNING, log_to_driver=False)
+    except Exception as exc:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {type(exc).__name__}: {exc}") from None
+
+
+def _summary(status: Any) -> str:
+    app = status.applications.get(APP_NAME)
+    if app is None:
+        return "application not created yet"
+    parts = [f"app {app.status.value}"]
+    for name, dep in sorted(app.deployments.items()):
+        states = ", ".join(f"{k}={v}" for k, v in sorted(dep.replica_states.items())) or "no replicas"
+        parts.append(f"{name}: {dep.status.value} ({states})")
+    return "; ".join(parts)
+
+
+def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: list[ModelConfig] | None = None) -> None:
+    from ray import serve
+
+    from app.serving.ingress import build_app
+
+    configs = configs or load_model_configs(config_paths)  # ConfigError before touching the cluster
+    connect(opts.address)
+    serve.start(http_options={"host": opts.http_host, "port": opts.http_port, "location": "HeadOnly",
+                              "request_timeout_s": opts.request_timeout_s})
+    application = build_app(configs, api_keys=opts.api_keys, max_body_bytes=opts.max_body_bytes)
+    serve._run(application, name=APP_NAME, route_prefix="/", _blocking=False)
+    print(f"deploying {', '.join(c.model_id for c in configs)} ...", flush=True)
+    deadline = time.monotonic() + opts.wait_s
+    last = ""
+    while True:
+        st = serve.status()
+        line = _summary(st)
+        if line != last:
+            print(f"  {line}", flush=True)
+            last = line
+        app = st.applications.get(APP_NAME)
+        if app is not None and app.status.value == "RUNNING":
+            break
+        if app is not None and app.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise ClusterError(f"deployment failed: {app.message or line}")
+        if time.monotonic() > deadline:
+            raise ClusterError(f"the application was not RUNNING within {opts.wait_s:g}s: {line}")
+        time.sleep(1.0)
+    print(f"serving {', '.join(c.model_id for c in configs)} at http://{opts.http_host}:{opts.http_port}/v1",
+          flush=True)
