@@ -19,8 +19,8 @@ An explicit `vllm` that fails does not stop the process: the model stays
 registered but never ready, so `/readyz` answers 503 with the error in its
 detail, `/v1/models` shows `engine_reason: "failed to start: ..."`, requests get
 503 (`engine_dead`) and `llm_model_ready{engine="vllm"}` is 0. Health checks and
-nginx take the server out of rotation while the error stays readable; inside Ray
-Serve the replica's start fails and Serve reports the deployment unhealthy.
+nginx take the server out of rotation while the error stays readable. (Inside
+Ray Serve the same `SelectedEngine.start` raises; how Serve shows it is the Ray layer's.)
 """
 
 from __future__ import annotations

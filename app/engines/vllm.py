@@ -30,6 +30,7 @@ exports them through Ray with ':' replaced by '_' (`vllm_time_to_first_token_sec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -326,8 +327,11 @@ class VLLMEngine(Engine):
         params = self._sampling_params(request, max_new)
         try:
             async with self._admission.slot():
-                async for chunk in self._stream(prompt_ids, params, request):
-                    yield chunk
+                # aclosing: a client disconnect closes *this* generator; the inner one must close (and abort
+                # in vLLM) now, while the admission slot is still held, not whenever it is garbage-collected
+                async with contextlib.aclosing(self._stream(prompt_ids, params, request)) as stream:
+                    async for chunk in stream:
+                        yield chunk
         finally:
             self._publish_stats()
 

@@ -1,0 +1,222 @@
+"""The VLLMEngine adapter's own logic, driven against a stand-in for vLLM 0.33's AsyncLLM.
+
+vLLM cannot be installed on CPU machines, so this test puts a small stand-in package named `vllm` on
+sys.modules with the 0.33 names and signatures the adapter uses (AsyncEngineArgs, AsyncLLM.from_engine_args,
+generate(prompt, sampling_params, request_id) yielding DELTA RequestOutputs, abort, check_health, shutdown,
+the exception classes). What is under test is ours: streaming deltas into GenerationChunks with usage
+counts, finish reasons, abort on client disconnect, admission (429), max_model_len (400), error mapping.
+The real vLLM behaviour is exercised by bench/gpu_check.py on a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import sys
+import types
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.engines.base import (
+    EngineDeadError,
+    GenerationRequest,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+)
+from app.engines.select import EngineSpec
+from app.engines.vllm import VLLM_VERSION, VLLMEngine
+
+
+class _VLLMClientError(Exception):
+    pass
+
+
+class _QueueOverflowError(Exception):
+    pass
+
+
+class _EngineDeadError(Exception):
+    pass
+
+
+class _Kind(enum.Enum):
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
+class _SamplingParams:
+    def __init__(self, **kw: Any):
+        self.__dict__.update(kw)
+
+
+@dataclasses.dataclass
+class _EngineArgs:
+    model: str = ""
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+
+
+class _FakeLLM:
+    """Emits one token per step: text `w{i} `; `fail` in the prompt's first token id picks an error."""
+
+    instances: list[_FakeLLM] = []
+
+    def __init__(self, args: _EngineArgs):
+        self.args = args
+        self.model_config = types.SimpleNamespace(max_model_len=args.max_model_len or 2048, dtype="torch.float32")
+        self.scheduler_config = types.SimpleNamespace(max_num_seqs=args.max_num_seqs or 256)
+        self.aborted: list[str] = []
+        self.raise_next: Exception | None = None
+        self.step = asyncio.Event()
+        self.step.set()
+        self.started = asyncio.Event()
+        self.dead = False
+        self.shut = False
+        _FakeLLM.instances.append(self)
+
+    @classmethod
+    def from_engine_args(cls, args: _EngineArgs, stat_loggers: Any = None) -> _FakeLLM:
+        return cls(args)
+
+    async def generate(self, prompt: dict, sp: _SamplingParams, request_id: str) -> AsyncIterator[Any]:
+        assert set(prompt) == {"prompt_token_ids"} and sp.output_kind is _Kind.DELTA
+        if self.raise_next is not None:
+            exc, self.raise_next = self.raise_next, None
+            raise exc
+        self.started.set()
+        for i in range(sp.max_tokens):
+            await self.step.wait()
+            finish = "length" if i + 1 == sp.max_tokens else None
+            out = types.SimpleNamespace(text=f"w{i} ", token_ids=[100 + i], finish_reason=finish)
+            yield types.SimpleNamespace(outputs=[out], finished=finish is not None)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def check_health(self) -> None:
+        if self.dead:
+            raise _EngineDeadError("EngineCore encountered an issue.")
+
+    def shutdown(self) -> None:
+        self.shut = True
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[_FakeLLM]:
+    mods = {name: types.ModuleType(name) for name in (
+        "vllm", "vllm.engine", "vllm.engine.arg_utils", "vllm.exceptions", "vllm.sampling_params", "vllm.v1",
+        "vllm.v1.engine", "vllm.v1.engine.async_llm", "vllm.v1.engine.exceptions")}
+    mods["vllm"].__version__ = VLLM_VERSION  # type: ignore[attr-defined]
+    mods["vllm.engine.arg_utils"].AsyncEngineArgs = _EngineArgs  # type: ignore[attr-defined]
+    mods["vllm.exceptions"].QueueOverflowError = _QueueOverflowError  # type: ignore[attr-defined]
+    mods["vllm.exceptions"].VLLMClientError = _VLLMClientError  # type: ignore[attr-defined]
+    mods["vllm.sampling_params"].RequestOutputKind = _Kind  # type: ignore[attr-defined]
+    mods["vllm.sampling_params"].SamplingParams = _SamplingParams  # type: ignore[attr-defined]
+    mods["vllm.v1.engine.async_llm"].AsyncLLM = _FakeLLM  # type: ignore[attr-defined]
+    mods["vllm.v1.engine.exceptions"].EngineDeadError = _EngineDeadError  # type: ignore[attr-defined]
+    for name, mod in mods.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    _FakeLLM.instances.clear()
+    return _FakeLLM
+
+
+def _engine(tiny_model: Path, **kwargs: Any) -> VLLMEngine:
+    spec = EngineSpec("tiny", str(tiny_model), engine="vllm", max_waiting=kwargs.pop("max_waiting", 0),
+                      engine_kwargs={"max_model_len": 64, "max_num_seqs": 1, **kwargs}, default_max_tokens=5)
+    return VLLMEngine(spec, reason="configured: test")
+
+
+async def _collect(agen: AsyncIterator[Any]) -> list[Any]:
+    return [c async for c in agen]
+
+
+def test_streams_deltas_with_usage_and_finish(fake_vllm: type[_FakeLLM], tiny_model: Path) -> None:
+    async def main() -> None:
+        engine = _engine(tiny_model)
+        await engine.start()
+        assert engine.is_ready() and engine.info.engine == "vllm" and engine.info.max_context == 64
+        assert engine.info.dtype == "float32" and engine._admission.max_running == 1
+        llm = fake_vllm.instances[0]
+        assert (llm.args.model, llm.args.served_model_name) == (str(tiny_model), "tiny")
+        chunks = await _collect(engine.generate(GenerationRequest(prompt="hello world", max_tokens=3)))
+        n_prompt = await engine.count_prompt_tokens(GenerationRequest(prompt="hello world"))
+        assert "".join(c.text for c in chunks) == "w0 w1 w2 "
+        assert [c.completion_tokens for c in chunks] == [1, 2, 3]
+        assert {c.prompt_tokens for c in chunks} == {n_prompt}
+        assert [c.finish_reason for c in chunks] == [None, None, "length"]
+        default = await _collect(engine.generate(GenerationRequest(messages=[{"role": "user", "content": "x"}])))
+        assert default[-1].completion_tokens == 5  # default_max_tokens
+        with pytest.raises(PromptTooLongError, match="at most"):
+            await _collect(engine.generate(GenerationRequest(prompt="hello", max_tokens=64)))
+        assert llm.aborted == []
+        await engine.shutdown()
+        assert llm.shut and not engine.is_ready()
+
+    asyncio.run(main())
+
+
+def test_client_disconnect_aborts_in_vllm_and_queue_full_is_429(fake_vllm: type[_FakeLLM], tiny_model: Path) -> None:
+    async def main() -> None:
+        engine = _engine(tiny_model)  # max_num_seqs 1, max_waiting 0
+        await engine.start()
+        llm = fake_vllm.instances[0]
+        llm.step.clear()  # hold generation after the first request is admitted
+        req = GenerationRequest(prompt="a", max_tokens=10)
+        stream = engine.generate(req)
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.wait_for(llm.started.wait(), 10)
+        assert engine.stats().running == 1
+        with pytest.raises(QueueFullError) as exc:
+            await _collect(engine.generate(GenerationRequest(prompt="b", max_tokens=2)))
+        assert exc.value.status_code == 429
+        llm.step.set()
+        assert (await first).text == "w0 "
+        await stream.aclose()  # what the API layer does when the client goes away
+        assert len(llm.aborted) == 1 and llm.aborted[0].startswith(req.request_id + "-")
+        assert engine.stats().running == 0
+
+    asyncio.run(main())
+
+
+def test_vllm_errors_map_to_our_errors(fake_vllm: type[_FakeLLM], tiny_model: Path) -> None:
+    async def main() -> None:
+        engine = _engine(tiny_model, max_num_seqs=4)
+        await engine.start()
+        llm = fake_vllm.instances[0]
+        for raised, ours in ((_QueueOverflowError("full"), QueueFullError),
+                             (_VLLMClientError("bad"), InvalidRequestError),
+                             (_EngineDeadError("gone"), EngineDeadError)):
+            llm.raise_next = raised
+            with pytest.raises(ours):
+                await _collect(engine.generate(GenerationRequest(prompt="a", max_tokens=2)))
+        assert not engine.is_ready()  # a dead vLLM engine makes the model not ready
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+
+    asyncio.run(main())
+
+
+def test_health_check_reports_a_dead_engine_core(fake_vllm: type[_FakeLLM], tiny_model: Path) -> None:
+    async def main() -> None:
+        engine = _engine(tiny_model)
+        await engine.start()
+        await engine.check_health()
+        fake_vllm.instances[0].dead = True
+        with pytest.raises(EngineDeadError, match="is dead"):
+            await engine.check_health()
+        assert not engine.is_ready()
+
+    asyncio.run(main())
+
+
+def test_unknown_engine_kwargs_fail_the_start(fake_vllm: type[_FakeLLM], tiny_model: Path) -> None:
+    with pytest.raises(ValueError, match=r"\['not_an_arg'\] are not AsyncEngineArgs fields"):
+        asyncio.run(_engine(tiny_model, not_an_arg=1).start())
