@@ -383,12 +383,10 @@ class TPEngine(Engine):
                 wire.send({"op": "shutdown"})
                 log.info("rank 0: followers told to shut down")
                 return
-            self._current = job
-            try:
-                self._run_job(job, wire)
-            finally:
-                self._current = None
-                job.finish()
+            self._current = job  # on a collective failure _die() answers it with 503
+            self._run_job(job, wire)
+            self._current = None
+            job.finish()
 
     def _run_job(self, job: _Job, wire: _Wire) -> None:
         from app.engines.hf import _Cancelled

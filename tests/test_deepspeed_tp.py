@@ -1,0 +1,263 @@
+"""DeepSpeed TP=2 over two emulated VMs: real `deepspeed --launcher pdsh`, real sshd, real gloo over a veth.
+
+Each test launches a fresh group with `python -m app deepspeed launch` (see tests/ds_cluster.py)
+because every fault ends its group. The first test reuses its group for all API checks
+(greedy equality with single-process transformers, OpenAI client chat/completions/streaming,
+4xx, 429) and ends it by killing rank 1 during a request.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import need, need_binary, need_root
+from tests.ds_cluster import Group, NetnsPool, TwoVMs, two_vms, wait_ready
+
+PROMPTS = ["hello world", "The quick brown fox", "nginx upstream failover"]
+CHATS = [[{"role": "user", "content": "Say something about Ray Serve."}],
+         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is tensor parallelism?"}]]
+N_TOKENS = 16
+COLLECTIVE_TIMEOUT_S = 6.0  # DS_COLLECTIVE_TIMEOUT_S in ds_cluster.launch_env
+HEARTBEAT_S = 1.0
+
+
+def _apt_done() -> bool:
+    try:
+        return "apt-done" in Path("/tmp/apt.log").read_text(errors="replace")
+    except OSError:
+        return True  # no background install on this machine: rely on need_binary
+
+
+@pytest.fixture(scope="module")
+def vms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoVMs]:
+    need_root()
+    if not _apt_done():
+        from tests.conftest import wait_until
+
+        wait_until(_apt_done, 600, 2, "/tmp/apt.log apt-done (pdsh, openssh-server)")
+    need_binary("pdsh", "sshd", "ssh", "ssh-keygen", "unshare", "ip")
+    need(shutil.which("deepspeed") is not None or _has_deepspeed(), "needs the deepspeed package")
+    with two_vms(tmp_path_factory.mktemp("ds")) as made:
+        yield made
+
+
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.fixture(scope="module")
+def pool(vms: TwoVMs) -> Iterator[NetnsPool]:
+    p = NetnsPool(vms.ns_a, workers=6)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> dict[str, str]:
+    """Greedy output of the unsharded model in one process (plain transformers `generate`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    out: dict[str, str] = {}
+
+    def run(key: str, ids: list[int]) -> None:
+        with torch.inference_mode():
+            gen = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=N_TOKENS,
+                                 min_new_tokens=N_TOKENS, pad_token_id=tok.eos_token_id)
+        out[key] = tok.decode(gen[0, len(ids):], skip_special_tokens=True)
+
+    for p in PROMPTS:
+        run(p, tok(p)["input_ids"])
+    for i, messages in enumerate(CHATS):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        run(f"chat{i}", tok(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def _openai(vms: TwoVMs) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"http://{vms.ip_a}:8002/v1", api_key="unused", max_retries=0, timeout=120,
+                         http_client=httpx.Client(trust_env=False, timeout=120))
+
+
+def _post(vms: TwoVMs, path: str, body: Any, timeout: float = 120) -> httpx.Response:
+    kw: dict[str, Any] = {"content": body} if isinstance(body, str) else {"json": body}
+    return httpx.post(f"http://{vms.ip_a}:8002{path}", timeout=timeout, trust_env=False, **kw)
+
+
+def _readyz(vms: TwoVMs) -> httpx.Response:
+    return httpx.get(f"http://{vms.ip_a}:8002/readyz", timeout=3, trust_env=False)
+
+
+def _launched(vms: TwoVMs, pool: NetnsPool, tiny_model: Path, name: str) -> Group:
+    group = vms.launch(tiny_model, name=name)
+    try:
+        wait_ready(group, pool)
+    except BaseException:
+        group.kill()
+        raise
+    return group
+
+
+def _rank1(group: Group) -> int:
+    pid = group.rank_pid(group.vms.ns_b)
+    assert pid, f"rank 1 process not found in {group.vms.ns_b}:\n{group.log()[-3000:]}"
+    return pid
+
+
+def _readyz_503_within(vms: TwoVMs, pool: NetnsPool, since: float, limit: float) -> float:
+    """Poll /readyz from namespace A until 503; return seconds since `since` (fails past `limit`)."""
+    while time.monotonic() - since < limit:
+        try:
+            if pool.run(_readyz, vms, timeout=10).status_code == 503:
+                return time.monotonic() - since
+        except httpx.HTTPError:
+            pass  # rank 0 may already have exited: keep looking for the 503 it must have shown
+        time.sleep(0.1)
+    pytest.fail(f"/readyz did not turn 503 within {limit}s")
+
+
+def _exits_nonzero_within(group: Group, since: float, limit: float) -> int:
+    left = limit - (time.monotonic() - since)
+    try:
+        rc = group.proc.wait(max(left, 0.1))
+    except Exception:
+        pytest.fail(f"launcher still running {limit}s after the fault:\n{group.log()[-4000:]}")
+    assert rc != 0, f"launcher exited 0 after a fault:\n{group.log()[-3000:]}"
+    assert "launcher exited with" in group.log()
+    return rc
+
+
+def test_tp2_serves_same_api_and_greedy_output_then_fails_inflight_on_rank_kill(
+    vms: TwoVMs, pool: NetnsPool, tiny_model: Path, reference: dict[str, str]
+) -> None:
+    group = _launched(vms, pool, tiny_model, "api")
+    try:
+        client = _openai(vms)
+
+        # greedy TP=2 output == single-process transformers output (completions and chat)
+        for p in PROMPTS:
+            r = pool.run(lambda p=p: client.completions.create(
+                model="tiny", prompt=p, max_tokens=N_TOKENS, temperature=0, extra_body={"ignore_eos": True}))
+            assert r.choices[0].text == reference[p], p
+            assert r.usage.completion_tokens == N_TOKENS
+        for i, messages in enumerate(CHATS):
+            r = pool.run(lambda m=messages: client.chat.completions.create(
+                model="tiny", messages=m, max_tokens=N_TOKENS, temperature=0, extra_body={"ignore_eos": True}))
+            assert r.choices[0].message.content == reference[f"chat{i}"]
+
+        # streaming (chat and completions) carries the same text
+        def stream_chat() -> str:
+            s = client.chat.completions.create(model="tiny", messages=CHATS[0], max_tokens=N_TOKENS, temperature=0,
+                                               stream=True, extra_body={"ignore_eos": True})
+            return "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+
+        def stream_completion() -> str:
+            s = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=N_TOKENS, temperature=0,
+                                          stream=True, extra_body={"ignore_eos": True})
+            return "".join(c.choices[0].text for c in s if c.choices)
+
+        assert pool.run(stream_chat) == reference["chat0"]
+        assert pool.run(stream_completion) == reference[PROMPTS[1]]
+
+        models = pool.run(lambda: client.models.list())
+        assert [m.id for m in models.data] == ["tiny"]
+        assert pool.run(_readyz, vms).json()["models"]["tiny"]["engine"] == "deepspeed"
+
+        # bad input -> 4xx, and the group keeps serving
+        bad = [
+            {"model": "nope", "prompt": "x", "max_tokens": 2},
+            {"model": "tiny", "prompt": "x", "max_tokens": 0},
+            {"model": "tiny", "prompt": "x", "max_tokens": 100000},
+            {"model": "tiny", "prompt": "x", "temperature": 7},
+        ]
+        for body in bad:
+            status = pool.run(_post, vms, "/v1/completions", body).status_code
+            assert 400 <= status < 500, (body, status)
+        assert pool.run(_post, vms, "/v1/chat/completions", "{not json").status_code in (400, 422)
+
+        # one running + DS_MAX_WAITING=1 queued: a third concurrent request gets 429
+        long_body = {"model": "tiny", "prompt": "busy", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+        futs = [pool.submit(_post, vms, "/v1/completions", long_body) for _ in range(3)]
+        statuses = sorted(f.result(120).status_code for f in futs)
+        assert statuses == [200, 200, 429], statuses
+
+        # fault: SIGKILL rank 1 while a request is in flight
+        inflight: Future[httpx.Response] = pool.submit(
+            _post, vms, "/v1/completions",
+            {"model": "tiny", "prompt": "long", "max_tokens": 1800, "ignore_eos": True, "temperature": 0})
+        deadline = time.monotonic() + 30
+        while pool.run(_readyz, vms).json()["models"]["tiny"]["running"] != 1:
+            assert time.monotonic() < deadline and not inflight.done(), "request never started running"
+            time.sleep(0.05)
+        rank1 = _rank1(group)
+        killed = time.monotonic()
+        os.kill(rank1, signal.SIGKILL)
+        resp = inflight.result(60)
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "engine_dead"
+        _readyz_503_within(vms, pool, killed, 15)
+        _exits_nonzero_within(group, killed, 60)
+    finally:
+        group.kill()
+
+
+def test_rank1_killed_while_idle(vms: TwoVMs, pool: NetnsPool, tiny_model: Path) -> None:
+    group = _launched(vms, pool, tiny_model, "idle-kill")
+    try:
+        killed = time.monotonic()
+        os.kill(_rank1(group), signal.SIGKILL)
+        took = _readyz_503_within(vms, pool, killed, 15)
+        # while rank 0 lingers, requests get 503 (not a hang, not a 500)
+        try:
+            status = pool.run(_post, vms, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2},
+                              timeout=10).status_code
+            assert status == 503
+        except httpx.HTTPError:
+            pass  # rank 0 already exited: covered by the exit check below
+        _exits_nonzero_within(group, killed, 60)
+        print(f"idle SIGKILL: /readyz 503 after {took:.1f}s, launcher exited after {time.monotonic() - killed:.1f}s")
+    finally:
+        group.kill()
+
+
+def test_rank1_frozen_detected_within_collective_timeout(vms: TwoVMs, pool: NetnsPool, tiny_model: Path) -> None:
+    group = _launched(vms, pool, tiny_model, "sigstop")
+    try:
+        stopped = time.monotonic()
+        os.kill(_rank1(group), signal.SIGSTOP)
+        # detection = next heartbeat + the collective timeout (+ slack for a loaded CI box)
+        took = _readyz_503_within(vms, pool, stopped, COLLECTIVE_TIMEOUT_S + HEARTBEAT_S + 3)
+        # the frozen rank keeps pdsh waiting: the launcher's own grace (DS_EXIT_GRACE_S) must end the group
+        _exits_nonzero_within(group, stopped, 60)
+        print(f"SIGSTOP: /readyz 503 after {took:.1f}s, launcher exited after {time.monotonic() - stopped:.1f}s")
+    finally:
+        group.kill()
+
+
+def test_launch_fails_clearly_when_a_host_is_unreachable(vms: TwoVMs, tiny_model: Path) -> None:
+    bad_ip = f"10.78.{vms.octet}.3"  # on the veth subnet, but nobody answers
+    group = vms.launch(tiny_model, name="unreachable", DS_HOSTS=f"{vms.ip_a},{bad_ip}")
+    try:
+        rc = group.proc.wait(60)
+        log = group.log()
+        assert rc != 0
+        assert f"passwordless ssh failed for {bad_ip}" in log, log[-2000:]
+        assert "deepspeed.launcher" not in log  # refused before anything was launched
+    finally:
+        group.kill()
