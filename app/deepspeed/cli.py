@@ -40,16 +40,21 @@ def _settings(overrides: dict[str, Any]) -> Any:
 def serve(
     model: Annotated[str | None, typer.Option(help="Model folder, same path on every VM [DS_MODEL].")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Model id clients send [DS_SERVED_MODEL_NAME].")] = None,
-    host: Annotated[str | None, typer.Option(help="Rank 0's bind address [DS_HOST, 0.0.0.0].")] = None,
+    host: Annotated[str | None, typer.Option(help="Rank 0's bind address [DS_HOST, 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Rank 0's API port [DS_PORT, 8002].")] = None,
     collective_timeout_s: Annotated[float | None, typer.Option(help="[DS_COLLECTIVE_TIMEOUT_S, 60].")] = None,
 ) -> None:
     """Per-rank entrypoint the DeepSpeed launcher runs on every VM (needs RANK/WORLD_SIZE/MASTER_*)."""
-    from app.cli import setup_logging
+    from app.cli import fail, setup_logging
 
     settings = _settings({"model": model, "served_model_name": served_model_name, "host": host, "port": port,
                           "collective_timeout_s": collective_timeout_s})
     setup_logging(settings.log_level)
+    if not settings.model:
+        raise fail("DS_MODEL is empty: set it (or --model) to the model folder, the same path on every VM")
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise fail(f"{var} is not set: `deepspeed serve` is started by `python -m app deepspeed launch`")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from app.deepspeed.tp import run_rank
 
@@ -63,13 +68,14 @@ def launch(
     served_model_name: Annotated[str | None, typer.Option(help="[DS_SERVED_MODEL_NAME].")] = None,
     net_ifname: Annotated[str | None, typer.Option(help="Private NIC for gloo/NCCL [DS_NET_IFNAME].")] = None,
     master_port: Annotated[int | None, typer.Option(help="[DS_MASTER_PORT, 29500].")] = None,
-    host: Annotated[str | None, typer.Option(help="Rank 0's bind address [DS_HOST, 0.0.0.0].")] = None,
+    host: Annotated[str | None, typer.Option(help="Rank 0's bind address [DS_HOST, 127.0.0.1].")] = None,
     port: Annotated[int | None, typer.Option(help="Rank 0's API port [DS_PORT, 8002].")] = None,
     collective_timeout_s: Annotated[float | None, typer.Option(help="[DS_COLLECTIVE_TIMEOUT_S, 60].")] = None,
     deadline_s: Annotated[float | None, typer.Option(help="Launch -> ready deadline [DS_LAUNCH_DEADLINE_S].")] = None,
     ssh_key: Annotated[str | None, typer.Option(help="Private key for ssh/pdsh [DS_SSH_KEY].")] = None,
-    run_dir: Annotated[Path, typer.Option(help="Where the hostfile and .deepspeed_env are written.")] = Path(
-        ".deepspeed"),
+    ssh_port: Annotated[int | None, typer.Option(help="sshd port on every VM [DS_SSH_PORT, 22].")] = None,
+    run_dir: Annotated[Path | None, typer.Option(
+        help="Where the hostfile and .deepspeed_env are written [DS_RUN_DIR, $TMPDIR/llmkit-deepspeed].")] = None,
     dry_run: Annotated[bool, typer.Option(help="Write the files and print the command; launch nothing.")] = False,
     skip_ssh_check: Annotated[bool, typer.Option(help="Skip the passwordless-ssh pre-check.")] = False,
 ) -> None:
@@ -82,14 +88,15 @@ def launch(
     settings = _settings({
         "hosts": hosts, "model": model, "served_model_name": served_model_name, "net_ifname": net_ifname,
         "master_port": master_port, "host": host, "port": port, "collective_timeout_s": collective_timeout_s,
-        "launch_deadline_s": deadline_s, "ssh_key": ssh_key,
+        "launch_deadline_s": deadline_s, "ssh_key": ssh_key, "ssh_port": ssh_port,
+        "run_dir": str(run_dir) if run_dir else None,
     })
     setup_logging(settings.log_level)
     if not settings.hosts:
         raise fail("DS_HOSTS is empty: set it to the VMs' private addresses (first = this VM), e.g. "
                    "DS_HOSTS=10.0.0.1,10.0.0.2")
     try:
-        files = launcher.prepare(settings, run_dir)
+        files = launcher.prepare(settings, launcher.run_dir(settings))
         if dry_run:
             typer.echo(f"hostfile: {files.hostfile}\nenv file: {files.env_file}")
             typer.echo(" ".join(shlex.quote(c) for c in files.command))

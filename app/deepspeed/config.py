@@ -58,7 +58,7 @@ class DSSettings(BaseSettings):
     net_ifname: str = Field(default="", description="NIC of the private network (GLOO/NCCL_SOCKET_IFNAME).")
     model: str = ""
     served_model_name: str = ""
-    host: str = Field(default="0.0.0.0", description="Address rank 0's API binds (DS mode runs on host network).")
+    host: str = Field(default="127.0.0.1", description="Address rank 0's API binds (host network: opt in to 0.0.0.0).")
     port: int = Field(default=8002, ge=1, le=65535)
     collective_timeout_s: float = Field(default=60.0, gt=0)
     heartbeat_s: float | None = Field(default=None, gt=0, description="Idle heartbeat period (timeout/4).")
@@ -67,7 +67,8 @@ class DSSettings(BaseSettings):
     exit_grace_s: float = Field(default=30.0, ge=0, description="After rank 0 dies, time for the rest to exit.")
     dead_linger_s: float = Field(default=5.0, ge=0, description="Rank 0 answers 503 this long before exiting.")
     ssh_key: str = ""
-    ssh_port: int | None = Field(default=None, ge=1, le=65535)
+    ssh_port: int | None = Field(default=None, ge=1, le=65535, description="sshd port on every VM (default 22).")
+    run_dir: str = Field(default="", description="Where the launcher writes hostfile and .deepspeed_env.")
     max_waiting: int = Field(default=32, ge=0, description="Queued requests before 429.")
     max_model_len: int | None = Field(default=None, ge=16)
     default_max_tokens: int = Field(default=256, ge=1)

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,7 @@ def remote_env(settings: DSSettings, environ: dict[str, str]) -> dict[str, str]:
         if environ.get(key):
             env[key] = environ[key]
     for name, value in settings.model_dump().items():
-        if name in _SECRET_FIELDS or value is None or value == "":
+        if name in _SECRET_FIELDS or name == "run_dir" or value is None or value == "":
             continue
         env[f"DS_{name.upper()}"] = str(value)
     for key, value in env.items():
@@ -164,6 +165,10 @@ def prepare(settings: DSSettings, run_dir: Path, environ: dict[str, str] | None 
     ssh_args = " ".join(shlex.quote(a) for a in ssh_options(settings))
     env["PDSH_SSH_ARGS_APPEND"] = (environ.get("PDSH_SSH_ARGS_APPEND", "") + " " + ssh_args).strip()
     return LaunchFiles(hostfile, env_file, deepspeed_command(settings, hostfile.resolve()), env)
+
+
+def run_dir(settings: DSSettings) -> Path:
+    return Path(settings.run_dir) if settings.run_dir else Path(tempfile.gettempdir()) / "llmkit-deepspeed"
 
 
 def _probe_url(settings: DSSettings) -> str:
