@@ -12,9 +12,11 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, ServerProcess, free_port, need_binary, wait_until
+from conftest import ROOT, ServerProcess, free_port, need, need_binary, wait_until
 
 from app.ops.nginx import NginxSettings, render_nginx
 
@@ -280,3 +282,35 @@ def test_frozen_primary_costs_one_read_timeout(start_server, nginx_factory) -> N
     assert len(slow) <= 1, f"more than one request paid the read timeout: {timings}"
     assert timings[0][1] >= read_timeout * 0.9  # the first one did pay it (the primary was tried)
     assert all(up.endswith(_addr(backup)) for _, _, up in timings), timings
+
+
+def test_runs_as_non_root_user(tmp_path: Path) -> None:
+    need_binary("nginx", "setpriv")
+    need(os.geteuid() == 0, "needs root to switch to the unprivileged user `nobody`")
+    base = Path(tempfile.mkdtemp(prefix="nginx-nobody-", dir="/tmp"))  # pytest's tmp_path is 0700 root-only
+    base.chmod(0o755)
+    prefix = base / "prefix"
+    port, status_port = free_port(), free_port()
+    conf = render_nginx(prefix, NginxSettings(nginx_port=port, nginx_status_port=status_port,
+                                              nginx_worker_processes="1"))
+    subprocess.run(["chown", "-R", "nobody", str(prefix)], check=True)
+    # setpriv execs nginx itself (no wrapper process that would swallow signals)
+    cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+           "nginx", "-p", str(prefix), "-e", str(prefix / "logs" / "error.log"), "-c", str(conf)]
+    res = subprocess.run([*cmd, "-t"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    proc = subprocess.Popen([*cmd, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/nginx-health", timeout=2).status_code == 200,
+                   30, 0.1, "nginx as nobody")
+        assert (prefix / "nginx.pid").read_text().strip()  # pid file written by an unprivileged master
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
+        assert r.status_code == 502  # no upstream running: nginx itself works unprivileged
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
