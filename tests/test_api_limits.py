@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +128,35 @@ def test_overload_gives_429_with_retry_after_and_no_5xx(server: ServerProcess) -
                    json={"model": "tiny", "prompt": "after", "max_tokens": 2})
     assert r.status_code == 200
     assert scrape(server.base_url, "llm_requests_total", endpoint="completions", status="429") == statuses[429]
+
+
+
+def _raw_request(port: int, body: dict) -> socket.socket:
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {KEYS[0]}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(head + data)
+    return sock
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+def test_client_leaving_while_queued_frees_its_queue_place(server: ServerProcess, stream: bool) -> None:
+    url = server.base_url
+    wait_until(lambda: scrape(url, "llm_running_requests") == 0, 30, 0.05, "idle")
+    left = scrape(url, "llm_requests_total", endpoint="completions", status="499")
+    long = {"model": "tiny", "prompt": "hold the slot", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=url, headers=_auth(KEYS[0]), timeout=60) as http, \
+            http.stream("POST", "/v1/completions", json=long) as running:
+        lines = running.iter_lines()
+        assert next(lines).startswith("data: ")
+        # a second request queues behind the running one; its client gives up before it gets a slot
+        sock = _raw_request(server.port, {**long, "max_tokens": 5, "stream": stream})
+        try:
+            wait_until(lambda: scrape(url, "llm_queue_depth") == 1, 30, 0.02, "request queued")
+        finally:
+            sock.close()
+        wait_until(lambda: scrape(url, "llm_queue_depth") == 0, 2, 0.02, "queue place freed")
+        assert scrape(url, "llm_running_requests") == 1  # freed while the slot was still taken
+        wait_until(lambda: scrape(url, "llm_requests_total", endpoint="completions", status="499") == left + 1,
+                   5, 0.05, "the abandoned request counted as 499")

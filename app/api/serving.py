@@ -205,14 +205,27 @@ class OpenAIServing:
         try:
             if stream:
                 primed: dict[int, AsyncIterator[GenerationChunk]] = {}
-                try:
+
+                async def prime_all() -> bool:
                     for idx, greq in items:
                         primed[idx] = await _primed(self.backend.generate(model, greq))
-                except BaseException:
+                    return True
+
+                async def close_primed() -> None:
                     for s in primed.values():
                         with contextlib.suppress(Exception):
                             await s.aclose()  # type: ignore[attr-defined]
+
+                try:
+                    # a request waiting for a slot leaves the queue when its client goes away
+                    started = await _until_disconnect(request, prime_all())
+                except BaseException:
+                    await close_primed()
                     raise
+                if started is None:
+                    await close_primed()
+                    obs.finish(499, "client_disconnected")
+                    return Response(status_code=499)
                 return StreamingResponse(
                     render_stream(_merge(primed), obs), media_type="text/event-stream", headers=SSE_HEADERS
                 )
