@@ -3,8 +3,9 @@
 `TwoVMs` builds (all names/addresses random per run, removed in every outcome):
 - namespaces `dsv<sfx>a` / `dsv<sfx>b` joined by a veth pair renamed `dsnet0` inside
   both (so one DS_NET_IFNAME fits both "VMs"), addresses 10.78.X.1 and 10.78.X.2;
-- a test-generated client key, host key, sshd configs and an ssh_config under a temp
-  dir, and an `ssh` wrapper first on PATH that points ssh (and so pdsh) at that config.
+- a test-generated client key, host key and ssh_config under a temp dir, sshds started with
+  `python -m app deepspeed sshd` (the command the rank containers run), and an `ssh`
+  wrapper first on PATH that points ssh (and so pdsh) at that config.
 
 `launch()` starts `python -m app deepspeed launch` inside namespace A under
 `unshare --pid --fork --kill-child --mount-proc` together with both sshds, so the
@@ -146,21 +147,6 @@ class TwoVMs:
         (t / "authorized_keys").write_text((t / "id_ed25519.pub").read_text())
         known = "".join(f"{ip} {(t / 'host_key.pub').read_text()}" for ip in (self.ip_a, self.ip_b))
         (t / "known_hosts").write_text(known)
-        for name, ip in (("a", self.ip_a), ("b", self.ip_b)):
-            (t / f"sshd_{name}.conf").write_text(textwrap.dedent(f"""\
-                ListenAddress {ip}
-                Port 22
-                HostKey {t / 'host_key'}
-                PidFile {t / f'sshd_{name}.pid'}
-                AuthorizedKeysFile {t / 'authorized_keys'}
-                PermitRootLogin prohibit-password
-                PasswordAuthentication no
-                KbdInteractiveAuthentication no
-                UsePAM no
-                StrictModes no
-                PrintMotd no
-                MaxStartups 50
-                """))
         (t / "ssh_config").write_text(textwrap.dedent(f"""\
             Host *
               User root
@@ -208,18 +194,21 @@ class TwoVMs:
         """Start both sshds and the launcher in one fresh PID namespace; returns at once."""
         t = self.tmp
         python = sys.executable
-        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         args = " ".join(launch_args)
         script = t / f"{name}.sh"
         script.write_text(textwrap.dedent(f"""\
             #!/bin/bash
             # PID 1 of the group's PID namespace: both "VMs'" sshds, then the launcher on VM A
             mkdir -p /run/sshd
-            ip netns exec {self.ns_a} {sshd} -D -e -f {t / 'sshd_a.conf'} &
-            ip netns exec {self.ns_b} {sshd} -D -e -f {t / 'sshd_b.conf'} &
+            cd {ROOT}
+            for vm in a:{self.ns_a}:{self.ip_a} b:{self.ns_b}:{self.ip_b}; do
+              IFS=: read -r n ns ip <<< "$vm"
+              ip netns exec "$ns" {python} -m app deepspeed sshd --listen "$ip" --port 22 \
+                --authorized-keys {t / 'authorized_keys'} --host-key {t / 'host_key'} --state-dir {t}/sshd_"$n" &
+            done
             for ip in {self.ip_a} {self.ip_b}; do
               ns={self.ns_a}; [ "$ip" = {self.ip_b} ] && ns={self.ns_b}
-              for _ in $(seq 100); do
+              for _ in $(seq 300); do
                 ip netns exec "$ns" bash -c "exec 3<>/dev/tcp/$ip/22" 2>/dev/null && break
                 sleep 0.1
               done

@@ -109,5 +109,32 @@ def launch(
     raise typer.Exit(launcher.supervise(settings, files))
 
 
+@sub.command("sshd")
+def sshd(
+    listen: Annotated[str, typer.Option(envvar="NODE_IP", help="This VM's private address [NODE_IP].")],
+    port: Annotated[int, typer.Option(envvar="DS_SSH_PORT", help="Port [DS_SSH_PORT].")] = 2222,
+    authorized_keys: Annotated[Path | None, typer.Option(
+        help="Public key(s) allowed in (default: DS_SSH_KEY + .pub).")] = None,
+    host_key: Annotated[Path | None, typer.Option(help="sshd host key (default: generated in --state-dir).")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Config, pid file and generated host key.")] = Path(
+        "/tmp/llmkit-deepspeed/sshd"),
+) -> None:
+    """Run a private sshd (key-only) so the launcher's pdsh reaches this VM's rank container."""
+    from app.cli import fail
+    from app.deepspeed import launcher
+
+    if authorized_keys is None:
+        key = os.environ.get("DS_SSH_KEY", "")
+        if not key:
+            raise fail("pass --authorized-keys or set DS_SSH_KEY (its .pub file is used)")
+        authorized_keys = Path(key + ".pub")
+    try:
+        cmd = launcher.prepare_sshd(listen, port, authorized_keys, state_dir, host_key)
+    except launcher.LaunchError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(f"sshd on {listen}:{port} (keys from {authorized_keys})", err=True)
+    os.execv(cmd[0], cmd)
+
+
 def register(cli: typer.Typer) -> None:
     cli.add_typer(sub, name="deepspeed")

@@ -90,7 +90,8 @@ def env_file_text(env: dict[str, str]) -> str:
 
 def ssh_options(settings: DSSettings) -> list[str]:
     """ssh options shared by the pre-check and pdsh (the port goes to DeepSpeed's --ssh_port)."""
-    opts = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    # accept-new: a VM's first host key is trusted (private network), a changed one is still refused
+    opts = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "StrictHostKeyChecking=accept-new"]
     if settings.ssh_key:
         opts += ["-i", settings.ssh_key]
     return opts
@@ -254,3 +255,37 @@ def supervise(settings: DSSettings, files: LaunchFiles, poll_s: float = 0.5) -> 
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def sshd_config_text(listen: str, port: int, host_key: Path, authorized_keys: Path, pid_file: Path) -> str:
+    """A private sshd config for the rank containers: key-only root login on the private address."""
+    return (
+        f"ListenAddress {listen}\nPort {port}\nHostKey {host_key}\nPidFile {pid_file}\n"
+        f"AuthorizedKeysFile {authorized_keys}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPrintMotd no\nX11Forwarding no\n"
+        "AllowTcpForwarding no\nMaxStartups 50\n"
+    )
+
+
+def prepare_sshd(listen: str, port: int, authorized_keys: Path, state_dir: Path,
+                 host_key: Path | None = None) -> list[str]:
+    """Write the sshd config (generating a host key if none is given); return the sshd command."""
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+    if sshd is None:
+        raise LaunchError("sshd is not installed (apt-get install openssh-server)")
+    if not authorized_keys.is_file():
+        raise LaunchError(f"authorized keys file {authorized_keys} does not exist: mount the launcher's public key")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if host_key is None:
+        host_key = state_dir / "ssh_host_ed25519_key"
+        if not host_key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True,
+                           capture_output=True, timeout=60)
+    cfg = state_dir / "sshd_config"
+    cfg.write_text(sshd_config_text(listen, port, host_key.resolve(), authorized_keys.resolve(),
+                                    (state_dir / "sshd.pid").resolve()))
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation directory
+    check = subprocess.run([sshd, "-t", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+    if check.returncode != 0:
+        raise LaunchError(f"sshd rejects {cfg}: {check.stderr.strip()}")
+    return [sshd, "-D", "-e", "-f", str(cfg)]
