@@ -1,0 +1,344 @@
+"""Layer comparison, run in one go on one machine: what each serving layer costs on top of the one below.
+
+    python -m bench.compare_layers --out bench/results                 # all four layers, tiny model
+    python -m bench.compare_layers --layers engine,standalone --duration 2 --levels 1,4   # quick look
+
+Layers, bottom to top, all serving the same model with the same engine settings
+(transformers engine, `--max-running` concurrent generations, one replica):
+
+1. `engine`     - the engine protocol called in-process (`app.engines.select.start_engine`, no HTTP);
+2. `standalone` - `python -m app serve` (uvicorn + the one API router) on 127.0.0.1;
+3. `ray`        - Ray Serve on a local one-node cluster (`python -m app cluster local-up`, run in a private
+                  temp dir so its `.run/` state is its own), one replica, proxy on 127.0.0.1;
+4. `nginx`      - nginx (`python -m app ops render-nginx`) in front of that Ray Serve proxy.
+
+Each layer is driven by the same harness (`app.client.bench`: fixed concurrency
+levels, streamed, fixed output length via ignore_eos/min_tokens, prefix-cache-safe
+prompts). The report gives, per level, each layer's req/s and latency and its
+ratio to the layer below (req/s ÷ below, e2e p50 ÷ below, added ms at p50), and the
+seed-target verdict (>= 10 req/s and p95 < 3 s) per layer. Output: OUT/compare.json,
+OUT/compare.md (printed too) and one bench report per layer. The load generator
+shares the machine with the server, so on a small box its own CPU use is part of
+every figure (equally for every layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.client.bench import bench_endpoint, engine_target, machine_info, run_bench, to_markdown, write_report
+from app.client.stats import fmt_s
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("engine", "standalone", "ray", "nginx")
+
+
+def log(msg: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what or url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what or url}")
+
+
+def stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def ensure_model(model: str | None, work: Path) -> Path:
+    if model:
+        return Path(model).resolve()
+    cached = ROOT / ".cache" / "tiny-model"
+    if (cached / "config.json").exists():
+        return cached
+    out = work / "tiny-model"
+    subprocess.run([sys.executable, "-m", "app", "make-tiny-model", str(out)], cwd=ROOT, check=True, timeout=600)
+    return out
+
+
+def ray_config(model: Path, max_running: int, max_waiting: int) -> str:
+    """Model config for the Ray layer: one fixed replica, same engine settings as the other layers."""
+    return f"""model_loading_config:
+  model_id: tiny
+  model_source: {model}
+engine: transformers
+deployment_config:
+  name: tiny
+  num_replicas: 1
+  ray_actor_options:
+    num_cpus: 0.5
+    num_gpus: 0
+    resources:
+      small-model-workers: 0.5
+  max_ongoing_requests: {max_running + max_waiting}
+  max_queued_requests: {2 * (max_running + max_waiting)}
+engine_kwargs:
+  dtype: float32
+  device: cpu
+  max_model_len: 1024
+  max_num_seqs: {max_running}
+max_waiting: {max_waiting}
+default_max_tokens: 64
+"""
+
+
+class Comparison:
+    def __init__(self, args: argparse.Namespace, work: Path):
+        self.args, self.work = args, work
+        self.levels = [int(x) for x in args.levels.split(",")]
+        self.model = ensure_model(args.model, work)
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.errors: dict[str, str] = {}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ray_dir: Path | None = None
+        self.ray_port: int | None = None
+
+    def bench_kw(self) -> dict[str, Any]:
+        a = self.args
+        return {"levels": self.levels, "duration_s": a.duration, "max_tokens": a.max_tokens,
+                "prompt_words": a.prompt_words, "warmup": a.warmup}
+
+    def http(self, layer: str, url: str) -> None:
+        report = asyncio.run(bench_endpoint(url, model="tiny", api_key=None, chat=False, log=log, **self.bench_kw()))
+        report["target"]["layer"] = layer
+        self.reports[layer] = report
+
+    # ------------------------------------------------------------------------- layers
+    def engine(self) -> None:
+        from app.engines.select import EngineSpec, start_engine
+
+        async def go() -> dict[str, Any]:
+            spec = EngineSpec(model_id="tiny", model_source=str(self.model), engine="transformers",
+                              engine_kwargs={"dtype": "float32", "device": "cpu", "max_model_len": 1024,
+                                             "max_num_seqs": self.args.max_running},
+                              max_waiting=self.args.max_waiting)
+            engine = await start_engine(spec)
+            try:
+                return await run_bench(engine_target(engine), log=log, describe={
+                    "kind": "engine", "endpoint": "in-process", "model": "tiny", "layer": "engine",
+                    "engine": engine.info.engine}, **self.bench_kw())
+            finally:
+                await engine.shutdown()
+
+        self.reports["engine"] = asyncio.run(go())
+        gc.collect()
+
+    def standalone(self) -> None:
+        port = free_port()
+        with open(self.work / "standalone.log", "wb") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "app", "serve", "--model", str(self.model), "--served-model-name", "tiny",
+                 "--host", "127.0.0.1", "--port", str(port), "--max-running", str(self.args.max_running),
+                 "--max-waiting", str(self.args.max_waiting)],
+                cwd=self.work, stdout=logf, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/readyz", 300, proc, "standalone server")
+            self.http("standalone", f"http://127.0.0.1:{port}")
+        finally:
+            stop(proc)
+
+    def ray(self) -> None:
+        self.ray_dir = self.work / "ray"
+        self.ray_dir.mkdir(exist_ok=True)
+        cfg = self.ray_dir / "bench-tiny.yaml"
+        cfg.write_text(ray_config(self.model, self.args.max_running, self.args.max_waiting))
+        self.ray_port = free_port()
+        cmd = [sys.executable, "-m", "app", "cluster", "local-up", "--config", str(cfg), "--gcs-port",
+               str(free_port()), "--serve-port", str(self.ray_port), "--metrics-export-port", str(free_port()),
+               "--wait", "420"]
+        log("starting the local Ray cluster: " + " ".join(cmd[2:]))
+        res = subprocess.run(cmd, cwd=self.ray_dir, capture_output=True, text=True, timeout=540)
+        if res.returncode != 0:
+            raise RuntimeError(f"local-up failed ({res.returncode}): {(res.stderr or res.stdout)[-1500:]}")
+        wait_http(f"http://127.0.0.1:{self.ray_port}/v1/models", 120, what="Ray Serve /v1/models")
+        self.http("ray", f"http://127.0.0.1:{self.ray_port}")
+
+    def nginx(self) -> None:
+        if self.ray_port is None or "ray" not in self.reports:
+            raise RuntimeError("needs the ray layer (nginx is measured in front of Ray Serve)")
+        prefix = self.work / "nginx"
+        prefix.mkdir(exist_ok=True)
+        port = free_port()
+        env = {**os.environ, "NGINX_PORT": str(port), "NGINX_STATUS_PORT": str(free_port()),
+               "SERVE_PORT": str(self.ray_port), "FALLBACK_PORT": str(free_port()), "NGINX_BIND": "127.0.0.1"}
+        res = subprocess.run([sys.executable, "-m", "app", "ops", "render-nginx", "--out", str(prefix)],
+                             cwd=prefix, env=env, capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise RuntimeError(f"render-nginx failed: {res.stderr[-1500:]}")
+        conf = Path(res.stdout.strip().splitlines()[-1])
+        (prefix / "logs").mkdir(exist_ok=True)
+        proc = subprocess.Popen(["nginx", "-p", str(prefix), "-e", str(prefix / "logs" / "error.log"), "-c",
+                                 str(conf), "-g", "daemon off;"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/v1/models", 60, proc, "nginx")
+            self.http("nginx", f"http://127.0.0.1:{port}")
+        finally:
+            stop(proc, signal.SIGQUIT)
+
+    def ray_down(self) -> None:
+        if self.ray_dir is None:
+            return
+        subprocess.run([sys.executable, "-m", "app", "cluster", "local-down"], cwd=self.ray_dir,
+                       capture_output=True, timeout=120)
+
+    def run(self, layers: list[str]) -> None:
+        steps: dict[str, Callable[[], None]] = {"engine": self.engine, "standalone": self.standalone,
+                                                "ray": self.ray, "nginx": self.nginx}
+        try:
+            for layer in layers:
+                log(f"layer {layer}")
+                try:
+                    steps[layer]()
+                except Exception as exc:
+                    self.errors[layer] = f"{type(exc).__name__}: {exc}"
+                    log(f"layer {layer} failed: {self.errors[layer]}")
+        finally:
+            for p in self.procs:
+                stop(p, signal.SIGKILL)
+            self.ray_down()
+
+
+def ratios(reports: dict[str, dict[str, Any]], layers: list[str]) -> list[dict[str, Any]]:
+    """Per layer and level: figures plus the ratio to the nearest measured layer below."""
+    rows = []
+    present = [layer for layer in layers if layer in reports]
+    for i, layer in enumerate(present):
+        below = present[i - 1] if i else None
+        for lv in reports[layer]["levels"]:
+            row: dict[str, Any] = {
+                "layer": layer, "concurrency": lv["concurrency"], "req_per_s": lv["req_per_s"],
+                "output_tokens_per_s": lv["output_tokens_per_s"], "ttft_p50_s": lv["ttft_s"]["p50"],
+                "itl_p50_s": lv["itl_s"]["p50"], "e2e_p50_s": lv["e2e_s"]["p50"], "e2e_p95_s": lv["e2e_s"]["p95"],
+                "e2e_p99_s": lv["e2e_s"]["p99"], "ok": lv["ok"], "failed": lv["failed"], "below": below,
+                "req_per_s_vs_below": None, "e2e_p50_vs_below": None, "added_p50_ms": None,
+            }
+            if below:
+                ref = next((x for x in reports[below]["levels"] if x["concurrency"] == lv["concurrency"]), None)
+                if ref and ref["req_per_s"] and ref["e2e_s"]["p50"] and lv["e2e_s"]["p50"]:
+                    row["req_per_s_vs_below"] = round(lv["req_per_s"] / ref["req_per_s"], 3)
+                    row["e2e_p50_vs_below"] = round(lv["e2e_s"]["p50"] / ref["e2e_s"]["p50"], 3)
+                    row["added_p50_ms"] = round((lv["e2e_s"]["p50"] - ref["e2e_s"]["p50"]) * 1000, 1)
+            rows.append(row)
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m, c = result["machine"], result["config"]
+    out = [f"Layer comparison, {result['date']} · machine: {m.get('cpus')} × {m.get('cpu', '?')}, "
+           f"{m.get('mem_gib', '?')} GiB, load average {result['loadavg_before']} before / "
+           f"{result['loadavg_after']} after · model: {result['model']} · {c['max_tokens']} output tokens "
+           f"(ignore_eos), {c['duration_s']:g} s per level, max_running {c['max_running']}",
+           f"Command: `{result['command']}`", "",
+           "| layer | c | req/s | out tok/s | TTFT p50 | ITL p50 | e2e p50 | e2e p95 | e2e p99 | ok/failed "
+           "| req/s ÷ below | e2e p50 ÷ below | added p50 |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        vs = "-" if r["below"] is None or r["req_per_s_vs_below"] is None else f"{r['req_per_s_vs_below']:.2f}"
+        vp = "-" if r["e2e_p50_vs_below"] is None else f"{r['e2e_p50_vs_below']:.2f}"
+        add = "-" if r["added_p50_ms"] is None else f"{r['added_p50_ms']:+.1f} ms"
+        out.append(f"| {r['layer']} | {r['concurrency']} | {r['req_per_s']:.1f} | {r['output_tokens_per_s']:.0f} "
+                   f"| {fmt_s(r['ttft_p50_s'])} | {fmt_s(r['itl_p50_s'])} | {fmt_s(r['e2e_p50_s'])} "
+                   f"| {fmt_s(r['e2e_p95_s'])} | {fmt_s(r['e2e_p99_s'])} | {r['ok']}/{r['failed']} | {vs} | {vp} "
+                   f"| {add} |")
+    out.append("")
+    for layer, st in result["seed_targets"].items():
+        where = ", ".join(f"c={x['concurrency']}" for x in st["levels"] if x["meets_both"])
+        out.append(f"- seed targets (>= 10 req/s and p95 < 3 s) on `{layer}`: "
+                   + (f"**met** at {where}" if st["met"] else "**not met**"))
+    for layer, err in result["errors"].items():
+        out.append(f"- `{layer}` not measured: {err}")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", default=",".join(LAYERS), help="comma list of " + ", ".join(LAYERS))
+    ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds per level")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompt-words", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=None, help="unmeasured requests per level (default: c)")
+    ap.add_argument("--max-running", type=int, default=4, help="concurrent generations in the engine")
+    ap.add_argument("--max-waiting", type=int, default=32, help="engine queue before 429")
+    ap.add_argument("--model", default=None, help="model folder (default: the tiny model)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args(argv)
+    layers = [x.strip() for x in args.layers.split(",") if x.strip()]
+    unknown = [x for x in layers if x not in LAYERS]
+    if unknown:
+        ap.error(f"unknown layers {unknown}; choose from {LAYERS}")
+    layers = [x for x in LAYERS if x in layers]  # always bottom to top
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    load_before = round(os.getloadavg()[0], 2)
+    with tempfile.TemporaryDirectory(prefix="compare-layers-") as tmp:
+        cmp = Comparison(args, Path(tmp))
+        cmp.run(layers)
+    result = {
+        "schema": "llm-kit-compare/1",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python -m bench.compare_layers " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
+        "loadavg_before": load_before,
+        "loadavg_after": round(os.getloadavg()[0], 2),
+        "model": "tiny (app/models/tiny.py, random weights)" if args.model is None else args.model,
+        "config": {"layers": layers, "levels": cmp.levels, "duration_s": args.duration, "max_tokens": args.max_tokens,
+                   "prompt_words": args.prompt_words, "max_running": args.max_running,
+                   "max_waiting": args.max_waiting},
+        "rows": ratios(cmp.reports, layers),
+        "seed_targets": {k: v["seed_targets"] for k, v in cmp.reports.items()},
+        "errors": cmp.errors,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    for layer, report in cmp.reports.items():
+        write_report(report, args.out, f"layer-{layer}")
+        log(f"{layer}:\n{to_markdown(report)}")
+    (args.out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (args.out / "compare.md").write_text(md)
+    print(md)
+    return 0 if not cmp.errors and cmp.reports else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
