@@ -89,6 +89,7 @@ CASES = [
     Case("huge-body-chunked", COMP, b'{"model": "tiny", "prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}', 413,
          code="request_too_large", headers={"transfer-encoding": "chunked"}),
     Case("get-on-post-route", COMP, None, 405),
+    Case("unknown-model-card", "/v1/models/gpt-9", None, 404, param="model", code="model_not_found"),
     Case("unknown-route", "/v1/embeddings", {"model": "tiny", "input": "x"}, 404),
 ]
 
@@ -109,6 +110,7 @@ def _send(base_url: str, case: Case) -> httpx.Response:
 def assert_openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
     assert resp.status_code == status, resp.text[:500]
     assert "Traceback" not in resp.text and 'File "' not in resp.text
+    assert "errors.pydantic.dev" not in resp.text and "/site-packages/" not in resp.text
     body = resp.json()
     assert set(body) == {"error"}
     err = body["error"]
