@@ -14,6 +14,9 @@ Runs on the first VM of DS_HOSTS (rank 0's VM). Steps:
 
 Every VM needs the same venv/image path (`sys.executable`), working directory and
 model path: pdsh runs `cd <cwd>; <python> -u -m deepspeed.launcher.launch ...` there.
+With containers, each VM runs `python -m app deepspeed sshd` in the rank image so that
+pdsh's ssh lands inside that image (ranks inherit the ssh session's environment, not
+the container's: settings reach them through `.deepspeed_env` and `.env` in the cwd).
 """
 
 from __future__ import annotations
@@ -235,7 +238,7 @@ def supervise(settings: DSSettings, files: LaunchFiles, poll_s: float = 0.5) -> 
             if ready_at is None:
                 if state:
                     ready_at = now
-                    log.info("rank 0 ready at %s after %.1fs", url, now - start)
+                    log.info("rank 0 ready after %.1fs: curl %s", now - start, url.replace("/readyz", "/v1/models"))
                 elif now - start > settings.launch_deadline_s:
                     log.error("rank 0 not ready within DS_LAUNCH_DEADLINE_S=%.0fs: stopping the group",
                               settings.launch_deadline_s)
