@@ -29,6 +29,7 @@ import asyncio
 import gc
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -130,6 +131,8 @@ class Comparison:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ray_dir: Path | None = None
         self.ray_port: int | None = None
+        # one explicit token for the node and every driver of this run (RAY_AUTH_MODE=token is always on)
+        self.ray_env = {**os.environ, "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
 
     def bench_kw(self) -> dict[str, Any]:
         a = self.args
@@ -177,7 +180,7 @@ class Comparison:
             stop(proc)
 
     def ray(self) -> None:
-        self.ray_dir = self.work / "ray"
+        self.ray_dir = self.work / "r"
         self.ray_dir.mkdir(exist_ok=True)
         cfg = self.ray_dir / "bench-tiny.yaml"
         cfg.write_text(ray_config(self.model, self.args.max_running, self.args.max_waiting))
@@ -186,7 +189,7 @@ class Comparison:
                str(free_port()), "--serve-port", str(self.ray_port), "--metrics-export-port", str(free_port()),
                "--wait", "420"]
         log("starting the local Ray cluster: " + " ".join(cmd[2:]))
-        res = subprocess.run(cmd, cwd=self.ray_dir, capture_output=True, text=True, timeout=540)
+        res = subprocess.run(cmd, cwd=self.ray_dir, env=self.ray_env, capture_output=True, text=True, timeout=540)
         if res.returncode != 0:
             raise RuntimeError(f"local-up failed ({res.returncode}): {(res.stderr or res.stdout)[-1500:]}")
         wait_http(f"http://127.0.0.1:{self.ray_port}/v1/models", 120, what="Ray Serve /v1/models")
@@ -219,7 +222,7 @@ class Comparison:
     def ray_down(self) -> None:
         if self.ray_dir is None:
             return
-        subprocess.run([sys.executable, "-m", "app", "cluster", "local-down"], cwd=self.ray_dir,
+        subprocess.run([sys.executable, "-m", "app", "cluster", "local-down"], cwd=self.ray_dir, env=self.ray_env,
                        capture_output=True, timeout=120)
 
     def run(self, layers: list[str]) -> None:
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     layers = [x for x in LAYERS if x in layers]  # always bottom to top
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     load_before = round(os.getloadavg()[0], 2)
-    with tempfile.TemporaryDirectory(prefix="compare-layers-") as tmp:
+    # short path: Ray's AF_UNIX sockets live under it (107-byte limit)
+    with tempfile.TemporaryDirectory(prefix="cl-", dir="/tmp") as tmp:
         cmp = Comparison(args, Path(tmp))
         cmp.run(layers)
     result = {
