@@ -1,7 +1,7 @@
 """The Ray path, measured for real: metrics of Ray Serve replicas in Prometheus, and nginx with Ray Serve as primary.
 
-A driver process starts one Ray node on 127.0.0.1 (own temp dir, own session) and
-runs the kit's Serve app (`app.serving.ingress.build_app`) for the tiny model.
+`python -m app cluster local-up` starts one Ray node on 127.0.0.1 (token auth on)
+and deploys the kit's Serve app for the tiny model, in a private working folder.
 1. A private Prometheus scrapes the node's metrics export port with the shipped
    `ray-nodes` job: Ray 2.60 exports the app's metrics as `ray_llm_*`; the job's
    metric_relabel_configs must store them under the app's own names.
@@ -13,12 +13,12 @@ runs the kit's Serve app (`app.serving.ingress.build_app`) for the tiny model.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-import shutil
+import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,25 +31,6 @@ from test_nginx import Nginx, _request_loop
 
 from app.metrics import exported_series_names
 from app.ops.prometheus import PrometheusSettings
-
-DRIVER = r"""
-import os, sys
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray on 127.0.0.1
-os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-cfg, temp_dir, metrics_port, http_port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-import ray
-from ray import serve
-from app.models.config import load_model_configs
-from app.serving.ingress import build_app
-ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, _metrics_export_port=metrics_port,
-         object_store_memory=100 * 1024 * 1024, num_cpus=2, resources={"small-model-workers": 2}, _temp_dir=temp_dir)
-serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-serve.run(build_app(load_model_configs([cfg])), name="llm", route_prefix="/")
-print("READY", flush=True)
-sys.stdin.read()  # run until the test closes stdin
-serve.shutdown()
-ray.shutdown()
-"""
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -67,53 +48,48 @@ def _session_pids(sid: int) -> list[int]:
 
 
 class RayServe:
-    """One Ray node on 127.0.0.1 serving the tiny model through the kit's Serve app; all processes in one session."""
+    """`python -m app cluster local-up` (one Ray node on 127.0.0.1, the kit's Serve app) run in a private folder.
+
+    local-up records its state in ./.run/ of its working directory, so each test run gets its own; its head
+    process starts a new session, so every Ray process of this cluster shares the head's session id.
+    """
 
     def __init__(self, workdir: Path, tiny_model: Path) -> None:
+        self.workdir = workdir
         cfg = workdir / "tiny.yaml"
         cfg.write_text((ROOT / "app" / "configs" / "tiny.yaml").read_text()
                        .replace("./.cache/tiny-model", str(tiny_model)))
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="rayt", dir="/tmp"))  # short: Ray's socket paths are limited
-        self.metrics_port, self.http_port = free_port(), free_port()
-        self.log_path = workdir / "ray-driver.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", DRIVER, str(cfg), str(self.temp_dir), str(self.metrics_port), str(self.http_port)],
-            stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-            env={**os.environ, "RAY_AUTH_MODE": "", "RAY_AUTH_TOKEN": ""})
+        self.gcs_port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
         self.base_url = f"http://127.0.0.1:{self.http_port}"
+        self.head_pid: int | None = None
+        self.up = self._cli("local-up", "--config", str(cfg), "--gcs-port", str(self.gcs_port),
+                            "--serve-port", str(self.http_port), "--metrics-export-port", str(self.metrics_port),
+                            "--object-store-mb", "128", "--wait", "240", timeout=300)
+        state = workdir / ".run" / "local.json"
+        if state.exists():
+            self.head_pid = json.loads(state.read_text())["pid"]
 
-    def wait_ready(self) -> RayServe:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray driver exited {self.proc.returncode}: {self.log()[-3000:]}")
-            return "READY" in self.log()
-
-        wait_until(ready, 240, 0.5, "Ray Serve app READY")
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def _cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app", "cluster", *args], cwd=self.workdir, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
 
     def kill_all(self) -> None:
-        """SIGKILL the driver and every Ray process it started (they share its session id)."""
-        for pid in _session_pids(self.proc.pid):
+        """SIGKILL every process of this Ray cluster (all share the head's session id)."""
+        for pid in _session_pids(self.head_pid) if self.head_pid else []:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
     def stop(self) -> None:
-        if self.proc.poll() is None and self.proc.stdin:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill_all()
-        wait_until(lambda: not _session_pids(self.proc.pid), 30, 0.2, "Ray processes gone")
-        self._log.close()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        try:
+            self._cli("local-down", timeout=120)
+        finally:
+            self.kill_all()
+            if self.head_pid:
+                wait_until(lambda: not _session_pids(self.head_pid), 30, 0.2, "Ray processes gone")  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +97,9 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Ite
     need(importlib.util.find_spec("ray") is not None, "needs ray[serve] (the `ray` extra)")
     rs = RayServe(tmp_path_factory.mktemp("ray"), tiny_model)
     try:
-        yield rs.wait_ready()
+        assert rs.up.returncode == 0, f"cluster local-up failed:\n{rs.up.stdout[-2000:]}\n{rs.up.stderr[-3000:]}"
+        assert f"http://127.0.0.1:{rs.http_port}/v1" in rs.up.stdout  # it prints where to send requests
+        yield rs
     finally:
         rs.stop()
 
