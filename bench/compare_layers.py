@@ -131,6 +131,8 @@ class Comparison:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ray_dir: Path | None = None
         self.ray_port: int | None = None
+        self.standalone_port: int | None = None
+        self.nginx_upstream: str | None = None
         # one explicit token for the node and every driver of this run (RAY_AUTH_MODE=token is always on)
         self.ray_env = {**os.environ, "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
 
@@ -172,12 +174,10 @@ class Comparison:
                  "--host", "127.0.0.1", "--port", str(port), "--max-running", str(self.args.max_running),
                  "--max-waiting", str(self.args.max_waiting)],
                 cwd=self.work, stdout=logf, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        try:
-            wait_http(f"http://127.0.0.1:{port}/readyz", 300, proc, "standalone server")
-            self.http("standalone", f"http://127.0.0.1:{port}")
-        finally:
-            stop(proc)
+        self.procs.append(proc)  # kept (idle) until the end: nginx fronts it when the Ray layer is missing
+        wait_http(f"http://127.0.0.1:{port}/readyz", 300, proc, "standalone server")
+        self.standalone_port = port
+        self.http("standalone", f"http://127.0.0.1:{port}")
 
     def ray(self) -> None:
         self.ray_dir = self.work / "r"
@@ -196,13 +196,19 @@ class Comparison:
         self.http("ray", f"http://127.0.0.1:{self.ray_port}")
 
     def nginx(self) -> None:
-        if self.ray_port is None or "ray" not in self.reports:
-            raise RuntimeError("needs the ray layer (nginx is measured in front of Ray Serve)")
+        """nginx in front of Ray Serve; when the Ray layer could not run, in front of the standalone server."""
+        if self.ray_port is not None and "ray" in self.reports:
+            upstream, self.nginx_upstream = self.ray_port, "ray"
+        elif self.standalone_port is not None:
+            upstream, self.nginx_upstream = self.standalone_port, "standalone"
+            log("nginx: the Ray layer is missing; measuring nginx in front of the standalone server instead")
+        else:
+            raise RuntimeError("needs the ray (or standalone) layer to stand in front of")
         prefix = self.work / "nginx"
         prefix.mkdir(exist_ok=True)
         port = free_port()
         env = {**os.environ, "NGINX_PORT": str(port), "NGINX_STATUS_PORT": str(free_port()),
-               "SERVE_PORT": str(self.ray_port), "FALLBACK_PORT": str(free_port()), "NGINX_BIND": "127.0.0.1"}
+               "SERVE_PORT": str(upstream), "FALLBACK_PORT": str(free_port()), "NGINX_BIND": "127.0.0.1"}
         res = subprocess.run([sys.executable, "-m", "app", "ops", "render-nginx", "--out", str(prefix)],
                              cwd=prefix, env=env, capture_output=True, text=True, timeout=60)
         if res.returncode != 0:
@@ -216,6 +222,7 @@ class Comparison:
         try:
             wait_http(f"http://127.0.0.1:{port}/v1/models", 60, proc, "nginx")
             self.http("nginx", f"http://127.0.0.1:{port}")
+            self.reports["nginx"]["target"]["upstream"] = self.nginx_upstream
         finally:
             stop(proc, signal.SIGQUIT)
 
@@ -280,7 +287,8 @@ def markdown(result: dict[str, Any]) -> str:
         vs = "-" if r["below"] is None or r["req_per_s_vs_below"] is None else f"{r['req_per_s_vs_below']:.2f}"
         vp = "-" if r["e2e_p50_vs_below"] is None else f"{r['e2e_p50_vs_below']:.2f}"
         add = "-" if r["added_p50_ms"] is None else f"{r['added_p50_ms']:+.1f} ms"
-        out.append(f"| {r['layer']} | {r['concurrency']} | {r['req_per_s']:.1f} | {r['output_tokens_per_s']:.0f} "
+        name = f"nginx → {result.get('nginx_upstream')}" if r["layer"] == "nginx" else r["layer"]
+        out.append(f"| {name} | {r['concurrency']} | {r['req_per_s']:.1f} | {r['output_tokens_per_s']:.0f} "
                    f"| {fmt_s(r['ttft_p50_s'])} | {fmt_s(r['itl_p50_s'])} | {fmt_s(r['e2e_p50_s'])} "
                    f"| {fmt_s(r['e2e_p95_s'])} | {fmt_s(r['e2e_p99_s'])} | {r['ok']}/{r['failed']} | {vs} | {vp} "
                    f"| {add} |")
@@ -289,6 +297,9 @@ def markdown(result: dict[str, Any]) -> str:
         where = ", ".join(f"c={x['concurrency']}" for x in st["levels"] if x["meets_both"])
         out.append(f"- seed targets (>= 10 req/s and p95 < 3 s) on `{layer}`: "
                    + (f"**met** at {where}" if st["met"] else "**not met**"))
+    if result.get("nginx_upstream") == "standalone":
+        out.append("- `nginx` was measured in front of the standalone server (the Ray layer did not run), so its "
+                   "ratio is to `standalone`")
     for layer, err in result["errors"].items():
         out.append(f"- `{layer}` not measured: {err}")
     return "\n".join(out) + "\n"
@@ -332,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": ratios(cmp.reports, layers),
         "seed_targets": {k: v["seed_targets"] for k, v in cmp.reports.items()},
         "errors": cmp.errors,
+        "nginx_upstream": cmp.nginx_upstream,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     for layer, report in cmp.reports.items():
