@@ -39,6 +39,7 @@ def test_readyz_503_until_loaded_then_200_and_graceful_sigterm(tmp_path: Path, t
     try:
         # poll from the first moment: the port opens before the model is loaded
         seen: list[int | str] = []
+        loading_errors: list[dict] = []
 
         def ready() -> bool:
             assert srv.proc.poll() is None, srv.log_text()[-2000:]
@@ -46,12 +47,20 @@ def test_readyz_503_until_loaded_then_200_and_graceful_sigterm(tmp_path: Path, t
             seen.append(code)
             if code == 503:
                 assert _status(srv.base_url + "/healthz") == 200
+                if not loading_errors:  # a request while the model loads: 503 + Retry-After, not a hang
+                    r = httpx.post(srv.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x",
+                                                                           "max_tokens": 1}, timeout=30)
+                    if r.status_code != 200:  # (200 if loading finished in between)
+                        err = assert_openai_error(r, 503)
+                        assert int(r.headers["retry-after"]) >= 1
+                        loading_errors.append(err)
             return code == 200
 
         wait_until(ready, 120, 0.01, "readyz 200")
         answered = [c for c in seen if c != "refused"]
         assert answered[0] == 503, seen[:20]
         assert set(answered) == {503, 200}
+        assert loading_errors and loading_errors[0]["code"] == "engine_not_ready", loading_errors
 
         # a long stream is in flight when SIGTERM arrives
         body = {"model": "tiny", "prompt": "drain me", "max_tokens": 600, "ignore_eos": True, "stream": True}
