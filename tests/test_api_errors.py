@@ -164,3 +164,29 @@ def test_unknown_fields_are_ignored(core_server: ServerProcess) -> None:
     body = comp(max_tokens=2, some_future_field={"x": 1}, metadata={"k": "v"})
     r = httpx.post(core_server.base_url + COMP, content=json.dumps(body), timeout=60)
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("extra", [
+    {"temperature": 1e-40},
+    {"temperature": 2.0, "top_p": 1e-40},
+    {"frequency_penalty": 2.0, "presence_penalty": -2.0, "temperature": 1.0},
+    {"seed": 2**70},
+    {"seed": -5},
+    {"stop": ["\n"] * 8},
+    {"logprobs": False},
+    {"n": 16, "max_tokens": 1},
+], ids=["denormal-temperature", "tiny-top-p", "penalty-bounds", "huge-seed", "negative-seed", "eight-stops",
+        "logprobs-false", "n-16"])
+def test_edge_values_are_served(core_server: ServerProcess, extra: dict[str, Any]) -> None:
+    r = httpx.post(core_server.base_url + COMP, json=comp(**{"max_tokens": 3, **extra}), timeout=60)
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_max_tokens_filling_the_context_exactly_is_served(core_server: ServerProcess) -> None:
+    prompt_tokens = httpx.post(core_server.base_url + COMP, json=comp(max_tokens=1), timeout=60).json()["usage"][
+        "prompt_tokens"]
+    r = httpx.post(core_server.base_url + COMP, json=comp(max_tokens=2048 - prompt_tokens), timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    r = httpx.post(core_server.base_url + COMP, json=comp(max_tokens=2049 - prompt_tokens), timeout=60)
+    assert_openai_error(r, 400)

@@ -188,6 +188,8 @@ async def test_seeded_sampling_and_greedy_are_reproducible(engine: TransformersE
     assert await text(temperature=1.0, seed=11) == await text(temperature=1.0, seed=11)
     assert await text(temperature=1.0, seed=11) != await text(temperature=1.0, seed=12)
     assert await text(temperature=0.0) == await text(temperature=0.0)
+    # a denormal temperature must not overflow the logits into NaN (it was a 500): it is greedy
+    assert await text(temperature=1e-40, seed=1) == await text(temperature=0.0)
     assert await text(temperature=0.7, top_p=0.5, seed=3) == await text(temperature=0.7, top_p=0.5, seed=3)
 
 

@@ -38,6 +38,7 @@ from app.engines.base import (
 log = logging.getLogger(__name__)
 
 _FALLBACK_TEMPLATE_WARNED = False
+_SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (as vLLM does)
 _IMPORT_LOCK = threading.Lock()
 
 
@@ -316,7 +317,7 @@ class TransformersEngine(Engine):
                     logits = logits - req.frequency_penalty * counts - req.presence_penalty * (counts > 0).float()
                 if eos is not None and (req.ignore_eos or step < req.min_tokens):
                     logits[eos] = float("-inf")
-                if req.temperature <= 0.0:
+                if req.temperature < _SAMPLING_EPS:  # a tiny temperature would overflow the logits: greedy
                     token = int(torch.argmax(logits))
                 else:
                     logits = logits / req.temperature
