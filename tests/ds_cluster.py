@@ -179,7 +179,7 @@ class TwoVMs:
             "DS_COLLECTIVE_TIMEOUT_S": "6",
             "DS_HEARTBEAT_S": "1",
             "DS_LAUNCH_DEADLINE_S": "240",
-            "DS_EXIT_GRACE_S": "10",
+            "DS_EXIT_GRACE_S": "5",
             "DS_DEAD_LINGER_S": "8",
             "DS_MAX_WAITING": "1",
             "TORCH_EXTENSIONS_DIR": str(self.tmp / "torch_extensions"),

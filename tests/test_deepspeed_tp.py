@@ -192,7 +192,7 @@ def test_tp2_serves_same_api_and_greedy_output_then_fails_inflight_on_rank_kill(
         assert pool.run(_post, vms, "/v1/chat/completions", "{not json").status_code in (400, 422)
 
         # one running + DS_MAX_WAITING=1 queued: a third concurrent request gets 429
-        long_body = {"model": "tiny", "prompt": "busy", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+        long_body = {"model": "tiny", "prompt": "busy", "max_tokens": 120, "ignore_eos": True, "temperature": 0}
         futs = [pool.submit(_post, vms, "/v1/completions", long_body) for _ in range(3)]
         statuses = sorted(f.result(120).status_code for f in futs)
         assert statuses == [200, 200, 429], statuses

@@ -150,22 +150,63 @@ def load_sharded(settings: DSSettings, info: RankInfo, load_group: Any) -> Any:
 # ----------------------------------------------------------------------------- wire between ranks
 
 
+_PING, _END, _SHUTDOWN, _STEP, _OBJECT = range(5)
+_CODES = {"ping": _PING, "end": _END, "shutdown": _SHUTDOWN}
+_STEP_KEYS = {"input_ids", "past_key_values", "use_cache", "logits_to_keep"}
+
+
 class _Wire:
-    """The collectives of the protocol. Only the collective thread calls these."""
+    """The collectives of the protocol. Only the collective thread calls these.
+
+    Every message starts with a 4-int header broadcast. A decode step (one token id, the
+    cache length and `logits_to_keep`) fits in that header, so each generated token costs
+    one small broadcast besides the model's own all-reduces; anything else (the prompt's
+    forward) follows as a pickled object.
+    """
 
     def __init__(self, device: str):
         import torch
         import torch.distributed as dist
 
         self.torch, self.dist, self.device = torch, dist, device
+        self.header = torch.zeros(4, dtype=torch.long, device=device)
+
+    def _bcast_header(self, values: list[int]) -> list[int]:
+        for i, v in enumerate(values):
+            self.header[i] = v
+        self.dist.broadcast(self.header, src=0)
+        return [int(x) for x in self.header.tolist()]
 
     def send(self, msg: dict[str, Any]) -> None:
+        op = msg["op"]
+        if op in _CODES:
+            self._bcast_header([_CODES[op], 0, 0, 0])
+            return
+        kw = msg.get("kwargs", {})
+        ids = kw.get("input_ids")
+        cache = kw.get("past_key_values")
+        if (op == "forward" and set(kw) == _STEP_KEYS and kw["use_cache"] is True
+                and isinstance(kw["logits_to_keep"], int) and hasattr(ids, "shape") and tuple(ids.shape) == (1, 1)
+                and isinstance(cache, tuple) and cache[0] == "__cache__"):
+            self._bcast_header([_STEP, int(cache[1]), int(ids[0, 0]), int(kw["logits_to_keep"])])
+            return
+        self._bcast_header([_OBJECT, 0, 0, 0])
         self.dist.broadcast_object_list([msg], src=0)
 
     def recv(self) -> dict[str, Any]:
-        box: list[Any] = [None]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
+        code, cache_len, token, keep = self._bcast_header([0, 0, 0, 0])
+        if code == _STEP:
+            ids = self.torch.tensor([[token]], dtype=self.torch.long)
+            return {"op": "forward", "kwargs": {"input_ids": ids, "past_key_values": ("__cache__", cache_len),
+                                                "use_cache": True, "logits_to_keep": keep}}
+        if code == _OBJECT:
+            box: list[Any] = [None]
+            self.dist.broadcast_object_list(box, src=0)
+            return box[0]
+        for name, value in _CODES.items():
+            if value == code:
+                return {"op": name}
+        raise CollectiveError(f"unknown message code {code} from rank 0")
 
     def all_join(self) -> None:
         """An all-reduce every rank must enter: detects dead or frozen peers."""
