@@ -262,6 +262,7 @@ def ratios(reports: dict[str, dict[str, Any]], layers: list[str]) -> list[dict[s
                 "itl_p50_s": lv["itl_s"]["p50"], "e2e_p50_s": lv["e2e_s"]["p50"], "e2e_p95_s": lv["e2e_s"]["p95"],
                 "e2e_p99_s": lv["e2e_s"]["p99"], "ok": lv["ok"], "failed": lv["failed"], "below": below,
                 "req_per_s_vs_below": None, "e2e_p50_vs_below": None, "added_p50_ms": None,
+                "loadavg_1m": reports[layer]["machine"].get("loadavg_1m"),
             }
             if below:
                 ref = next((x for x in reports[below]["levels"] if x["concurrency"] == lv["concurrency"]), None)
@@ -281,8 +282,8 @@ def markdown(result: dict[str, Any]) -> str:
            f"(ignore_eos), {c['duration_s']:g} s per level, max_running {c['max_running']}",
            f"Command: `{result['command']}`", "",
            "| layer | c | req/s | out tok/s | TTFT p50 | ITL p50 | e2e p50 | e2e p95 | e2e p99 | ok/failed "
-           "| req/s ÷ below | e2e p50 ÷ below | added p50 |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| req/s ÷ below | e2e p50 ÷ below | added p50 | load 1m |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         vs = "-" if r["below"] is None or r["req_per_s_vs_below"] is None else f"{r['req_per_s_vs_below']:.2f}"
         vp = "-" if r["e2e_p50_vs_below"] is None else f"{r['e2e_p50_vs_below']:.2f}"
@@ -291,8 +292,10 @@ def markdown(result: dict[str, Any]) -> str:
         out.append(f"| {name} | {r['concurrency']} | {r['req_per_s']:.1f} | {r['output_tokens_per_s']:.0f} "
                    f"| {fmt_s(r['ttft_p50_s'])} | {fmt_s(r['itl_p50_s'])} | {fmt_s(r['e2e_p50_s'])} "
                    f"| {fmt_s(r['e2e_p95_s'])} | {fmt_s(r['e2e_p99_s'])} | {r['ok']}/{r['failed']} | {vs} | {vp} "
-                   f"| {add} |")
+                   f"| {add} | {r['loadavg_1m']} |")
     out.append("")
+    out.append("- load 1m: the machine's 1-minute load average when the layer finished (2 cores: above ~2 means "
+               "other work competed with the benchmark and the figures are noisy)")
     for layer, st in result["seed_targets"].items():
         where = ", ".join(f"c={x['concurrency']}" for x in st["levels"] if x["meets_both"])
         out.append(f"- seed targets (>= 10 req/s and p95 < 3 s) on `{layer}`: "
