@@ -131,15 +131,15 @@ def scripted() -> Iterator[Any]:
 
 def test_bad_lines_reported_and_batch_goes_on_with_stream_ttft(core_server: Any, tmp_path: Path) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", [
-        {"id": 1, "prompt": "hello", "max_tokens": 4},
+        {"id": 1, "prompt": "hello", "max_tokens": 4, "min_tokens": 4, "ignore_eos": True},
         "this is not json",
-        {"id": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        {"id": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "min_tokens": 4},
         {"prompt": "no id"},
         {"id": 3},
         {"id": 1, "prompt": "duplicate id"},
         "[1, 2]",
         {"id": "bad-param", "prompt": "x", "temperature": -1},
-        {"id": 5, "prompt": "last one", "max_tokens": 4},
+        {"id": 5, "prompt": "last one", "max_tokens": 4, "min_tokens": 4},
     ])
     out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
     res = run_batch(inp, out, "-e", core_server.base_url, "--stream", "--summary-json", str(summary))
