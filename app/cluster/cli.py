@@ -71,7 +71,7 @@ def head(
     min_worker_port: MinWorkerPort = 10002,
     max_worker_port: MaxWorkerPort = 10100,
     object_store_mb: ObjectStoreMb = 1024,
-    num_cpus: Annotated[float | None, typer.Option(help="CPUs the head advertises (default: detected).")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs the head advertises (default: detected).")] = None,
     resources: Annotated[str, typer.Option(help="Extra custom resources as JSON (the head has none).")] = "{}",
     any_ports: Annotated[bool, typer.Option(help="Let Ray pick the object/node manager, client and worker ports.")]
     = False,
@@ -116,7 +116,7 @@ def worker(
     object_store_mb: ObjectStoreMb = 1024,
     num_gpus: Annotated[int | None, typer.Option(envvar="NUM_GPUS", help="GPUs to advertise (default: detect).")]
     = None,
-    num_cpus: Annotated[float | None, typer.Option(help="CPUs to advertise (default: detected).")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs to advertise (default: detected).")] = None,
     worker_tier: Annotated[str, typer.Option(envvar="WORKER_TIER", help="Custom resource naming the GPU tier.")]
     = "small-model-workers",
     tier_slots: Annotated[float | None, typer.Option(envvar="WORKER_TIER_SLOTS",
@@ -213,7 +213,7 @@ def local_up(
     metrics_export_port: MetricsPort = 8090,
     worker_tier: Annotated[str, typer.Option(envvar="WORKER_TIER")] = "small-model-workers",
     tier_slots: Annotated[float, typer.Option(help="Tier resource the local node carries.")] = 4.0,
-    num_cpus: Annotated[float | None, typer.Option(help="CPUs the node advertises (default: detected).")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs the node advertises (default: detected).")] = None,
     object_store_mb: Annotated[int, typer.Option(help="Object store size (MB).")] = 256,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the models to be RUNNING.")] = 600.0,
 ) -> None:

@@ -64,12 +64,12 @@ def _summary(status: Any) -> str:
 
 
 def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: list[ModelConfig] | None = None) -> None:
+    configs = configs or load_model_configs(config_paths)  # ConfigError before touching the cluster
+    connect(opts.address)  # first: Ray must not be imported before the auth/loopback variables are set
     from ray import serve
 
     from app.serving.ingress import build_app
 
-    configs = configs or load_model_configs(config_paths)  # ConfigError before touching the cluster
-    connect(opts.address)
     serve.start(http_options={"host": opts.http_host, "port": opts.http_port, "location": "HeadOnly",
                               "request_timeout_s": opts.request_timeout_s})
     application = build_app(configs, api_keys=opts.api_keys, max_body_bytes=opts.max_body_bytes)

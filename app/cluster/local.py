@@ -10,12 +10,14 @@ to anything of ours still alive (found by our private temp dir and process group
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,7 +81,7 @@ def ensure_tiny_model() -> None:
 
 
 def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, metrics_export_port: int, tier: str,
-             tier_slots: float, num_cpus: float | None, object_store_mb: int, wait_s: float,
+             tier_slots: float, num_cpus: int | None, object_store_mb: int, wait_s: float,
              api_keys: list[str]) -> LocalState:
     from app.cluster.deploy import DeployOptions, deploy
     from app.models.config import load_model_configs
@@ -94,7 +96,9 @@ def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, metrics_exp
         configs = [TINY_CONFIG]
     parsed = load_model_configs(configs)  # config errors before starting anything
     env = ray_env("127.0.0.1", _token())
-    temp_dir = str((RUN_DIR / f"ray-{gcs_port}").resolve())
+    # Ray's Unix socket paths must stay under 107 bytes: keep the session dir short
+    tag = hashlib.sha1(str(Path.cwd()).encode()).hexdigest()[:8]
+    temp_dir = str(Path(tempfile.gettempdir()) / f"llmkit-ray-{gcs_port}-{tag}")
     log_path = RUN_DIR / "head.log"
     cmd = [sys.executable, "-m", "app", "cluster", "head", "--block", "--node-ip", "127.0.0.1",
            "--gcs-port", str(gcs_port), "--metrics-export-port", str(metrics_export_port),

@@ -45,7 +45,7 @@ class NodeConfig:
     min_worker_port: int | None = 10002
     max_worker_port: int | None = 10100
     object_store_mb: int = 1024
-    num_cpus: float | None = None
+    num_cpus: int | None = None
     num_gpus: int | None = None
     resources: dict[str, float] = field(default_factory=dict)
     temp_dir: str | None = None

@@ -1,0 +1,251 @@
+"""Ray Serve on one local node (127.0.0.1), started with the real `cluster local-up`: routing by model,
+404 listing ids, streaming, 429 with Retry-After, client disconnect, Ray-exported metrics, status, token
+auth refusal, autoscaling up and down, and `local-down` leaving nothing behind.
+
+One cluster start-up serves every test in this module (the suite's time budget is minutes).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import ROOT, free_port, need, wait_until
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+model_loading_config: {{model_id: tiny, model_source: {src}}}
+engine: transformers
+deployment_config:
+  name: tiny
+  ray_actor_options: {{num_cpus: 0.5, resources: {{small-model-workers: 0.5}}}}
+  autoscaling_config: {{min_replicas: 1, max_replicas: 3, target_ongoing_requests: 1,
+                       upscale_delay_s: 1, downscale_delay_s: 4, metrics_interval_s: 0.5, look_back_period_s: 2}}
+  max_ongoing_requests: 4
+  max_queued_requests: 32
+engine_kwargs: {{dtype: float32, device: cpu, max_num_seqs: 4}}
+max_waiting: 8
+"""
+TINY_B = """
+model_loading_config: {{model_id: tiny-b, model_source: {src}}}
+engine: transformers
+deployment_config:
+  name: tiny-b
+  num_replicas: 1
+  ray_actor_options: {{num_cpus: 0.5, resources: {{small-model-workers: 0.5}}}}
+  max_ongoing_requests: 2
+  max_queued_requests: 1
+engine_kwargs: {{dtype: float32, device: cpu, max_num_seqs: 1}}
+max_waiting: 1
+"""
+
+
+class Local:
+    def __init__(self, cwd: Path, gcs: int, serve: int, metrics: int, env: dict[str, str]):
+        self.cwd, self.gcs, self.serve, self.metrics, self.env = cwd, gcs, serve, metrics, env
+        self.base = f"http://127.0.0.1:{serve}"
+        self.up_output = ""
+
+    def app(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app", *args], cwd=self.cwd, env=self.env, text=True,
+                              capture_output=True, timeout=timeout)
+
+    def status(self) -> dict:
+        proc = self.app("cluster", "status", "--address", f"127.0.0.1:{self.gcs}", "--json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _our_processes(marker: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker.encode() in (p / "cmdline").read_bytes():
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Local]:
+    need(os.path.exists(Path(sys.executable).with_name("ray")), "needs ray[serve]==2.60.0 in the venv")
+    cwd = tmp_path_factory.mktemp("local")
+    (cwd / "tiny.yaml").write_text(TINY.format(src=tiny_model))
+    (cwd / "tiny-b.yaml").write_text(TINY_B.format(src=tiny_model))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(cwd), HF_HUB_OFFLINE="1", RAY_AUTH_TOKEN=os.urandom(32).hex(), PYTHONPATH=str(ROOT))
+    lc = Local(cwd, free_port(), free_port(), free_port(), env)
+    t0 = time.monotonic()
+    try:
+        up = lc.app("cluster", "local-up", "--config", "tiny.yaml", "--config", "tiny-b.yaml",
+                    "--gcs-port", str(lc.gcs), "--serve-port", str(lc.serve), "--metrics-export-port", str(lc.metrics),
+                    "--num-cpus", "4", "--object-store-mb", "128", "--wait", "300", timeout=420)
+        lc.up_output = up.stdout + up.stderr
+        assert up.returncode == 0, lc.up_output[-4000:]
+        print(f"local-up took {time.monotonic() - t0:.1f}s")
+        yield lc
+    finally:
+        state = cwd / ".run" / "local.json"
+        marker = json.loads(state.read_text())["temp_dir"] if state.exists() else str(cwd / ".run")
+        down = lc.app("cluster", "local-down", timeout=120)
+        assert down.returncode == 0, down.stderr
+        leftovers = _our_processes(marker)
+        assert not leftovers, f"processes outlived local-down: {leftovers}"
+
+
+def test_local_up_says_where_to_send_requests(local: Local) -> None:
+    assert f"curl http://127.0.0.1:{local.serve}/v1/chat/completions" in local.up_output
+    assert "local-down" in local.up_output
+    assert httpx.get(local.base + "/readyz", timeout=30).status_code == 200
+
+
+def test_routes_by_model_and_404_lists_ids(local: Local) -> None:
+    c = local.client()
+    for model in ("tiny", "tiny-b"):
+        r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                      extra_body={"min_tokens": 5})
+        assert r.model == model and r.usage.completion_tokens == 5
+    cards = {m.id: m for m in c.models.list().data}
+    assert set(cards) == {"tiny", "tiny-b"}
+    assert cards["tiny"].model_extra["engine"] == "transformers"
+    r = httpx.post(local.base + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30)
+    assert r.status_code == 404
+    assert "tiny" in r.json()["error"]["message"] and "tiny-b" in r.json()["error"]["message"]
+
+
+def test_streaming_through_the_ingress(local: Local) -> None:
+    stream = local.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16, stream=True,
+        extra_body={"min_tokens": 16})
+    chunks = list(stream)
+    assert len(chunks) >= 3
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_queue_full_is_429_with_retry_after(local: Local) -> None:
+    body = {"model": "tiny-b", "prompt": "x", "max_tokens": 200, "min_tokens": 200}
+
+    def one(_: int) -> httpx.Response:
+        return httpx.post(local.base + "/v1/completions", json=body, timeout=120)
+
+    with cf.ThreadPoolExecutor(10) as ex:
+        results = list(ex.map(one, range(10)))
+    codes = Counter(r.status_code for r in results)
+    assert codes[200] >= 1 and codes[429] >= 1, codes
+    assert set(codes) <= {200, 429}, [r.text for r in results if r.status_code not in (200, 429)]
+    assert all(r.headers.get("retry-after") for r in results if r.status_code == 429)
+
+
+def _metric(local: Local, name: str, model: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{local.metrics}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and f'model="{model}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_client_disconnect_cancels_generation(local: Local) -> None:
+    before = _metric(local, "ray_llm_requests_aborted_total", "tiny-b")
+    body = {"model": "tiny-b", "prompt": "x", "max_tokens": 1800, "min_tokens": 1800, "stream": True}
+    with httpx.stream("POST", local.base + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break  # leave mid-stream: closing the connection must abort the replica's generation
+    wait_until(lambda: _metric(local, "ray_llm_requests_aborted_total", "tiny-b") > before, 60, 1,
+               "the aborted counter on Ray's metrics port")
+    # the one generation slot of tiny-b is free again
+    r = httpx.post(local.base + "/v1/completions", json={"model": "tiny-b", "prompt": "x", "max_tokens": 2},
+                   timeout=60)
+    assert r.status_code == 200
+
+
+def test_metrics_exported_by_ray_with_our_names(local: Local) -> None:
+    from app.metrics import exported_series_names
+
+    def names() -> set[str]:
+        text = httpx.get(f"http://127.0.0.1:{local.metrics}/metrics", timeout=10).text
+        return {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if ln.startswith("ray_llm_")}
+
+    expected = {"ray_" + n for n in exported_series_names()}
+    got = wait_until(lambda: names() if len(names() & expected) >= 10 else None, 60, 1, "Ray metrics export")
+    print("Ray exports:", sorted(got))
+    assert {"ray_llm_requests_total", "ray_llm_time_to_first_token_seconds_bucket", "ray_llm_output_tokens_total",
+            "ray_llm_queue_depth", "ray_llm_request_latency_seconds_bucket"} <= got
+    assert got <= expected  # nothing under our prefix that the one metrics module does not declare
+
+
+def test_status_shows_nodes_deployments_replicas_engines(local: Local) -> None:
+    data = local.status()
+    assert len(data["nodes"]) == 1 and data["nodes"][0]["ip"] == "127.0.0.1"
+    deps = data["applications"]["llm"]["deployments"]
+    assert {"ingress", "tiny", "tiny-b"} <= set(deps)
+    assert {r["model"] for r in data["replicas"]} == {"tiny", "tiny-b"}
+    assert all(r["engine"] == "transformers" and r["node_ip"] == "127.0.0.1" for r in data["replicas"])
+    text = local.app("cluster", "status", "--address", f"127.0.0.1:{local.gcs}")
+    assert "engine=transformers" in text.stdout and "Model replicas:" in text.stdout
+
+
+def test_driver_without_token_is_refused(local: Local, tmp_path: Path) -> None:
+    env = {k: v for k, v in local.env.items() if k != "RAY_AUTH_TOKEN"}
+    env.update(HOME=str(tmp_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_gcs_server_port_wait_time_s="2")
+    code = f"import ray; ray.init(address='127.0.0.1:{local.gcs}'); print('CONNECTED')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "CONNECTED" not in proc.stdout
+    assert "auth" in (proc.stdout + proc.stderr).lower()
+    wrong = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "RAY_AUTH_TOKEN": "00" * 16},
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode != 0 and "CONNECTED" not in wrong.stdout
+    # our CLI says what is missing instead of a stack trace
+    st = subprocess.run([sys.executable, "-m", "app", "cluster", "status", "--address", f"127.0.0.1:{local.gcs}"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert st.returncode != 0 and "RAY_AUTH_TOKEN" in st.stderr
+
+
+def test_autoscaling_up_under_load_and_back_down(local: Local) -> None:
+    def running() -> int:
+        return local.status()["applications"]["llm"]["deployments"]["tiny"]["replica_states"].get("RUNNING", 0)
+
+    assert running() == 1
+    stop = threading.Event()
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 300, "min_tokens": 300}
+
+    def load() -> None:
+        deadline = time.monotonic() + 240  # bounded even if the test fails
+        with httpx.Client(timeout=120) as h:
+            while not stop.is_set() and time.monotonic() < deadline:
+                h.post(local.base + "/v1/completions", json=body)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        t0 = time.monotonic()
+        peak = wait_until(lambda: running() if running() > 1 else None, 180, 1, "tiny to scale above 1 replica")
+        print(f"scaled 1 -> {peak} replicas in {time.monotonic() - t0:.1f}s")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(150)
+    t0 = time.monotonic()
+    wait_until(lambda: running() == 1, 180, 2, "tiny to scale back to 1 replica")
+    print(f"scaled back to 1 replica in {time.monotonic() - t0:.1f}s after load stopped")
