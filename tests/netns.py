@@ -1,0 +1,85 @@
+"""Network-namespace "VMs" for multi-node tests: a bridge, one namespace + veth per VM.
+
+Names carry a random suffix and the subnet a random third octet (10.77.X.0/24),
+so runs never collide with each other or with leftovers; `close()` kills every
+process in the namespaces (by PID, from `ip netns pids`) and deletes them.
+Run it inside `unshare --pid --fork --kill-child --mount-proc --net` (as the
+Ray cluster test does) so that nothing can outlive the test even on a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+class NetnsVMs:
+    def __init__(self, count: int, prefix: str = "rt"):
+        self.suffix = os.urandom(3).hex()
+        self.octet = random.randint(1, 254)
+        self.bridge = f"br{prefix}{self.suffix}"
+        self.names = [f"{prefix}{self.suffix}-{i}" for i in range(count)]
+        self.ips = [f"10.77.{self.octet}.{i + 1}" for i in range(count)]
+        self._made: list[str] = []
+
+    def __enter__(self) -> NetnsVMs:
+        try:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("link", "set", self.bridge, "up")
+            for i, (ns, addr) in enumerate(zip(self.names, self.ips, strict=True)):
+                host_end, ns_end = f"v{self.suffix}{i}", f"e{self.suffix}{i}"
+                _ip("netns", "add", ns)
+                self._made.append(ns)
+                _ip("link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+                _ip("link", "set", ns_end, "netns", ns)
+                _ip("link", "set", host_end, "master", self.bridge)
+                _ip("link", "set", host_end, "up")
+                _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ns_end)
+                _ip("-n", ns, "link", "set", ns_end, "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def popen(self, i: int, cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            return subprocess.Popen(["ip", "netns", "exec", self.names[i], *cmd], env=env, cwd=cwd, stdout=out,
+                                    stderr=subprocess.STDOUT)
+
+    def run(self, i: int, cmd: list[str], env: dict[str, str], cwd: Path,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ip", "netns", "exec", self.names[i], *cmd], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def pids(self, i: int) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.names[i]], capture_output=True, text=True, timeout=30)
+        return [int(p) for p in out.stdout.split()]
+
+    def kill_vm(self, i: int) -> int:
+        """SIGKILL every process in VM `i` (a VM crash). Returns how many were killed."""
+        pids = self.pids(i)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return len(pids)
+
+    def close(self) -> None:
+        for i in range(len(self._made)):
+            self.kill_vm(i)
+        for ns in self._made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        self._made.clear()
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
