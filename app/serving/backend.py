@@ -43,7 +43,7 @@ def unwrap_ray_error(exc: BaseException, model_id: str, retry_after_s: float = 1
             nested = unwrap_ray_error(cause, model_id, retry_after_s)
             if isinstance(nested, EngineError):
                 return nested
-        return EngineError(f"model {model_id}: replica failed: {type(cause).__name__}")
+        return EngineNotReadyError(f"model {model_id}: replica failed: {type(cause).__name__}", retry_after=1)
     if isinstance(exc, BackPressureError):
         return QueueFullError(
             f"model {model_id} is at capacity (max_queued_requests reached); retry later", retry_after=retry_after_s
@@ -115,7 +115,12 @@ class RayServeBackend(ModelBackend):
             mapped = unwrap_ray_error(exc, model_id, self.retry_after_s)
             finished = True
             if mapped is exc:
-                raise
+                # a replica that died mid-request (or a transport error): retryable, so 503 rather than 500
+                log.warning("model %s: request failed in Serve: %s: %s", model_id, type(exc).__name__, exc)
+                raise EngineNotReadyError(
+                    f"model {model_id}: the replica failed during the request ({type(exc).__name__}); retry",
+                    retry_after=1,
+                ) from None
             raise mapped from None
         finally:
             if not finished:
