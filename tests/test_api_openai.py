@@ -240,3 +240,19 @@ def test_request_id_is_echoed(core_server: ServerProcess) -> None:
     r = httpx.get(core_server.base_url + "/v1/models", headers={"X-Request-Id": "abc-123"}, timeout=10)
     assert r.headers["x-request-id"] == "abc-123"
     assert httpx.get(core_server.base_url + "/healthz", timeout=10).headers["x-request-id"]
+
+
+def test_stream_fan_out_beyond_the_free_slots_completes(core_server: ServerProcess) -> None:
+    """3 prompts x n=3 = 9 generations on 4 slots: streaming must not deadlock (it did while priming)."""
+    body = {"model": MODEL, "prompt": ["a", "b", "c"], "n": 3, "max_tokens": 5, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.Client(timeout=60) as http, http.stream("POST", core_server.base_url + "/v1/completions",
+                                                       json=body) as resp:
+        assert resp.status_code == 200
+        events = _sse_events(resp)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    finished = sorted(c["choices"][0]["index"] for c in chunks
+                      if c["choices"] and c["choices"][0]["finish_reason"] == "length")
+    assert finished == list(range(9))
+    assert chunks[-1]["usage"]["completion_tokens"] == 45

@@ -101,58 +101,72 @@ def _fan_out(base: GenerationRequest, n: int, offset: int = 0) -> list[tuple[int
     return out
 
 
-async def _primed(gen: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
-    """Pull the first chunk now (so errors surface before headers are sent), then stream the rest."""
-    try:
-        first = await gen.__anext__()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await gen.aclose()  # type: ignore[attr-defined]
-        raise
+async def _primed_fan_in(
+    streams: dict[int, AsyncIterator[GenerationChunk]],
+) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    """Start every stream at once and return when each has produced its first chunk.
 
-    async def rest() -> AsyncIterator[GenerationChunk]:
-        try:
-            yield first
-            async for chunk in gen:
-                yield chunk
-        finally:
-            await gen.aclose()  # type: ignore[attr-defined]
-
-    return rest()
-
-
-async def _merge(streams: dict[int, AsyncIterator[GenerationChunk]]) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    """Interleave several chunk streams, tagging each chunk with its choice index."""
-    if len(streams) == 1:
-        (idx, only), = streams.items()
-        async for chunk in only:
-            yield idx, chunk
-        return
+    Errors before that (429, 400, 503) are raised here, before any header is sent. The
+    streams are pumped concurrently and independently of the consumer: a stream that
+    waited for the others while holding its engine slot would deadlock `n` (or several
+    prompts) beyond the engine's free slots. The returned iterator tags chunks with
+    their choice index; closing it cancels the pumps, which closes (aborts) the streams.
+    """
     queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
 
-    async def pump(idx: int, s: AsyncIterator[GenerationChunk]) -> None:
+    async def pump(idx: int, stream: AsyncIterator[GenerationChunk]) -> None:
         try:
-            async for chunk in s:
-                await queue.put((idx, chunk))
-            await queue.put((idx, None))
-        except BaseException as exc:  # forwarded to the consumer
-            await queue.put((idx, exc))
+            async for chunk in stream:
+                queue.put_nowait((idx, chunk))
+            queue.put_nowait((idx, None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # forwarded to the consumer
+            queue.put_nowait((idx, exc))
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in streams.items()]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            idx, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield idx, item
-    finally:
+    tasks = [asyncio.create_task(pump(idx, stream)) for idx, stream in streams.items()]
+
+    async def stop_all() -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    buffered: list[tuple[int, GenerationChunk | None]] = []
+    unstarted = set(streams)
+    try:
+        while unstarted:
+            idx, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            unstarted.discard(idx)
+            buffered.append((idx, item))
+    except BaseException:
+        await stop_all()
+        raise
+
+    async def rest() -> AsyncIterator[tuple[int, GenerationChunk]]:
+        remaining = len(tasks)
+        try:
+            for idx, item in buffered:
+                if item is None:
+                    remaining -= 1
+                else:
+                    yield idx, item
+            while remaining:
+                idx, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield idx, item
+        finally:
+            await stop_all()
+
+    return rest()
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
@@ -204,30 +218,14 @@ class OpenAIServing:
         obs = _Observation(model=model, engine=info.engine, endpoint=endpoint)
         try:
             if stream:
-                primed: dict[int, AsyncIterator[GenerationChunk]] = {}
-
-                async def prime_all() -> bool:
-                    for idx, greq in items:
-                        primed[idx] = await _primed(self.backend.generate(model, greq))
-                    return True
-
-                async def close_primed() -> None:
-                    for s in primed.values():
-                        with contextlib.suppress(Exception):
-                            await s.aclose()  # type: ignore[attr-defined]
-
-                try:
-                    # a request waiting for a slot leaves the queue when its client goes away
-                    started = await _until_disconnect(request, prime_all())
-                except BaseException:
-                    await close_primed()
-                    raise
-                if started is None:
-                    await close_primed()
+                # (a request waiting for a slot leaves the queue when its client goes away)
+                streams = {idx: self.backend.generate(model, greq) for idx, greq in items}
+                merged = await _until_disconnect(request, _primed_fan_in(streams))
+                if merged is None:
                     obs.finish(499, "client_disconnected")
                     return Response(status_code=499)
                 return StreamingResponse(
-                    render_stream(_merge(primed), obs), media_type="text/event-stream", headers=SSE_HEADERS
+                    render_stream(merged, obs), media_type="text/event-stream", headers=SSE_HEADERS
                 )
             result = await _until_disconnect(request, self._collect(model, items, obs, n))
             if result is None:
