@@ -45,6 +45,8 @@ def comp(**kw: Any) -> dict[str, Any]:
 CASES = [
     Case("malformed-json", CHAT, b'{"model": "tiny", "messages": [', 400, says="not valid JSON"),
     Case("not-an-object", COMP, b"[1, 2]", 400),
+    Case("deeply-nested-json", COMP, b"[" * 100_000 + b"]" * 100_000, 400),
+    Case("invalid-utf8", COMP, b'{"model": "tiny", "prompt": "\xff\xfe"}', 400),
     Case("empty-body", COMP, b"", 400),
     Case("missing-model", COMP, {"prompt": "hi"}, 400, param="model", says="required"),
     Case("messages-not-a-list", CHAT, {"model": "tiny", "messages": "hi"}, 400, param="messages"),
