@@ -52,7 +52,9 @@ log "ruff"
 ruff check app tests bench
 
 log "shellcheck"
-shellcheck -x deploy-ray.sh tests/*.sh $(ls compose/*.sh 2>/dev/null || true)
+shopt -s nullglob
+shellcheck -x deploy-ray.sh tests/*.sh compose/*.sh
+shopt -u nullglob
 
 log "pytest"
 set +e
