@@ -256,3 +256,16 @@ def test_stream_fan_out_beyond_the_free_slots_completes(core_server: ServerProce
                       if c["choices"] and c["choices"][0]["finish_reason"] == "length")
     assert finished == list(range(9))
     assert chunks[-1]["usage"]["completion_tokens"] == 45
+
+
+def test_sse_events_survive_splitlines_readers() -> None:
+    """Generated text may contain U+2028/U+0085, which httpx's iter_lines treats as line ends (seen as a flake)."""
+    from httpx._decoders import LineDecoder
+
+    from app.api.serving import _sse
+
+    text = "a\u2028b\u0085c\u2029d 你好 \x1c"
+    event = _sse({"choices": [{"text": text}]})
+    lines = LineDecoder().decode(event)
+    assert lines[0].startswith("data: ") and lines[1:] == [""]
+    assert json.loads(lines[0][len("data: "):])["choices"][0]["text"] == text

@@ -194,8 +194,14 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
             task.cancel()
 
 
+# Characters that JSON leaves raw but that splitlines()-style SSE readers (httpx's iter_lines, among others)
+# treat as line ends: a generated U+2028 would cut the event in two. Escaped, the JSON means the same.
+_LINE_BREAKERS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKERS)
+    return f"data: {data}\n\n"
 
 
 class OpenAIServing:
