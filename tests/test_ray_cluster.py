@@ -56,7 +56,7 @@ def loop():
                                                max_tokens=24, extra_body={"min_tokens": 24})
             ok, err = r.usage.completion_tokens == 24, ""
         except Exception as exc:
-            ok, err = False, type(exc).__name__
+            ok, err = False, f"{type(exc).__name__}:{getattr(exc, 'status_code', '')}"
         with lock:
             out.append({"start": t0, "end": time.time(), "ok": ok, "err": err})
 ts = [threading.Thread(target=loop) for _ in range(threads)]
