@@ -308,6 +308,40 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def median_of(paths: list[Path]) -> dict[str, Any]:
+    """Merge several compare.json runs: per layer and level, the median of every figure; ratios recomputed."""
+    import statistics
+
+    runs = [json.loads(p.read_text()) for p in paths]
+    layers = [x for x in LAYERS if any(r["layer"] == x for run in runs for r in run["rows"])]
+    reports: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        levels = sorted({r["concurrency"] for run in runs for r in run["rows"] if r["layer"] == layer})
+        out_levels = []
+        for c in levels:
+            rows = [r for run in runs for r in run["rows"] if r["layer"] == layer and r["concurrency"] == c]
+
+            def med(key: str, rows: list[dict[str, Any]] = rows) -> Any:
+                vals = [r[key] for r in rows if r[key] is not None]
+                return statistics.median(vals) if vals else None
+
+            e2e = {"p50": med("e2e_p50_s"), "p95": med("e2e_p95_s"), "p99": med("e2e_p99_s")}
+            out_levels.append({"concurrency": c, "req_per_s": med("req_per_s"),
+                               "output_tokens_per_s": med("output_tokens_per_s"), "ttft_s": {"p50": med("ttft_p50_s")},
+                               "itl_s": {"p50": med("itl_p50_s")}, "e2e_s": e2e, "ok": sum(r["ok"] for r in rows),
+                               "failed": sum(r["failed"] for r in rows)})
+        reports[layer] = {"levels": out_levels, "machine": {"loadavg_1m": round(statistics.median(
+            r["loadavg_1m"] for run in runs for r in run["rows"] if r["layer"] == layer and r.get("loadavg_1m")), 2)}}
+    from app.client.bench import seed_targets
+
+    first = runs[-1]
+    return {**first, "date": " / ".join(r["date"] for r in runs), "command": f"median of {len(runs)} runs: "
+            + "; ".join(r["command"] for r in runs), "rows": ratios(reports, layers),
+            "seed_targets": {k: seed_targets(v["levels"]) for k, v in reports.items()}, "errors": {},
+            "loadavg_before": "/".join(str(r["loadavg_before"]) for r in runs),
+            "loadavg_after": "/".join(str(r["loadavg_after"]) for r in runs)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", default=",".join(LAYERS), help="comma list of " + ", ".join(LAYERS))
@@ -320,7 +354,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-waiting", type=int, default=32, help="engine queue before 429")
     ap.add_argument("--model", default=None, help="model folder (default: the tiny model)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--median-of", type=Path, nargs="+", default=None, metavar="COMPARE_JSON",
+                    help="measure nothing: merge earlier compare.json runs (median per cell) into OUT/median.*")
     args = ap.parse_args(argv)
+    if args.median_of:
+        merged = median_of(args.median_of)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "median.json").write_text(json.dumps(merged, indent=2) + "\n")
+        md = markdown(merged)
+        (args.out / "median.md").write_text(md)
+        print(md)
+        return 0
     layers = [x.strip() for x in args.layers.split(",") if x.strip()]
     unknown = [x for x in layers if x not in LAYERS]
     if unknown:
