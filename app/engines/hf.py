@@ -12,6 +12,7 @@ by an `AdmissionController` whose full queue turns into HTTP 429.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -363,8 +364,10 @@ class TransformersEngine(Engine):
         max_new = self._budget(len(prompt_ids), request)
         try:
             async with self._admission.slot():
-                async for chunk in self._generate_admitted(prompt_ids, request, max_new):
-                    yield chunk
+                # aclosing: a closed/cancelled request stops the worker thread BEFORE the slot is released
+                async with contextlib.aclosing(self._generate_admitted(prompt_ids, request, max_new)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
         finally:
             self._publish_stats()
 
