@@ -327,7 +327,7 @@ class TPEngine(Engine):
             reason=f"tensor parallel over {info.world_size} ranks (DeepSpeed AutoTP)",
         )
         self._labels = {"model": settings.model_id, "engine": ENGINE_NAME}
-        self._admission = AdmissionController(1, settings.max_waiting, on_change=self._publish_stats)
+        self._admission = AdmissionController(1, settings.max_waiting, metric_labels=self._labels)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._helper: Any = None
         self._ready = False
@@ -373,11 +373,6 @@ class TPEngine(Engine):
 
     def stats(self) -> EngineStats:
         return self._admission.stats()
-
-    def _publish_stats(self) -> None:
-        s = self._admission.stats()
-        metrics.set_gauge(metrics.RUNNING, self._labels, s.running)
-        metrics.set_gauge(metrics.QUEUE_DEPTH, self._labels, s.waiting)
 
     async def shutdown(self) -> None:
         """Graceful stop: tell the followers to exit (they return 0)."""
@@ -494,7 +489,7 @@ class TPEngine(Engine):
                 async for chunk in self._run(prompt_ids, request, max_new):
                     yield chunk
         finally:
-            self._publish_stats()
+            self._admission.publish()
 
     async def _run(self, prompt_ids: list[int], req: GenerationRequest, max_new: int) -> AsyncIterator[GenerationChunk]:
         from app.engines.hf import _IncrementalDetokenizer, _StopMatcher

@@ -21,6 +21,7 @@ class AdmissionController:
         max_waiting: int,
         retry_after_s: float = 1.0,
         on_change: Callable[[], None] | None = None,
+        metric_labels: dict[str, str] | None = None,
     ):
         if max_running < 1:
             raise ValueError("max_running must be >= 1")
@@ -31,10 +32,20 @@ class AdmissionController:
         self.retry_after_s = retry_after_s
         self._running = 0
         self._waiters: list[asyncio.Future[None]] = []
-        self._on_change = on_change or (lambda: None)
+        self._metric_labels = metric_labels
+        self._on_change = on_change or self.publish
 
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running, waiting=len(self._waiters))
+
+    def publish(self) -> None:
+        """Set the running / queue-depth gauges (for `metric_labels`) from the current counts."""
+        if self._metric_labels is None:
+            return
+        from app import metrics
+
+        metrics.set_gauge(metrics.RUNNING, self._metric_labels, self._running)
+        metrics.set_gauge(metrics.QUEUE_DEPTH, self._metric_labels, len(self._waiters))
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -161,8 +161,9 @@ class TransformersEngine(Engine):
             max_context=config.max_model_len or 0,
             reason=config.reason,
         )
+        self._labels = {"model": config.model_id, "engine": self.name}
         self._admission = AdmissionController(
-            config.max_running, config.max_waiting, config.retry_after_s, on_change=self._publish_stats
+            config.max_running, config.max_waiting, config.retry_after_s, metric_labels=self._labels
         )
         self._executor = ThreadPoolExecutor(max_workers=config.max_running, thread_name_prefix="hf-gen")
         self._ready = False
@@ -170,7 +171,6 @@ class TransformersEngine(Engine):
         self._model: Any = None
         self._tokenizer: Any = None
         self._eos_ids: list[int] = []
-        self._labels = {"model": config.model_id, "engine": self.name}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -185,7 +185,7 @@ class TransformersEngine(Engine):
              "reason": self.cfg.reason},
             1,
         )
-        self._publish_stats()
+        self._admission.publish()
         log.info("model %s ready on %s (%s)", self.cfg.model_id, self.info.device, self.info.dtype)
 
     def _load(self) -> None:
@@ -238,11 +238,6 @@ class TransformersEngine(Engine):
 
     def stats(self) -> EngineStats:
         return self._admission.stats()
-
-    def _publish_stats(self) -> None:
-        s = self._admission.stats()
-        metrics.set_gauge(metrics.RUNNING, self._labels, s.running)
-        metrics.set_gauge(metrics.QUEUE_DEPTH, self._labels, s.waiting)
 
     async def shutdown(self) -> None:
         self._ready = False
@@ -369,7 +364,7 @@ class TransformersEngine(Engine):
                     async for chunk in chunks:
                         yield chunk
         finally:
-            self._publish_stats()
+            self._admission.publish()
 
     async def _generate_admitted(
         self, prompt_ids: list[int], req: GenerationRequest, max_new: int

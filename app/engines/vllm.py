@@ -183,10 +183,10 @@ class VLLMEngine(Engine):
             reason=reason,
         )
         max_running = int(kw.get("max_num_seqs") or 256)
-        self._admission = AdmissionController(
-            max_running, spec.max_waiting, spec.retry_after_s, on_change=self._publish_stats
-        )
         self._labels = {"model": spec.model_id, "engine": self.name}
+        self._admission = AdmissionController(
+            max_running, spec.max_waiting, spec.retry_after_s, metric_labels=self._labels
+        )
         self._llm: Any = None
         self._tokenizer: Any = None
         self._vllm: dict[str, Any] = {}
@@ -252,7 +252,7 @@ class VLLMEngine(Engine):
             {**self._labels, "fallback": "false", "reason": self.reason},
             1,
         )
-        self._publish_stats()
+        self._admission.publish()
         log.info("model %s ready on vLLM %s (max_model_len %s)", self.spec.model_id, installed, mc.max_model_len)
 
     async def _warmup(self) -> None:
@@ -283,11 +283,6 @@ class VLLMEngine(Engine):
 
     def stats(self) -> EngineStats:
         return self._admission.stats()
-
-    def _publish_stats(self) -> None:
-        s = self._admission.stats()
-        metrics.set_gauge(metrics.RUNNING, self._labels, s.running)
-        metrics.set_gauge(metrics.QUEUE_DEPTH, self._labels, s.waiting)
 
     async def shutdown(self) -> None:
         self._ready = False
@@ -333,7 +328,7 @@ class VLLMEngine(Engine):
                     async for chunk in stream:
                         yield chunk
         finally:
-            self._publish_stats()
+            self._admission.publish()
 
     async def _stream(
         self, prompt_ids: list[int], params: Any, req: GenerationRequest
