@@ -1,0 +1,106 @@
+"""The compose kit's Dockerfiles: pinned base images and packages, and the `python -m app X` entrypoints they and the
+compose files name really exist (checked with `python -m app X --help`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILES = sorted((ROOT / "compose").glob("Dockerfile.*"))
+pytestmark = pytest.mark.timeout(180)
+
+
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            op, _, rest = line.partition(" ")
+            out.append((op.upper(), rest.strip()))
+    return out
+
+
+def test_both_images_exist() -> None:
+    assert {p.name for p in DOCKERFILES} >= {"Dockerfile.head", "Dockerfile.gpu"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_base_image_pinned(path: Path) -> None:
+    froms = [a for op, a in _instructions(path) if op == "FROM"]
+    assert froms
+    for image in froms:
+        ref = image.split()[0]
+        assert ":" in ref and not ref.endswith(":latest"), f"unpinned base image {ref}"
+        assert re.search(r":v?\d+\.\d+", ref), f"base image tag is not a version: {ref}"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_pip_installs_pinned(path: Path) -> None:
+    runs = " ".join(a for op, a in _instructions(path) if op == "RUN")
+    specs = re.findall(r'"([a-zA-Z0-9_.\-\[\]]+(?:==|>=)[^"]+)"|\b(torch==\S+)', runs)
+    flat = {s for pair in specs for s in pair if s}
+    assert any(s.startswith("ray[serve]==2.60.0") for s in flat), flat
+    if path.name == "Dockerfile.head":
+        assert "torch==2.13.0" in flat
+        assert "download.pytorch.org/whl/cpu" in runs, "the head image must get the CPU torch wheel"
+    else:
+        assert "deepspeed==0.19.8" in flat
+        assert "vllm/vllm-openai:v0.33.0" in " ".join(a for op, a in _instructions(path) if op == "FROM")
+        assert "--no-deps ." in runs, "installing the package must not replace the base image's CUDA torch/vLLM"
+        assert re.search(r"apt-get install .*pdsh.*openssh-server", runs)
+    # The pins must agree with pyproject.toml's extras.
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'ray = ["ray[serve]==2.60.0"]' in pyproject
+    assert 'deepspeed = ["deepspeed==0.19.8"]' in pyproject and 'vllm = ["vllm==0.33.0"]' in pyproject
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_hf_cache_and_user(path: Path) -> None:
+    ins = _instructions(path)
+    env = " ".join(a for op, a in ins if op == "ENV")
+    assert "HF_HOME=/cache/hf" in env
+    if path.name == "Dockerfile.head":
+        assert ("USER", "llmkit") in ins, "the CPU image runs as a non-root user"
+
+
+def _image_commands() -> set[tuple[str, ...]]:
+    """Every `python -m app ...` subcommand named by a Dockerfile CMD or a compose service command."""
+    cmds: set[tuple[str, ...]] = set()
+    for path in DOCKERFILES:
+        for op, args in _instructions(path):
+            if op in ("CMD", "ENTRYPOINT") and args.startswith("["):
+                argv = json.loads(args)
+                if argv[:3] == ["python", "-m", "app"]:
+                    cmds.add(tuple(a for a in argv[3:] if not a.startswith("-"))[:2])
+    for f in (ROOT / "compose").glob("*.yml"):
+        for m in re.finditer(r"command: \[python, -m, app, ([a-z-]+)(?:, ([a-z-]+))?", f.read_text()):
+            cmds.add(tuple(x for x in m.groups() if x))
+        if "      - app\n      - serve\n" in f.read_text():
+            cmds.add(("serve",))
+    return cmds
+
+
+def test_named_entrypoints_exist() -> None:
+    cmds = _image_commands()
+    assert {("cluster", "head"), ("cluster", "worker"), ("serve",), ("ops", "render-nginx"),
+            ("ops", "render-prometheus"), ("deepspeed", "launch"), ("deepspeed", "sshd")} <= cmds
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    for cmd in sorted(cmds):
+        res = subprocess.run([sys.executable, "-m", "app", *cmd, "--help"], capture_output=True, text=True,
+                             timeout=120, cwd=ROOT, env=env)
+        assert res.returncode == 0, f"python -m app {' '.join(cmd)} --help failed: {res.stderr[-2000:]}"
+
+
+def test_dockerignore_keeps_secrets_and_venv_out() -> None:
+    lines = set((ROOT / ".dockerignore").read_text().splitlines())
+    assert {".git", ".venv", ".env", ".cache", ".ssh"} <= lines
+    assert "!.env.example" in lines
