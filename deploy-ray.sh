@@ -1,31 +1,328 @@
 #!/usr/bin/env bash
-# Operator entrypoint. (Minimal version: `local` only; the compose kit extends it.)
+# Operator entrypoint for the compose kit: run it on every rented VM (cp .env.example .env; edit; ./deploy-ray.sh all).
+# Every container runs a `python -m app ...` entrypoint; this script only picks profiles, checks the VM and calls
+# docker compose. --dry-run prints each docker/compose/curl/ssh command instead of running it.
 set -euo pipefail
-cd "$(dirname "$0")"
 
-VENV=${VENV:-.venv}
-PY=${PYTHON:-python3.11}
-command -v "$PY" >/dev/null 2>&1 || PY=python3
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+COMPOSE_FILE="$ROOT/docker-compose-ray.yml"
+VENV=${VENV:-"$ROOT/.venv"}
+DOCKER=${DOCKER:-docker}
+
+DRY_RUN=0
+MONITORING_FLAG=0
+WORKERS=""
+ENV_FILE_ARG=""
+OPEN_TUNNEL=0
+ARGS=()
+
+usage() {
+  cat <<'EOF'
+usage: deploy-ray.sh [flags] COMMAND [args]
+
+Commands (run on each VM, from the repository folder):
+  all                 head VM (NODE_IP == HEAD_IP): ray-head + fallback + nginx (+ local GPU worker with --workers 1,
+                      + monitoring with --with-monitoring); worker VM: ray-worker
+  head                ray-head, fallback, nginx (+ monitoring with --with-monitoring)
+  worker              ray-worker (GPU reservation NUM_GPUS, joins HEAD_IP:RAY_GCS_PORT)
+  deploy [CONFIG...]  apply model configs (default: MODEL_CONFIGS) on the head
+  status              containers, cluster nodes, deployments, replicas, engines, GPUs
+  test [MODEL]        a real chat request through nginx and through Ray Serve directly
+  logs [SERVICE...]   follow container logs
+  down                stop and remove this VM's containers
+  deepspeed           DeepSpeed TP mode: deepspeed-node here, plus the launcher when this VM is first in DS_HOSTS
+  tunnel USER@HOST    print (with --open: run) the ssh -N -L line for API, dashboard, Prometheus, Grafana
+  local               no-Docker local cluster on 127.0.0.1 (sets up .venv, serves the tiny model)
+  local-down          stop the local cluster
+  demo                narrated walkthrough on the local cluster
+
+Flags:
+  --workers N         GPU worker containers on this VM (0 or 1; host networking allows one, it takes all NUM_GPUS)
+  --with-monitoring   also start Prometheus + Grafana + nginx exporter (profile monitoring) on the head
+  --env-file F        environment file (default: .env next to this script)
+  --dry-run           print every docker/compose command, run none
+  --open              tunnel: open the tunnel instead of printing it
+  -h, --help          this help
+EOF
+}
+
+die() { echo "error: $*" >&2; exit 1; }
+# fail "problem" "one-line fix"
+fail() { printf 'preflight: %s\n  fix: %s\n' "$1" "$2" >&2; exit 1; }
+say() { printf '==> %s\n' "$*"; }
+
+# run CMD...: execute, or print it (shell-quoted) under --dry-run.
+run() {
+  if [ "$DRY_RUN" = 1 ]; then
+    printf '+'; printf ' %q' "$@"; printf '\n'
+  else
+    "$@"
+  fi
+}
+
+compose() {
+  run "$DOCKER" compose --env-file "$ENV_FILE" -f "$COMPOSE_FILE" "$@"
+}
+
+parse_args() {
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --workers) [ $# -ge 2 ] || die "--workers needs a number"; WORKERS=$2; shift 2 ;;
+      --workers=*) WORKERS=${1#*=}; shift ;;
+      --with-monitoring) MONITORING_FLAG=1; shift ;;
+      --env-file) [ $# -ge 2 ] || die "--env-file needs a path"; ENV_FILE_ARG=$2; shift 2 ;;
+      --env-file=*) ENV_FILE_ARG=${1#*=}; shift ;;
+      --dry-run) DRY_RUN=1; shift ;;
+      --open) OPEN_TUNNEL=1; shift ;;
+      -h|--help) usage; exit 0 ;;
+      --) shift; ARGS+=("$@"); break ;;
+      -*) die "unknown flag $1 (see -h)" ;;
+      *) ARGS+=("$1"); shift ;;
+    esac
+  done
+  if [ -n "$WORKERS" ] && ! [[ "$WORKERS" =~ ^[0-9]+$ ]]; then die "--workers needs a number, got '$WORKERS'"; fi
+  if [ -n "$WORKERS" ] && [ "$WORKERS" -gt 1 ]; then
+    die "--workers $WORKERS: one GPU worker container per VM (host networking; it takes all NUM_GPUS GPUs)"
+  fi
+}
+
+# load_env: read KEY=VALUE lines of the env file into the environment (values already exported win).
+load_env() {
+  ENV_FILE=${ENV_FILE_ARG:-"$ROOT/.env"}
+  [ -f "$ENV_FILE" ] || fail "$ENV_FILE not found" "cp $ROOT/.env.example $ROOT/.env and edit it (HEAD_IP, NODE_IP, RAY_AUTH_TOKEN, ...)"
+  ENV_FILE=$(cd "$(dirname "$ENV_FILE")" && pwd)/$(basename "$ENV_FILE")
+  export ENV_FILE
+  local line key value
+  while IFS= read -r line || [ -n "$line" ]; do
+    [[ "$line" =~ ^[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || continue
+    key=${BASH_REMATCH[1]}; value=${BASH_REMATCH[2]}
+    value=${value%\"}; value=${value#\"}; value=${value%\'}; value=${value#\'}
+    if [ -z "${!key+x}" ]; then export "$key=$value"; fi
+  done < "$ENV_FILE"
+}
+
+require_vars() {
+  local var
+  for var in "$@"; do
+    if [ "$var" = RAY_AUTH_TOKEN ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
+      fail "RAY_AUTH_TOKEN is empty in $ENV_FILE (every Ray node must present the same token)" \
+        "echo RAY_AUTH_TOKEN=$(new_token) >> $ENV_FILE   (the same value on every VM)"
+    fi
+    [ -n "${!var:-}" ] || fail "$var is not set in $ENV_FILE" "add $var=... to $ENV_FILE (see .env.example)"
+  done
+}
+
+new_token() {
+  if command -v openssl >/dev/null 2>&1; then openssl rand -hex 32
+  else python3 -c 'import secrets; print(secrets.token_hex(32))'; fi
+}
+
+check_docker() {
+  command -v "$DOCKER" >/dev/null 2>&1 \
+    || fail "docker not found" "install Docker Engine: curl -fsSL https://get.docker.com | sh"
+  "$DOCKER" compose version >/dev/null 2>&1 \
+    || fail "docker compose v2 not available" "apt-get install docker-compose-plugin (v1 'docker-compose' is not enough)"
+}
+
+check_gpu_runtime() {
+  "$DOCKER" info --format '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia \
+    || fail "the NVIDIA container runtime is not configured in Docker" \
+      "apt-get install nvidia-container-toolkit && nvidia-ctk runtime configure --runtime=docker && systemctl restart docker"
+}
+
+# check_head_reachable: a worker VM must reach HEAD_IP:RAY_GCS_PORT (bounded: 5 s).
+check_head_reachable() {
+  local port=${RAY_GCS_PORT:-6379}
+  if [ "$DRY_RUN" = 1 ]; then echo "# would check that $HEAD_IP:$port accepts TCP (5 s timeout)"; return; fi
+  timeout 5 bash -c "exec 3<>/dev/tcp/$HEAD_IP/$port" 2>/dev/null \
+    || fail "cannot reach the head at $HEAD_IP:$port" \
+      "start the head first (./deploy-ray.sh all on $HEAD_IP) and open TCP $port from $NODE_IP in the firewall"
+}
+
+check_ports_free() {
+  local port
+  if [ "$DRY_RUN" = 1 ]; then echo "# would check that ports $* are free"; return; fi
+  command -v ss >/dev/null 2>&1 || return 0
+  for port in "$@"; do
+    if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
+      fail "port $port is already in use on this VM" "stop what listens there (ss -ltnp 'sport = :$port') or change it in $ENV_FILE"
+    fi
+  done
+}
+
+preflight() {  # preflight ROLE: head | worker | any
+  local role=$1
+  check_docker
+  require_vars HEAD_IP NODE_IP RAY_AUTH_TOKEN
+  case "$role" in
+    head)
+      require_vars FALLBACK_MODEL
+      check_ports_free "${RAY_GCS_PORT:-6379}" "${SERVE_PORT:-8000}" "${FALLBACK_PORT:-8001}" "${NGINX_PORT:-8080}" \
+        "${RAY_DASHBOARD_PORT:-8265}"
+      ;;
+    worker)
+      require_vars NUM_GPUS
+      check_gpu_runtime
+      check_head_reachable
+      ;;
+  esac
+}
+
+is_head_vm() { [ "${NODE_IP:-}" = "${HEAD_IP:-}" ]; }
+
+monitoring_profile() {
+  if [ "${WITH_MONITORING:-0}" = 1 ]; then echo "--profile monitoring"; fi
+}
+
+cmd_head() {
+  preflight head
+  local profiles=(--profile head)
+  if [ "${WORKERS:-0}" -ge 1 ]; then require_vars NUM_GPUS; check_gpu_runtime; profiles+=(--profile worker); fi
+  # shellcheck disable=SC2207
+  profiles+=($(monitoring_profile))
+  say "head VM $NODE_IP: starting ${profiles[*]}"
+  compose "${profiles[@]}" up -d --build
+}
+
+cmd_worker() {
+  preflight worker
+  say "worker VM $NODE_IP: joining $HEAD_IP:${RAY_GCS_PORT:-6379} with $NUM_GPUS GPU(s)"
+  compose --profile worker up -d --build
+}
+
+cmd_all() {
+  require_vars HEAD_IP NODE_IP
+  if is_head_vm; then cmd_head; else WORKERS=${WORKERS:-1}; cmd_worker; fi
+}
+
+cmd_deploy() {
+  check_docker
+  is_head_vm || die "deploy runs on the head VM ($HEAD_IP); this VM is $NODE_IP"
+  local configs=("$@")
+  if [ ${#configs[@]} -eq 0 ]; then IFS=',' read -r -a configs <<< "${MODEL_CONFIGS:-app/configs/qwen2.5-0.5b.yaml}"; fi
+  compose exec ray-head python -m app cluster deploy "${configs[@]}"
+}
+
+cmd_status() {
+  check_docker
+  compose ps
+  if is_head_vm; then compose exec ray-head python -m app cluster status; fi
+  if command -v nvidia-smi >/dev/null 2>&1; then run nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu --format=csv; fi
+}
+
+chat_body() {
+  printf '{"model":"%s","messages":[{"role":"user","content":"Say hello in five words."}],"max_tokens":32}' "$1"
+}
+
+cmd_test() {
+  local model=${1:-${CLUSTER_MODEL:-${FALLBACK_SERVED_MODEL_NAME:-qwen2.5-0.5b}}}
+  local key=${API_KEYS%%,*} auth=()
+  if [ -n "$key" ]; then auth=(-H "Authorization: Bearer $key"); fi
+  local url
+  for url in "http://127.0.0.1:${NGINX_PORT:-8080}" "http://127.0.0.1:${SERVE_PORT:-8000}"; do
+    say "chat request to $url (model $model)"
+    run curl -fsS --max-time 120 "${auth[@]}" -H 'Content-Type: application/json' \
+      -d "$(chat_body "$model")" "$url/v1/chat/completions"
+    [ "$DRY_RUN" = 1 ] || echo
+  done
+}
+
+cmd_logs() {
+  check_docker
+  compose --profile head --profile worker --profile monitoring --profile deepspeed logs -f --tail 200 "$@"
+}
+
+cmd_down() {
+  check_docker
+  compose --profile head --profile worker --profile monitoring --profile deepspeed down --remove-orphans
+}
+
+cmd_deepspeed() {
+  check_docker
+  require_vars NODE_IP DS_HOSTS DS_MODEL
+  check_gpu_runtime
+  local first=${DS_HOSTS%%,*}
+  first=${first%%:*}
+  compose --profile deepspeed up -d --build deepspeed-node
+  if [ "$first" = "$NODE_IP" ]; then compose --profile deepspeed up -d deepspeed; fi
+}
+
+cmd_tunnel() {
+  local target=${1:-}
+  [ -n "$target" ] || die "usage: deploy-ray.sh tunnel USER@HEAD_PUBLIC_IP"
+  local cmd=(ssh -N
+    -L "${NGINX_PORT:-8080}:127.0.0.1:${NGINX_PORT:-8080}"
+    -L "${RAY_DASHBOARD_PORT:-8265}:127.0.0.1:${RAY_DASHBOARD_PORT:-8265}"
+    -L "${PROMETHEUS_PORT:-9090}:127.0.0.1:${PROMETHEUS_PORT:-9090}"
+    -L "${GRAFANA_PORT:-3000}:127.0.0.1:${GRAFANA_PORT:-3000}"
+    "$target")
+  echo "API http://127.0.0.1:${NGINX_PORT:-8080}/v1  dashboard :${RAY_DASHBOARD_PORT:-8265}  Prometheus :${PROMETHEUS_PORT:-9090}  Grafana :${GRAFANA_PORT:-3000}"
+  if [ "$OPEN_TUNNEL" = 1 ]; then run "${cmd[@]}"; else printf '%q ' "${cmd[@]}"; echo; fi
+}
 
 setup_venv() {
-  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -e ".[ray]"
+  local py=${PYTHON:-python3.11}
+  command -v "$py" >/dev/null 2>&1 || py=python3
+  [ -x "$VENV/bin/python" ] || run "$py" -m venv "$VENV"
+  run "$VENV/bin/python" -m pip install -q --upgrade pip
+  run "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  run "$VENV/bin/python" -m pip install -q -e "${ROOT}[ray]"
 }
 
 cmd_local() {
   setup_venv
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+  cd "$ROOT"
+  if [ -f app/cluster/cli.py ]; then
+    # local-up builds and serves the tiny offline model unless --config names others; it prints the curl line.
+    if [ "$DRY_RUN" = 1 ]; then run "$VENV/bin/python" -m app cluster local-up "$@"; return; fi
+    exec "$VENV/bin/python" -m app cluster local-up "$@"
+  fi
   local model_dir=.cache/tiny-model port=${LLM_PORT:-8000}
-  [ -f "$model_dir/config.json" ] || "$VENV/bin/python" -m app make-tiny-model "$model_dir"
-  echo "Serving the tiny model on http://127.0.0.1:$port (Ctrl-C stops it). Try:"
-  echo "  curl -s http://127.0.0.1:$port/v1/chat/completions -H 'Content-Type: application/json' \\"
-  echo "    -d '{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"max_tokens\":32}'"
+  [ -f "$model_dir/config.json" ] || run "$VENV/bin/python" -m app make-tiny-model "$model_dir"
+  if [ "$DRY_RUN" = 1 ]; then run "$VENV/bin/python" -m app serve --model "$model_dir" --served-model-name tiny --port "$port"; return; fi
   exec "$VENV/bin/python" -m app serve --model "$model_dir" --served-model-name tiny --port "$port"
 }
 
-case "${1:-}" in
-  local) cmd_local ;;
-  *) echo "usage: $0 local" >&2; exit 2 ;;
-esac
+cmd_local_down() {
+  run "$VENV/bin/python" -m app cluster local-down
+}
+
+cmd_demo() {
+  cd "$ROOT"
+  if [ "$DRY_RUN" = 1 ]; then run "$VENV/bin/python" -m app cluster demo "$@"; return; fi
+  "$VENV/bin/python" -m app cluster demo --help >/dev/null 2>&1 \
+    || die "the demo walkthrough (python -m app cluster demo) is not in this checkout yet"
+  exec "$VENV/bin/python" -m app cluster demo "$@"
+}
+
+main() {
+  parse_args "$@"
+  set -- "${ARGS[@]+"${ARGS[@]}"}"
+  local sub=${1:-}
+  [ -n "$sub" ] || { usage >&2; exit 2; }
+  shift
+  case "$sub" in
+    local) cmd_local "$@"; return ;;
+    local-down) cmd_local_down; return ;;
+    demo) cmd_demo "$@"; return ;;
+    help) usage; return ;;
+  esac
+  load_env
+  if [ "$MONITORING_FLAG" = 1 ]; then export WITH_MONITORING=1; fi
+  case "$sub" in
+    head) cmd_head ;;
+    worker) cmd_worker ;;
+    all) cmd_all ;;
+    deploy) cmd_deploy "$@" ;;
+    status) cmd_status ;;
+    test) cmd_test "$@" ;;
+    logs) cmd_logs "$@" ;;
+    down) cmd_down ;;
+    deepspeed) cmd_deepspeed ;;
+    tunnel) cmd_tunnel "$@" ;;
+    *) echo "unknown command: $sub" >&2; usage >&2; exit 2 ;;
+  esac
+}
+
+main "$@"
