@@ -288,12 +288,32 @@ cmd_local_down() {
   run "$VENV/bin/python" -m app cluster local-down
 }
 
+step() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
+
+# cmd_demo: narrated walkthrough on the no-Docker local cluster (127.0.0.1 only). Every step is a real command.
 cmd_demo() {
   cd "$ROOT"
-  if [ "$DRY_RUN" = 1 ]; then run "$VENV/bin/python" -m app cluster demo "$@"; return; fi
-  "$VENV/bin/python" -m app cluster demo --help >/dev/null 2>&1 \
-    || die "the demo walkthrough (python -m app cluster demo) is not in this checkout yet"
-  exec "$VENV/bin/python" -m app cluster demo "$@"
+  local py="$VENV/bin/python" port=${SERVE_PORT:-8000} mport=${RAY_METRICS_EXPORT_PORT:-8090}
+  local url="http://127.0.0.1:$port/v1/chat/completions" ct='Content-Type: application/json'
+  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+  step "1. Start a local Ray cluster on 127.0.0.1 serving the tiny offline model (python -m app cluster local-up)"
+  run "$py" -m app cluster local-up
+  [ "$DRY_RUN" = 1 ] || trap 'step "6. Stop the local cluster"; "$py" -m app cluster local-down' EXIT
+  step "2. Cluster status: nodes, deployments, replicas and the engine each replica runs"
+  run "$py" -m app cluster status
+  step "3. A chat completion through Ray Serve (OpenAI wire format)"
+  run curl -fsS --max-time 120 -H "$ct" -d "$(chat_body tiny)" "$url"
+  step "4. The same request streamed (Server-Sent Events, one chunk per token)"
+  run curl -fsSN --max-time 120 -H "$ct" -d "$(chat_body tiny | sed 's/}$/,"stream":true}/')" "$url"
+  step "5. Metrics Ray exports for Prometheus (llm_* names, ray_ prefix stripped by the scrape config)"
+  if [ "$DRY_RUN" = 1 ]; then
+    run curl -fsS --max-time 10 "http://127.0.0.1:$mport/metrics"
+  else
+    curl -fsS --max-time 10 "http://127.0.0.1:$mport/metrics" | grep -E '^ray_llm_' | head -20 || true
+  fi
+  echo
+  echo "Replica kill + recovery and nginx failover are exercised end to end by tests/test_ray_cluster.py and"
+  echo "tests/test_nginx.py (CI); on the VMs: docker compose stop ray-head, then ./deploy-ray.sh test (served by the fallback)."
 }
 
 main() {

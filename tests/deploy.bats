@@ -195,3 +195,13 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
   run shellcheck -x "$SCRIPT"
   [ "$status" -eq 0 ]
 }
+
+@test "demo: narrated local walkthrough (cluster up, status, chat, stream, metrics)" {
+  VENV="$T/venv" run "$SCRIPT" --dry-run demo
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"+ $T/venv/bin/python -m app cluster local-up"* ]]
+  [[ "$output" == *"+ $T/venv/bin/python -m app cluster status"* ]]
+  [[ "$output" == *"http://127.0.0.1:8000/v1/chat/completions"* ]]
+  [[ "$output" == *'\"stream\":true'* ]]
+  [[ "$output" == *"+ curl -fsS --max-time 10 http://127.0.0.1:8090/metrics"* ]]
+}
