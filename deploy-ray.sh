@@ -293,12 +293,13 @@ step() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
 # cmd_demo: narrated walkthrough on the no-Docker local cluster (127.0.0.1 only). Every step is a real command.
 cmd_demo() {
   cd "$ROOT"
-  local py="$VENV/bin/python" port=${SERVE_PORT:-8000} mport=${RAY_METRICS_EXPORT_PORT:-8090}
+  DEMO_PY="$VENV/bin/python"
+  local py=$DEMO_PY port=${SERVE_PORT:-8000} mport=${RAY_METRICS_EXPORT_PORT:-8090}
   local url="http://127.0.0.1:$port/v1/chat/completions" ct='Content-Type: application/json'
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
   step "1. Start a local Ray cluster on 127.0.0.1 serving the tiny offline model (python -m app cluster local-up)"
   run "$py" -m app cluster local-up
-  [ "$DRY_RUN" = 1 ] || trap 'step "6. Stop the local cluster"; "$py" -m app cluster local-down' EXIT
+  [ "$DRY_RUN" = 1 ] || trap 'step "6. Stop the local cluster"; "$DEMO_PY" -m app cluster local-down' EXIT
   step "2. Cluster status: nodes, deployments, replicas and the engine each replica runs"
   run "$py" -m app cluster status
   step "3. A chat completion through Ray Serve (OpenAI wire format)"
@@ -309,7 +310,15 @@ cmd_demo() {
   if [ "$DRY_RUN" = 1 ]; then
     run curl -fsS --max-time 10 "http://127.0.0.1:$mport/metrics"
   else
-    curl -fsS --max-time 10 "http://127.0.0.1:$mport/metrics" | grep -E '^ray_llm_' | head -20 || true
+    # Ray flushes replica metrics every few seconds: poll (bounded) until the llm_* series appear.
+    local found=""
+    for _ in $(seq 1 20); do
+      found=$(curl -fsS --max-time 10 "http://127.0.0.1:$mport/metrics" 2>/dev/null \
+        | awk '/^(ray_)?llm_[a-z_]*(_total|_count)[{ ]/ { sub(/[{].*[}]/, ""); print }' || true)
+      [ -n "$found" ] && break
+      sleep 1
+    done
+    echo "${found:-(no llm_* series exported yet)}"
   fi
   echo
   echo "Replica kill + recovery and nginx failover are exercised end to end by tests/test_ray_cluster.py and"
