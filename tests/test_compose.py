@@ -155,7 +155,8 @@ def test_healthchecks_and_restart(model: dict[str, Any]) -> None:
         assert s["healthcheck"].get("interval") and s["healthcheck"].get("timeout"), name
         if name in ("fallback", "deepspeed"):
             assert "/readyz" in test and "urllib" in test, name
-    assert "/healthz" in " ".join(model["services"]["nginx"]["healthcheck"]["test"])
+    # nginx's own health endpoint: the container is healthy even while both upstreams are down
+    assert "/nginx-health" in " ".join(model["services"]["nginx"]["healthcheck"]["test"])
 
 
 def test_commands_are_app_entrypoints(model: dict[str, Any]) -> None:
