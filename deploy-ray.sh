@@ -299,7 +299,7 @@ cmd_demo() {
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
   step "1. Start a local Ray cluster on 127.0.0.1 serving the tiny offline model (python -m app cluster local-up)"
   run "$py" -m app cluster local-up
-  [ "$DRY_RUN" = 1 ] || trap 'step "6. Stop the local cluster"; "$DEMO_PY" -m app cluster local-down' EXIT
+  [ "$DRY_RUN" = 1 ] || trap 'step "7. Stop the local cluster"; "$DEMO_PY" -m app cluster local-down' EXIT
   step "2. Cluster status: nodes, deployments, replicas and the engine each replica runs"
   run "$py" -m app cluster status
   step "3. A chat completion through Ray Serve (OpenAI wire format)"
@@ -320,9 +320,8 @@ cmd_demo() {
     done
     echo "${found:-(no llm_* series exported yet)}"
   fi
-  echo
-  echo "Replica kill + recovery and nginx failover are exercised end to end by tests/test_ray_cluster.py and"
-  echo "tests/test_nginx.py (CI); on the VMs: docker compose stop ray-head, then ./deploy-ray.sh test (served by the fallback)."
+  step "6. Kill a model replica under traffic, then crash the whole Ray cluster behind nginx: the fallback answers"
+  run "$py" -m app ops demo-faults --serve-port "$port" --gcs-port "${RAY_GCS_PORT:-6379}"
 }
 
 main() {

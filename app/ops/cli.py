@@ -1,4 +1,4 @@
-"""`python -m app ops ...`: render the nginx and Prometheus configs from `.env` (plugged in via `register`)."""
+"""`python -m app ops ...`: render the nginx and Prometheus configs from `.env`; the demo's fault steps."""
 
 from __future__ import annotations
 
@@ -53,6 +53,27 @@ def render_prometheus_cmd(
     except RenderError as exc:
         raise _fail(str(exc)) from None
     typer.echo(str(conf))
+
+
+@ops.command("demo-faults")
+def demo_faults_cmd(
+    serve_port: Annotated[int, typer.Option(envvar="SERVE_PORT", help="Local Ray Serve port.")] = 8000,
+    gcs_port: Annotated[int, typer.Option(envvar="RAY_GCS_PORT", help="Local Ray GCS port.")] = 6379,
+    model: Annotated[str, typer.Option(help="Model id to send traffic to.")] = "tiny",
+    model_dir: Annotated[Path, typer.Option(help="Model the fallback server loads.")] = Path(".cache/tiny-model"),
+    failover: Annotated[bool, typer.Option(help="Also run the nginx failover step (kills the local cluster).")] = True,
+) -> None:
+    """Demo faults on the local cluster: kill a replica under traffic, then fail over through nginx."""
+    from app.ops import demo
+
+    try:
+        typer.secho("-- kill a model replica while requests flow", bold=True)
+        demo.replica_kill(serve_port, f"127.0.0.1:{gcs_port}", model)
+        if failover:
+            typer.secho("-- nginx failover: crash the whole Ray cluster while requests flow through nginx", bold=True)
+            demo.nginx_failover(serve_port, model, model_dir, demo.kill_local_cluster)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        raise _fail(str(exc)) from None
 
 
 def register(cli: typer.Typer) -> None:
