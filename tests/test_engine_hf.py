@@ -123,8 +123,7 @@ def test_incremental_detokenizer_matches_full_decode(tokenizer, text: str) -> No
 
 def test_detokenizer_flushes_an_incomplete_tail(tokenizer) -> None:  # type: ignore[no-untyped-def]
     ids = tokenizer("🚀", add_special_tokens=False)["input_ids"]  # not in the training text: byte tokens
-    if len(ids) < 2:
-        pytest.skip("the tiny vocabulary has this character as one token")
+    assert len(ids) >= 2  # the tiny model's vocabulary is deterministic and has no emoji token
     d = _IncrementalDetokenizer(tokenizer)
     assert d.push(ids[0]) == ""  # a lone partial byte sequence is held back
     assert d.flush() != ""  # and not lost when generation ends there

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -15,24 +16,30 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-@ops.command("render-nginx")
-def render_nginx_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Folder (nginx -p prefix) to write nginx.conf into.")],
-) -> None:
-    """Render nginx/nginx.conf.template into OUT/nginx.conf."""
+def _render(render: Callable[[Path], Path], out: Path) -> None:
+    """Run a renderer; settings and template errors become one-line exits naming the variable."""
     from pydantic import ValidationError
 
-    from app.ops.nginx import render_nginx
     from app.ops.render import RenderError
 
     try:
-        conf = render_nginx(out)
+        conf = render(out)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise _fail(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}") from None
     except RenderError as exc:
         raise _fail(str(exc)) from None
     typer.echo(str(conf))
+
+
+@ops.command("render-nginx")
+def render_nginx_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder (nginx -p prefix) to write nginx.conf into.")],
+) -> None:
+    """Render nginx/nginx.conf.template into OUT/nginx.conf."""
+    from app.ops.nginx import render_nginx
+
+    _render(render_nginx, out)
 
 
 @ops.command("render-prometheus")
@@ -40,19 +47,9 @@ def render_prometheus_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder to write prometheus.yml (and its rules) into.")],
 ) -> None:
     """Render monitoring/prometheus.yml.template into OUT/prometheus.yml, with the alert rules beside it."""
-    from pydantic import ValidationError
-
     from app.ops.prometheus import render_prometheus
-    from app.ops.render import RenderError
 
-    try:
-        conf = render_prometheus(out)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise _fail(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}") from None
-    except RenderError as exc:
-        raise _fail(str(exc)) from None
-    typer.echo(str(conf))
+    _render(render_prometheus, out)
 
 
 @ops.command("demo-faults")
