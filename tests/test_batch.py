@@ -63,8 +63,9 @@ class ScriptedServer:
     When the script runs out it answers "ok". Each POST's arrival (monotonic time, action) is recorded.
     """
 
-    def __init__(self, script: list[str]):
+    def __init__(self, script: list[str], text: str = "scripted ok"):
         self.script = list(script)
+        self.text = text
         self.hits: list[tuple[float, str]] = []
         self.lock = threading.Lock()
         outer = self
@@ -100,7 +101,7 @@ class ScriptedServer:
                     self._send(int(action), {"error": {"message": f"scripted {action}", "type": "scripted"}})
                 else:
                     self._send(200, {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "m",
-                                     "choices": [{"index": 0, "text": "scripted ok", "finish_reason": "stop"}],
+                                     "choices": [{"index": 0, "text": outer.text, "finish_reason": "stop"}],
                                      "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
@@ -117,8 +118,8 @@ class ScriptedServer:
 def scripted() -> Iterator[Any]:
     servers: list[ScriptedServer] = []
 
-    def make(script: list[str]) -> ScriptedServer:
-        servers.append(ScriptedServer(script))
+    def make(script: list[str], text: str = "scripted ok") -> ScriptedServer:
+        servers.append(ScriptedServer(script, text))
         return servers[-1]
 
     yield make
@@ -278,3 +279,21 @@ def test_failover_from_refusing_endpoint(scripted: Any, tmp_path: Path) -> None:
     recs = read_out(tmp_path / "out.jsonl")
     assert len(recs) == 6 and all(r["ok"] and r["endpoint"] == srv.base_url for r in recs)
     assert len(srv.hits) == 6
+
+
+def test_output_lines_survive_unicode_line_separators(scripted: Any, tmp_path: Path) -> None:
+    # A model may generate U+2028/U+2029/U+0085: legal raw inside JSON, but splitlines() and most JSONL
+    # readers end a line there. Each record must stay one line and round-trip to the exact text.
+    text = "one\u2028two\u2029three\u0085four \u00e9\u4e2d"
+    srv = scripted([], text)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": "x"} for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    res = run_batch(inp, out, "-e", srv.base_url, "--model", "m")
+    assert res.returncode == 0, res.stderr
+    raw = out.read_text(encoding="utf-8")
+    assert "\u2028" not in raw and "\u00e9\u4e2d" in raw  # separators escaped, other text kept readable
+    recs = read_out(out)  # splits with str.splitlines()
+    assert len(recs) == 3 and all(r["ok"] and r["text"] == text for r in recs)
+    again = run_batch(inp, out, "-e", srv.base_url, "--model", "m", "--resume")  # all three ids recognised
+    assert again.returncode == 0, again.stderr
+    assert len(read_out(out)) == 3 and len(srv.hits) == 3

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +37,7 @@ from app.api.protocol import (
     new_id,
 )
 from app.engines.base import EngineError, GenerationChunk, GenerationRequest
+from app.jsonline import dumps_line
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +194,8 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
             task.cancel()
 
 
-# Characters that JSON leaves raw but that splitlines()-style SSE readers (httpx's iter_lines, among others)
-# treat as line ends: a generated U+2028 would cut the event in two. Escaped, the JSON means the same.
-_LINE_BREAKERS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
-
-
 def _sse(obj: dict[str, Any]) -> str:
-    data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKERS)
-    return f"data: {data}\n\n"
+    return f"data: {dumps_line(obj, compact=True)}\n\n"
 
 
 class OpenAIServing:

@@ -40,6 +40,7 @@ from tenacity.wait import wait_random_exponential
 
 from app.client.stats import distribution
 from app.client.wire import CallError, Outcome, RetryableError, call
+from app.jsonline import dumps_line
 
 # ----------------------------------------------------------------------------- input
 
@@ -141,7 +142,7 @@ class ResultWriter:
         self._last_sync = time.monotonic()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.write(dumps_line(record) + "\n")
         self._f.flush()
         if time.monotonic() - self._last_sync >= self._fsync_s:
             os.fsync(self._f.fileno())
