@@ -79,10 +79,13 @@ def test_every_listed_key_works_with_the_openai_client(server: ServerProcess) ->
 
 
 def test_unauthenticated_requests_do_not_reach_the_engine(server: ServerProcess) -> None:
-    before = scrape(server.base_url, "llm_requests_total")
+    served = scrape(server.base_url, "llm_requests_total", model="tiny")
+    refused = scrape(server.base_url, "llm_requests_total", model="-", endpoint="completions", status="401")
     for _ in range(3):
-        httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)
-    assert scrape(server.base_url, "llm_requests_total") == before
+        r = httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)
+        assert r.status_code == 401
+    assert scrape(server.base_url, "llm_requests_total", model="tiny") == served  # the engine never saw them
+    assert scrape(server.base_url, "llm_requests_total", model="-", endpoint="completions", status="401") == refused + 3
 
 
 # --------------------------------------------------------------------------- overload
@@ -130,6 +133,20 @@ def test_overload_gives_429_with_retry_after_and_no_5xx(server: ServerProcess) -
     assert scrape(server.base_url, "llm_requests_total", endpoint="completions", status="429") == statuses[429]
 
 
+
+def test_fan_out_larger_than_the_engine_admits_is_a_400_not_a_429(server: ServerProcess) -> None:
+    cap = MAX_RUNNING + MAX_WAITING  # a 429 would never clear: the request alone overflows slots plus queue
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": cap + 1}
+    r = httpx.post(server.base_url + "/v1/chat/completions", headers=_auth(KEYS[0]), json=chat, timeout=60)
+    err = assert_openai_error(r, 400)
+    assert err["type"] == "invalid_request_error" and err["param"] == "n"
+    assert f"at most {cap}" in err["message"] and f"needs {cap + 1}" in err["message"]
+    two_prompts = {"model": "tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 2}  # 4 generations
+    r = httpx.post(server.base_url + "/v1/completions", headers=_auth(KEYS[0]), json=two_prompts, timeout=60)
+    assert r.status_code == 400 and "needs 4" in r.json()["error"]["message"]
+    fits = {**chat, "n": cap}
+    r = httpx.post(server.base_url + "/v1/chat/completions", headers=_auth(KEYS[0]), json=fits, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == cap
 
 def _raw_request(port: int, body: dict) -> socket.socket:
     data = json.dumps(body).encode()

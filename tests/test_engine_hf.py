@@ -25,13 +25,14 @@ from app.engines.base import (
     PromptTooLongError,
     QueueFullError,
 )
-from app.engines.hf import HFEngineConfig, TransformersEngine, _IncrementalDetokenizer, _StopMatcher
+from app.engines.hf import HFEngineConfig, TransformersEngine
+from app.engines.text import IncrementalDetokenizer, StopMatcher
 
 # --------------------------------------------------------------------------- stop matcher
 
 
 def _run_matcher(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
-    m = _StopMatcher(stops)
+    m = StopMatcher(stops)
     out = ""
     for piece in pieces:
         text, hit = m.feed(piece)
@@ -64,7 +65,7 @@ def test_stop_matcher_cases(stops: list[str], pieces: list[str], expected: tuple
 
 
 def test_stop_matcher_holds_back_only_possible_stop_prefixes() -> None:
-    m = _StopMatcher(["STOP"])
+    m = StopMatcher(["STOP"])
     text, hit = m.feed("abcdefg")
     assert (text, hit) == ("abcd", False)  # len("STOP") - 1 characters held back
     assert m.feed("S") == ("e", False)
@@ -113,7 +114,7 @@ def tokenizer(tiny_model: Path):  # type: ignore[no-untyped-def]
 def test_incremental_detokenizer_matches_full_decode(tokenizer, text: str) -> None:  # type: ignore[no-untyped-def]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(ids) > 3
-    d = _IncrementalDetokenizer(tokenizer)
+    d = IncrementalDetokenizer(tokenizer)
     deltas = [d.push(i) for i in ids]
     out = "".join(deltas) + d.flush()
     assert out == tokenizer.decode(ids, skip_special_tokens=True) == text
@@ -124,7 +125,7 @@ def test_incremental_detokenizer_matches_full_decode(tokenizer, text: str) -> No
 def test_detokenizer_flushes_an_incomplete_tail(tokenizer) -> None:  # type: ignore[no-untyped-def]
     ids = tokenizer("🚀", add_special_tokens=False)["input_ids"]  # not in the training text: byte tokens
     assert len(ids) >= 2  # the tiny model's vocabulary is deterministic and has no emoji token
-    d = _IncrementalDetokenizer(tokenizer)
+    d = IncrementalDetokenizer(tokenizer)
     assert d.push(ids[0]) == ""  # a lone partial byte sequence is held back
     assert d.flush() != ""  # and not lost when generation ends there
 
@@ -166,7 +167,7 @@ async def test_fixed_length_stream_and_cumulative_counts(engine: TransformersEng
     assert chunks[-1].completion_tokens == 12
     counts = [c.completion_tokens for c in chunks]
     assert counts == sorted(counts) and len(chunks) > 3  # one chunk per token with text
-    assert {c.prompt_tokens for c in chunks} == {len(engine._tokenizer("hello")["input_ids"])}
+    assert {c.prompt_tokens for c in chunks} == {len(engine.tokenizer("hello")["input_ids"])}
 
 
 async def test_default_max_tokens_applies(engine: TransformersEngine) -> None:

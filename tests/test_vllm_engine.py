@@ -17,7 +17,8 @@ import pytest
 from app import metrics
 from app.engines.base import GenerationRequest, InvalidRequestError, PromptTooLongError
 from app.engines.select import EngineSpec
-from app.engines.vllm import VLLM_VERSION, VLLMEngine, sampling_params_kwargs, token_budget, vllm_engine_args
+from app.engines.text import token_budget
+from app.engines.vllm import VLLM_VERSION, VLLMEngine, sampling_params_kwargs, vllm_engine_args
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.backend import ModelBackend
-from app.api.errors import error_payload, install_error_handlers
+from app.api.errors import count_rejection, error_payload, install_error_handlers
 from app.api.routes import router
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+            await self._reject(scope, send)
             return
         seen = 0
         too_big = False
@@ -64,11 +64,12 @@ class BodyLimitMiddleware:
         except _BodyTooLarge:
             pass
         if too_big and not started:
-            await self._reject(send)
+            await self._reject(scope, send)
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send) -> None:
         import json
 
+        count_rejection(scope.get("path", ""), 413, "invalid_request_error")
         body = json.dumps(
             error_payload(f"request body exceeds {self.max_bytes} bytes", 413, code="request_too_large")
         ).encode()

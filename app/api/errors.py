@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import metrics
 from app.api.protocol import ErrorBody, ErrorResponse
 from app.engines.base import EngineError
 
@@ -95,22 +96,45 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return text, param
 
 
+_GENERATION_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+def count_rejection(path: str, status: int, error_type: str) -> None:
+    """Count a generation request refused before it reached a model (bad body, API key, unknown model, 413).
+
+    Requests that reach a model are counted by the serving layer. These get model="-" and engine="-": the
+    model named in a rejected body is never copied into a label (an attacker could grow the series without
+    bound), and error rates still add up over all requests.
+    """
+    endpoint = _GENERATION_ENDPOINTS.get(path.rstrip("/") or path)
+    if endpoint is None:
+        return
+    labels = {"model": "-", "engine": "-", "endpoint": endpoint}
+    metrics.inc(metrics.REQUESTS, {**labels, "status": str(status)})
+    metrics.inc(metrics.REQUEST_ERRORS, {**labels, "error_type": error_type})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
+        count_rejection(request.url.path, 400, _TYPE_BY_STATUS[400])
         return error_response(message, 400, param=param, code="invalid_value")
 
     @app.exception_handler(EngineError)
-    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
+        # only errors raised before the serving layer took the request (unknown model) get here
+        count_rejection(request.url.path, exc.status_code, exc.error_type)
         return engine_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers) if exc.headers else None
+        count_rejection(request.url.path, exc.status_code, _TYPE_BY_STATUS.get(exc.status_code, "http_error"))
         return error_response(str(exc.detail), exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        count_rejection(request.url.path, 500, "internal_error")
         return error_response("internal server error", 500, code="internal_error")

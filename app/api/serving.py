@@ -36,7 +36,7 @@ from app.api.protocol import (
     Usage,
     new_id,
 )
-from app.engines.base import EngineError, GenerationChunk, GenerationRequest
+from app.engines.base import EngineError, GenerationChunk, GenerationRequest, InvalidRequestError
 from app.jsonline import dumps_line
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,14 @@ class OpenAIServing:
         info = await self.backend.engine_info(model)  # 404 for unknown models
         obs = _Observation(model=model, engine=info.engine, endpoint=endpoint)
         try:
+            if info.max_parallel and len(items) > info.max_parallel:
+                # a 429 here would never clear: the request alone overflows the engine's slots and queue
+                raise InvalidRequestError(
+                    f"this request needs {len(items)} parallel generations (n times the number of prompts) but "
+                    f"model {model!r} admits at most {info.max_parallel} at once; lower n or split the prompts "
+                    "over several requests",
+                    param="n",
+                )
             if stream:
                 # (a request waiting for a slot leaves the queue when its client goes away)
                 streams = {idx: self.backend.generate(model, greq) for idx, greq in items}

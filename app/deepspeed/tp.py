@@ -46,6 +46,7 @@ from app.engines.base import (
     GenerationChunk,
     GenerationRequest,
 )
+from app.engines.text import ChunkAssembler
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +329,7 @@ class TPEngine(Engine):
         )
         self._labels = {"model": settings.model_id, "engine": ENGINE_NAME}
         self._admission = AdmissionController(1, settings.max_waiting, metric_labels=self._labels)
+        self.info.max_parallel = self._admission.capacity
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._helper: Any = None
         self._ready = False
@@ -425,16 +427,16 @@ class TPEngine(Engine):
             job.finish()
 
     def _run_job(self, job: _Job, wire: _Wire) -> None:
-        from app.engines.hf import _Cancelled
+        from app.engines.hf import GenerationCancelled
 
         if job.cancel.is_set():
             return
         try:
-            for token, finish in self._helper._decode_steps(job.prompt_ids, job.request, job.max_new, job.cancel):
+            for token, finish in self._helper.decode_steps(job.prompt_ids, job.request, job.max_new, job.cancel):
                 job.post("token", token, finish)
                 if finish:
                     break
-        except _Cancelled:
+        except GenerationCancelled:
             pass
         except CollectiveError:
             raise
@@ -477,12 +479,12 @@ class TPEngine(Engine):
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         self._check_alive()
-        return len(self._helper._render(request))
+        return len(self._helper.prompt_ids(request))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         self._check_alive()
-        prompt_ids = self._helper._render(request)
-        max_new = self._helper._budget(len(prompt_ids), request)
+        prompt_ids = self._helper.prompt_ids(request)
+        max_new = self._helper.max_new_tokens(len(prompt_ids), request)
         try:
             async with self._admission.slot():
                 self._check_alive()
@@ -492,13 +494,9 @@ class TPEngine(Engine):
             self._admission.publish()
 
     async def _run(self, prompt_ids: list[int], req: GenerationRequest, max_new: int) -> AsyncIterator[GenerationChunk]:
-        from app.engines.hf import _IncrementalDetokenizer, _StopMatcher
-
         job = _Job(prompt_ids, req, max_new, asyncio.get_running_loop())
         self._jobs.put(job)
-        detok = _IncrementalDetokenizer(self._helper._tokenizer)
-        stops = _StopMatcher(req.stop)
-        n_prompt, n_out = len(prompt_ids), 0
+        chunks = ChunkAssembler(self._helper.tokenizer, req.stop, len(prompt_ids))
         finished = False
         try:
             while True:
@@ -509,21 +507,12 @@ class TPEngine(Engine):
                 if kind == "error":
                     raise EngineError(f"generation failed: {item[1]}")
                 _, token, finish = item
-                n_out += 1
-                text, hit = stops.feed(detok.push(token))
-                if finish and not hit:  # text the detokenizer held back would otherwise be lost
-                    more, hit = stops.feed(detok.flush())
-                    text += more
-                if hit:
+                chunk = chunks.push(token, finish)
+                if chunk is not None:
+                    yield chunk
+                if chunks.done:
                     finished = True
-                    yield GenerationChunk(text, n_prompt, n_out, "stop")
                     return
-                if finish:
-                    finished = True
-                    yield GenerationChunk(text + stops.flush(), n_prompt, n_out, finish)
-                    return
-                if text:
-                    yield GenerationChunk(text, n_prompt, n_out)
         finally:
             job.cancel.set()
             if not finished:

@@ -38,6 +38,11 @@ class AdmissionController:
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running, waiting=len(self._waiters))
 
+    @property
+    def capacity(self) -> int:
+        """Requests it holds at most at once (running plus waiting); one more is refused with 429."""
+        return self.max_running + self.max_waiting
+
     def publish(self) -> None:
         """Set the running / queue-depth gauges (for `metric_labels`) from the current counts."""
         if self._metric_labels is None:

@@ -58,6 +58,7 @@ class EngineInfo:
     device: str = "cpu"
     dtype: str = "float32"
     reason: str = ""  # why this engine was selected (e.g. the vLLM fallback reason)
+    max_parallel: int = 0  # generations one request may fan out to (running + waiting slots); 0 = unknown
 
     def as_dict(self) -> dict[str, Any]:
         return {

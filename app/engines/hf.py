@@ -32,13 +32,11 @@ from app.engines.base import (
     EngineStats,
     GenerationChunk,
     GenerationRequest,
-    InvalidRequestError,
-    PromptTooLongError,
 )
+from app.engines.text import ChunkAssembler, render_prompt, token_budget
 
 log = logging.getLogger(__name__)
 
-_FALLBACK_TEMPLATE_WARNED = False
 _SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (as vLLM does)
 _IMPORT_LOCK = threading.Lock()
 
@@ -58,8 +56,8 @@ class HFEngineConfig:
     reason: str = ""
 
 
-class _Cancelled(Exception):
-    pass
+class GenerationCancelled(Exception):
+    """Raised inside `decode_steps` when the request's cancel flag is set."""
 
 
 def _resolve_device(device: str) -> str:
@@ -84,69 +82,6 @@ def _resolve_dtype(dtype: str, device: str) -> Any:
         raise ValueError(f"unsupported dtype {dtype!r}: use auto, float32, float16 or bfloat16") from None
 
 
-class _IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas without re-decoding everything.
-
-    Holds back output while the tail decodes to an incomplete UTF-8 sequence (U+FFFD).
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prev = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
-        if len(full) > len(prev) and not full.endswith("\ufffd"):
-            delta = full[len(prev) :]
-            self.prefix, self.read = self.read, len(self.ids)
-            return delta
-        return ""
-
-    def flush(self) -> str:
-        """At the end of generation: whatever is still held back (an incomplete sequence stays U+FFFD)."""
-        prev = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
-        self.prefix = self.read = len(self.ids)
-        return full[len(prev) :] if len(full) > len(prev) else ""
-
-
-class _StopMatcher:
-    """Finds stop strings in streamed text, holding back a possible partial match."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text = ""
-        self.emitted = 0
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Returns (text safe to emit now, stop found)."""
-        self.text += delta
-        if self.stops:
-            start = max(0, self.emitted - self.hold)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                cut = min(hits)
-                out = self.text[self.emitted : cut] if cut > self.emitted else ""
-                self.emitted = max(self.emitted, cut)
-                return out, True
-        safe = len(self.text) - self.hold if self.stops else len(self.text)
-        if safe > self.emitted:
-            out = self.text[self.emitted : safe]
-            self.emitted = safe
-            return out, False
-        return "", False
-
-    def flush(self) -> str:
-        out = self.text[self.emitted :]
-        self.emitted = len(self.text)
-        return out
-
-
 class TransformersEngine(Engine):
     """Engine protocol over a transformers causal LM."""
 
@@ -165,6 +100,7 @@ class TransformersEngine(Engine):
         self._admission = AdmissionController(
             config.max_running, config.max_waiting, config.retry_after_s, metric_labels=self._labels
         )
+        self.info.max_parallel = self._admission.capacity
         self._executor = ThreadPoolExecutor(max_workers=config.max_running, thread_name_prefix="hf-gen")
         self._ready = False
         self._dead_reason: str | None = None
@@ -224,7 +160,7 @@ class TransformersEngine(Engine):
     def _warmup(self) -> None:
         ids = self._tokenizer("warm-up", add_special_tokens=False)["input_ids"] or [0]
         cancel = threading.Event()
-        for _ in self._decode_steps(ids, GenerationRequest(temperature=0.0, max_tokens=2), 2, cancel):
+        for _ in self.decode_steps(ids, GenerationRequest(temperature=0.0, max_tokens=2), 2, cancel):
             pass
 
     def is_ready(self) -> bool:
@@ -244,48 +180,21 @@ class TransformersEngine(Engine):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ prompt handling
-    def _render(self, req: GenerationRequest) -> list[int]:
-        tok = self._tokenizer
-        if req.messages is not None:
-            if getattr(tok, "chat_template", None):
-                text = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-            else:
-                global _FALLBACK_TEMPLATE_WARNED
-                if not _FALLBACK_TEMPLATE_WARNED:
-                    log.warning("tokenizer of %s has no chat template; using a plain one", self.cfg.model_id)
-                    _FALLBACK_TEMPLATE_WARNED = True
-                text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in req.messages) + "assistant:"
-        else:
-            text = req.prompt or ""
-        ids: list[int] = tok(text, add_special_tokens=req.messages is None)["input_ids"]
-        if not ids:
-            raise InvalidRequestError("the prompt is empty after tokenization", param="prompt")
-        return ids
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
 
-    def _budget(self, prompt_len: int, req: GenerationRequest) -> int:
-        ctx = self.info.max_context
-        param = "messages" if req.messages is not None else "prompt"
-        if prompt_len >= ctx:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {ctx} tokens; the prompt has {prompt_len} tokens",
-                param=param,
-            )
-        room = ctx - prompt_len
-        if req.max_tokens is None:
-            return min(room, self.cfg.default_max_tokens)
-        if req.max_tokens > room:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {ctx} tokens; the prompt has {prompt_len} tokens "
-                f"and max_tokens is {req.max_tokens} (at most {room} fit)",
-                param="max_tokens",
-            )
-        return req.max_tokens
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        return render_prompt(self._tokenizer, req, self.cfg.model_id, plain_chat_fallback=True)
+
+    def max_new_tokens(self, prompt_len: int, req: GenerationRequest) -> int:
+        return token_budget(prompt_len, req, self.info.max_context, self.cfg.default_max_tokens)
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self._render(request))
+        return len(self.prompt_ids(request))
 
     # ------------------------------------------------------------------ decode loop (worker thread)
-    def _decode_steps(self, prompt_ids: list[int], req: GenerationRequest, max_new: int, cancel: threading.Event):
+    def decode_steps(self, prompt_ids: list[int], req: GenerationRequest, max_new: int, cancel: threading.Event):
         """Yields (token_id, finish) per generated token; finish is None, 'stop' or 'length'."""
         import torch
         from transformers import DynamicCache
@@ -305,7 +214,7 @@ class TransformersEngine(Engine):
         with torch.inference_mode():
             for step in range(max_new):
                 if cancel.is_set():
-                    raise _Cancelled()
+                    raise GenerationCancelled()
                 out = model(input_ids=inp, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
                 logits = out.logits[0, -1, :vocab].float()
@@ -341,9 +250,9 @@ class TransformersEngine(Engine):
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         try:
-            for token, finish in self._decode_steps(prompt_ids, req, max_new, cancel):
+            for token, finish in self.decode_steps(prompt_ids, req, max_new, cancel):
                 put(("token", token, finish))
-        except _Cancelled:
+        except GenerationCancelled:
             put(("cancelled",))
         except Exception as exc:  # surfaced to the request; the engine stays up
             log.exception("generation failed for request %s", req.request_id)
@@ -355,8 +264,8 @@ class TransformersEngine(Engine):
             raise EngineDeadError(f"engine for {self.cfg.model_id} is dead: {self._dead_reason}")
         if not self._ready:
             raise EngineNotReadyError(f"model {self.cfg.model_id} is still loading", retry_after=5)
-        prompt_ids = self._render(request)
-        max_new = self._budget(len(prompt_ids), request)
+        prompt_ids = self.prompt_ids(request)
+        max_new = self.max_new_tokens(len(prompt_ids), request)
         try:
             async with self._admission.slot():
                 # aclosing: a closed/cancelled request stops the worker thread BEFORE the slot is released
@@ -375,10 +284,7 @@ class TransformersEngine(Engine):
         fut = loop.run_in_executor(
             self._executor, self._run_thread, prompt_ids, req, max_new, cancel, loop, queue
         )
-        detok = _IncrementalDetokenizer(self._tokenizer)
-        stops = _StopMatcher(req.stop)
-        n_prompt = len(prompt_ids)
-        n_out = 0
+        chunks = ChunkAssembler(self._tokenizer, req.stop, len(prompt_ids))
         finished = False
         try:
             while True:
@@ -390,21 +296,12 @@ class TransformersEngine(Engine):
                     finished = True
                     return
                 _, token, finish = item
-                n_out += 1
-                text, hit = stops.feed(detok.push(token))
-                if finish and not hit:  # text the detokenizer held back would otherwise be lost
-                    more, hit = stops.feed(detok.flush())
-                    text += more
-                if hit:
+                chunk = chunks.push(token, finish)
+                if chunk is not None:
+                    yield chunk
+                if chunks.done:
                     finished = True
-                    yield GenerationChunk(text, n_prompt, n_out, "stop")
                     return
-                if finish:
-                    finished = True
-                    yield GenerationChunk(text + stops.flush(), n_prompt, n_out, finish)
-                    return
-                if text:
-                    yield GenerationChunk(text, n_prompt, n_out)
         finally:
             cancel.set()
             if not finished:

@@ -51,9 +51,9 @@ from app.engines.base import (
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
-    PromptTooLongError,
     QueueFullError,
 )
+from app.engines.text import render_prompt, token_budget
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from app.engines.select import EngineSpec
@@ -103,26 +103,6 @@ def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     if dtype is not None and str(dtype) not in _VLLM_DTYPES:
         raise ValueError(f"engine_kwargs.dtype={dtype!r}: vLLM accepts {', '.join(sorted(_VLLM_DTYPES))}")
     return {k: v for k, v in kw.items() if v is not None}
-
-
-def token_budget(prompt_len: int, req: GenerationRequest, max_context: int, default_max_tokens: int) -> int:
-    """max_tokens for this request; PromptTooLongError when the prompt (plus max_tokens) exceeds the context."""
-    param = "messages" if req.messages is not None else "prompt"
-    if prompt_len >= max_context:
-        raise PromptTooLongError(
-            f"this model's maximum context length is {max_context} tokens; the prompt has {prompt_len} tokens",
-            param=param,
-        )
-    room = max_context - prompt_len
-    if req.max_tokens is None:
-        return min(room, default_max_tokens)
-    if req.max_tokens > room:
-        raise PromptTooLongError(
-            f"this model's maximum context length is {max_context} tokens; the prompt has {prompt_len} tokens "
-            f"and max_tokens is {req.max_tokens} (at most {room} fit)",
-            param="max_tokens",
-        )
-    return req.max_tokens
 
 
 def sampling_params_kwargs(req: GenerationRequest, max_tokens: int) -> dict[str, Any]:
@@ -187,6 +167,7 @@ class VLLMEngine(Engine):
         self._admission = AdmissionController(
             max_running, spec.max_waiting, spec.retry_after_s, metric_labels=self._labels
         )
+        self.info.max_parallel = self._admission.capacity
         self._llm: Any = None
         self._tokenizer: Any = None
         self._vllm: dict[str, Any] = {}
@@ -292,19 +273,7 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------ requests
     def _render(self, req: GenerationRequest) -> list[int]:
-        tok = self._tokenizer
-        if req.messages is not None:
-            if not getattr(tok, "chat_template", None):
-                raise InvalidRequestError(
-                    f"model {self.spec.model_id} has no chat template: use /v1/completions", param="messages"
-                )
-            text = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = req.prompt or ""
-        ids: list[int] = tok(text, add_special_tokens=req.messages is None)["input_ids"]
-        if not ids:
-            raise InvalidRequestError("the prompt is empty after tokenization", param="prompt")
-        return ids
+        return render_prompt(self._tokenizer, req, self.spec.model_id, plain_chat_fallback=False)
 
     def _sampling_params(self, req: GenerationRequest, max_tokens: int) -> Any:
         return self._vllm["SamplingParams"](output_kind=self._vllm["DELTA"], **sampling_params_kwargs(req, max_tokens))

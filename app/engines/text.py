@@ -1,0 +1,152 @@
+"""Prompt and output text for the engines that tokenize themselves (transformers, DeepSpeed TP, vLLM).
+
+- `render_prompt`: a request's messages (chat template) or prompt as token ids.
+- `token_budget`: how many tokens a request may generate within the model's context, or a 400 naming the limit.
+- `ChunkAssembler`: generated token ids in, `GenerationChunk`s out (incremental detokenizing that never cuts a
+  UTF-8 sequence, stop strings matched on text with a partial match held back, nothing lost at the end).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from app.engines.base import GenerationChunk, GenerationRequest, InvalidRequestError, PromptTooLongError
+
+log = logging.getLogger(__name__)
+
+_fallback_template_warned: set[str] = set()
+
+
+def render_prompt(tokenizer: Any, req: GenerationRequest, model_id: str, *, plain_chat_fallback: bool) -> list[int]:
+    """Token ids for the request. Without a chat template, chat requests use a plain `role: content` layout
+    when `plain_chat_fallback` (warned once per model) and are refused with a 400 otherwise."""
+    if req.messages is not None:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+        elif plain_chat_fallback:
+            if model_id not in _fallback_template_warned:
+                log.warning("tokenizer of %s has no chat template; using a plain one", model_id)
+                _fallback_template_warned.add(model_id)
+            text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in req.messages) + "assistant:"
+        else:
+            raise InvalidRequestError(f"model {model_id} has no chat template: use /v1/completions", param="messages")
+    else:
+        text = req.prompt or ""
+    ids: list[int] = tokenizer(text, add_special_tokens=req.messages is None)["input_ids"]
+    if not ids:
+        raise InvalidRequestError("the prompt is empty after tokenization", param="prompt")
+    return ids
+
+
+def token_budget(prompt_len: int, req: GenerationRequest, max_context: int, default_max_tokens: int) -> int:
+    """max_tokens for this request; PromptTooLongError when the prompt (plus max_tokens) exceeds the context."""
+    param = "messages" if req.messages is not None else "prompt"
+    if prompt_len >= max_context:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {max_context} tokens; the prompt has {prompt_len} tokens",
+            param=param,
+        )
+    room = max_context - prompt_len
+    if req.max_tokens is None:
+        return min(room, default_max_tokens)
+    if req.max_tokens > room:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {max_context} tokens; the prompt has {prompt_len} tokens "
+            f"and max_tokens is {req.max_tokens} (at most {room} fit)",
+            param="max_tokens",
+        )
+    return req.max_tokens
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-decoding everything.
+
+    Holds back output while the tail decodes to an incomplete UTF-8 sequence (U+FFFD).
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0
+        self.read = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prev = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(full) > len(prev) and not full.endswith("\ufffd"):
+            delta = full[len(prev) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """At the end of generation: whatever is still held back (an incomplete sequence stays U+FFFD)."""
+        prev = self.tok.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        full = self.tok.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        self.prefix = self.read = len(self.ids)
+        return full[len(prev) :] if len(full) > len(prev) else ""
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back a possible partial match."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, stop found)."""
+        self.text += delta
+        if self.stops:
+            start = max(0, self.emitted - self.hold)
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                cut = min(hits)
+                out = self.text[self.emitted : cut] if cut > self.emitted else ""
+                self.emitted = max(self.emitted, cut)
+                return out, True
+        safe = len(self.text) - self.hold if self.stops else len(self.text)
+        if safe > self.emitted:
+            out = self.text[self.emitted : safe]
+            self.emitted = safe
+            return out, False
+        return "", False
+
+    def flush(self) -> str:
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out
+
+
+class ChunkAssembler:
+    """Generated token ids in, `GenerationChunk`s out, for one request.
+
+    `push(token, finish)` takes each token with the engine's finish reason (None, "stop" for EOS, "length")
+    and returns the chunk to send now, or None while text is held back. Once `done` is set the request is
+    complete (its final chunk carried the finish reason: "stop" also when a stop string matched).
+    """
+
+    def __init__(self, tokenizer: Any, stops: list[str], prompt_tokens: int):
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._stops = StopMatcher(stops)
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.done = False
+
+    def push(self, token: int, finish: str | None) -> GenerationChunk | None:
+        self.completion_tokens += 1
+        text, hit = self._stops.feed(self._detok.push(token))
+        if finish and not hit:  # text the detokenizer held back would otherwise be lost
+            more, hit = self._stops.feed(self._detok.flush())
+            text += more
+        if hit:
+            self.done = True
+            return GenerationChunk(text, self.prompt_tokens, self.completion_tokens, "stop")
+        if finish:
+            self.done = True
+            return GenerationChunk(text + self._stops.flush(), self.prompt_tokens, self.completion_tokens, finish)
+        return GenerationChunk(text, self.prompt_tokens, self.completion_tokens) if text else None
