@@ -104,6 +104,24 @@ def _readyz(vms: TwoVMs) -> httpx.Response:
     return httpx.get(f"http://{vms.ip_a}:8002/readyz", timeout=3, trust_env=False)
 
 
+def _scrape(vms: TwoVMs, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://{vms.ip_a}:8002/metrics", timeout=10, trust_env=False).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def _stream_then_disconnect(vms: TwoVMs) -> None:
+    body = {"model": "tiny", "prompt": "long", "max_tokens": 1800, "ignore_eos": True, "stream": True}
+    with httpx.Client(trust_env=False, timeout=60) as http, http.stream(
+        "POST", f"http://{vms.ip_a}:8002/v1/completions", json=body
+    ) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                break  # first token seen; leaving both blocks closes the connection
+
+
 def _launched(vms: TwoVMs, pool: NetnsPool, tiny_model: Path, name: str) -> Group:
     group = vms.launch(tiny_model, name=name)
     try:
@@ -190,6 +208,15 @@ def test_tp2_serves_same_api_and_greedy_output_then_fails_inflight_on_rank_kill(
             status = pool.run(_post, vms, "/v1/completions", body).status_code
             assert 400 <= status < 500, (body, status)
         assert pool.run(_post, vms, "/v1/chat/completions", "{not json").status_code in (400, 422)
+
+        # a client that goes away mid-stream stops the group's generation (not after its 1800 tokens)
+        aborted_before = pool.run(_scrape, vms, "llm_requests_aborted_total")
+        pool.run(_stream_then_disconnect, vms)
+        gone = time.monotonic()
+        while pool.run(_readyz, vms).json()["models"]["tiny"]["running"] != 0:
+            assert time.monotonic() - gone < 5, "generation still running 5 s after the client disconnected"
+            time.sleep(0.05)
+        assert pool.run(_scrape, vms, "llm_requests_aborted_total") == aborted_before + 1
 
         # one running + DS_MAX_WAITING=1 queued: a third concurrent request gets 429
         long_body = {"model": "tiny", "prompt": "busy", "max_tokens": 120, "ignore_eos": True, "temperature": 0}

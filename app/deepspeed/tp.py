@@ -22,6 +22,7 @@ explicit collective timeout):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -488,8 +489,10 @@ class TPEngine(Engine):
         try:
             async with self._admission.slot():
                 self._check_alive()
-                async for chunk in self._run(prompt_ids, request, max_new):
-                    yield chunk
+                # aclosing: a client disconnect cancels the job now, while the slot is still held
+                async with contextlib.aclosing(self._run(prompt_ids, request, max_new)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
         finally:
             self._admission.publish()
 
