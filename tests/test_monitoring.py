@@ -197,3 +197,54 @@ def test_prometheus_scrapes_standalone_server(start_server, prometheus_factory) 
 
     up = {r["metric"]["job"]: r["value"][1] for r in prom.query("up")}
     assert up["llm-fallback"] == "1" and up["ray-nodes"] == "0"
+
+
+# What a Ray node's metrics export port serves for a vLLM replica: Ray prefixes `ray_`, and vLLM's
+# RayPrometheusStatLogger sanitizes ':' to '_' (vllm/v1/metrics/ray_wrappers.py in vLLM 0.33).
+RAY_NODE_EXPORT = """\
+# TYPE ray_vllm_num_requests_running gauge
+ray_vllm_num_requests_running{ReplicaId="r1",model_name="tiny"} 3
+# TYPE ray_vllm_time_to_first_token_seconds histogram
+ray_vllm_time_to_first_token_seconds_bucket{ReplicaId="r1",model_name="tiny",le="0.1"} 4
+ray_vllm_time_to_first_token_seconds_bucket{ReplicaId="r1",model_name="tiny",le="+Inf"} 5
+ray_vllm_time_to_first_token_seconds_sum{ReplicaId="r1",model_name="tiny"} 0.7
+ray_vllm_time_to_first_token_seconds_count{ReplicaId="r1",model_name="tiny"} 5
+# TYPE ray_llm_requests_total counter
+ray_llm_requests_total{model="tiny",engine="vllm",endpoint="chat",status="200"} 5
+# TYPE ray_node_cpu_utilization gauge
+ray_node_cpu_utilization{ip="127.0.0.1"} 12
+"""
+
+
+def test_ray_node_names_stored_as_the_standalone_servers_export_them(prometheus_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Export(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = RAY_NODE_EXPORT.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    node = ThreadingHTTPServer(("127.0.0.1", 0), Export)
+    Thread(target=node.serve_forever, daemon=True).start()
+    try:
+        prom = prometheus_factory(ray_node_targets=f"127.0.0.1:{node.server_address[1]}",
+                                  fallback_port=str(free_port()))
+        wait_until(lambda: prom.query('vllm:num_requests_running{job="ray-nodes"}'), 60, 0.5,
+                   "vllm:num_requests_running from the Ray node")
+        stored = {r["metric"]["__name__"] for r in prom.query('{job="ray-nodes"}')}
+        assert {"vllm:num_requests_running", "vllm:time_to_first_token_seconds_bucket",
+                "vllm:time_to_first_token_seconds_count", "llm_requests_total", "ray_node_cpu_utilization"} <= stored
+        assert not {n for n in stored if n.startswith(("ray_vllm_", "ray_llm_"))}, stored
+        ttft = prom.query('histogram_quantile(0.5, sum by (le) (vllm:time_to_first_token_seconds_bucket))')
+        assert ttft and 0 < float(ttft[0]["value"][1]) <= 0.1
+    finally:
+        node.shutdown()
+        node.server_close()
