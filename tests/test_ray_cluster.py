@@ -44,7 +44,7 @@ max_waiting: 16
 # the load generator, run inside the head namespace: the official client, bounded by a duration
 CLIENT = r"""
 import json, sys, threading, time, openai
-url, seconds, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+url, seconds, threads, progress = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=25)
 out, lock = [], threading.Lock()
 def loop():
@@ -59,6 +59,8 @@ def loop():
             ok, err = False, f"{type(exc).__name__}:{getattr(exc, 'status_code', '')}"
         with lock:
             out.append({"start": t0, "end": time.time(), "ok": ok, "err": err})
+            with open(progress, "a") as f:  # one line per finished request: the test waits on it
+                f.write("ok\n" if ok else "fail\n")
 ts = [threading.Thread(target=loop) for _ in range(threads)]
 [t.start() for t in ts]
 [t.join() for t in ts]
@@ -158,13 +160,23 @@ def _run_scenario(work: Path, short: Path, env: dict[str, str], py: str, t_all: 
 
         url = f"http://{head_ip}:8000/v1"
 
-        def load(seconds: float, threads: int) -> subprocess.Popen[str]:
-            return subprocess.Popen(["ip", "netns", "exec", vms.names[0], py, str(work / "client.py"), url,
-                                     str(seconds), str(threads)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                    text=True)
+        loads = iter(range(1000))
 
-        def results(p: subprocess.Popen[str]) -> list[dict]:
-            out, _ = p.communicate(timeout=200)
+        def load(seconds: float, threads: int) -> tuple[subprocess.Popen[str], Path]:
+            progress = work / f"progress-{next(loads)}"
+            proc = subprocess.Popen(["ip", "netns", "exec", vms.names[0], py, str(work / "client.py"), url,
+                                     str(seconds), str(threads), str(progress)], env=env, cwd=ROOT,
+                                    stdout=subprocess.PIPE, text=True)
+            return proc, progress
+
+        def steady(running: tuple[subprocess.Popen[str], Path], threads: int) -> None:
+            """The load threads have finished 2 requests each on average, so requests are in flight now."""
+            progress = running[1]
+            wait_until(lambda: progress.exists() and progress.read_text().count("ok\n") >= 2 * threads, 60, 0.2,
+                       "the load generator in steady state")
+
+        def results(running: tuple[subprocess.Popen[str], Path]) -> list[dict]:
+            out, _ = running[0].communicate(timeout=200)
             return json.loads(out)
 
         # baseline through the official client
@@ -176,7 +188,7 @@ def _run_scenario(work: Path, short: Path, env: dict[str, str], py: str, t_all: 
         victim = replicas[0]
         threads = 4
         p = load(30, threads)
-        time.sleep(5)  # let the load reach steady state before the kill (not a condition wait)
+        steady(p, threads)
         t_kill = time.time()
         os.kill(int(victim["pid"]), 9)
         log(f"killed replica {victim['replica_id']} (pid {victim['pid']}) on {victim['node_ip']}")
@@ -198,7 +210,7 @@ def _run_scenario(work: Path, short: Path, env: dict[str, str], py: str, t_all: 
         # fault 2: a whole worker VM dies
         reps = [r for r in status()["replicas"] if r["model"] == "tiny"]
         p = load(45, threads)
-        time.sleep(5)
+        steady(p, threads)
         t_kill = time.time()
         killed = vms.kill_vm(2)
         log(f"killed worker VM {vms.ips[2]} ({killed} processes)")
