@@ -248,6 +248,24 @@ def render() -> tuple[bytes, str]:
 
 ENGINE_METRIC_PREFIXES = ("vllm:", "vllm_")
 
+# vLLM's own metric families that the shipped dashboards read: vLLM 0.33 names (vllm/v1/metrics/loggers.py).
+# Prometheus stores them under these names on both paths (the Ray path is renamed back by prometheus.yml).
+VLLM_FAMILIES = {
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:num_requests_running": "gauge",
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:time_to_first_token_seconds": "histogram",
+    "vllm:inter_token_latency_seconds": "histogram",
+}
+
+
+def vllm_series_names() -> set[str]:
+    """Series names Prometheus stores for `VLLM_FAMILIES` (histograms expand)."""
+    names: set[str] = set()
+    for name, kind in VLLM_FAMILIES.items():
+        names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+    return names
+
 
 def engine_registry_text() -> bytes:
     """Metrics engines register in prometheus_client's default REGISTRY (vLLM: `vllm:*`), as text.

@@ -19,11 +19,12 @@ import pytest
 import yaml
 from conftest import ROOT, need_binary
 
-from app.metrics import exported_series_names
+from app.metrics import exported_series_names, vllm_series_names
 
 GRAFANA = ROOT / "monitoring" / "grafana"
 DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
 LLM_NAME = re.compile(r"\b(llm_[a-z0-9_]+)\b")
+VLLM_NAME = re.compile(r"\b(vllm:[a-z0-9_]+)")
 GRAFANA_VARS = {"__rate_interval": "1m", "__interval": "1m", "__range": "1h", "__interval_ms": "60000"}
 
 
@@ -120,3 +121,8 @@ def test_every_expression_is_valid_promql(dashboard: dict, tmp_path: Path) -> No
 def test_every_llm_metric_name_exists_in_the_app(dashboard: dict) -> None:
     used = set(LLM_NAME.findall(json.dumps(dashboard)))
     assert used <= exported_series_names(), f"unknown llm_* names: {used - exported_series_names()}"
+
+
+def test_every_vllm_metric_name_is_one_vllm_exports(dashboard: dict) -> None:
+    used = set(VLLM_NAME.findall(json.dumps(dashboard)))
+    assert used <= vllm_series_names(), f"vllm:* names not in app.metrics.VLLM_FAMILIES: {used - vllm_series_names()}"

@@ -153,3 +153,16 @@ def test_engine_kwargs_are_async_engine_args_fields() -> None:
                   "trust_remote_code", "pipeline_parallel_size", "enable_chunked_prefill", "kv_cache_dtype",
                   "seed", "revision", "tokenizer", "download_dir"}
     assert documented <= fields, documented - fields
+
+
+@needs_vllm
+def test_dashboard_vllm_families_are_registered_by_vllm() -> None:
+    import inspect
+
+    import vllm.v1.metrics.loggers as loggers
+
+    from app.metrics import VLLM_FAMILIES
+
+    source = inspect.getsource(loggers)
+    missing = [name for name in VLLM_FAMILIES if f'"{name}"' not in source]
+    assert not missing, f"vLLM {VLLM_VERSION} no longer defines {missing}"
