@@ -297,3 +297,18 @@ def test_output_lines_survive_unicode_line_separators(scripted: Any, tmp_path: P
     again = run_batch(inp, out, "-e", srv.base_url, "--model", "m", "--resume")  # all three ids recognised
     assert again.returncode == 0, again.stderr
     assert len(read_out(out)) == 3 and len(srv.hits) == 3
+
+
+def test_input_that_is_not_utf8_is_reported_not_altered(scripted: Any, tmp_path: Path) -> None:
+    srv = scripted([])
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"\xef\xbb\xbf" + b'{"id": 1, "prompt": "first line after a byte-order mark"}\r\n'
+                    + b'{"id": 2, "prompt": "latin-1 caf\xe9"}\n'
+                    + '{"id": 3, "prompt": "caf\u00e9 \u4e2d\u6587"}\n'.encode())
+    out, summary = tmp_path / "out.jsonl", tmp_path / "s.json"
+    res = run_batch(inp, out, "-e", srv.base_url, "--model", "m", "--summary-json", str(summary))
+    assert res.returncode == 1, res.stderr  # an unusable input line makes the batch exit 1
+    assert "in.jsonl:2: skipped: not valid UTF-8" in res.stderr
+    assert sorted(r["id"] for r in read_out(out)) == [1, 3] and len(srv.hits) == 2
+    s = json.loads(summary.read_text())
+    assert [b["line"] for b in s["invalid_lines"]] == [2] and s["input_lines"] == 3

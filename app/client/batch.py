@@ -63,12 +63,26 @@ def id_key(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def parse_input(lines: TextIO | list[str], *, max_tokens: int | None = None) -> tuple[list[Item], list[BadLine]]:
-    """Parse JSONL input into request items; every unusable line becomes a BadLine (with its 1-based number)."""
+def parse_input(
+    lines: TextIO | list[str] | list[bytes], *, max_tokens: int | None = None
+) -> tuple[list[Item], list[BadLine]]:
+    """Parse JSONL input into request items; every unusable line becomes a BadLine (with its 1-based number).
+
+    Lines given as bytes are decoded as strict UTF-8: a line that is not valid UTF-8 is reported, never sent
+    with replacement characters in place of the user's text. A UTF-8 byte-order mark on line 1 is dropped.
+    """
     items: list[Item] = []
     bad: list[BadLine] = []
     seen: dict[str, int] = {}
     for n, raw in enumerate(lines, start=1):
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad.append(BadLine(n, f"not valid UTF-8 (byte {exc.start} of the line)"))
+                continue
+        if n == 1:
+            raw = raw.removeprefix("\ufeff")
         text = raw.strip()
         if not text:
             continue
@@ -379,8 +393,10 @@ def prepare_batch(input_path: Path, output_path: Path, *, resume: bool, max_toke
                   console: Any) -> tuple[BatchStats, list[Item]]:
     """Parse the input (reporting bad lines), apply --resume; returns the stats so far and the items to send."""
     stats = BatchStats()
-    with open(input_path, encoding="utf-8", errors="replace") as f:
-        lines = f.readlines()
+    with open(input_path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines and not lines[-1].strip():
+        lines.pop()  # the newline that ends the last line starts no line of its own
     stats.input_lines = len(lines)
     items, bad = parse_input(lines, max_tokens=max_tokens)
     stats.bad_lines = bad
