@@ -165,3 +165,35 @@ async def test_many_concurrent_requests_never_exceed_the_limit() -> None:
     gate.set()
     await asyncio.gather(*tasks)
     assert (admitted, refused, peak) == (8, 12, 3)
+
+
+async def test_admitted_closes_the_stream_before_the_slot_goes_to_the_next_request() -> None:
+    ac = AdmissionController(max_running=1, max_waiting=1)
+    events: list[str] = []
+
+    async def stream(name: str):  # type: ignore[no-untyped-def]
+        try:
+            for i in range(1000):
+                yield f"{name}{i}"
+                await asyncio.sleep(0)
+        finally:
+            events.append(f"{name} closed, running={ac.stats().running}, waiting={ac.stats().waiting}")
+
+    async def engine_generate(name: str):  # type: ignore[no-untyped-def]
+        async with ac.admitted(stream(name)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    first = engine_generate("a")
+    assert await anext(first) == "a0"
+    second = engine_generate("b")
+    waiting = asyncio.create_task(anext(second))
+    await _until(lambda: ac.stats().waiting == 1, "b queued")
+    with pytest.raises(QueueFullError):  # the queue (1) is full
+        await anext(engine_generate("c"))
+    await first.aclose()  # the client of "a" went away
+    assert await waiting == "b0"
+    # "a" was closed while it still held the slot and "b" was still queued
+    assert events == ["a closed, running=1, waiting=1"]
+    await second.aclose()
+    assert events[-1] == "b closed, running=1, waiting=0" and ac.stats().running == 0

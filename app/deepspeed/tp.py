@@ -22,7 +22,6 @@ explicit collective timeout):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import queue
@@ -486,17 +485,12 @@ class TPEngine(Engine):
         self._check_alive()
         prompt_ids = self._helper.prompt_ids(request)
         max_new = self._helper.max_new_tokens(len(prompt_ids), request)
-        try:
-            async with self._admission.slot():
-                self._check_alive()
-                # aclosing: a client disconnect cancels the job now, while the slot is still held
-                async with contextlib.aclosing(self._run(prompt_ids, request, max_new)) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
-        finally:
-            self._admission.publish()
+        async with self._admission.admitted(self._run(prompt_ids, request, max_new)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def _run(self, prompt_ids: list[int], req: GenerationRequest, max_new: int) -> AsyncIterator[GenerationChunk]:
+        self._check_alive()  # again: the group may have died while this request waited for its slot
         job = _Job(prompt_ids, req, max_new, asyncio.get_running_loop())
         self._jobs.put(job)
         chunks = ChunkAssembler(self._helper.tokenizer, req.stop, len(prompt_ids))

@@ -8,10 +8,14 @@ with `QueueFullError` (HTTP 429 with Retry-After) instead of queueing without bo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from app.engines.base import EngineStats, QueueFullError
+
+T = TypeVar("T")
 
 
 class AdmissionController:
@@ -61,6 +65,24 @@ class AdmissionController:
         finally:
             self._release()
             self._on_change()
+
+    @asynccontextmanager
+    async def admitted(self, stream: AsyncGenerator[T, None]) -> AsyncIterator[AsyncGenerator[T, None]]:
+        """Hold a slot while `stream` is consumed. Engines wrap their generation with it:
+
+            async with self._admission.admitted(self._generate(...)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+        Leaving the block (done, error, or the caller closing the engine's stream on a client disconnect)
+        closes `stream` first, so its generation has stopped before the slot goes to the next request; the
+        gauges are republished in every outcome, a 429 included.
+        """
+        try:
+            async with self.slot(), contextlib.aclosing(stream) as chunks:
+                yield chunks
+        finally:
+            self.publish()
 
     async def _acquire(self) -> None:
         if self._running < self.max_running and not self._waiters:

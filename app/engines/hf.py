@@ -12,7 +12,6 @@ by an `AdmissionController` whose full queue turns into HTTP 429.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -266,14 +265,9 @@ class TransformersEngine(Engine):
             raise EngineNotReadyError(f"model {self.cfg.model_id} is still loading", retry_after=5)
         prompt_ids = self.prompt_ids(request)
         max_new = self.max_new_tokens(len(prompt_ids), request)
-        try:
-            async with self._admission.slot():
-                # aclosing: a closed/cancelled request stops the worker thread BEFORE the slot is released
-                async with contextlib.aclosing(self._generate_admitted(prompt_ids, request, max_new)) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
-        finally:
-            self._admission.publish()
+        async with self._admission.admitted(self._generate_admitted(prompt_ids, request, max_new)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def _generate_admitted(
         self, prompt_ids: list[int], req: GenerationRequest, max_new: int

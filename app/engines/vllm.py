@@ -30,7 +30,6 @@ exports them through Ray with ':' replaced by '_' (`vllm_time_to_first_token_sec
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -289,15 +288,11 @@ class VLLMEngine(Engine):
         prompt_ids = self._render(request)
         max_new = token_budget(len(prompt_ids), request, self.info.max_context, self.spec.default_max_tokens)
         params = self._sampling_params(request, max_new)
-        try:
-            async with self._admission.slot():
-                # aclosing: a client disconnect closes *this* generator; the inner one must close (and abort
-                # in vLLM) now, while the admission slot is still held, not whenever it is garbage-collected
-                async with contextlib.aclosing(self._stream(prompt_ids, params, request)) as stream:
-                    async for chunk in stream:
-                        yield chunk
-        finally:
-            self._admission.publish()
+        # a client disconnect closes this generator; admitted() closes the inner one (aborting it in vLLM)
+        # while the slot is still held, not whenever it is garbage-collected
+        async with self._admission.admitted(self._stream(prompt_ids, params, request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def _stream(
         self, prompt_ids: list[int], params: Any, req: GenerationRequest
