@@ -34,12 +34,14 @@ _PLUGINS = (
 )
 
 
-def setup_logging(level: str = "info") -> None:
+def setup_logging(level: str = "info", access_log: bool = True) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not access_log:
+        logging.getLogger("app.access").setLevel(logging.WARNING)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -80,7 +82,7 @@ def serve(
     except ValidationError as exc:
         err = exc.errors()[0]
         raise fail(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.access_log)
     specs = None
     if config:
         try:

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     graceful_timeout_s: float = Field(default=30.0, ge=0)
     log_level: str = "info"
+    access_log: bool = Field(default=True, description="One log line per generation request (logger app.access).")
 
     # model + engine (standalone server)
     model: str = ""

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -142,3 +143,29 @@ def test_serve_rejects_bad_options_with_one_line_errors(tiny_model: Path) -> Non
                          timeout=60, env={**os.environ, "LLM_MODEL": ""})
     assert out.returncode == 2
     assert "--model" in out.stderr and "Traceback" not in out.stderr
+
+
+
+def test_access_log_line_per_request_carries_the_client_request_id(start_server: Any) -> None:
+    srv = start_server()
+    body = {"model": "tiny", "prompt": "log me", "max_tokens": 3, "ignore_eos": True}
+    r = httpx.post(srv.base_url + "/v1/completions", json=body, headers={"X-Request-Id": "trace-42"}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
+    bad = httpx.post(srv.base_url + "/v1/chat/completions", json={"model": "nope", "messages": []}, timeout=30,
+                     headers={"X-Request-Id": "evil id <x>"})
+    assert bad.status_code == 400 and bad.headers["x-request-id"] == "evil_id__x_"  # sanitised before use
+
+    def lines() -> list[str]:
+        return [ln for ln in srv.log_text().splitlines() if "app.access" in ln]
+
+    wait_until(lambda: len(lines()) >= 2, 10, 0.1, "two access-log lines")
+    ok = next(ln for ln in lines() if "trace-42" in ln)
+    assert "completions model=tiny engine=transformers status=200" in ok
+    assert "prompt_tokens=" in ok and "output_tokens=3" in ok and "latency_s=" in ok
+    refused = next(ln for ln in lines() if "evil_id__x_" in ln)
+    assert "chat model=- engine=- status=400 error=invalid_request_error" in refused
+
+    quiet = start_server(env={"LLM_ACCESS_LOG": "false"})
+    assert httpx.post(quiet.base_url + "/v1/completions", json=body, timeout=60).status_code == 200
+    assert quiet.stop() == 0  # SIGTERM: drained and flushed
+    assert "app.access" not in quiet.log_text() and "serving tiny" in quiet.log_text()

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.access import clean_request_id, request_id_of
 from app.api.backend import ModelBackend
 from app.api.errors import count_rejection, error_payload, install_error_handlers
 from app.api.routes import router
@@ -69,7 +70,7 @@ class BodyLimitMiddleware:
     async def _reject(self, scope: Scope, send: Send) -> None:
         import json
 
-        count_rejection(scope.get("path", ""), 413, "invalid_request_error")
+        count_rejection(scope.get("path", ""), 413, "invalid_request_error", request_id_of(scope))
         body = json.dumps(
             error_payload(f"request body exceeds {self.max_bytes} bytes", 413, code="request_too_large")
         ).encode()
@@ -105,12 +106,14 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = dict(scope.get("headers") or []).get(b"x-request-id") or uuid.uuid4().hex.encode()
+        raw = dict(scope.get("headers") or []).get(b"x-request-id") or uuid.uuid4().hex.encode()
+        rid = clean_request_id(raw)
+        scope.setdefault("state", {})["request_id"] = rid  # request.state.request_id, for the access log
 
         async def with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", rid[:128])]
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
 
         await self.app(scope, receive, with_id)

@@ -20,6 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from app import metrics
+from app.api.access import log_request, request_id_of
 from app.api.backend import ModelBackend
 from app.api.errors import engine_error_response, error_payload
 from app.api.protocol import (
@@ -53,6 +54,7 @@ class _Observation:
     model: str
     engine: str
     endpoint: str
+    request_id: str = "-"
     start: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     output_tokens: int = 0
@@ -69,8 +71,14 @@ class _Observation:
 
     def finish(self, status: int, error_type: str | None = None) -> None:
         labels = self.labels
+        latency = time.monotonic() - self.start
         metrics.inc(metrics.REQUESTS, {**labels, "status": str(status)})
-        metrics.observe(metrics.REQUEST_LATENCY, labels, time.monotonic() - self.start)
+        metrics.observe(metrics.REQUEST_LATENCY, labels, latency)
+        log_request(
+            self.request_id, self.endpoint, status, model=self.model, engine=self.engine, error_type=error_type,
+            prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens, latency_s=latency,
+            ttft_s=None if self.first_token_at is None else self.first_token_at - self.start,
+        )
         if self.output_tokens:
             metrics.inc(metrics.OUTPUT_TOKENS, labels, self.output_tokens)
         if self.prompt_tokens:
@@ -215,7 +223,7 @@ class OpenAIServing:
         render_full: Callable[[dict[int, str], dict[int, str | None], Usage], dict[str, Any]],
     ) -> Response:
         info = await self.backend.engine_info(model)  # 404 for unknown models
-        obs = _Observation(model=model, engine=info.engine, endpoint=endpoint)
+        obs = _Observation(model=model, engine=info.engine, endpoint=endpoint, request_id=request_id_of(request.scope))
         try:
             if info.max_parallel and len(items) > info.max_parallel:
                 # a 429 here would never clear: the request alone overflows the engine's slots and queue
