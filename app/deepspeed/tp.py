@@ -28,7 +28,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -489,7 +489,9 @@ class TPEngine(Engine):
             async for chunk in chunks:
                 yield chunk
 
-    async def _run(self, prompt_ids: list[int], req: GenerationRequest, max_new: int) -> AsyncIterator[GenerationChunk]:
+    async def _run(
+        self, prompt_ids: list[int], req: GenerationRequest, max_new: int
+    ) -> AsyncGenerator[GenerationChunk, None]:
         self._check_alive()  # again: the group may have died while this request waited for its slot
         job = _Job(prompt_ids, req, max_new, asyncio.get_running_loop())
         self._jobs.put(job)

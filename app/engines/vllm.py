@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from app import metrics
@@ -296,7 +296,7 @@ class VLLMEngine(Engine):
 
     async def _stream(
         self, prompt_ids: list[int], params: Any, req: GenerationRequest
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         request_id = f"{req.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique among live requests
         outputs = self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id)
         n_prompt, n_out, finished = len(prompt_ids), 0, False
