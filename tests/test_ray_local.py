@@ -130,6 +130,25 @@ def test_routes_by_model_and_404_lists_ids(local: Local) -> None:
     assert "tiny" in r.json()["error"]["message"] and "tiny-b" in r.json()["error"]["message"]
 
 
+def test_access_log_lines_land_in_the_ingress_replica_log(local: Local) -> None:
+    rid = f"ray-trace-{os.getpid()}"
+    r = httpx.post(local.base + "/v1/completions", headers={"X-Request-Id": rid}, timeout=60,
+                   json={"model": "tiny", "prompt": "log me", "max_tokens": 3, "ignore_eos": True})
+    assert r.status_code == 200 and r.headers.get_list("x-request-id") == [rid]  # once: Serve's proxy echoes it
+    made = httpx.get(local.base + "/v1/models", timeout=30).headers.get_list("x-request-id")
+    assert len(made) == 1 and made[0]  # none sent: one is made up and echoed once
+    temp_dir = Path(json.loads((local.cwd / ".run" / "local.json").read_text())["temp_dir"])
+    logs = temp_dir / "session_latest" / "logs" / "serve"
+
+    def ours() -> list[str]:
+        return [ln for f in logs.glob("replica_*ingress*.log") for ln in f.read_text(errors="replace").splitlines()
+                if rid in ln and "status=200" in ln]
+
+    # Serve buffers replica log records (MemoryHandler) and flushes them in batches: wait, bounded
+    lines = wait_until(ours, 60, 0.5, "our access line in the ingress replica log")
+    assert "completions model=tiny engine=transformers status=200" in lines[0] and "output_tokens=3" in lines[0]
+
+
 def test_streaming_through_the_ingress(local: Local) -> None:
     stream = local.client().chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=16, stream=True,

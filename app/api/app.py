@@ -97,10 +97,15 @@ class JSONBodyMiddleware:
 
 
 class RequestIdMiddleware:
-    """Echoes X-Request-Id (or makes one) on every response."""
+    """Takes the request's X-Request-Id (or makes one) for the access log and echoes it on every response.
 
-    def __init__(self, app: ASGIApp):
+    `echo=False` behind Ray Serve: Serve's proxy already sets the header on the request (making one when the
+    client sent none) and adds it to the response, so echoing it again would send it twice.
+    """
+
+    def __init__(self, app: ASGIApp, echo: bool = True):
         self.app = app
+        self.echo = echo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,7 +116,7 @@ class RequestIdMiddleware:
         scope.setdefault("state", {})["request_id"] = rid  # request.state.request_id, for the access log
 
         async def with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if self.echo and message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
@@ -126,8 +131,10 @@ def create_app(
     max_body_bytes: int = 4 * 1024 * 1024,
     manage_backend: bool = True,
     title: str = "LLM serving kit",
+    echo_request_id: bool = True,
 ) -> FastAPI:
-    """The API application. `manage_backend=False` when the caller starts/stops the backend itself."""
+    """The API application. `manage_backend=False` when the caller starts/stops the backend itself;
+    `echo_request_id=False` when a proxy in front (Ray Serve's) already echoes X-Request-Id."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -148,5 +155,5 @@ def create_app(
     app.include_router(router)
     app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     return app

@@ -9,6 +9,8 @@ auth, errors and metrics are exactly the standalone server's.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from app import metrics
@@ -20,11 +22,30 @@ APP_NAME = "llm"
 INGRESS_NAME = "ingress"
 
 
+def route_access_log_to_serve() -> None:
+    """Send our access log (`app.access`) to this replica's Serve log handlers.
+
+    Serve writes its own logger (`ray.serve`, no propagation) to logs/serve/replica_<app>_<deployment>_*.log,
+    while other loggers in a replica stay at the root logger's WARNING. Sharing Serve's handlers puts our line
+    (tokens, TTFT) next to Serve's access line for the same request id, in the same format and file.
+    """
+    serve_logger = logging.getLogger("ray.serve")
+    access = logging.getLogger("app.access")
+    if not serve_logger.handlers or os.environ.get("LLM_ACCESS_LOG", "true").strip().lower() in ("0", "false", "no"):
+        return
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    for handler in serve_logger.handlers:
+        if handler not in access.handlers:
+            access.addHandler(handler)
+
+
 class Ingress:
     """Deployment class; `__serve_build_asgi_app__` hands Serve the API app at replica start."""
 
     def __init__(self, handles: dict[str, Any], api_keys: list[str], max_body_bytes: int) -> None:
         metrics.use_ray_backend()
+        route_access_log_to_serve()
         self._backend = RayServeBackend(handles)
         self._api_keys = api_keys
         self._max_body_bytes = max_body_bytes
@@ -32,7 +53,7 @@ class Ingress:
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(
             self._backend, api_keys=self._api_keys, max_body_bytes=self._max_body_bytes, manage_backend=False,
-            title="LLM serving kit (Ray Serve)",
+            title="LLM serving kit (Ray Serve)", echo_request_id=False,
         )
 
 
