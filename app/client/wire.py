@@ -11,9 +11,11 @@ the server's `Retry-After` seconds when it sent one.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -69,19 +71,23 @@ def api_path(body: dict[str, Any]) -> str:
     return "/v1/chat/completions" if "messages" in body else "/v1/completions"
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after")
-    if value is None:
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta-seconds or HTTP date); None if absent/invalid."""
+    if not value:
         return None
+    value = value.strip()
     try:
         return max(0.0, float(value))
     except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    return max(0.0, (when - current).total_seconds())
 
 
 def _error_from_response(status: int, headers: httpx.Headers, raw: bytes) -> CallError:
@@ -94,7 +100,8 @@ def _error_from_response(status: int, headers: httpx.Headers, raw: bytes) -> Cal
     except (ValueError, AttributeError):
         pass
     cls = RetryableError if status in RETRYABLE_STATUS else RequestFailed
-    return cls(f"HTTP {status}: {message}", status=status, retry_after=_retry_after(headers), error_type=err_type)
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    return cls(f"HTTP {status}: {message}", status=status, retry_after=retry_after, error_type=err_type)
 
 
 def _transport_error(exc: httpx.TransportError) -> RetryableError:

@@ -10,15 +10,14 @@ and the LangGraph node put retrieved documents into the prompt the same way.
 
 from __future__ import annotations
 
-import email.utils
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
+from app.client.wire import parse_retry_after
 from app.integrations.settings import ClusterSettings
 
 RETRY_STATUSES = frozenset({429, 502, 503})
@@ -44,25 +43,6 @@ class ClusterError(Exception):
 
 class ClusterUnreachableError(ClusterError):
     """No HTTP answer at all (connection refused, DNS, timeout)."""
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` header (delta-seconds or HTTP date); None if absent/invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    current = datetime.fromtimestamp(time.time() if now is None else now, UTC)
-    return max(0.0, (when - current).total_seconds())
 
 
 def _error_text(response: httpx.Response) -> tuple[str, str | None]:
