@@ -21,19 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ROOT, free_port, need, need_binary, need_root, wait_until
+from conftest import ROOT, free_port, need, need_binary, need_root, stop_process, wait_until
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 @pytest.fixture
@@ -61,7 +51,7 @@ def sshd(tmp_path: Path) -> Iterator[dict[str, Any]]:
                    "sshd listening")
         yield {"dir": d, "port": port}
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=10)
 
 
 def test_batch_through_ssh_tunnel_with_failover(sshd: dict[str, Any], start_server: Any, tmp_path: Path) -> None:
@@ -108,4 +98,4 @@ def test_batch_through_ssh_tunnel_with_failover(sshd: dict[str, Any], start_serv
         used = Counter(r["endpoint"] for r in recs)
         assert used[ep_front] >= 1 and used[ep_second] >= 1 and recs[-1]["endpoint"] == ep_second
     finally:
-        _stop(tunnel)
+        stop_process(tunnel, timeout=10)

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import httpx
 import pytest
-from conftest import ROOT, ServerProcess, free_port, need, wait_until
+from conftest import ROOT, ServerProcess, free_port, need, stop_process, wait_until
 
 try:
     from mcp import ClientSession, StdioServerParameters, stdio_client
@@ -183,12 +183,7 @@ def http_mcp(cluster: ServerProcess, tmp_path: Path) -> Iterator[str]:
         wait_until(up, TIMEOUT, 0.2, "MCP streamable HTTP endpoint")
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, signal.SIGTERM, 20)
         log.close()
 
 

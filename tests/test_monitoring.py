@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import ROOT, free_port, need_binary, wait_until
+from conftest import ROOT, free_port, need_binary, stop_process, wait_until
 from test_dashboards import dashboard_exprs
 
 from app.metrics import exported_series_names
@@ -112,13 +112,7 @@ class Prometheus:
         return r.json()["data"]["result"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc, signal.SIGTERM, 20)
         self.log.close()
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, ServerProcess, free_port, need, need_binary, wait_until
+from conftest import ROOT, ServerProcess, free_port, need, need_binary, stop_process, wait_until
 
 from app.ops.nginx import NginxSettings, render_nginx
 
@@ -69,13 +69,8 @@ class Nginx:
         return (self.prefix / "logs" / "access.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: lets the access log flush
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        if self.proc:
+            stop_process(self.proc, signal.SIGQUIT, 15)  # graceful: lets the access log flush
 
 
 @pytest.fixture
@@ -307,10 +302,5 @@ def test_runs_as_non_root_user(tmp_path: Path) -> None:
         r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
         assert r.status_code == 502  # no upstream running: nginx itself works unprivileged
     finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc, signal.SIGQUIT, 15)
         shutil.rmtree(base, ignore_errors=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT, free_port, need_binary, wait_until
+from tests.conftest import ROOT, free_port, need_binary, stop_process, wait_until
 
 SERVER = textwrap.dedent(
     """
@@ -74,9 +74,4 @@ def test_prometheus_stores_vllm_colon_names(tmp_path: Path) -> None:
         assert [float(s["value"][1]) for s in q["data"]["result"]] == [2.0]
     finally:
         for proc in (prom, app):
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc, timeout=15)
