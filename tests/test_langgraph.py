@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import pytest
-from conftest import ServerProcess, free_port, need
+from conftest import ServerProcess, free_port, need, spawn_server
 
 try:
     from langchain_core.documents import Document
@@ -47,11 +47,9 @@ def _need_langgraph() -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("langgraph-cluster") / "server.log"
-    srv = ServerProcess(["--model", str(tiny_model), "--served-model-name", "tiny"],
-                        env={"API_KEYS": API_KEY}, log_path=log)
+    srv = spawn_server(tmp_path_factory.mktemp("langgraph-cluster"), tiny_model, env={"API_KEYS": API_KEY})
     try:
-        yield srv.wait_ready(timeout=180)
+        yield srv
     finally:
         srv.stop(signal.SIGKILL)
 

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import httpx
 import pytest
-from conftest import ROOT, ServerProcess, free_port, need, stop_process, wait_until
+from conftest import ROOT, ServerProcess, free_port, need, spawn_server, stop_process, wait_until
 
 try:
     from mcp import ClientSession, StdioServerParameters, stdio_client
@@ -41,11 +41,9 @@ def _need_mcp() -> None:
 @pytest.fixture(scope="module")
 def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One real standalone server for the module, with API keys on."""
-    log = tmp_path_factory.mktemp("mcp-cluster") / "server.log"
-    srv = ServerProcess(["--model", str(tiny_model), "--served-model-name", "tiny"],
-                        env={"API_KEYS": API_KEYS}, log_path=log)
+    srv = spawn_server(tmp_path_factory.mktemp("mcp-cluster"), tiny_model, env={"API_KEYS": API_KEYS})
     try:
-        yield srv.wait_ready(timeout=180)
+        yield srv
     finally:
         srv.stop(signal.SIGKILL)
 
