@@ -36,10 +36,9 @@ from typing import Any, TextIO
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_any
-from tenacity.wait import wait_random_exponential
 
 from app.client.stats import distribution
-from app.client.wire import CallError, Outcome, RetryableError, call
+from app.client.wire import ClientError, ClusterClient, Outcome, RetryableError, RetryPolicy, call
 from app.jsonline import dumps_line
 
 # ----------------------------------------------------------------------------- input
@@ -227,14 +226,6 @@ class RetryBudget:
         return True
 
 
-@dataclass
-class RetryPolicy:
-    max_attempts: int = 6
-    backoff_s: float = 0.5  # exponential base of the full-jitter backoff
-    max_backoff_s: float = 20.0
-    max_retry_after_s: float = 60.0
-
-
 # ----------------------------------------------------------------------------- the batch
 
 
@@ -247,7 +238,7 @@ class BatchOptions:
     stream: bool = False
     timeout_s: float = 120.0
     connect_timeout_s: float = 5.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # the one policy of app.client.wire
     retry_budget: int | None = None  # None: 10 + half the number of requests
     cooldown_s: float = 2.0
     progress: bool = True
@@ -292,18 +283,16 @@ class BatchStats:
         }
 
 
-async def discover_model(client: httpx.AsyncClient, endpoints: list[str], api_key: str | None) -> str:
-    """The first model id listed by the first endpoint that answers /v1/models."""
+async def discover_model(endpoints: list[str], api_key: str | None, timeout_s: float = 30.0) -> str:
+    """The first model id listed by the first endpoint that answers /v1/models (one try each)."""
     problems = []
     for url in endpoints:
-        try:
-            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            resp = await client.get(url.rstrip("/") + "/v1/models", headers=headers)
-            if resp.status_code == 200 and resp.json().get("data"):
-                return str(resp.json()["data"][0]["id"])
-            problems.append(f"{url}: HTTP {resp.status_code}")
-        except (httpx.HTTPError, ValueError) as exc:
-            problems.append(f"{url}: {type(exc).__name__}: {exc}")
+        async with ClusterClient(url.rstrip("/") + "/v1", api_key=api_key or "", timeout_s=timeout_s,
+                                 policy=RetryPolicy(max_attempts=1)) as cluster:
+            try:
+                return await cluster.resolve_model(None)
+            except ClientError as exc:
+                problems.append(f"{url}: {exc.message}")
     raise RuntimeError("no --model given and no endpoint listed a model (" + "; ".join(problems) + ")")
 
 
@@ -313,19 +302,14 @@ class _Runner:
         self.opts, self.client, self.writer, self.stats, self.budget = opts, client, writer, stats, budget
         self.pool = EndpointPool(opts.endpoints, cooldown_s=opts.cooldown_s)
         self.on_done = on_done
-        self._backoff = wait_random_exponential(multiplier=opts.retry.backoff_s, max=opts.retry.max_backoff_s)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, CallError):
-            if exc.retry_after is not None:  # 429/503 with Retry-After: do as told (capped), plus a little jitter
-                import random
-
-                return min(exc.retry_after, self.opts.retry.max_retry_after_s) * (1 + 0.1 * random.random())
+        if isinstance(exc, ClientError) and exc.retry_after is None:
             endpoint = getattr(exc, "endpoint", None)
             if exc.connection_level and endpoint and self.pool.other_available(endpoint):
                 return 0.0  # fail over to the next endpoint at once
-        return float(self._backoff(state))
+        return self.opts.retry.wait(state)  # Retry-After (capped) or full-jitter backoff
 
     def _budget_stop(self, state: RetryCallState) -> bool:
         return not self.budget.take()
@@ -352,7 +336,7 @@ class _Runner:
                     try:
                         out: Outcome = await call(self.client, endpoint, body, stream=self.opts.stream,
                                                   api_key=self.opts.api_key)
-                    except CallError as exc:
+                    except ClientError as exc:
                         exc.endpoint = endpoint  # type: ignore[attr-defined]
                         if exc.connection_level:
                             self.pool.failed(endpoint)
@@ -368,7 +352,7 @@ class _Runner:
                 self.stats.ttfts.append(out.ttft_s)
             self.stats.output_tokens += out.completion_tokens
             outcome = "ok"
-        except CallError as exc:
+        except ClientError as exc:
             error = exc.as_dict()
             if isinstance(exc, RetryableError) and attempts < self.opts.retry.max_attempts:
                 error["message"] = f"retry budget exhausted; last error: {exc.message}"
@@ -432,7 +416,7 @@ async def run_batch(todo: list[Item], output_path: Path, opts: BatchOptions, sta
     try:
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             if todo and opts.model is None and any("model" not in it.body for it in todo):
-                opts.model = await discover_model(client, opts.endpoints, opts.api_key)
+                opts.model = await discover_model(opts.endpoints, opts.api_key, opts.connect_timeout_s + 30)
             with progress:
                 task = progress.add_task("batch", total=len(todo), rps=0.0, errors=0)
 

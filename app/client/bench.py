@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from app.client.stats import distribution, fmt_s
-from app.client.wire import CallError, call
+from app.client.wire import ClientError, call
 
 SCHEMA = "llm-kit-bench/1"
 SEED_MIN_RPS = 10.0
@@ -84,7 +84,7 @@ def http_target(client: httpx.AsyncClient, endpoint: str, model: str, *, api_key
         start = time.perf_counter()
         try:
             out = await call(client, endpoint, body, stream=True, api_key=api_key)
-        except CallError as exc:
+        except ClientError as exc:
             return Sample(ok=False, e2e_s=time.perf_counter() - start, error=f"{exc.status}: {exc.message[:200]}")
         tokens = out.completion_tokens
         return Sample(ok=True, e2e_s=out.latency_s, ttft_s=out.ttft_s, itl_s=itl_of(out.chunk_times, tokens),
@@ -267,7 +267,7 @@ async def bench_endpoint(endpoint: str, *, model: str | None, api_key: str | Non
 
     limits = httpx.Limits(max_connections=max(levels) * 2, max_keepalive_connections=max(levels) * 2)
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits) as client:
-        model = model or await discover_model(client, [endpoint], api_key)
+        model = model or await discover_model([endpoint], api_key)
         target = http_target(client, endpoint, model, api_key=api_key, chat=chat)
         return await run_bench(target, levels=levels, duration_s=duration_s, max_tokens=max_tokens,
                                prompt_words=prompt_words, warmup=warmup, max_requests=max_requests, log=log,

@@ -40,8 +40,9 @@ def batch_command(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress bar.")] = True,
 ) -> None:
     """Send a JSONL batch with failover, retries and resume; one result line per id, written as it goes."""
-    from app.cli import fail
-    from app.client.batch import BatchOptions, RetryPolicy, main_batch
+    from app.client.batch import BatchOptions, main_batch
+    from app.client.wire import RetryPolicy
+    from app.console import fail
 
     opts = BatchOptions(
         endpoints=endpoint or ["http://127.0.0.1:8080"], concurrency=concurrency, api_key=api_key, model=model,
@@ -87,8 +88,8 @@ def bench_command(
     import asyncio
     import json
 
-    from app.cli import fail
     from app.client.bench import bench_endpoint, to_markdown, write_report
+    from app.console import fail
 
     lv = _levels(levels)
     try:

@@ -31,7 +31,7 @@ def mcp_command(
     """Serve the cluster as MCP tools `generate` and `list_models` (stdio or streamable HTTP)."""
     from pydantic import ValidationError
 
-    from app.cli import fail, setup_logging
+    from app.console import fail, setup_logging
 
     try:
         from app.integrations import mcp_server

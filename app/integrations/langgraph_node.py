@@ -5,9 +5,10 @@
     graph.add_edge("retrieve", "generate")                    # writes state["answer"] (+ state["usage"])
 
 The node builds the prompt the same way the MCP `generate` tool does (documents
-numbered in a system message, `cluster_client.build_messages`), calls the cluster
-through a `ChatOpenAI` pointed at `CLUSTER_BASE_URL` (the openai client retries
-429/5xx and honours Retry-After), and works in `graph.invoke` and `graph.ainvoke`.
+numbered in a system message, `prompts.build_messages`), calls the cluster through a
+`ChatOpenAI` pointed at `CLUSTER_BASE_URL` whose HTTP clients carry the kit's one retry
+policy (`app.client.wire.RetryTransport`; the openai SDK's own retries are off), and
+works in `graph.invoke` and `graph.ainvoke`.
 Needs the `langgraph` extra (langgraph, langchain-openai, langchain-core).
 """
 
@@ -22,22 +23,20 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableLambda
 from langchain_openai import ChatOpenAI
 
-from app.integrations.cluster_client import DEFAULT_SYSTEM_PROMPT, build_messages
+from app.client.wire import AsyncRetryTransport, ClientError, RetryTransport, list_models_sync
+from app.integrations.prompts import DEFAULT_SYSTEM_PROMPT, build_messages
 from app.integrations.settings import ClusterSettings
 
 NO_KEY = "none"  # ChatOpenAI insists on a key; a server without API_KEYS ignores it
 
 
 def _first_model(settings: ClusterSettings, api_key: str) -> str:
-    url = settings.base_url + "/models"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(url, headers=headers, timeout=min(settings.timeout_s, 30.0))
-        response.raise_for_status()
-        cards = response.json().get("data") or []
-    except (httpx.HTTPError, ValueError) as exc:
-        raise RuntimeError(f"no model given and listing {url} failed ({exc}); pass model= or set CLUSTER_MODEL") \
-            from None
+        cards = list_models_sync(settings.base_url, api_key=api_key, timeout_s=min(settings.timeout_s, 30.0),
+                                 policy=settings.retry_policy())
+    except ClientError as exc:
+        raise RuntimeError(f"no model given and listing the models failed ({exc.message}); pass model= or set "
+                           "CLUSTER_MODEL") from None
     if not cards:
         raise RuntimeError(f"the cluster at {settings.base_url} serves no models")
     return str(cards[0]["id"])
@@ -49,15 +48,19 @@ def cluster_chat_model(
     """A `ChatOpenAI` for the cluster: base URL, key and timeout from `ClusterSettings` (CLUSTER_* env).
 
     `model` defaults to CLUSTER_MODEL, else the first model the cluster lists (one GET at
-    construction). Extra keyword arguments go to `ChatOpenAI` (max_tokens, temperature,
-    max_retries, extra_body={"min_tokens": ...}, ...).
+    construction). Retries follow the kit's policy (CLUSTER_MAX_ATTEMPTS; `max_retries=N` means N+1
+    attempts). Extra keyword arguments go to `ChatOpenAI` (max_tokens, temperature,
+    extra_body={"min_tokens": ...}, ...).
     """
     settings = settings or ClusterSettings()
     api_key = settings.effective_api_key
     model = model or settings.model or _first_model(settings, api_key)
+    retries = kwargs.pop("max_retries", None)
+    policy = settings.retry_policy(None if retries is None else int(retries) + 1)
     kwargs.setdefault("timeout", settings.timeout_s)
-    kwargs.setdefault("max_retries", settings.max_attempts - 1)
-    return ChatOpenAI(model=model, base_url=settings.base_url, api_key=api_key or NO_KEY, **kwargs)
+    return ChatOpenAI(model=model, base_url=settings.base_url, api_key=api_key or NO_KEY, max_retries=0,
+                      http_client=httpx.Client(transport=RetryTransport(policy)),
+                      http_async_client=httpx.AsyncClient(transport=AsyncRetryTransport(policy)), **kwargs)
 
 
 def _usage(message: BaseMessage) -> dict[str, int]:

@@ -24,7 +24,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from app.integrations.cluster_client import ClusterClient, ClusterError, build_messages
+from app.client.wire import ClientError, ClusterClient
+from app.integrations.prompts import build_messages
 from app.integrations.settings import ClusterSettings
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class ModelsResult(BaseModel):
 
 def create_server(settings: ClusterSettings | None = None, client: ClusterClient | None = None) -> MCPServer:
     """An MCP server whose tools call the cluster through `client` (one shared HTTP connection pool)."""
-    cluster = client or ClusterClient(settings)
+    settings = settings or ClusterSettings()
+    cluster = client or settings.client()
     server = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS, log_level="WARNING")
 
     @server.tool(
@@ -104,16 +106,16 @@ def create_server(settings: ClusterSettings | None = None, client: ClusterClient
         if stop is not None and any(s == "" for s in stop):
             raise ToolError("invalid arguments: stop sequences must not be empty")
         try:
-            model_id = await cluster.resolve_model(model)
+            model_id = await cluster.resolve_model(model, settings.model)
             data = await cluster.chat(chat_messages, model=model_id, max_tokens=max_tokens,
                                       temperature=temperature, stop=stop)
-        except ClusterError as exc:
+        except ClientError as exc:
             raise ToolError(exc.message) from None
         choice = data["choices"][0]
         answered = str(data.get("model") or model_id)
         try:
             engine = await cluster.engine_of(answered)
-        except ClusterError:
+        except ClientError:
             engine = None  # the answer is more useful than a missing label
         return GenerateResult(
             text=str((choice.get("message") or {}).get("content") or ""),
@@ -131,7 +133,7 @@ def create_server(settings: ClusterSettings | None = None, client: ClusterClient
         """List the models the cluster serves, with the engine each runs on and whether it is ready."""
         try:
             cards = await cluster.list_models(refresh=True)
-        except ClusterError as exc:
+        except ClientError as exc:
             raise ToolError(exc.message) from None
         return ModelsResult(
             base_url=cluster.base_url,
@@ -160,7 +162,7 @@ async def serve(
 ) -> None:
     """Run the MCP server until stdin closes (stdio) or the process is signalled (http)."""
     settings = settings or ClusterSettings()
-    async with ClusterClient(settings) as client:
+    async with settings.client() as client:
         server = create_server(settings, client)
         if transport == "stdio":
             await server.run_stdio_async()

@@ -3,13 +3,16 @@
 `CLUSTER_BASE_URL` is the OpenAI-compatible base URL (nginx front door by default),
 `CLUSTER_API_KEY` the bearer key (falls back to the first of `API_KEYS`),
 `CLUSTER_TIMEOUT_S` the per-request timeout, `CLUSTER_MODEL` the default model id
-(empty: the first model the cluster lists).
+(empty: the first model the cluster lists). `client()` and `retry_policy()` turn them into the one
+cluster client of `app.client.wire`.
 """
 
 from __future__ import annotations
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.client.wire import ClusterClient, RetryPolicy
 
 
 class ClusterSettings(BaseSettings):
@@ -25,7 +28,8 @@ class ClusterSettings(BaseSettings):
     )
     timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one HTTP request to the cluster.")
     model: str = Field(default="", description="Default model id; empty: the first model the cluster lists.")
-    max_attempts: int = Field(default=4, ge=1, le=20, description="Tries on 429/502/503 and refused connections.")
+    max_attempts: int = Field(default=4, ge=1, le=20,
+                              description="Tries on 429/502/503/504, connection errors and timeouts.")
     max_retry_wait_s: float = Field(default=10.0, ge=0, description="Cap on one wait between tries.")
 
     @field_validator("base_url")
@@ -42,3 +46,11 @@ class ClusterSettings(BaseSettings):
             return self.api_key.strip()
         keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
         return keys[0] if keys else ""
+
+    def retry_policy(self, max_attempts: int | None = None) -> RetryPolicy:
+        return RetryPolicy(max_attempts=max_attempts or self.max_attempts, backoff_s=0.25,
+                           max_backoff_s=self.max_retry_wait_s, max_retry_after_s=self.max_retry_wait_s)
+
+    def client(self) -> ClusterClient:
+        return ClusterClient(self.base_url, api_key=self.effective_api_key, timeout_s=self.timeout_s,
+                             policy=self.retry_policy())

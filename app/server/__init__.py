@@ -1,1 +1,0 @@
-"""Servers that mount the API: the standalone uvicorn server lives here."""
