@@ -9,13 +9,14 @@ command functions), so `--help` always works.
 from __future__ import annotations
 
 import importlib
-import logging
 import os
-import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from app.console import fail, setup_logging
+from app.engines.base import ServingKnobs
 
 cli = typer.Typer(
     name="app",
@@ -34,20 +35,12 @@ _PLUGINS = (
 )
 
 
-def setup_logging(level: str = "info", access_log: bool = True) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not access_log:
-        logging.getLogger("app.access").setLevel(logging.WARNING)
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print a one-line error and return the Exit to raise."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
+def knob_option(name: str, prefix: str = "LLM_") -> Any:
+    """A typer option for a `ServingKnobs` field: help text and lower bound come from its one definition."""
+    field = ServingKnobs.model_fields[name]
+    lower = [m.ge for m in field.metadata if hasattr(m, "ge")]
+    return typer.Option(help=f"{field.description} [{prefix}{name.upper()}, default {field.default:g}]",
+                        min=lower[0] if lower else None)
 
 
 @cli.command()
@@ -60,8 +53,12 @@ def serve(
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Cap on the context length.")] = None,
-    max_running: Annotated[int | None, typer.Option(help="Concurrent generations per model.")] = None,
-    max_waiting: Annotated[int | None, typer.Option(help="Queued requests before answering 429.")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(
+        min=1, help="Concurrent generations per model, vLLM's max_num_seqs [LLM_MAX_NUM_SEQS; transformers 4, "
+                    "vLLM its own default].")] = None,
+    max_waiting: Annotated[int | None, knob_option("max_waiting")] = None,
+    default_max_tokens: Annotated[int | None, knob_option("default_max_tokens")] = None,
+    retry_after_s: Annotated[float | None, knob_option("retry_after_s")] = None,
     config: Annotated[
         list[Path] | None, typer.Option("--config", help="Model config YAML (LLMConfig layout); repeatable.")
     ] = None,
@@ -69,29 +66,28 @@ def serve(
     """Run the OpenAI-compatible API on uvicorn without Ray (also the nginx fallback)."""
     from pydantic import ValidationError
 
-    from app.server import standalone
+    from app import standalone
     from app.settings import Settings
 
     overrides = {k: v for k, v in {
         "model": model, "served_model_name": served_model_name, "engine": engine, "host": host, "port": port,
-        "device": device, "dtype": dtype, "max_model_len": max_model_len, "max_running": max_running,
-        "max_waiting": max_waiting,
+        "device": device, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
+        "max_waiting": max_waiting, "default_max_tokens": default_max_tokens, "retry_after_s": retry_after_s,
     }.items() if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise fail(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+        where = ".".join(str(p) for p in err["loc"])
+        raise fail(f"{where + ': ' if where else ''}{str(err['msg']).removeprefix('Value error, ')}") from None
     setup_logging(settings.log_level, settings.access_log)
     specs = None
     if config:
-        try:
-            from app.models.config import load_engine_specs  # provided by the model-config module
-        except ImportError:
-            raise fail("--config needs app.models.config, which is not available in this build") from None
+        from app.models.config import load_engine_specs
+
         try:
             specs = load_engine_specs(config)
-        except Exception as exc:
+        except ValueError as exc:
             raise fail(str(exc)) from None
     try:
         standalone.run(settings, specs)

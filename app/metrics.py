@@ -1,11 +1,12 @@
-"""The one set of metric names, and the backends that export them.
+"""The one set of metric names, and the sinks that export them.
 
 Names, kinds, label sets and buckets are declared once (`SPECS`). Code records
-through `inc`/`observe`/`set_gauge`; the active backend decides where it goes:
-`PrometheusBackend` (standalone and DeepSpeed servers, served on `/metrics`) or,
-inside Ray Serve replicas, `RayBackend` (Ray's metrics API, exported on each
-node's metrics port: a prometheus_client metric created in a replica is never
-exported by Ray). Dashboards and alert rules use these names only.
+through a `MetricsSink` it is handed (`inc`/`observe`/`set_gauge`): each server
+makes one and passes it to its engines and its API app. `PrometheusSink`
+(standalone and DeepSpeed servers, served on `/metrics`) or, inside Ray Serve
+replicas, `RaySink` (Ray's metrics API, exported on each node's metrics port: a
+prometheus_client metric created in a replica is never exported by Ray).
+There is no process-global sink. Dashboards and alert rules use these names only.
 
 Names contain no ':' on purpose: prometheus_client >= 0.23 rewrites such names
 when scraped by Prometheus 2.x (client_python #1177).
@@ -13,9 +14,8 @@ when scraped by Prometheus 2.x (client_python #1177).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -112,14 +112,26 @@ def exported_series_names() -> set[str]:
     return names
 
 
-class Backend(Protocol):
-    def inc(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None: ...
-    def set(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None: ...
+class MetricsSink(Protocol):
+    """Where metrics go. Servers make one and hand it to their engines and to the API app."""
+
+    exports_through_ray: bool  # True inside Ray Serve replicas (engines pick Ray-aware exporters by it)
+
+    def inc(self, spec: MetricSpec, labels: dict[str, str], value: float = 1.0) -> None: ...
+    def set_gauge(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None: ...
     def observe(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None: ...
+    def render(self) -> tuple[bytes, str]: ...
 
 
-class PrometheusBackend:
-    """prometheus_client metrics in a private registry, rendered by `/metrics`."""
+def _clean(spec: MetricSpec, labels: dict[str, str]) -> dict[str, str]:
+    """Exactly the spec's label names (missing ones empty, unknown ones dropped), values as strings."""
+    return {k: str(labels.get(k, "")) for k in spec.labels}
+
+
+class PrometheusSink:
+    """prometheus_client metrics in a private registry, rendered by `/metrics` (standalone, DeepSpeed rank 0)."""
+
+    exports_through_ray = False
 
     def __init__(self) -> None:
         import prometheus_client as pc
@@ -127,11 +139,11 @@ class PrometheusBackend:
         self._pc = pc
         pc.disable_created_metrics()  # no *_created series: they double the series count for nothing
         self.registry = pc.CollectorRegistry(auto_describe=True)
-        self._metrics: dict[str, object] = {}
+        self._metrics: dict[str, Any] = {}
         for spec in SPECS:
             if spec.kind == "counter":
                 # prometheus_client appends _total itself
-                m: object = pc.Counter(
+                m: Any = pc.Counter(
                     spec.name.removesuffix("_total"), spec.description, spec.labels, registry=self.registry
                 )
             elif spec.kind == "gauge":
@@ -142,20 +154,21 @@ class PrometheusBackend:
                 )
             self._metrics[spec.name] = m
 
-    def inc(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
-        self._metrics[spec.name].labels(**labels).inc(value)  # type: ignore[attr-defined]
+    def inc(self, spec: MetricSpec, labels: dict[str, str], value: float = 1.0) -> None:
+        self._metrics[spec.name].labels(**_clean(spec, labels)).inc(value)
 
-    def set(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
-        self._metrics[spec.name].labels(**labels).set(value)  # type: ignore[attr-defined]
+    def set_gauge(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+        self._metrics[spec.name].labels(**_clean(spec, labels)).set(value)
 
     def observe(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
-        self._metrics[spec.name].labels(**labels).observe(value)  # type: ignore[attr-defined]
+        self._metrics[spec.name].labels(**_clean(spec, labels)).observe(value)
 
     def render(self) -> tuple[bytes, str]:
-        return self._pc.generate_latest(self.registry), self._pc.CONTENT_TYPE_LATEST
+        """Our metrics plus the engines' own families (vLLM's `vllm:*`), in the classic text format."""
+        return self._pc.generate_latest(self.registry) + engine_registry_text(), self._pc.CONTENT_TYPE_LATEST
 
 
-class RayBackend:
+class RaySink:
     """Ray's metrics API (inside Ray Serve replicas): exported on each node's metrics export port.
 
     Ray prefixes exported names with `ray_` (e.g. `ray_llm_requests_total`); the
@@ -163,6 +176,8 @@ class RayBackend:
     the standalone server's. Inside a replica `ray.serve.metrics` is used, which
     adds `application`/`deployment`/`replica` labels.
     """
+
+    exports_through_ray = True
 
     def __init__(self) -> None:
         try:
@@ -173,77 +188,29 @@ class RayBackend:
         except Exception:  # not inside a Serve replica
             from ray.util import metrics as rm  # type: ignore[no-redef]
 
-        self._metrics: dict[str, object] = {}
+        self._metrics: dict[str, Any] = {}
         for spec in SPECS:
             if spec.kind == "counter":
                 # Ray's exporter appends _total to counters itself
-                m: object = rm.Counter(spec.name.removesuffix("_total"), spec.description, tag_keys=spec.labels)
+                m: Any = rm.Counter(spec.name.removesuffix("_total"), spec.description, tag_keys=spec.labels)
             elif spec.kind == "gauge":
                 m = rm.Gauge(spec.name, spec.description, tag_keys=spec.labels)
             else:
                 m = rm.Histogram(spec.name, spec.description, boundaries=list(spec.buckets), tag_keys=spec.labels)
             self._metrics[spec.name] = m
 
-    def inc(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+    def inc(self, spec: MetricSpec, labels: dict[str, str], value: float = 1.0) -> None:
         if value > 0:
-            self._metrics[spec.name].inc(value, tags=labels)  # type: ignore[attr-defined]
+            self._metrics[spec.name].inc(value, tags=_clean(spec, labels))
 
-    def set(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
-        self._metrics[spec.name].set(value, tags=labels)  # type: ignore[attr-defined]
+    def set_gauge(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
+        self._metrics[spec.name].set(value, tags=_clean(spec, labels))
 
     def observe(self, spec: MetricSpec, labels: dict[str, str], value: float) -> None:
-        self._metrics[spec.name].observe(value, tags=labels)  # type: ignore[attr-defined]
+        self._metrics[spec.name].observe(value, tags=_clean(spec, labels))
 
-
-_lock = threading.Lock()
-_backend: Backend | None = None
-
-
-def backend() -> Backend:
-    global _backend
-    with _lock:
-        if _backend is None:
-            _backend = PrometheusBackend()
-        return _backend
-
-
-def use_backend(new: Backend) -> None:
-    """Switch where metrics go (Ray replicas call this with the Ray backend)."""
-    global _backend
-    with _lock:
-        _backend = new
-
-
-def use_ray_backend() -> Backend:
-    """Route this process's metrics through Ray (call once in each Serve replica)."""
-    b = RayBackend()
-    use_backend(b)
-    return b
-
-
-def _clean(spec: MetricSpec, labels: dict[str, str]) -> dict[str, str]:
-    return {k: str(labels.get(k, "")) for k in spec.labels}
-
-
-def inc(spec: MetricSpec, labels: dict[str, str], value: float = 1.0) -> None:
-    backend().inc(spec, _clean(spec, labels), value)
-
-
-def set_gauge(spec: MetricSpec, labels: dict[str, str], value: float) -> None:
-    backend().set(spec, _clean(spec, labels), value)
-
-
-def observe(spec: MetricSpec, labels: dict[str, str], value: float) -> None:
-    backend().observe(spec, _clean(spec, labels), value)
-
-
-def render() -> tuple[bytes, str]:
-    """Prometheus text of this process's metrics (empty when the backend is not Prometheus)."""
-    b = backend()
-    if isinstance(b, PrometheusBackend):
-        body, content_type = b.render()
-        return body + engine_registry_text(), content_type
-    return b"# metrics of this process are exported by Ray on the node's metrics port\n", "text/plain"
+    def render(self) -> tuple[bytes, str]:
+        return b"# metrics of this process are exported by Ray on the node's metrics port\n", "text/plain"
 
 
 ENGINE_METRIC_PREFIXES = ("vllm:", "vllm_")

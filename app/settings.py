@@ -2,18 +2,36 @@
 
 Serving knobs use the `LLM_` prefix; `API_KEYS` and the cluster variables keep
 the plain names `.env.example` documents. CLI flags override these values.
+`max_waiting`, `default_max_tokens` and `retry_after_s` come from `ServingKnobs`
+(declared once, shared with model configs and DS_*). The engine batch cap is
+`LLM_MAX_NUM_SEQS` (vLLM's name); a retired `LLM_MAX_RUNNING` is an error naming it.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Literal
+import os
+from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.engines.base import EngineChoice, ServingKnobs
 
-class Settings(BaseSettings):
+RENAMED_VARIABLES = {"LLM_MAX_RUNNING": "LLM_MAX_NUM_SEQS"}
+
+
+def retired_variables(env_file: str | Path | None = ".env") -> list[str]:
+    """Retired variable names set in the environment or in `env_file`, as 'OLD was renamed: set NEW' lines."""
+    present = {k.upper() for k in os.environ}
+    if env_file and Path(env_file).is_file():
+        from dotenv import dotenv_values
+
+        present |= {k.upper() for k in dotenv_values(env_file)}
+    return [f"{old} was renamed: set {new} instead" for old, new in RENAMED_VARIABLES.items() if old in present]
+
+
+class Settings(ServingKnobs, BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLM_", env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
     )
@@ -34,21 +52,24 @@ class Settings(BaseSettings):
     # model + engine (standalone server)
     model: str = ""
     served_model_name: str = ""
-    engine: Literal["auto", "vllm", "transformers"] = "auto"
+    engine: EngineChoice = "auto"
     device: str = "auto"
     dtype: str = "auto"
     max_model_len: int | None = Field(default=None, ge=16)
-    max_running: int = Field(default=4, ge=1, description="Concurrent generations per model.")
-    max_waiting: int = Field(default=32, ge=0, description="Queued requests before 429.")
-    default_max_tokens: int = Field(default=256, ge=1)
-    retry_after_s: float = Field(default=1.0, ge=0)
+    max_num_seqs: int | None = Field(
+        default=None, ge=1,
+        description="Concurrent generations per model (vLLM's max_num_seqs). Unset: transformers 4, vLLM its own.",
+    )
     trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_retired_names(cls, data: Any) -> Any:
+        problems = retired_variables(cls.model_config.get("env_file"))  # type: ignore[arg-type]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return data
 
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

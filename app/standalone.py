@@ -1,8 +1,9 @@
-"""Standalone API server: the router on uvicorn, no Ray.
+"""Standalone API server (`python -m app serve`): the router on uvicorn, no Ray.
 
 This is also the process nginx fails over to, so it shuts down gracefully: on
 SIGTERM/SIGINT `/readyz` turns 503 at once, the listener closes, in-flight
 requests get up to `graceful_timeout_s` to finish, then the engines stop.
+One `PrometheusSink` records for the engines and the API alike (served on `/metrics`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from typing import Any
 
 import uvicorn
 
+from app import compat
 from app.api.app import create_app
 from app.api.backend import LocalBackend
-from app.engines.select import EngineSpec, SelectedEngine
+from app.engines.base import EngineSpec, ServingKnobs
+from app.engines.select import SelectedEngine
+from app.metrics import MetricsSink, PrometheusSink
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+SETTINGS_SOURCE = "LLM_* settings / serve options"
 
 
 class _DrainingServer(uvicorn.Server):
@@ -33,42 +39,41 @@ class _DrainingServer(uvicorn.Server):
         self._app_state.draining = True
         log.info("signal %s: draining (in-flight requests get %ss)", sig, self.config.timeout_graceful_shutdown)
         super().handle_exit(sig, frame)
-        # uvicorn re-raises captured signals after its shutdown, so a clean drain would end in "killed by
-        # SIGTERM" (exit -15); a drained SIGTERM is a normal stop for systemd/compose/nginx failover: exit 0
-        if sig == signal.SIGTERM:
-            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+        if sig == signal.SIGTERM:  # a drained SIGTERM is a normal stop (exit 0), see compat
+            compat.uvicorn_forget_signal(self, signal.SIGTERM)
 
 
-def build_backend(specs: list[EngineSpec]) -> LocalBackend:
+def build_backend(specs: list[EngineSpec], metrics: MetricsSink) -> LocalBackend:
     ids = [s.model_id for s in specs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate model ids: {ids}")
-    return LocalBackend({s.model_id: SelectedEngine(s) for s in specs})
+    return LocalBackend({s.model_id: SelectedEngine(s, metrics) for s in specs}, location="standalone")
 
 
 def spec_from_settings(settings: Settings) -> EngineSpec:
     if not settings.model:
         raise ValueError("no model given: pass --model PATH_OR_HUB_ID (or set LLM_MODEL)")
     kwargs: dict[str, Any] = {"device": settings.device, "dtype": settings.dtype,
-                              "max_num_seqs": settings.max_running,
                               "trust_remote_code": settings.trust_remote_code}
     if settings.max_model_len:
         kwargs["max_model_len"] = settings.max_model_len
+    if settings.max_num_seqs is not None:  # unset: each engine's own default
+        kwargs["max_num_seqs"] = settings.max_num_seqs
     return EngineSpec(
         model_id=settings.served_model_name or settings.model,
         model_source=settings.model,
         engine=settings.engine,
         engine_kwargs=kwargs,
-        max_waiting=settings.max_waiting,
-        default_max_tokens=settings.default_max_tokens,
-        retry_after_s=settings.retry_after_s,
+        source=SETTINGS_SOURCE,
+        **settings.model_dump(include=set(ServingKnobs.model_fields)),
     )
 
 
 def run(settings: Settings, specs: list[EngineSpec] | None = None) -> None:
     specs = specs or [spec_from_settings(settings)]
-    backend = build_backend(specs)
-    app = create_app(backend, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes)
+    sink = PrometheusSink()
+    backend = build_backend(specs, sink)
+    app = create_app(backend, metrics=sink, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -4,7 +4,7 @@
     python -m bench.compare_layers --layers engine,standalone --duration 2 --levels 1,4   # quick look
 
 Layers, bottom to top, all serving the same model with the same engine settings
-(transformers engine, `--max-running` concurrent generations, one replica):
+(transformers engine, `--max-num-seqs` concurrent generations, one replica):
 
 1. `engine`     - the engine protocol called in-process (`app.engines.select.start_engine`, no HTTP);
 2. `standalone` - `python -m app serve` (uvicorn + the one API router) on 127.0.0.1;
@@ -95,7 +95,7 @@ def ensure_model(model: str | None, work: Path) -> Path:
     return out
 
 
-def ray_config(model: Path, max_running: int, max_waiting: int) -> str:
+def ray_config(model: Path, max_num_seqs: int, max_waiting: int) -> str:
     """Model config for the Ray layer: one fixed replica, same engine settings as the other layers."""
     return f"""model_loading_config:
   model_id: tiny
@@ -109,13 +109,13 @@ deployment_config:
     num_gpus: 0
     resources:
       small-model-workers: 0.5
-  max_ongoing_requests: {max_running + max_waiting}
-  max_queued_requests: {2 * (max_running + max_waiting)}
+  max_ongoing_requests: {max_num_seqs + max_waiting}
+  max_queued_requests: {2 * (max_num_seqs + max_waiting)}
 engine_kwargs:
   dtype: float32
   device: cpu
   max_model_len: 1024
-  max_num_seqs: {max_running}
+  max_num_seqs: {max_num_seqs}
 max_waiting: {max_waiting}
 default_max_tokens: 64
 """
@@ -148,14 +148,16 @@ class Comparison:
 
     # ------------------------------------------------------------------------- layers
     def engine(self) -> None:
-        from app.engines.select import EngineSpec, start_engine
+        from app.engines.base import EngineSpec
+        from app.engines.select import start_engine
+        from app.metrics import PrometheusSink
 
         async def go() -> dict[str, Any]:
             spec = EngineSpec(model_id="tiny", model_source=str(self.model), engine="transformers",
                               engine_kwargs={"dtype": "float32", "device": "cpu", "max_model_len": 1024,
-                                             "max_num_seqs": self.args.max_running},
+                                             "max_num_seqs": self.args.max_num_seqs},
                               max_waiting=self.args.max_waiting)
-            engine = await start_engine(spec)
+            engine = await start_engine(spec, PrometheusSink())
             try:
                 return await run_bench(engine_target(engine), log=log, describe={
                     "kind": "engine", "endpoint": "in-process", "model": "tiny", "layer": "engine",
@@ -171,7 +173,7 @@ class Comparison:
         with open(self.work / "standalone.log", "wb") as logf:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "app", "serve", "--model", str(self.model), "--served-model-name", "tiny",
-                 "--host", "127.0.0.1", "--port", str(port), "--max-running", str(self.args.max_running),
+                 "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(self.args.max_num_seqs),
                  "--max-waiting", str(self.args.max_waiting)],
                 cwd=self.work, stdout=logf, stderr=subprocess.STDOUT)
         self.procs.append(proc)  # kept (idle) until the end: nginx fronts it when the Ray layer is missing
@@ -183,7 +185,7 @@ class Comparison:
         self.ray_dir = self.work / "r"
         self.ray_dir.mkdir(exist_ok=True)
         cfg = self.ray_dir / "bench-tiny.yaml"
-        cfg.write_text(ray_config(self.model, self.args.max_running, self.args.max_waiting))
+        cfg.write_text(ray_config(self.model, self.args.max_num_seqs, self.args.max_waiting))
         self.ray_port = free_port()
         cmd = [sys.executable, "-m", "app", "cluster", "local-up", "--config", str(cfg), "--gcs-port",
                str(free_port()), "--serve-port", str(self.ray_port), "--metrics-export-port", str(free_port()),
@@ -279,7 +281,7 @@ def markdown(result: dict[str, Any]) -> str:
     out = [f"Layer comparison, {result['date']} · machine: {m.get('cpus')} × {m.get('cpu', '?')}, "
            f"{m.get('mem_gib', '?')} GiB, load average {result['loadavg_before']} before / "
            f"{result['loadavg_after']} after · model: {result['model']} · {c['max_tokens']} output tokens "
-           f"(ignore_eos), {c['duration_s']:g} s per level, max_running {c['max_running']}",
+           f"(ignore_eos), {c['duration_s']:g} s per level, max_num_seqs {c['max_num_seqs']}",
            f"Command: `{result['command']}`", "",
            "| layer | c | req/s | out tok/s | TTFT p50 | ITL p50 | e2e p50 | e2e p95 | e2e p99 | ok/failed "
            "| req/s ÷ below | e2e p50 ÷ below | added p50 | load 1m |",
@@ -350,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-words", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=None, help="unmeasured requests per level (default: c)")
-    ap.add_argument("--max-running", type=int, default=4, help="concurrent generations in the engine")
+    ap.add_argument("--max-num-seqs", type=int, default=4, help="concurrent generations in the engine")
     ap.add_argument("--max-waiting", type=int, default=32, help="engine queue before 429")
     ap.add_argument("--model", default=None, help="model folder (default: the tiny model)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -385,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_after": round(os.getloadavg()[0], 2),
         "model": "tiny (app/models/tiny.py, random weights)" if args.model is None else args.model,
         "config": {"layers": layers, "levels": cmp.levels, "duration_s": args.duration, "max_tokens": args.max_tokens,
-                   "prompt_words": args.prompt_words, "max_running": args.max_running,
+                   "prompt_words": args.prompt_words, "max_num_seqs": args.max_num_seqs,
                    "max_waiting": args.max_waiting},
         "rows": ratios(cmp.reports, layers),
         "seed_targets": {k: v["seed_targets"] for k, v in cmp.reports.items()},

@@ -192,7 +192,9 @@ async def run_engine(args: argparse.Namespace) -> dict[str, Any]:
     """Start one engine on the model through the engine protocol and measure every concurrency level."""
     import torch
 
-    from app.engines.select import EngineSpec, start_engine
+    from app.engines.base import EngineSpec
+    from app.engines.select import start_engine
+    from app.metrics import PrometheusSink
 
     cuda = args.device == "cuda"
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -201,13 +203,13 @@ async def run_engine(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["device"] = args.device
     else:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
-    spec = EngineSpec("gpu-check", str(args.model), engine=args.engine, engine_kwargs=kwargs,
+    spec = EngineSpec(model_id="gpu-check", model_source=str(args.model), engine=args.engine, engine_kwargs=kwargs,
                       max_waiting=max(levels) * args.rounds, default_max_tokens=args.max_tokens)
     prompt = " ".join(PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(args.prompt_words))
     result: dict[str, Any] = {"engine": args.engine, "levels": []}
     with _GpuSampler() if cuda else _NullSampler() as sampler:
         t0 = time.perf_counter()
-        engine = await start_engine(spec)
+        engine = await start_engine(spec, PrometheusSink())
         result["start_s"] = round(time.perf_counter() - t0, 1)
         result["engine_reason"] = engine.info.reason
         try:

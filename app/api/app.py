@@ -19,6 +19,7 @@ from app.api.access import clean_request_id, request_id_of
 from app.api.backend import ModelBackend
 from app.api.errors import count_rejection, error_payload, install_error_handlers
 from app.api.routes import router
+from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,10 @@ log = logging.getLogger(__name__)
 class BodyLimitMiddleware:
     """Rejects request bodies over `max_bytes` with 413 (by Content-Length or while streaming)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: MetricsSink):
         self.app = app
         self.max_bytes = max_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -70,7 +72,7 @@ class BodyLimitMiddleware:
     async def _reject(self, scope: Scope, send: Send) -> None:
         import json
 
-        count_rejection(scope.get("path", ""), 413, "invalid_request_error", request_id_of(scope))
+        count_rejection(self.metrics, scope.get("path", ""), 413, "invalid_request_error", request_id_of(scope))
         body = json.dumps(
             error_payload(f"request body exceeds {self.max_bytes} bytes", 413, code="request_too_large")
         ).encode()
@@ -127,14 +129,17 @@ class RequestIdMiddleware:
 def create_app(
     backend: ModelBackend,
     *,
+    metrics: MetricsSink | None = None,
     api_keys: list[str] | None = None,
     max_body_bytes: int = 4 * 1024 * 1024,
     manage_backend: bool = True,
     title: str = "LLM serving kit",
     echo_request_id: bool = True,
 ) -> FastAPI:
-    """The API application. `manage_backend=False` when the caller starts/stops the backend itself;
-    `echo_request_id=False` when a proxy in front (Ray Serve's) already echoes X-Request-Id."""
+    """The API application. `metrics` is the sink the server's engines record into too (default: a new
+    PrometheusSink, served on /metrics); `manage_backend=False` when the caller starts/stops the backend
+    itself; `echo_request_id=False` when a proxy in front (Ray Serve's) already echoes X-Request-Id."""
+    sink = metrics or PrometheusSink()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -149,11 +154,12 @@ def create_app(
 
     app = FastAPI(title=title, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.backend = backend
+    app.state.metrics = sink
     app.state.api_keys = list(api_keys or [])
     app.state.draining = False
     install_error_handlers(app)
     app.include_router(router)
     app.add_middleware(JSONBodyMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, metrics=sink)
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     return app

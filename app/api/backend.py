@@ -3,15 +3,19 @@
 `ModelBackend` is the seam between the one API router and the three servers that
 mount it: `LocalBackend` holds in-process engines (standalone server, DeepSpeed
 rank 0); the Ray Serve ingress provides a backend that forwards to model
-deployments. The router never knows which one it has.
+deployments. The router never knows which one it has. `generate` is an async
+generator everywhere: an unknown model, a full queue or a dead engine are raised
+when the first chunk is asked for, like every engine error.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from app.engines.base import (
@@ -34,15 +38,12 @@ class ModelBackend(abc.ABC):
         """Raises ModelNotFoundError for unknown ids."""
 
     @abc.abstractmethod
-    def generate(self, model_id: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]: ...
+    def generate(self, model_id: str, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        """The engine's stream; its first chunk carries `served_by`."""
 
     @abc.abstractmethod
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """(all models ready, per-model detail)."""
-
-    async def model_ready(self, model_id: str) -> bool:
-        _, detail = await self.readiness()
-        return bool(detail.get(model_id, {}).get("ready"))
+        """(all models ready, per-model detail: `ready`, the EngineInfo fields, live stats, `error`)."""
 
     async def start(self) -> None:
         return None
@@ -56,10 +57,14 @@ class ModelBackend(abc.ABC):
 
 
 class LocalBackend(ModelBackend):
-    """Engines living in this process, started in the background at server start-up."""
+    """Engines living in this process, started in the background at server start-up.
 
-    def __init__(self, engines: dict[str, Engine]):
+    `location` names this server in `served_by` (`<engine>@<location>`, e.g. `transformers@standalone`).
+    """
+
+    def __init__(self, engines: dict[str, Engine], location: str = "standalone"):
         self.engines = engines
+        self.location = location
         self._start_errors: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -75,8 +80,15 @@ class LocalBackend(ModelBackend):
     async def engine_info(self, model_id: str) -> EngineInfo:
         return self._engine(model_id).info
 
-    def generate(self, model_id: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        return self._engine(model_id).generate(request)
+    async def generate(self, model_id: str, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        engine = self._engine(model_id)
+        first = True
+        async with contextlib.aclosing(engine.generate(request)) as chunks:
+            async for chunk in chunks:
+                if first:
+                    chunk = dataclasses.replace(chunk, served_by=f"{engine.info.engine}@{self.location}")
+                    first = False
+                yield chunk
 
     async def start(self) -> None:
         """Load every engine in the background so /healthz answers at once and /readyz tracks loading."""
@@ -91,14 +103,10 @@ class LocalBackend(ModelBackend):
         for mid, engine in self.engines.items():
             self._tasks.append(asyncio.create_task(_load(mid, engine), name=f"load-{mid}"))
 
-    async def wait_started(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks)
-
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         detail: dict[str, Any] = {}
         for mid, engine in self.engines.items():
-            entry: dict[str, Any] = {"ready": engine.is_ready(), **engine.info.as_dict()}
+            entry: dict[str, Any] = {"ready": engine.is_ready(), **dataclasses.asdict(engine.info)}
             if mid in self._start_errors:
                 entry["error"] = self._start_errors[mid]
             else:
@@ -107,8 +115,7 @@ class LocalBackend(ModelBackend):
                 except Exception as exc:
                     entry["ready"] = False
                     entry["error"] = str(exc)
-            s = engine.stats()
-            entry["running"], entry["waiting"] = s.running, s.waiting
+            entry.update(dataclasses.asdict(engine.stats()))
             detail[mid] = entry
         return bool(detail) and all(e["ready"] for e in detail.values()), detail
 

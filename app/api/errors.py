@@ -19,6 +19,7 @@ from app import metrics
 from app.api.access import log_request, request_id_of
 from app.api.protocol import ErrorBody, ErrorResponse
 from app.engines.base import EngineError
+from app.metrics import MetricsSink
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 _GENERATION_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
-def count_rejection(path: str, status: int, error_type: str, request_id: str = "-") -> None:
+def count_rejection(sink: MetricsSink, path: str, status: int, error_type: str, request_id: str = "-") -> None:
     """Count a generation request refused before it reached a model (bad body, API key, unknown model, 413).
 
     Requests that reach a model are counted by the serving layer. These get model="-" and engine="-": the
@@ -111,35 +112,36 @@ def count_rejection(path: str, status: int, error_type: str, request_id: str = "
     if endpoint is None:
         return
     labels = {"model": "-", "engine": "-", "endpoint": endpoint}
-    metrics.inc(metrics.REQUESTS, {**labels, "status": str(status)})
-    metrics.inc(metrics.REQUEST_ERRORS, {**labels, "error_type": error_type})
+    sink.inc(metrics.REQUESTS, {**labels, "status": str(status)})
+    sink.inc(metrics.REQUEST_ERRORS, {**labels, "error_type": error_type})
     log_request(request_id, endpoint, status, error_type=error_type)
+
+
+def _reject(request: Request, status: int, error_type: str) -> None:
+    count_rejection(request.app.state.metrics, request.url.path, status, error_type, request_id_of(request.scope))
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        count_rejection(request.url.path, 400, _TYPE_BY_STATUS[400], request_id_of(request.scope))
+        _reject(request, 400, _TYPE_BY_STATUS[400])
         return error_response(message, 400, param=param, code="invalid_value")
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError) -> JSONResponse:
         # only errors raised before the serving layer took the request (unknown model) get here
-        count_rejection(request.url.path, exc.status_code, exc.error_type, request_id_of(request.scope))
+        _reject(request, exc.status_code, exc.error_type)
         return engine_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers) if exc.headers else None
-        count_rejection(
-            request.url.path, exc.status_code, _TYPE_BY_STATUS.get(exc.status_code, "http_error"),
-            request_id_of(request.scope),
-        )
+        _reject(request, exc.status_code, _TYPE_BY_STATUS.get(exc.status_code, "http_error"))
         return error_response(str(exc.detail), exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        count_rejection(request.url.path, 500, "internal_error", request_id_of(request.scope))
+        _reject(request, 500, "internal_error")
         return error_response("internal server error", 500, code="internal_error")

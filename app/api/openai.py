@@ -3,7 +3,9 @@
 This is the only place that knows the wire format of completions. It fans out
 `n` choices (and multi-prompt completions) as parallel engine requests, primes
 streams so that admission errors (429, 400, 503) become real HTTP statuses,
-records metrics, and cancels generation when the client goes away.
+records metrics, and cancels generation when the client goes away. The engines' `served_by` (first
+chunk of each stream) goes back to the client as the `X-Served-By` response header, JSON and SSE alike
+(several distinct values, from a fan-out over replicas, are joined with ", ").
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -39,6 +41,7 @@ from app.api.protocol import (
 )
 from app.engines.base import EngineError, GenerationChunk, GenerationRequest, InvalidRequestError
 from app.jsonline import dumps_line
+from app.metrics import MetricsSink
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connecti
 class _Observation:
     """Per-request metrics bookkeeping."""
 
+    sink: MetricsSink
     model: str
     engine: str
     endpoint: str
@@ -59,6 +63,15 @@ class _Observation:
     first_token_at: float | None = None
     output_tokens: int = 0
     prompt_tokens: int = 0
+    served_by: list[str] = field(default_factory=list)
+
+    def note_served_by(self, chunk: GenerationChunk) -> None:
+        if chunk.served_by and chunk.served_by not in self.served_by:
+            self.served_by.append(chunk.served_by)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Served-By": ", ".join(self.served_by)} if self.served_by else {}
 
     @property
     def labels(self) -> dict[str, str]:
@@ -67,24 +80,24 @@ class _Observation:
     def token(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
-            metrics.observe(metrics.TTFT, self.labels, self.first_token_at - self.start)
+            self.sink.observe(metrics.TTFT, self.labels, self.first_token_at - self.start)
 
     def finish(self, status: int, error_type: str | None = None) -> None:
         labels = self.labels
         latency = time.monotonic() - self.start
-        metrics.inc(metrics.REQUESTS, {**labels, "status": str(status)})
-        metrics.observe(metrics.REQUEST_LATENCY, labels, latency)
+        self.sink.inc(metrics.REQUESTS, {**labels, "status": str(status)})
+        self.sink.observe(metrics.REQUEST_LATENCY, labels, latency)
         log_request(
             self.request_id, self.endpoint, status, model=self.model, engine=self.engine, error_type=error_type,
             prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens, latency_s=latency,
             ttft_s=None if self.first_token_at is None else self.first_token_at - self.start,
         )
         if self.output_tokens:
-            metrics.inc(metrics.OUTPUT_TOKENS, labels, self.output_tokens)
+            self.sink.inc(metrics.OUTPUT_TOKENS, labels, self.output_tokens)
         if self.prompt_tokens:
-            metrics.inc(metrics.PROMPT_TOKENS, labels, self.prompt_tokens)
+            self.sink.inc(metrics.PROMPT_TOKENS, labels, self.prompt_tokens)
         if error_type:
-            metrics.inc(metrics.REQUEST_ERRORS, {**labels, "error_type": error_type})
+            self.sink.inc(metrics.REQUEST_ERRORS, {**labels, "error_type": error_type})
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
@@ -110,9 +123,10 @@ def _fan_out(base: GenerationRequest, n: int, offset: int = 0) -> list[tuple[int
 
 
 async def _primed_fan_in(
-    streams: dict[int, AsyncIterator[GenerationChunk]],
-) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    """Start every stream at once and return when each has produced its first chunk.
+    streams: dict[int, AsyncGenerator[GenerationChunk, None]],
+    on_first: Callable[[GenerationChunk], None],
+) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+    """Start every stream at once and return when each has produced its first chunk (passed to `on_first`).
 
     Errors before that (429, 400, 503) are raised here, before any header is sent. The
     streams are pumped concurrently and independently of the consumer: a stream that
@@ -122,7 +136,7 @@ async def _primed_fan_in(
     """
     queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
 
-    async def pump(idx: int, stream: AsyncIterator[GenerationChunk]) -> None:
+    async def pump(idx: int, stream: AsyncGenerator[GenerationChunk, None]) -> None:
         try:
             async for chunk in stream:
                 queue.put_nowait((idx, chunk))
@@ -133,7 +147,7 @@ async def _primed_fan_in(
             queue.put_nowait((idx, exc))
         finally:
             with contextlib.suppress(Exception):
-                await stream.aclose()  # type: ignore[attr-defined]
+                await stream.aclose()
 
     tasks = [asyncio.create_task(pump(idx, stream)) for idx, stream in streams.items()]
 
@@ -149,13 +163,15 @@ async def _primed_fan_in(
             idx, item = await queue.get()
             if isinstance(item, BaseException):
                 raise item
+            if idx in unstarted and item is not None:
+                on_first(item)
             unstarted.discard(idx)
             buffered.append((idx, item))
     except BaseException:
         await stop_all()
         raise
 
-    async def rest() -> AsyncIterator[tuple[int, GenerationChunk]]:
+    async def rest() -> AsyncGenerator[tuple[int, GenerationChunk], None]:
         remaining = len(tasks)
         try:
             for idx, item in buffered:
@@ -207,8 +223,9 @@ def _sse(obj: dict[str, Any]) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, backend: ModelBackend):
+    def __init__(self, backend: ModelBackend, sink: MetricsSink):
         self.backend = backend
+        self.sink = sink
 
     # --------------------------------------------------------------------- shared
     async def _run(
@@ -219,11 +236,13 @@ class OpenAIServing:
         items: list[tuple[int, GenerationRequest]],
         n: int,
         stream: bool,
-        render_stream: Callable[[AsyncIterator[tuple[int, GenerationChunk]], _Observation], AsyncIterator[str]],
+        render_stream: Callable[[AsyncGenerator[tuple[int, GenerationChunk], None], _Observation],
+                                AsyncIterator[str]],
         render_full: Callable[[dict[int, str], dict[int, str | None], Usage], dict[str, Any]],
     ) -> Response:
         info = await self.backend.engine_info(model)  # 404 for unknown models
-        obs = _Observation(model=model, engine=info.engine, endpoint=endpoint, request_id=request_id_of(request.scope))
+        obs = _Observation(self.sink, model=model, engine=info.engine, endpoint=endpoint,
+                           request_id=request_id_of(request.scope))
         try:
             if info.max_parallel and len(items) > info.max_parallel:
                 # a 429 here would never clear: the request alone overflows the engine's slots and queue
@@ -236,12 +255,12 @@ class OpenAIServing:
             if stream:
                 # (a request waiting for a slot leaves the queue when its client goes away)
                 streams = {idx: self.backend.generate(model, greq) for idx, greq in items}
-                merged = await _until_disconnect(request, _primed_fan_in(streams))
+                merged = await _until_disconnect(request, _primed_fan_in(streams, obs.note_served_by))
                 if merged is None:
                     obs.finish(499, "client_disconnected")
                     return Response(status_code=499)
                 return StreamingResponse(
-                    render_stream(merged, obs), media_type="text/event-stream", headers=SSE_HEADERS
+                    render_stream(merged, obs), media_type="text/event-stream", headers={**SSE_HEADERS, **obs.headers}
                 )
             result = await _until_disconnect(request, self._collect(model, items, obs, n))
             if result is None:
@@ -249,7 +268,7 @@ class OpenAIServing:
                 return Response(status_code=499)
             texts, reasons, usage = result
             obs.finish(200)
-            return JSONResponse(render_full(texts, reasons, usage))
+            return JSONResponse(render_full(texts, reasons, usage), headers=obs.headers)
         except EngineError as exc:
             obs.finish(exc.status_code, exc.error_type)
             return engine_error_response(exc)
@@ -263,13 +282,15 @@ class OpenAIServing:
         completion: dict[int, int] = {}
 
         async def one(idx: int, greq: GenerationRequest) -> None:
-            async for chunk in self.backend.generate(model, greq):
-                obs.token()
-                texts[idx].append(chunk.text)
-                prompt[idx] = chunk.prompt_tokens
-                completion[idx] = chunk.completion_tokens
-                if chunk.finish_reason:
-                    reasons[idx] = chunk.finish_reason
+            async with contextlib.aclosing(self.backend.generate(model, greq)) as chunks:
+                async for chunk in chunks:
+                    obs.token()
+                    obs.note_served_by(chunk)
+                    texts[idx].append(chunk.text)
+                    prompt[idx] = chunk.prompt_tokens
+                    completion[idx] = chunk.completion_tokens
+                    if chunk.finish_reason:
+                        reasons[idx] = chunk.finish_reason
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -284,7 +305,7 @@ class OpenAIServing:
 
     async def _stream_body(
         self,
-        merged: AsyncIterator[tuple[int, GenerationChunk]],
+        merged: AsyncGenerator[tuple[int, GenerationChunk], None],
         obs: _Observation,
         make_chunk: Callable[[int, str | None, str | None, bool], dict[str, Any]],
         usage_chunk: Callable[[Usage], dict[str, Any]] | None,
@@ -322,7 +343,7 @@ class OpenAIServing:
             yield _sse(error_payload("internal server error", 500, code="internal_error"))
             yield "data: [DONE]\n\n"
         finally:
-            await merged.aclose()  # type: ignore[attr-defined]
+            await merged.aclose()
             if not obs.output_tokens:
                 partial = _usage(prompt, completion, n)
                 obs.prompt_tokens, obs.output_tokens = partial.prompt_tokens, partial.completion_tokens
@@ -356,7 +377,8 @@ class OpenAIServing:
                 id=rid, created=created, model=req.model, choices=choices, usage=usage
             ).model_dump()
 
-        def stream(merged: AsyncIterator[tuple[int, GenerationChunk]], obs: _Observation) -> AsyncIterator[str]:
+        def stream(merged: AsyncGenerator[tuple[int, GenerationChunk], None], obs: _Observation
+                   ) -> AsyncIterator[str]:
             return self._stream_body(
                 merged, obs, make_chunk, usage_chunk if req.include_usage else None, req.n
             )
@@ -387,7 +409,8 @@ class OpenAIServing:
                 id=rid, created=created, model=req.model, choices=choices, usage=usage
             ).model_dump()
 
-        def stream(merged: AsyncIterator[tuple[int, GenerationChunk]], obs: _Observation) -> AsyncIterator[str]:
+        def stream(merged: AsyncGenerator[tuple[int, GenerationChunk], None], obs: _Observation
+                   ) -> AsyncIterator[str]:
             return self._stream_body(
                 merged, obs, make_chunk, usage_chunk if req.include_usage else None, req.n
             )

@@ -1,6 +1,6 @@
 """Pydantic models of the OpenAI wire format (requests, responses, stream chunks, errors).
 
-Only data shapes live here; the logic that fills them is in `app.api.serving`.
+Only data shapes live here; the logic that fills them is in `app.api.openai`.
 Unknown request fields are ignored (as OpenAI-compatible servers do), but fields
 whose semantics we do not implement are rejected with a 400 naming the field.
 Types are strict (no "5" for an integer, no 1 for a boolean), as OpenAI's API is.
@@ -237,6 +237,8 @@ class ModelCard(BaseModel):
     engine_reason: str = ""
     max_model_len: int | None = None
     ready: bool = False
+    engine_info: dict[str, Any] = Field(default_factory=dict, description="Every EngineInfo field, as the engine "
+                                        "reports it (max_parallel: generations one request may fan out to).")
 
 
 class ModelList(BaseModel):

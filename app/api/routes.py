@@ -2,26 +2,29 @@
 
 Standalone uvicorn server, Ray Serve ingress and DeepSpeed rank 0 all serve
 exactly these routes; they differ only in the `ModelBackend` on `app.state`.
-Route functions stay thin: logic lives in `app.api.serving`.
+Route functions stay thin: logic lives in `app.api.openai`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from app import metrics
 from app.api.auth import require_api_key
 from app.api.backend import ModelBackend
+from app.api.openai import OpenAIServing
 from app.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from app.api.serving import OpenAIServing
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
 def _backend(request: Request) -> ModelBackend:
-    return request.app.state.backend
+    backend: ModelBackend = request.app.state.backend
+    return backend
 
 
 @router.get("/healthz", include_in_schema=False)
@@ -39,12 +42,12 @@ async def readyz(request: Request) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus_metrics() -> Response:
-    body, content_type = metrics.render()
+async def prometheus_metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)
 
 
-async def _card(backend: ModelBackend, model_id: str, detail: dict) -> ModelCard:
+async def _card(backend: ModelBackend, model_id: str, detail: dict[str, Any]) -> ModelCard:
     info = await backend.engine_info(model_id)
     return ModelCard(
         id=model_id,
@@ -52,6 +55,7 @@ async def _card(backend: ModelBackend, model_id: str, detail: dict) -> ModelCard
         engine_reason=info.reason,
         max_model_len=info.max_context or None,
         ready=bool(detail.get(model_id, {}).get("ready")),
+        engine_info=dataclasses.asdict(info),
     )
 
 
@@ -71,12 +75,12 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
 
 @v1.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await OpenAIServing(_backend(request)).chat(body, request)
+    return await OpenAIServing(_backend(request), request.app.state.metrics).chat(body, request)
 
 
 @v1.post("/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await OpenAIServing(_backend(request)).completion(body, request)
+    return await OpenAIServing(_backend(request), request.app.state.metrics).completion(body, request)
 
 
 router.include_router(v1)

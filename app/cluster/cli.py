@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli import fail
+from app.console import fail
 
 cluster = typer.Typer(help="Ray cluster: head/worker nodes, deploy the Serve app, status, local mode.",
                       no_args_is_help=True)

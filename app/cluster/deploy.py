@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app import compat
 from app.cluster.node import LOOPBACK, ClusterError, apply_env, ray_env, wait_tcp
 from app.models.config import ModelConfig, load_model_configs
-from app.serving.ingress import APP_NAME
+from app.ray_serve.ingress import APP_NAME
 
 
 @dataclass
@@ -38,11 +39,9 @@ def connect(address: str, timeout_s: float = 60.0) -> None:
         raise ClusterError(f"the cluster address must be HEAD_IP:PORT, got {address!r}")
     apply_env(ray_env(host))  # before `import ray`: Ray reads some of these at import time
     import ray
-    from ray._private import ray_constants
 
     if host in LOOPBACK:
-        # Ray rewrites 127.0.0.1 to the host's routable address unless this is off (read at import time)
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        compat.ray_keep_loopback()  # else Ray rewrites 127.0.0.1 to the host's routable address
     if ray.is_initialized():
         return
     wait_tcp(host, int(port), timeout_s)  # ray.init would wait ~forever on an unreachable head
@@ -68,7 +67,7 @@ def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: l
     connect(opts.address)  # first: Ray must not be imported before the auth/loopback variables are set
     from ray import serve
 
-    from app.serving.ingress import build_app
+    from app.ray_serve.ingress import build_app
 
     serve.start(http_options={"host": opts.http_host, "port": opts.http_port, "location": "HeadOnly",
                               "request_timeout_s": opts.request_timeout_s})

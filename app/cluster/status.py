@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.serving import registry
-from app.serving.ingress import APP_NAME
+from app.ray_serve import registry
+from app.ray_serve.ingress import APP_NAME
 
 
 def collect() -> dict[str, Any]:

@@ -21,7 +21,7 @@ sub = typer.Typer(help="DeepSpeed tensor-parallel mode: one model sharded over s
 def _settings(overrides: dict[str, Any]) -> Any:
     from pydantic import ValidationError
 
-    from app.cli import fail
+    from app.console import fail
     from app.deepspeed.config import DSSettings
 
     try:
@@ -45,7 +45,7 @@ def serve(
     collective_timeout_s: Annotated[float | None, typer.Option(help="[DS_COLLECTIVE_TIMEOUT_S, 60].")] = None,
 ) -> None:
     """Per-rank entrypoint the DeepSpeed launcher runs on every VM (needs RANK/WORLD_SIZE/MASTER_*)."""
-    from app.cli import fail, setup_logging
+    from app.console import fail, setup_logging
 
     settings = _settings({"model": model, "served_model_name": served_model_name, "host": host, "port": port,
                           "collective_timeout_s": collective_timeout_s})
@@ -82,7 +82,7 @@ def launch(
     """Start the tensor-parallel group on DS_HOSTS with `deepspeed --launcher pdsh`; exits non-zero when it dies."""
     import shlex
 
-    from app.cli import fail, setup_logging
+    from app.console import fail, setup_logging
     from app.deepspeed import launcher
 
     settings = _settings({
@@ -120,7 +120,7 @@ def sshd(
         "/tmp/llmkit-deepspeed/sshd"),
 ) -> None:
     """Run a private sshd (key-only) so the launcher's pdsh reaches this VM's rank container."""
-    from app.cli import fail
+    from app.console import fail
     from app.deepspeed import launcher
 
     if authorized_keys is None:

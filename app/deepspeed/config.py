@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.engines.base import ServingKnobs
+
 
 @dataclass(frozen=True)
 class Host:
@@ -46,8 +48,8 @@ def parse_hosts(value: str) -> list[Host]:
     return hosts
 
 
-class DSSettings(BaseSettings):
-    """Settings of the DeepSpeed mode; CLI options override them."""
+class DSSettings(ServingKnobs, BaseSettings):
+    """Settings of the DeepSpeed mode; CLI options override them (DS_MAX_WAITING etc. from ServingKnobs)."""
 
     model_config = SettingsConfigDict(
         env_prefix="DS_", env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
@@ -69,9 +71,7 @@ class DSSettings(BaseSettings):
     ssh_key: str = ""
     ssh_port: int | None = Field(default=None, ge=1, le=65535, description="sshd port on every VM (default 22).")
     run_dir: str = Field(default="", description="Where the launcher writes hostfile and .deepspeed_env.")
-    max_waiting: int = Field(default=32, ge=0, description="Queued requests before 429.")
     max_model_len: int | None = Field(default=None, ge=16)
-    default_max_tokens: int = Field(default=256, ge=1)
     device: str = Field(default="cpu", description="cpu | cuda (cuda uses nccl).")
     dtype: str = Field(default="float32")
     torch_extensions_dir: str = ""

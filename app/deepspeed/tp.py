@@ -6,9 +6,11 @@ Rank 0 serves the ONE API router (`create_app`) through a `LocalBackend` holding
 
 Protocol (all collectives run on one dedicated thread per rank, each with the
 explicit collective timeout):
-- rank 0 reuses the transformers engine's decode loop, prompt rendering, stop
-  matching and detokenizer; its model is wrapped in `_MirroredModel`, which
-  broadcasts every forward call (token ids and cache length) before running it,
+- every rank loads the model with the transformers model runner (`HFModelRunner`)
+  and shards it through `runner.wrap_model`; rank 0 drives the runner's decode loop
+  and uses the shared prompt rendering, stop matching and detokenizer; its model
+  is wrapped (`wrap_model` again) in `_MirroredModel`, which broadcasts every
+  forward call (token ids and cache length) before running it,
   so followers run exactly the same forwards. Tokens are decided on rank 0 only
   and reach the other ranks as the next forward's input ids, so every rank works
   on the same sequence whatever the sampling settings.
@@ -28,12 +30,12 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from app import metrics
+from app import compat, metrics
 from app.deepspeed.config import DSSettings
 from app.engines.admission import AdmissionController
 from app.engines.base import (
@@ -46,7 +48,9 @@ from app.engines.base import (
     GenerationChunk,
     GenerationRequest,
 )
+from app.engines.hf_runner import GenerationCancelled, HFEngineConfig, HFModelRunner
 from app.engines.text import ChunkAssembler
+from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +94,12 @@ def init_distributed(settings: DSSettings, info: RankInfo) -> Any:
         # only set up when LOCAL_SIZE == WORLD_SIZE, so multi-node (and torchrun) launches segfault in
         # the first all-reduce. Across VMs shared memory is useless anyway: do not build/load the op
         # (this also skips its ~30 s compile on first start) and force the kernel level to 0 below.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        compat.deepspeed_skip_shm_comm_op()
     backend = "gloo" if settings.device == "cpu" else "nccl"
     timeout = timedelta(seconds=settings.collective_timeout_s)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     if multi_node:
-        from deepspeed.comm import comm as ds_comm
-
-        ds_comm.cdb.shm_vector_kernel_level = 0  # DeepSpeed #7625 workaround (see above)
+        compat.deepspeed_disable_shm_all_reduce()  # DeepSpeed #7625 workaround (see above)
     # loading may take much longer than one collective may wait: a separate group for that barrier
     return dist.new_group(backend=backend, timeout=timedelta(seconds=settings.load_timeout_s))
 
@@ -119,33 +119,33 @@ def _torch_dtype(name: str) -> Any:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def load_sharded(settings: DSSettings, info: RankInfo, load_group: Any) -> Any:
-    """Load the model on this rank and shard it with AutoTP; returns the transformers helper engine."""
+def load_sharded(settings: DSSettings, info: RankInfo, load_group: Any) -> HFModelRunner:
+    """Load the model on this rank with the transformers model runner and shard it with AutoTP."""
     import deepspeed
     import torch.distributed as dist
 
-    from app.engines.hf import HFEngineConfig, TransformersEngine
-
-    helper = TransformersEngine(HFEngineConfig(
-        model_id=settings.model_id, model_source=settings.model, device=_device(settings, info),
-        dtype=settings.dtype, max_model_len=settings.max_model_len, max_running=1, max_waiting=0,
-        default_max_tokens=settings.default_max_tokens,
-    ))
+    runner = HFModelRunner(settings.model, HFEngineConfig(
+        device=_device(settings, info), dtype=settings.dtype, max_model_len=settings.max_model_len,
+    ), model_id=settings.model_id)
     t0 = time.monotonic()
-    helper._load()
+    runner.load()
     log.info("rank %d: loaded %s in %.1fs; waiting for the other ranks", info.rank, settings.model,
              time.monotonic() - t0)
     dist.barrier(group=load_group)
-    ds_engine = deepspeed.init_inference(
-        helper._model,
-        tensor_parallel={"tp_size": info.world_size},
-        dtype=_torch_dtype(settings.dtype),
-        replace_with_kernel_inject=False,  # AutoTP: no fused kernels (CPU, any architecture)
-    )
-    helper._model = ds_engine.module
-    helper._model.eval()
+
+    def shard(model: Any) -> Any:
+        module = deepspeed.init_inference(
+            model,
+            tensor_parallel={"tp_size": info.world_size},
+            dtype=_torch_dtype(settings.dtype),
+            replace_with_kernel_inject=False,  # AutoTP: no fused kernels (CPU, any architecture)
+        ).module
+        module.eval()
+        return module
+
+    runner.wrap_model(shard)
     log.info("rank %d: sharded over %d ranks (AutoTP)", info.rank, info.world_size)
-    return helper
+    return runner
 
 
 # ----------------------------------------------------------------------------- wire between ranks
@@ -253,9 +253,9 @@ def follow(settings: DSSettings, info: RankInfo) -> int:
     from transformers import DynamicCache
 
     load_group = init_distributed(settings, info)
-    helper = load_sharded(settings, info, load_group)
-    model = helper._model
-    device = helper.info.device
+    runner = load_sharded(settings, info, load_group)
+    model = runner.model
+    device = runner.device
     wire = _Wire(device)
     cache: Any = None
     log.info("rank %d: following rank 0", info.rank)
@@ -318,20 +318,23 @@ class _Job:
 class TPEngine(Engine):
     """Rank 0's engine: requests are serialized (one running, bounded queue -> 429) and broadcast."""
 
-    def __init__(self, settings: DSSettings, info: RankInfo, on_dead: Callable[[str], None] | None = None):
+    def __init__(self, settings: DSSettings, info: RankInfo, on_dead: Callable[[str], None] | None = None,
+                 metrics: MetricsSink | None = None):
         self.settings = settings
         self.rank = info
         self.on_dead = on_dead
+        self.metrics = metrics or PrometheusSink()
         self.info = EngineInfo(
             model_id=settings.model_id, engine=ENGINE_NAME, model_source=settings.model,
             max_context=settings.max_model_len or 0, device=settings.device, dtype=settings.dtype,
             reason=f"tensor parallel over {info.world_size} ranks (DeepSpeed AutoTP)",
         )
         self._labels = {"model": settings.model_id, "engine": ENGINE_NAME}
-        self._admission = AdmissionController(1, settings.max_waiting, metric_labels=self._labels)
+        self._admission = AdmissionController(1, settings.max_waiting, settings.retry_after_s, metrics=self.metrics,
+                                              metric_labels=self._labels)
         self.info.max_parallel = self._admission.capacity
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._helper: Any = None
+        self._runner: HFModelRunner | None = None
         self._ready = False
         self._dead_reason: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -343,12 +346,13 @@ class TPEngine(Engine):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.create_future()
-        metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
+        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
         self._thread = threading.Thread(target=self._main, name="ds-collectives", daemon=True)
         self._thread.start()
         await asyncio.shield(self._started)
-        metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
-        metrics.set_gauge(metrics.ENGINE_INFO, {**self._labels, "fallback": "false", "reason": self.info.reason}, 1)
+        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
+        self.metrics.set_gauge(metrics.ENGINE_INFO, {**self._labels, "fallback": "false", "reason": self.info.reason},
+                               1)
 
     def _signal_started(self, exc: BaseException | None) -> None:
         def _set() -> None:
@@ -388,13 +392,15 @@ class TPEngine(Engine):
         wire: _Wire | None = None
         try:
             load_group = init_distributed(self.settings, self.rank)
-            self._helper = load_sharded(self.settings, self.rank, load_group)
-            wire = _Wire(self._helper.info.device)
-            self._helper._model = _MirroredModel(self._helper._model, wire)
-            self.info.max_context = self._helper.info.max_context
-            self.info.device = self._helper.info.device
-            self.info.dtype = self._helper.info.dtype
-            self._helper._warmup()  # through the mirror: every rank runs it
+            runner = load_sharded(self.settings, self.rank, load_group)
+            wire = _Wire(runner.device)
+            mirror_wire = wire
+            runner.wrap_model(lambda model: _MirroredModel(model, mirror_wire))
+            self.info.max_context = runner.max_context
+            self.info.device = runner.device
+            self.info.dtype = runner.dtype
+            self._runner = runner
+            runner.warmup()  # through the mirror: every rank runs it
             wire.send({"op": "end"})
             self._ready = True
             self._signal_started(None)
@@ -427,12 +433,11 @@ class TPEngine(Engine):
             job.finish()
 
     def _run_job(self, job: _Job, wire: _Wire) -> None:
-        from app.engines.hf import GenerationCancelled
-
         if job.cancel.is_set():
             return
+        assert self._runner is not None  # set before any job is served
         try:
-            for token, finish in self._helper.decode_steps(job.prompt_ids, job.request, job.max_new, job.cancel):
+            for token, finish in self._runner.decode_steps(job.prompt_ids, job.request, job.max_new, job.cancel):
                 job.post("token", token, finish)
                 if finish:
                     break
@@ -451,7 +456,7 @@ class TPEngine(Engine):
     def _die(self, reason: str) -> None:
         self._dead_reason = reason
         self._ready = False
-        metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
+        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
         if self._current is not None:
             self._current.post("dead", reason)
             self._current.finish()
@@ -477,14 +482,15 @@ class TPEngine(Engine):
         if not self._ready:
             raise EngineNotReadyError(f"model {self.info.model_id} is still loading", retry_after=5)
 
-    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+    def _ready_runner(self) -> HFModelRunner:
         self._check_alive()
-        return len(self._helper.prompt_ids(request))
+        assert self._runner is not None  # set before the engine reports ready
+        return self._runner
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        self._check_alive()
-        prompt_ids = self._helper.prompt_ids(request)
-        max_new = self._helper.max_new_tokens(len(prompt_ids), request)
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        runner = self._ready_runner()
+        prompt_ids = runner.prompt_ids(request)
+        max_new = runner.max_new_tokens(len(prompt_ids), request, self.settings.default_max_tokens)
         async with self._admission.admitted(self._run(prompt_ids, request, max_new)) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -492,10 +498,10 @@ class TPEngine(Engine):
     async def _run(
         self, prompt_ids: list[int], req: GenerationRequest, max_new: int
     ) -> AsyncGenerator[GenerationChunk, None]:
-        self._check_alive()  # again: the group may have died while this request waited for its slot
+        runner = self._ready_runner()  # again: the group may have died while this request waited for its slot
+        chunks = ChunkAssembler(runner.tokenizer, req.stop, len(prompt_ids))
         job = _Job(prompt_ids, req, max_new, asyncio.get_running_loop())
         self._jobs.put(job)
-        chunks = ChunkAssembler(self._helper.tokenizer, req.stop, len(prompt_ids))
         finished = False
         try:
             while True:
@@ -515,7 +521,7 @@ class TPEngine(Engine):
         finally:
             job.cancel.set()
             if not finished:
-                metrics.inc(metrics.ABORTED, self._labels)
+                self.metrics.inc(metrics.ABORTED, self._labels)
             # keep the slot until the collective thread is done with this job (the next one must wait)
             await asyncio.shield(job.done.wait())
 
@@ -543,9 +549,10 @@ def serve_rank0(settings: DSSettings, info: RankInfo) -> int:
                 server.should_exit = True
         asyncio.get_running_loop().call_later(linger, stop)
 
-    engine = TPEngine(settings, info, on_dead=on_dead)
-    backend = LocalBackend({settings.model_id: engine})
-    app = create_app(backend, api_keys=settings.api_key_list)
+    sink = PrometheusSink()
+    engine = TPEngine(settings, info, on_dead=on_dead, metrics=sink)
+    backend = LocalBackend({settings.model_id: engine}, location=f"rank{info.rank}")
+    app = create_app(backend, metrics=sink, api_keys=settings.api_key_list)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=5, access_log=False)
     server = uvicorn.Server(config)

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from app.engines.base import EngineStats, QueueFullError
+from app.metrics import QUEUE_DEPTH, RUNNING, MetricsSink
 
 T = TypeVar("T")
 
@@ -25,6 +26,7 @@ class AdmissionController:
         max_waiting: int,
         retry_after_s: float = 1.0,
         on_change: Callable[[], None] | None = None,
+        metrics: MetricsSink | None = None,
         metric_labels: dict[str, str] | None = None,
     ):
         if max_running < 1:
@@ -36,7 +38,8 @@ class AdmissionController:
         self.retry_after_s = retry_after_s
         self._running = 0
         self._waiters: list[asyncio.Future[None]] = []
-        self._metric_labels = metric_labels
+        self._metrics = metrics
+        self._metric_labels = metric_labels or {}
         self._on_change = on_change or self.publish
 
     def stats(self) -> EngineStats:
@@ -48,13 +51,11 @@ class AdmissionController:
         return self.max_running + self.max_waiting
 
     def publish(self) -> None:
-        """Set the running / queue-depth gauges (for `metric_labels`) from the current counts."""
-        if self._metric_labels is None:
+        """Set the running / queue-depth gauges (`metric_labels` on `metrics`) from the current counts."""
+        if self._metrics is None:
             return
-        from app import metrics
-
-        metrics.set_gauge(metrics.RUNNING, self._metric_labels, self._running)
-        metrics.set_gauge(metrics.QUEUE_DEPTH, self._metric_labels, len(self._waiters))
+        self._metrics.set_gauge(RUNNING, self._metric_labels, self._running)
+        self._metrics.set_gauge(QUEUE_DEPTH, self._metric_labels, len(self._waiters))
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

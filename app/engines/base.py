@@ -1,22 +1,53 @@
-"""The engine protocol: the one small contract every inference engine implements.
+"""The engine protocol: the one small contract every inference engine implements, and the data it uses.
 
-An engine turns a `GenerationRequest` into an async stream of `GenerationChunk`s.
-Closing (or cancelling) that stream aborts the generation: that is how client
-disconnects reach the engine. Engines raise `EngineError` subclasses, whose
-HTTP status and OpenAI error type the API layer maps without knowing engines.
-Everything here is plain data (dataclasses) so it crosses Ray and
-torch.distributed boundaries by pickling.
+An engine is built from an `EngineSpec` (what to serve, from a model config or the LLM_* settings) and
+turns a `GenerationRequest` into an async stream of `GenerationChunk`s. Closing (or cancelling) that
+stream aborts the generation: that is how client disconnects reach the engine. Every error, admission
+(429) and validation (400) included, is raised when the first chunk is asked for, never at call time.
+Engines raise `EngineError` subclasses, whose HTTP status and OpenAI error type the API layer maps
+without knowing engines. `EngineInfo` is what an engine reports about itself; it and the errors are
+plain picklable data, so they cross Ray and torch.distributed boundaries unchanged.
+
+`ServingKnobs` declares, once, the per-model knobs every config source shares (`LLM_*` settings, model
+config files, `DS_*` settings, `EngineSpec`).
 """
 
 from __future__ import annotations
 
 import abc
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+
 FinishReason = Literal["stop", "length"]
+EngineChoice = Literal["auto", "vllm", "transformers"]
+
+
+class ServingKnobs(BaseModel):
+    """Per-model serving knobs, declared once; Settings (LLM_*), model configs, EngineSpec and DSSettings reuse them."""
+
+    max_waiting: int = Field(default=32, ge=0, description="Requests queued per engine (per replica) before 429.")
+    default_max_tokens: int = Field(default=256, ge=1, description="max_tokens for a request that sets none.")
+    retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After (seconds) sent with a 429.")
+
+
+class EngineSpec(ServingKnobs):
+    """What to serve and how: read once from a model config file or the LLM_* settings, picklable.
+
+    `engine_kwargs` is a plain dict that only the engine validates (vLLM against its AsyncEngineArgs, the
+    transformers engine against the keys it declares); `source` names where the spec came from, for errors.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_id: str = Field(min_length=1)
+    model_source: str = Field(min_length=1)
+    engine: EngineChoice = "auto"
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    source: str = ""
 
 
 @dataclass
@@ -39,12 +70,17 @@ class GenerationRequest:
 
 @dataclass
 class GenerationChunk:
-    """One step of output. `completion_tokens` is cumulative; `text` is the new delta."""
+    """One step of output. `completion_tokens` is cumulative; `text` is the new delta.
+
+    The first chunk of a stream carries `served_by`, set by the server hosting the engine
+    (`transformers@standalone`, `vllm@10.0.0.5/abc123` for a Ray replica, `deepspeed@rank0`).
+    """
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    served_by: str | None = None
 
 
 @dataclass
@@ -59,16 +95,6 @@ class EngineInfo:
     dtype: str = "float32"
     reason: str = ""  # why this engine was selected (e.g. the vLLM fallback reason)
     max_parallel: int = 0  # generations one request may fan out to (running + waiting slots); 0 = unknown
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "engine": self.engine,
-            "model_source": self.model_source,
-            "max_context": self.max_context,
-            "device": self.device,
-            "dtype": self.dtype,
-            "reason": self.reason,
-        }
 
 
 @dataclass
@@ -157,17 +183,17 @@ class Engine(abc.ABC):
         """Raise `EngineDeadError` when the engine can no longer serve."""
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream output. Admission/validation errors raise before the first chunk.
-
-        The last chunk carries `finish_reason`. Closing the iterator aborts the request.
-        """
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        """Stream output (an async generator). Every error, admission and validation included, is raised
+        when the first chunk is asked for. The last chunk carries `finish_reason`. Closing the iterator
+        aborts the request."""
 
     @abc.abstractmethod
     def stats(self) -> EngineStats:
         """Current running/waiting request counts."""
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:  # pragma: no cover - optional
+        """Tokens of the request's prompt as this engine renders it (benchmarks report it)."""
         raise NotImplementedError
 
     async def shutdown(self) -> None:

@@ -1,12 +1,16 @@
 """Hugging Face transformers engine: the fallback that runs on any device.
 
-Loads a local folder or hub id with AutoModelForCausalLM/AutoTokenizer and runs
-its own token-by-token decode loop (KV cache, per-request torch.Generator for
-seeded sampling, temperature/top-p, presence/frequency penalties) in a worker
-thread, so that every token streams out at once, each request checks its own
-cancel flag between tokens (client disconnects stop generation within one
-token), and stop strings are matched on the decoded text. Concurrency is bounded
-by an `AdmissionController` whose full queue turns into HTTP 429.
+The model runner (`app.engines.hf_runner`) loads the model and owns the token-by-token decode loop; this
+engine runs that loop in worker threads, so every token streams out at once, each request checks its
+own cancel flag between tokens (client disconnects stop generation within one token), and stop strings
+are matched on the decoded text. Concurrency is bounded by an `AdmissionController` (`max_num_seqs`
+slots, `max_waiting` queue places) whose full queue turns into HTTP 429.
+
+`engine_kwargs` are validated here and nowhere else (`transformers_engine_config`): the keys it uses
+(`USED_KWARGS`), vLLM-only tuning keys it knowingly ignores (`IGNORED_VLLM_KWARGS`: warned once and named
+in the engine's reason), keys whose meaning it cannot honour because results would differ
+(`REFUSED_KWARGS`: an error, except in an `auto` fallback, whose reason then says what was dropped), and
+anything else, which is an error naming the key (again except in a fallback, which drops and names it).
 """
 
 from __future__ import annotations
@@ -14,162 +18,168 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from app import metrics
 from app.engines.admission import AdmissionController
 from app.engines.base import (
     Engine,
-    EngineDeadError,
     EngineError,
     EngineInfo,
     EngineNotReadyError,
+    EngineSpec,
     EngineStats,
     GenerationChunk,
     GenerationRequest,
 )
-from app.engines.text import ChunkAssembler, render_prompt, token_budget
+from app.engines.hf_runner import GenerationCancelled, HFEngineConfig, HFModelRunner
+from app.engines.text import ChunkAssembler
+from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
 
-_SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (as vLLM does)
-_IMPORT_LOCK = threading.Lock()
+ENGINE_NAME = "transformers"
+USED_KWARGS = frozenset({"dtype", "device", "max_model_len", "max_num_seqs", "trust_remote_code", "revision",
+                         "tokenizer", "seed"})
+# vLLM performance knobs with no effect on what is generated: the transformers engine has no use for them
+IGNORED_VLLM_KWARGS = frozenset({
+    "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "kv_cache_dtype", "max_num_batched_tokens",
+    "enable_chunked_prefill", "swap_space", "block_size", "cpu_offload_gb", "kv_cache_memory_bytes",
+    "max_seq_len_to_capture", "disable_log_stats", "distributed_executor_backend", "disable_custom_all_reduce",
+    "compilation_config", "download_dir", "scheduling_policy", "async_scheduling", "max_logprobs",
+})
+# vLLM arguments that change the results (or the model): refused unless an `auto` fallback drops them
+REFUSED_KWARGS = frozenset({"quantization", "tensor_parallel_size", "pipeline_parallel_size", "speculative_config",
+                            "hf_overrides", "rope_scaling", "override_generation_config", "load_format",
+                            "enable_lora", "max_loras", "tokenizer_mode", "data_parallel_size"})
+_DTYPES = {"auto", "float32", "float", "float16", "half", "bfloat16"}
+_warned: set[tuple[str, str]] = set()
 
 
-@dataclass
-class HFEngineConfig:
-    model_id: str
-    model_source: str
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    max_model_len: int | None = None
-    max_running: int = 4
-    max_waiting: int = 32
-    default_max_tokens: int = 256
-    trust_remote_code: bool = False
-    retry_after_s: float = 1.0
-    reason: str = ""
+def _int(kw: dict[str, Any], key: str, minimum: int) -> int | None:
+    value = kw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"engine_kwargs.{key}={value!r}: must be an integer >= {minimum}")
+    return value
 
 
-class GenerationCancelled(Exception):
-    """Raised inside `decode_steps` when the request's cancel flag is set."""
+def _str(kw: dict[str, Any], key: str) -> str | None:
+    value = kw.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"engine_kwargs.{key}={value!r}: must be a string")
+    return value
 
 
-def _resolve_device(device: str) -> str:
-    import torch
+def transformers_engine_config(engine_kwargs: dict[str, Any], *, fallback: bool = False
+                               ) -> tuple[HFEngineConfig, list[str]]:
+    """The engine's settings from `engine_kwargs`, plus notes on what it ignores or drops (for its reason).
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    Raises ValueError naming the key for a bad value, a refused key or an unknown key; with `fallback`
+    (vLLM was wanted and could not start) refused and unknown keys are dropped and named in the notes.
+    """
+    kw = dict(engine_kwargs)
+    ignored = sorted(k for k in kw if k in IGNORED_VLLM_KWARGS)
+    refused = sorted(k for k in kw if k in REFUSED_KWARGS and not _harmless(k, kw[k]))
+    unknown = sorted(k for k in kw if k not in USED_KWARGS | IGNORED_VLLM_KWARGS | REFUSED_KWARGS)
+    if not fallback:
+        if refused:
+            key = refused[0]
+            raise ValueError(f"engine_kwargs.{key}={kw[key]!r}: changes results and the transformers engine "
+                             "cannot honour it; remove it, or use engine: vllm (or auto, which falls back without it)")
+        if unknown:
+            raise ValueError(f"engine_kwargs.{unknown[0]}: not an argument of the transformers engine (it uses "
+                             f"{', '.join(sorted(USED_KWARGS))} and ignores vLLM's tuning keys)")
+    dtype = _str(kw, "dtype") or "auto"
+    if dtype not in _DTYPES:
+        raise ValueError(f"engine_kwargs.dtype={dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
+    device = kw.get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ValueError(f"engine_kwargs.device={device!r}: use auto, cpu, cuda or cuda:N")
+    trust = kw.get("trust_remote_code", False)
+    if not isinstance(trust, bool):
+        raise ValueError(f"engine_kwargs.trust_remote_code={trust!r}: must be true or false")
+    seed = kw.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"engine_kwargs.seed={seed!r}: must be an integer")
+    config = HFEngineConfig(
+        device=device, dtype=dtype, max_model_len=_int(kw, "max_model_len", 16),
+        max_num_seqs=_int(kw, "max_num_seqs", 1) or HFEngineConfig.max_num_seqs, trust_remote_code=trust,
+        revision=_str(kw, "revision"), tokenizer=_str(kw, "tokenizer"), seed=seed,
+    )
+    notes = []
+    if ignored:
+        notes.append(f"ignores vLLM-only engine_kwargs {', '.join(ignored)}")
+    if refused:
+        notes.append(f"dropped engine_kwargs {', '.join(refused)} (results differ from vLLM's)")
+    if unknown:
+        notes.append(f"dropped engine_kwargs {', '.join(unknown)} (unknown to the transformers engine)")
+    return config, notes
 
 
-def _resolve_dtype(dtype: str, device: str) -> Any:
-    import torch
-
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "half": torch.float16,
-                "bfloat16": torch.bfloat16}[dtype]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {dtype!r}: use auto, float32, float16 or bfloat16") from None
+def _harmless(key: str, value: Any) -> bool:
+    """A refused key at the value that means what the transformers engine does anyway (one device)."""
+    return key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size") and value == 1
 
 
 class TransformersEngine(Engine):
-    """Engine protocol over a transformers causal LM."""
+    """Engine protocol over a transformers causal LM (`HFModelRunner`)."""
 
-    name = "transformers"
+    name = ENGINE_NAME
 
-    def __init__(self, config: HFEngineConfig):
-        self.cfg = config
-        self.info = EngineInfo(
-            model_id=config.model_id,
-            engine=self.name,
-            model_source=config.model_source,
-            max_context=config.max_model_len or 0,
-            reason=config.reason,
-        )
-        self._labels = {"model": config.model_id, "engine": self.name}
-        self._admission = AdmissionController(
-            config.max_running, config.max_waiting, config.retry_after_s, metric_labels=self._labels
-        )
+    def __init__(self, spec: EngineSpec, metrics: MetricsSink | None = None, *, reason: str = "",
+                 fallback: bool = False):
+        """`fallback`: vLLM was wanted and could not start; engine_kwargs this engine cannot honour are dropped
+        (and named in the reason) instead of refused. Raises ValueError naming the spec's source and key."""
+        try:
+            self.cfg, notes = transformers_engine_config(spec.engine_kwargs, fallback=fallback)
+        except ValueError as exc:
+            raise ValueError(f"{spec.source}: {exc}" if spec.source else str(exc)) from None
+        self.spec = spec
+        self.metrics = metrics or PrometheusSink()
+        for note in notes:
+            if (spec.model_id, note) not in _warned:
+                _warned.add((spec.model_id, note))
+                log.warning("model %s: the transformers engine %s", spec.model_id, note)
+        self.reason = "; ".join([reason, *notes]) if reason else "; ".join(notes)
+        self.fallback = fallback
+        self.runner = HFModelRunner(spec.model_source, self.cfg, model_id=spec.model_id)
+        self.info = EngineInfo(model_id=spec.model_id, engine=self.name, model_source=spec.model_source,
+                               max_context=self.cfg.max_model_len or 0, reason=self.reason)
+        self._labels = {"model": spec.model_id, "engine": self.name}
+        self._admission = AdmissionController(self.cfg.max_num_seqs, spec.max_waiting, spec.retry_after_s,
+                                              metrics=self.metrics, metric_labels=self._labels)
         self.info.max_parallel = self._admission.capacity
-        self._executor = ThreadPoolExecutor(max_workers=config.max_running, thread_name_prefix="hf-gen")
+        self._executor = ThreadPoolExecutor(max_workers=self.cfg.max_num_seqs, thread_name_prefix="hf-gen")
         self._ready = False
-        self._dead_reason: str | None = None
-        self._model: Any = None
-        self._tokenizer: Any = None
-        self._eos_ids: list[int] = []
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
-        await asyncio.to_thread(self._load)
-        await asyncio.to_thread(self._warmup)
+        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
+        await asyncio.to_thread(self.runner.load)
+        self.info.max_context = self.runner.max_context
+        self.info.device = self.runner.device
+        self.info.dtype = self.runner.dtype
+        await asyncio.to_thread(self.runner.warmup)
         self._ready = True
-        metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
-        metrics.set_gauge(
+        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
+        self.metrics.set_gauge(
             metrics.ENGINE_INFO,
-            {**self._labels, "fallback": "true" if self.cfg.reason.startswith("fallback") else "false",
-             "reason": self.cfg.reason},
+            {**self._labels, "fallback": "true" if self.fallback else "false", "reason": self.reason},
             1,
         )
         self._admission.publish()
-        log.info("model %s ready on %s (%s)", self.cfg.model_id, self.info.device, self.info.dtype)
-
-    def _load(self) -> None:
-        import torch
-
-        with _IMPORT_LOCK:  # transformers' lazy imports race when two models load in parallel threads
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        device = _resolve_device(self.cfg.device)
-        dtype = _resolve_dtype(self.cfg.dtype, device)
-        t0 = time.monotonic()
-        tok = AutoTokenizer.from_pretrained(self.cfg.model_source, trust_remote_code=self.cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            self.cfg.model_source, dtype=dtype, trust_remote_code=self.cfg.trust_remote_code
-        )
-        model.to(device)
-        model.eval()
-        self._model, self._tokenizer = model, tok
-        eos: set[int] = set()
-        for src in (model.generation_config.eos_token_id if model.generation_config else None,
-                    model.config.eos_token_id, tok.eos_token_id):
-            if isinstance(src, int):
-                eos.add(src)
-            elif isinstance(src, list):
-                eos.update(int(x) for x in src)
-        self._eos_ids = sorted(eos)
-        ctx = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
-        if self.cfg.max_model_len:
-            ctx = min(ctx, self.cfg.max_model_len)
-        self.info.max_context = ctx
-        self.info.device = device
-        self.info.dtype = str(dtype).removeprefix("torch.")
-        torch.set_grad_enabled(False)
-        log.info("loaded %s from %s in %.1fs", self.cfg.model_id, self.cfg.model_source, time.monotonic() - t0)
-
-    def _warmup(self) -> None:
-        ids = self._tokenizer("warm-up", add_special_tokens=False)["input_ids"] or [0]
-        cancel = threading.Event()
-        for _ in self.decode_steps(ids, GenerationRequest(temperature=0.0, max_tokens=2), 2, cancel):
-            pass
+        log.info("model %s ready on %s (%s)", self.spec.model_id, self.info.device, self.info.dtype)
 
     def is_ready(self) -> bool:
-        return self._ready and self._dead_reason is None
+        return self._ready
 
     async def check_health(self) -> None:
-        if self._dead_reason:
-            raise EngineDeadError(f"engine for {self.cfg.model_id} is dead: {self._dead_reason}")
         if not self._ready:
-            raise EngineNotReadyError(f"model {self.cfg.model_id} is still loading")
+            raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
 
     def stats(self) -> EngineStats:
         return self._admission.stats()
@@ -178,78 +188,17 @@ class TransformersEngine(Engine):
         self._ready = False
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # ------------------------------------------------------------------ prompt handling
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    def prompt_ids(self, req: GenerationRequest) -> list[int]:
-        return render_prompt(self._tokenizer, req, self.cfg.model_id, plain_chat_fallback=True)
-
-    def max_new_tokens(self, prompt_len: int, req: GenerationRequest) -> int:
-        return token_budget(prompt_len, req, self.info.max_context, self.cfg.default_max_tokens)
-
+    # ------------------------------------------------------------------ requests
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self.prompt_ids(request))
+        return len(self.runner.prompt_ids(request))
 
-    # ------------------------------------------------------------------ decode loop (worker thread)
-    def decode_steps(self, prompt_ids: list[int], req: GenerationRequest, max_new: int, cancel: threading.Event):
-        """Yields (token_id, finish) per generated token; finish is None, 'stop' or 'length'."""
-        import torch
-        from transformers import DynamicCache
-
-        model = self._model
-        device = self.info.device
-        gen = torch.Generator(device=device)
-        if req.seed is not None:
-            gen.manual_seed(int(req.seed) & 0xFFFF_FFFF_FFFF_FFFF)
-        else:
-            gen.seed()
-        vocab = model.config.vocab_size
-        counts = torch.zeros(vocab, device=device) if (req.presence_penalty or req.frequency_penalty) else None
-        eos = torch.tensor(self._eos_ids, dtype=torch.long, device=device) if self._eos_ids else None
-        cache = DynamicCache()
-        inp = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        with torch.inference_mode():
-            for step in range(max_new):
-                if cancel.is_set():
-                    raise GenerationCancelled()
-                out = model(input_ids=inp, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
-                logits = out.logits[0, -1, :vocab].float()
-                if counts is not None:
-                    logits = logits - req.frequency_penalty * counts - req.presence_penalty * (counts > 0).float()
-                if eos is not None and (req.ignore_eos or step < req.min_tokens):
-                    logits[eos] = float("-inf")
-                if req.temperature < _SAMPLING_EPS:  # a tiny temperature would overflow the logits: greedy
-                    token = int(torch.argmax(logits))
-                else:
-                    logits = logits / req.temperature
-                    probs = torch.softmax(logits, dim=-1)
-                    if req.top_p < 1.0:
-                        sorted_p, idx = torch.sort(probs, descending=True)
-                        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p
-                        sorted_p = sorted_p * keep
-                        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-                    token = int(torch.multinomial(probs, 1, generator=gen))
-                if counts is not None:
-                    counts[token] += 1
-                finish = None
-                if token in self._eos_ids and not req.ignore_eos:
-                    finish = "stop"
-                elif step + 1 >= max_new:
-                    finish = "length"
-                yield token, finish
-                if finish:
-                    return
-                inp = torch.tensor([[token]], dtype=torch.long, device=device)
-
-    def _run_thread(self, prompt_ids, req, max_new, cancel, loop, queue) -> None:
-        def put(item: Any) -> None:
+    def _run_thread(self, prompt_ids: list[int], req: GenerationRequest, max_new: int, cancel: threading.Event,
+                    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[Any, ...]]) -> None:
+        def put(item: tuple[Any, ...]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         try:
-            for token, finish in self.decode_steps(prompt_ids, req, max_new, cancel):
+            for token, finish in self.runner.decode_steps(prompt_ids, req, max_new, cancel):
                 put(("token", token, finish))
         except GenerationCancelled:
             put(("cancelled",))
@@ -257,14 +206,10 @@ class TransformersEngine(Engine):
             log.exception("generation failed for request %s", req.request_id)
             put(("error", exc))
 
-    # ------------------------------------------------------------------ public generate
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        if self._dead_reason:
-            raise EngineDeadError(f"engine for {self.cfg.model_id} is dead: {self._dead_reason}")
-        if not self._ready:
-            raise EngineNotReadyError(f"model {self.cfg.model_id} is still loading", retry_after=5)
-        prompt_ids = self.prompt_ids(request)
-        max_new = self.max_new_tokens(len(prompt_ids), request)
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        await self.check_health()
+        prompt_ids = self.runner.prompt_ids(request)
+        max_new = self.runner.max_new_tokens(len(prompt_ids), request, self.spec.default_max_tokens)
         async with self._admission.admitted(self._generate_admitted(prompt_ids, request, max_new)) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -278,7 +223,7 @@ class TransformersEngine(Engine):
         fut = loop.run_in_executor(
             self._executor, self._run_thread, prompt_ids, req, max_new, cancel, loop, queue
         )
-        chunks = ChunkAssembler(self._tokenizer, req.stop, len(prompt_ids))
+        chunks = ChunkAssembler(self.runner.tokenizer, req.stop, len(prompt_ids))
         finished = False
         try:
             while True:
@@ -299,6 +244,6 @@ class TransformersEngine(Engine):
         finally:
             cancel.set()
             if not finished:
-                metrics.inc(metrics.ABORTED, self._labels)
+                self.metrics.inc(metrics.ABORTED, self._labels)
             # hold the admission slot until the worker thread has really stopped
             await asyncio.shield(fut)

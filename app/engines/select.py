@@ -25,12 +25,11 @@ Ray Serve the same `SelectedEngine.start` raises; how Serve shows it is the Ray 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import AsyncGenerator
 
 from app import metrics
 from app.engines.base import (
@@ -38,30 +37,14 @@ from app.engines.base import (
     EngineDeadError,
     EngineInfo,
     EngineNotReadyError,
+    EngineSpec,
     EngineStats,
     GenerationChunk,
     GenerationRequest,
 )
-from app.engines.hf import HFEngineConfig, TransformersEngine
+from app.metrics import MetricsSink
 
 log = logging.getLogger(__name__)
-
-EngineChoice = Literal["auto", "vllm", "transformers"]
-
-# engine_kwargs the transformers engine understands; the rest are vLLM-only and ignored by it
-_HF_KWARGS = {"dtype", "max_model_len", "device", "trust_remote_code", "max_num_seqs"}
-
-
-@dataclass
-class EngineSpec:
-    model_id: str
-    model_source: str
-    engine: EngineChoice = "auto"
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    max_waiting: int = 32
-    default_max_tokens: int = 256
-    retry_after_s: float = 1.0
-
 
 PRECHECK_ENV = "LLM_VLLM_PRECHECK"
 PRECHECK_MODES = ("cuda", "none")
@@ -94,33 +77,22 @@ def vllm_status() -> tuple[bool, str]:
     return True, "vllm is installed and a CUDA device is visible"
 
 
-def hf_config(spec: EngineSpec, reason: str) -> HFEngineConfig:
-    kw = spec.engine_kwargs
-    return HFEngineConfig(
-        model_id=spec.model_id,
-        model_source=spec.model_source,
-        device=str(kw.get("device", "auto")),
-        dtype=str(kw.get("dtype", "auto")),
-        max_model_len=kw.get("max_model_len"),
-        max_running=int(kw.get("max_num_seqs", 4)),
-        max_waiting=spec.max_waiting,
-        default_max_tokens=spec.default_max_tokens,
-        trust_remote_code=bool(kw.get("trust_remote_code", False)),
-        retry_after_s=spec.retry_after_s,
-        reason=reason,
-    )
+def _transformers(spec: EngineSpec, sink: MetricsSink, reason: str, fallback: bool) -> Engine:
+    from app.engines.hf import TransformersEngine
+
+    return TransformersEngine(spec, sink, reason=reason, fallback=fallback)
 
 
-def _build_vllm(spec: EngineSpec, reason: str) -> Engine:
+def _vllm(spec: EngineSpec, sink: MetricsSink, reason: str) -> Engine:
     from app.engines.vllm import VLLMEngine  # vLLM imports stay inside that module
 
-    return VLLMEngine(spec, reason=reason)
+    return VLLMEngine(spec, sink, reason=reason)
 
 
-async def start_engine(spec: EngineSpec) -> Engine:
-    """Build and start the engine for `spec`, falling back from vLLM when `auto` allows it."""
+async def start_engine(spec: EngineSpec, metrics: MetricsSink) -> Engine:
+    """Build and start the engine for `spec`, recording into `metrics`; falls back from vLLM when `auto` allows."""
     if spec.engine == "transformers":
-        engine: Engine = TransformersEngine(hf_config(spec, "configured: engine=transformers"))
+        engine = _transformers(spec, metrics, "configured: engine=transformers", fallback=False)
         await engine.start()
         return engine
 
@@ -133,7 +105,7 @@ async def start_engine(spec: EngineSpec) -> Engine:
     if usable:
         vllm_engine: Engine | None = None
         try:
-            vllm_engine = _build_vllm(spec, reason=f"{'configured' if spec.engine == 'vllm' else 'auto'}: {why}")
+            vllm_engine = _vllm(spec, metrics, reason=f"{'configured' if spec.engine == 'vllm' else 'auto'}: {why}")
             await vllm_engine.start()
             return vllm_engine
         except Exception as exc:
@@ -150,7 +122,7 @@ async def start_engine(spec: EngineSpec) -> Engine:
             why = f"vLLM failed to start: {type(exc).__name__}: {str(exc)[:300]}"
             log.warning("model %s: %s; falling back to transformers", spec.model_id, why)
 
-    engine = TransformersEngine(hf_config(spec, f"fallback: {why}"))
+    engine = _transformers(spec, metrics, f"fallback: {why}", fallback=True)
     await engine.start()
     return engine
 
@@ -162,8 +134,9 @@ class SelectedEngine(Engine):
     reports not ready, then every call is delegated to the engine that started.
     """
 
-    def __init__(self, spec: EngineSpec):
+    def __init__(self, spec: EngineSpec, metrics: MetricsSink):
         self.spec = spec
+        self.metrics = metrics
         self.inner: Engine | None = None
         self.failure: str | None = None
         self.info = EngineInfo(
@@ -176,11 +149,11 @@ class SelectedEngine(Engine):
 
     async def start(self) -> None:
         try:
-            self.inner = await start_engine(self.spec)
+            self.inner = await start_engine(self.spec, self.metrics)
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
             self.info.reason = f"failed to start: {self.failure}"
-            metrics.set_gauge(metrics.MODEL_READY, {"model": self.spec.model_id, "engine": self.info.engine}, 0)
+            self.metrics.set_gauge(metrics.MODEL_READY, {"model": self.spec.model_id, "engine": self.info.engine}, 0)
             raise
         self.info = self.inner.info
 
@@ -197,16 +170,20 @@ class SelectedEngine(Engine):
             raise self._not_started()
         await self.inner.check_health()
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if self.inner is None:
             raise self._not_started()
-        return self.inner.generate(request)
+        # closing this stream must close the engine's at once (it holds an admission slot until closed)
+        async with contextlib.aclosing(self.inner.generate(request)) as chunks:  # type: ignore[type-var]
+            async for chunk in chunks:
+                yield chunk
 
     def stats(self) -> EngineStats:
         return self.inner.stats() if self.inner else EngineStats()
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        assert self.inner is not None
+        if self.inner is None:
+            raise self._not_started()
         return await self.inner.count_prompt_tokens(request)
 
     async def shutdown(self) -> None:

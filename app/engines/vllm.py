@@ -23,9 +23,10 @@ answers 429 beyond that, like the transformers engine.
 vLLM's own metrics (`vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds`,
 `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`, ...)
 are registered by its `PrometheusStatLogger` in prometheus_client's default REGISTRY of this
-process; `app.metrics.render()` appends them to our `/metrics`. Inside a Ray Serve replica
-(our metrics backend is `RayBackend`) we pass vLLM's `RayPrometheusStatLogger` instead, which
-exports them through Ray with ':' replaced by '_' (`vllm_time_to_first_token_seconds`).
+process; `PrometheusSink.render()` appends them to our `/metrics`. When the metrics sink the
+engine is handed exports through Ray (a Ray Serve replica's `RaySink`) we pass vLLM's
+`RayPrometheusStatLogger` instead, which exports them through Ray with ':' replaced by '_'
+(`vllm_time_to_first_token_seconds`).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ import logging
 import math
 import os
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator
+from typing import Any
 
 from app import metrics
 from app.engines.admission import AdmissionController
@@ -46,20 +47,23 @@ from app.engines.base import (
     EngineError,
     EngineInfo,
     EngineNotReadyError,
+    EngineSpec,
     EngineStats,
+    FinishReason,
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
 )
 from app.engines.text import render_prompt, token_budget
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from app.engines.select import EngineSpec
+from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
 
 VLLM_VERSION = "0.33.0"  # the version the `vllm` extra pins and this module is written against
+# vLLM's max_num_seqs on GPUs when engine_kwargs leave it unset (its own default; the engine reads the value
+# vLLM resolved once it started). Also what a model config's derived max_ongoing_requests assumes.
+VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
 # keys our specs may carry that are not AsyncEngineArgs fields in vLLM 0.33 (it picks its platform itself)
 _OUR_ONLY_KWARGS = {"device"}
@@ -148,8 +152,9 @@ class VLLMEngine(Engine):
 
     name = "vllm"
 
-    def __init__(self, spec: EngineSpec, reason: str = ""):
+    def __init__(self, spec: EngineSpec, metrics: MetricsSink | None = None, reason: str = ""):
         self.spec = spec
+        self.metrics = metrics or PrometheusSink()
         self.reason = reason
         kw = spec.engine_kwargs
         self.info = EngineInfo(
@@ -161,10 +166,10 @@ class VLLMEngine(Engine):
             dtype=str(kw.get("dtype") or "auto"),
             reason=reason,
         )
-        max_running = int(kw.get("max_num_seqs") or 256)
+        max_running = int(kw.get("max_num_seqs") or VLLM_DEFAULT_MAX_NUM_SEQS)  # until vLLM resolves its own
         self._labels = {"model": spec.model_id, "engine": self.name}
         self._admission = AdmissionController(
-            max_running, spec.max_waiting, spec.retry_after_s, metric_labels=self._labels
+            max_running, spec.max_waiting, spec.retry_after_s, metrics=self.metrics, metric_labels=self._labels
         )
         self.info.max_parallel = self._admission.capacity
         self._llm: Any = None
@@ -203,13 +208,13 @@ class VLLMEngine(Engine):
             "dead_errors": (VLLMEngineDeadError,),
         }
         stat_loggers = None
-        if isinstance(metrics.backend(), metrics.RayBackend):
+        if self.metrics.exports_through_ray:
             # in a Ray Serve replica a prometheus_client metric is never exported: use Ray's metrics API
             from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
             stat_loggers = [RayPrometheusStatLogger]
 
-        metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
+        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
         engine_args = AsyncEngineArgs(model=self.spec.model_source, served_model_name=self.spec.model_id, **args)
         self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
         from transformers import AutoTokenizer
@@ -222,12 +227,13 @@ class VLLMEngine(Engine):
         mc = self._llm.model_config
         # admit exactly as many running requests as vLLM batches (it resolves max_num_seqs=None per platform)
         self._admission.max_running = int(self._llm.scheduler_config.max_num_seqs)
+        self.info.max_parallel = self._admission.capacity
         self.info.max_context = int(mc.max_model_len)
         self.info.dtype = str(mc.dtype).removeprefix("torch.")
         await self._warmup()
         self._ready = True
-        metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
-        metrics.set_gauge(
+        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
+        self.metrics.set_gauge(
             metrics.ENGINE_INFO,
             {**self._labels, "fallback": "false", "reason": self.reason},
             1,
@@ -259,7 +265,7 @@ class VLLMEngine(Engine):
         if self._dead_reason is None:
             self._dead_reason = f"{type(exc).__name__}: {exc}"
             log.error("vLLM engine for %s died: %s", self.spec.model_id, self._dead_reason)
-            metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
+            self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
 
     def stats(self) -> EngineStats:
         return self._admission.stats()
@@ -280,7 +286,7 @@ class VLLMEngine(Engine):
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(self._render(request))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if self._dead_reason:
             raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}")
         if not self._ready:
@@ -310,7 +316,7 @@ class VLLMEngine(Engine):
                     return
                 if reason == "error":
                     raise EngineError("generation failed inside vLLM")
-                finish = None if reason is None else ("length" if reason == "length" else "stop")
+                finish: FinishReason | None = None if reason is None else ("length" if reason == "length" else "stop")
                 if out.text or finish:
                     yield GenerationChunk(out.text, n_prompt, n_out, finish)
                 if finish or ro.finished:
@@ -329,7 +335,7 @@ class VLLMEngine(Engine):
             raise EngineError(f"generation failed: {type(exc).__name__}") from exc
         finally:
             if not finished:
-                metrics.inc(metrics.ABORTED, self._labels)
+                self.metrics.inc(metrics.ABORTED, self._labels)
                 # closing vLLM's generator aborts the request there too; abort explicitly as well
                 await outputs.aclose()
                 if self._llm is not None:

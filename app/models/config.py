@@ -1,39 +1,78 @@
-"""Model config files in Ray Serve LLM's `LLMConfig` layout, parsed strictly.
+"""Model config files in Ray Serve LLM's `LLMConfig` layout, read once and checked strictly.
 
 One YAML file per model::
 
     model_loading_config: {model_id: qwen2.5-0.5b-instruct, model_source: Qwen/Qwen2.5-0.5B-Instruct}
     engine: auto                      # ours: auto | vllm | transformers
-    deployment_config:
+    deployment_config:                # Ray Serve's own deployment options
       name: qwen2-5-0-5b              # optional, derived from model_id
       ray_actor_options: {num_gpus: 1, num_cpus: 1, resources: {small-model-workers: 1}}
       autoscaling_config: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 8,
                            upscale_delay_s: 10, downscale_delay_s: 60}
-      max_ongoing_requests: 16
+      max_ongoing_requests: 16        # default: the engine's capacity, max_num_seqs + max_waiting
       max_queued_requests: 32         # Serve answers 429 beyond this (Serve's own key)
     engine_kwargs: {dtype: auto, max_model_len: 4096, max_num_seqs: 8, gpu_memory_utilization: 0.85}
     runtime_env: {env_vars: {HF_HUB_OFFLINE: "1"}}
+    max_waiting: 32                   # ServingKnobs: max_waiting, default_max_tokens, retry_after_s
 
-Every level rejects unknown keys (Ray silently accepts typos in
-`autoscaling_config`; we do not). Errors are `ConfigError`s that name the file
-and the dotted key. `load_engine_specs` turns configs into the engine protocol's
-`EngineSpec`s (also used by `python -m app serve --config`).
+`deployment_config` is validated with Ray Serve's own schema (`ray.serve.schema.DeploymentSchema`, and
+`ray.serve.config.AutoscalingConfig` for `autoscaling_config`, which Serve itself only checks at deploy
+time) plus our unknown-key check at every level: Ray silently accepts typos in `autoscaling_config`, we
+do not. Where Ray is not importable (a standalone box running `serve --config`), the dict is kept as
+written and only its key names are checked, against the names of the pinned Ray's schema
+(`RAY_*_KEYS`; a unit test keeps them equal to the installed Ray's). `engine_kwargs` stays a plain
+dict that only the engines validate: at load time for an explicit engine (and, for `auto`, the values of
+the keys the transformers fallback uses), fully when the engine starts. Errors are `ConfigError`s naming
+the file and the dotted key. `load_engine_specs` turns configs into the engine protocol's `EngineSpec`s
+(also used by `python -m app serve --config`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import types
+import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.engines.select import EngineSpec
+from app.engines.base import EngineChoice, EngineSpec, ServingKnobs
+from app.engines.hf import HFEngineConfig, transformers_engine_config
+from app.engines.vllm import VLLM_DEFAULT_MAX_NUM_SEQS, vllm_engine_args
 
 DEFAULT_CONFIG = "app/configs/qwen2.5-0.5b.yaml"
+
+# key names of ray[serve]==2.60.0's schema, for boxes without Ray (tests/unit/test_model_config.py checks them)
+RAY_DEPLOYMENT_KEYS = frozenset({
+    "autoscaling_config", "backpressure_config", "deployment_actors", "gang_scheduling_config",
+    "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", "health_check_period_s", "health_check_timeout_s",
+    "logging_config", "max_ongoing_requests", "max_queued_requests", "max_replicas_per_node", "max_surge_percent",
+    "name", "num_replicas", "placement_group_bundle_label_selector", "placement_group_bundles",
+    "placement_group_strategy", "ray_actor_options", "request_router_config", "rolling_update_percentage",
+    "user_config",
+})
+RAY_ACTOR_OPTION_KEYS = frozenset({"accelerator_type", "fallback_strategy", "label_selector", "memory", "num_cpus",
+                                   "num_gpus", "resources", "runtime_env"})
+RAY_AUTOSCALING_KEYS = frozenset({
+    "aggregation_function", "downscale_delay_s", "downscale_smoothing_factor", "downscale_to_zero_delay_s",
+    "downscaling_factor", "initial_replicas", "look_back_period_s", "max_replicas", "metrics_interval_s",
+    "min_replicas", "policy", "smoothing_factor", "target_ongoing_requests", "upscale_delay_s",
+    "upscale_smoothing_factor", "upscaling_factor",
+})
+# our deployment defaults where the file sets nothing (max_ongoing_requests: the engine's capacity)
+DEPLOYMENT_DEFAULTS: dict[str, Any] = {
+    "max_queued_requests": 64,
+    "health_check_period_s": 5.0,
+    "health_check_timeout_s": 30.0,
+    "graceful_shutdown_timeout_s": 20.0,
+    "graceful_shutdown_wait_loop_s": 2.0,
+}
+ACTOR_DEFAULTS: dict[str, Any] = {"num_cpus": 1.0, "num_gpus": 0.0}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class ConfigError(ValueError):
@@ -49,92 +88,12 @@ class ModelLoadingConfig(_Strict):
     model_source: str = Field(min_length=1, description="Hub id or a folder visible on every worker.")
 
 
-class AutoscalingConfig(_Strict):
-    min_replicas: int = Field(default=1, ge=0)
-    initial_replicas: int | None = Field(default=None, ge=0)
-    max_replicas: int = Field(default=1, ge=1)
-    target_ongoing_requests: float = Field(default=2.0, gt=0)
-    upscale_delay_s: float = Field(default=30.0, ge=0)
-    downscale_delay_s: float = Field(default=600.0, ge=0)
-    metrics_interval_s: float | None = Field(default=None, gt=0)
-    look_back_period_s: float | None = Field(default=None, gt=0)
-    upscaling_factor: float | None = Field(default=None, gt=0)
-    downscaling_factor: float | None = Field(default=None, gt=0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
-        return self
-
-
-class RayActorOptions(_Strict):
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    memory: int | None = Field(default=None, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict)
-    accelerator_type: str | None = None
-
-
-class DeploymentConfig(_Strict):
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    num_replicas: int | None = Field(default=None, ge=1)
-    autoscaling_config: AutoscalingConfig | None = None
-    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
-    max_ongoing_requests: int = Field(default=16, ge=1)
-    max_queued_requests: int = Field(default=64, ge=-1)
-    health_check_period_s: float = Field(default=5.0, gt=0)
-    health_check_timeout_s: float = Field(default=30.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
-    graceful_shutdown_wait_loop_s: float = Field(default=2.0, gt=0)
-
-    @model_validator(mode="after")
-    def _one_scaling_mode(self) -> DeploymentConfig:
-        if self.num_replicas is not None and self.autoscaling_config is not None:
-            raise ValueError("set either num_replicas or autoscaling_config, not both")
-        return self
-
-
-class EngineKwargs(_Strict):
-    """Engine arguments. vLLM receives all set values; transformers uses the ones it understands."""
-
-    tensor_parallel_size: int | None = Field(default=None, ge=1)
-    pipeline_parallel_size: int | None = Field(default=None, ge=1)
-    dtype: str | None = None
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    max_model_len: int | None = Field(default=None, ge=16)
-    max_num_seqs: int | None = Field(default=None, ge=1)
-    max_num_batched_tokens: int | None = Field(default=None, ge=1)
-    enable_prefix_caching: bool | None = None
-    enable_chunked_prefill: bool | None = None
-    quantization: str | None = None
-    kv_cache_dtype: str | None = None
-    enforce_eager: bool | None = None
-    trust_remote_code: bool | None = None
-    seed: int | None = None
-    revision: str | None = None
-    tokenizer: str | None = None
-    download_dir: str | None = None
-    device: str | None = None
-    extra_engine_args: dict[str, Any] = Field(
-        default_factory=dict, description="Passed to vLLM verbatim (for arguments not listed above)."
-    )
-
-    def as_kwargs(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.model_dump(exclude={"extra_engine_args"}).items() if v is not None}
-        out.update(self.extra_engine_args)
-        return out
-
-
-class ModelConfig(_Strict):
+class ModelConfig(ServingKnobs, _Strict):
     model_loading_config: ModelLoadingConfig
-    engine: Literal["auto", "vllm", "transformers"] = "auto"
-    deployment_config: DeploymentConfig = Field(default_factory=DeploymentConfig)
-    engine_kwargs: EngineKwargs = Field(default_factory=EngineKwargs)
+    engine: EngineChoice = "auto"
+    deployment_config: dict[str, Any] = Field(default_factory=dict, description="Ray Serve deployment options.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Validated by the engine.")
     runtime_env: dict[str, Any] = Field(default_factory=dict)
-    max_waiting: int = Field(default=32, ge=0, description="Engine queue before 429 (per replica).")
-    default_max_tokens: int = Field(default=256, ge=1)
-    retry_after_s: float = Field(default=1.0, ge=0)
     source_file: str = Field(default="", exclude=True)
 
     @property
@@ -143,19 +102,131 @@ class ModelConfig(_Strict):
 
     @property
     def deployment_name(self) -> str:
-        name = self.deployment_config.name
+        name = self.deployment_config.get("name")
         return name or "llm-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", self.model_id).strip("-")
+
+    def engine_capacity(self) -> int:
+        """Requests one replica's engine holds at once (max_num_seqs running + max_waiting queued)."""
+        seqs = self.engine_kwargs.get("max_num_seqs")
+        if not isinstance(seqs, int) or isinstance(seqs, bool):
+            seqs = HFEngineConfig.max_num_seqs if self.engine == "transformers" else VLLM_DEFAULT_MAX_NUM_SEQS
+        return seqs + self.max_waiting
+
+    def deployment_options(self) -> dict[str, Any]:
+        """`serve.deployment(...).options(**this)`: the file's deployment_config over our defaults."""
+        dc = dict(self.deployment_config)
+        dc.pop("name", None)
+        actor = {**ACTOR_DEFAULTS, **dc.pop("ray_actor_options", {})}
+        if not actor.get("resources"):
+            actor.pop("resources", None)
+        if self.runtime_env:
+            actor["runtime_env"] = self.runtime_env
+        opts = {"name": self.deployment_name, **DEPLOYMENT_DEFAULTS,
+                "max_ongoing_requests": self.engine_capacity(), "ray_actor_options": actor, **dc}
+        if "autoscaling_config" not in opts:
+            opts.setdefault("num_replicas", 1)
+        return opts
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(
             model_id=self.model_id,
             model_source=self.model_loading_config.model_source,
             engine=self.engine,
-            engine_kwargs=self.engine_kwargs.as_kwargs(),
-            max_waiting=self.max_waiting,
-            default_max_tokens=self.default_max_tokens,
-            retry_after_s=self.retry_after_s,
+            engine_kwargs=dict(self.engine_kwargs),
+            source=self.source_file,
+            **self.model_dump(include=set(ServingKnobs.model_fields)),
         )
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation admits (through Optional/Union/list)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list, typing.Annotated):
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _unknown_keys(value: Any, model: type[BaseModel], path: str) -> list[str]:
+    """Dotted keys of `value` that `model` (recursively, at every level) does not declare."""
+    if not isinstance(value, dict):
+        return []
+    out: list[str] = []
+    for key, item in value.items():
+        field = model.model_fields.get(str(key))
+        if field is None:
+            out.append(f"{path}.{key}")
+            continue
+        for sub in _models_in(field.annotation)[:1]:
+            items = item if isinstance(item, list) else [item]
+            for i, element in enumerate(items):
+                where = f"{path}.{key}" + (f".{i}" if isinstance(item, list) else "")
+                out += _unknown_keys(element, sub, where)
+    return out
+
+
+def _unknown_keys_by_name(dc: dict[str, Any]) -> list[str]:
+    out = [f"deployment_config.{k}" for k in dc if k not in RAY_DEPLOYMENT_KEYS]
+    for key, names in (("ray_actor_options", RAY_ACTOR_OPTION_KEYS), ("autoscaling_config", RAY_AUTOSCALING_KEYS)):
+        if isinstance(dc.get(key), dict):
+            out += [f"deployment_config.{key}.{k}" for k in dc[key] if k not in names]
+    return out
+
+
+def _ray_errors(prefix: str, exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        out.append(f"{prefix}{'.' + loc if loc else ''}: {msg}" + (f" (got {err['input']!r})" if loc else ""))
+    return out
+
+
+def check_deployment_config(dc: Any, name: str) -> list[str]:
+    """Problems of a `deployment_config` ('dotted.key: message' or 'unknown key ...'); empty when valid."""
+    if not isinstance(dc, dict):
+        return [f"deployment_config: expected a mapping, got {type(dc).__name__}"]
+    if not _NAME.match(name):
+        return [f"deployment_config.name: {name!r} must start with a letter or digit and use [A-Za-z0-9_.-]"]
+    try:
+        from ray.serve.config import AutoscalingConfig
+        from ray.serve.schema import DeploymentSchema
+    except ImportError:  # no Ray here: the key names are all we can check
+        return [f"unknown key '{k}'" for k in _unknown_keys_by_name(dc)]
+    unknown = _unknown_keys(dc, DeploymentSchema, "deployment_config")
+    if isinstance(dc.get("autoscaling_config"), dict):  # typed as Dict | AutoscalingConfig: Serve checks it late
+        unknown += _unknown_keys(dc["autoscaling_config"], AutoscalingConfig, "deployment_config.autoscaling_config")
+    if unknown:
+        return [f"unknown key '{k}'" for k in unknown]
+    problems: list[str] = []
+    try:
+        DeploymentSchema.model_validate({**dc, "name": name})
+    except ValidationError as exc:
+        problems += _ray_errors("deployment_config", exc)
+    if isinstance(dc.get("autoscaling_config"), dict):
+        try:
+            AutoscalingConfig.model_validate(dc["autoscaling_config"])
+        except ValidationError as exc:
+            problems += _ray_errors("deployment_config.autoscaling_config", exc)
+    return problems
+
+
+def check_engine_kwargs(engine: EngineChoice, kwargs: dict[str, Any]) -> str | None:
+    """What the engine(s) the config may run on reject in `engine_kwargs` before loading anything."""
+    try:
+        if engine == "transformers":
+            transformers_engine_config(kwargs)
+        elif engine == "vllm":
+            vllm_engine_args(kwargs)
+        else:  # auto: vLLM checks its own keys when it starts; the fallback's keys must have valid values
+            transformers_engine_config(kwargs, fallback=True)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _format_error(path: Path, exc: ValidationError) -> str:
@@ -195,6 +266,12 @@ def load_model_config(path: str | Path) -> ModelConfig:
         cfg = ModelConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_error(path, exc)) from None
+    problems = check_deployment_config(cfg.deployment_config, cfg.deployment_name)
+    kwargs_problem = check_engine_kwargs(cfg.engine, cfg.engine_kwargs)
+    if kwargs_problem:
+        problems.append(kwargs_problem)
+    if problems:
+        raise ConfigError("; ".join(f"{path}: {p}" for p in problems))
     cfg.source_file = str(path)
     cfg.model_loading_config.model_source = _resolve_source(cfg.model_loading_config.model_source)
     return cfg

@@ -8,12 +8,9 @@ from typing import Annotated
 
 import typer
 
+from app.console import fail
+
 ops = typer.Typer(help="Render the nginx and Prometheus configs from the environment / .env.", no_args_is_help=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
 
 
 def _render(render: Callable[[Path], Path], out: Path) -> None:
@@ -26,9 +23,9 @@ def _render(render: Callable[[Path], Path], out: Path) -> None:
         conf = render(out)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise _fail(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}") from None
+        raise fail(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}") from None
     except RenderError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     typer.echo(str(conf))
 
 
@@ -70,7 +67,7 @@ def demo_faults_cmd(
             typer.secho("-- nginx failover: crash the whole Ray cluster while requests flow through nginx", bold=True)
             demo.nginx_failover(serve_port, model, model_dir, demo.kill_local_cluster)
     except (RuntimeError, TimeoutError, OSError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def register(cli: typer.Typer) -> None:

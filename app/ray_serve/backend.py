@@ -1,18 +1,23 @@
 """`RayServeBackend`: the `ModelBackend` the ingress mounts, forwarding to LLM server deployments.
 
-Routes by model id to that model's deployment handle, streams chunks back with
-`handle.options(stream=True)`, and turns Ray's wrapper exceptions back into the
-engine's HTTP errors: a `RayTaskError` around an `EngineError` becomes that
-error, Serve's `BackPressureError` (max_queued_requests reached) becomes 429
-with Retry-After, a dead replica or actor becomes 503. Closing the stream (the
-client went away) cancels the request on the replica.
+Routes by model id to that model's deployment handle and streams chunks back
+with `handle.options(stream=True)`. Each replica's `ReplicaReport` (its engine's
+`EngineInfo` as is, live stats, location) is what `/readyz` and `/v1/models`
+show; the `EngineInfo` is cached per model (so the fan-out limit `max_parallel`
+applies here exactly as on the standalone server). Errors: an `EngineError`
+raised in a replica arrives pickled inside Ray's `RayTaskError` and is returned
+as it is (`.cause`); only Ray's own exceptions are mapped: Serve's
+`BackPressureError` (max_queued_requests reached) becomes 429 with Retry-After,
+a dead replica or actor 503. Closing the stream (the client went away) cancels
+the request on the replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from app.api.backend import ModelBackend
@@ -24,26 +29,27 @@ from app.engines.base import (
     GenerationRequest,
     QueueFullError,
 )
+from app.ray_serve.llm_server import ReplicaReport
 
 log = logging.getLogger(__name__)
 
 
 def unwrap_ray_error(exc: BaseException, model_id: str, retry_after_s: float = 1.0) -> BaseException:
-    """Map an exception raised through a Serve handle to the error the API should report."""
+    """The error the API should report for an exception raised through a Serve handle."""
     from ray import exceptions as rex
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    if isinstance(exc, EngineError) and not isinstance(exc, rex.RayTaskError):
-        return exc
     if isinstance(exc, rex.RayTaskError):
         cause = exc.cause
         if isinstance(cause, EngineError):
-            return type(cause)(cause.message, param=cause.param, retry_after=cause.retry_after)
+            return cause  # raised by the engine, pickled across Ray unchanged
         if isinstance(cause, BaseException) and not isinstance(cause, rex.RayTaskError):
             nested = unwrap_ray_error(cause, model_id, retry_after_s)
             if isinstance(nested, EngineError):
                 return nested
         return EngineNotReadyError(f"model {model_id}: replica failed: {type(cause).__name__}", retry_after=1)
+    if isinstance(exc, EngineError):
+        return exc
     if isinstance(exc, BackPressureError):
         return QueueFullError(
             f"model {model_id} is at capacity (max_queued_requests reached); retry later", retry_after=retry_after_s
@@ -70,38 +76,27 @@ class RayServeBackend(ModelBackend):
         if model_id not in self.handles:
             raise self.not_found(model_id)
 
-    async def _replica_info(self, model_id: str) -> dict[str, Any]:
-        resp = self.handles[model_id].info.remote()
+    async def _report(self, model_id: str) -> ReplicaReport:
+        resp = self.handles[model_id].report.remote()
         try:
-            return await asyncio.wait_for(resp, self.info_timeout_s)
+            report: ReplicaReport = await asyncio.wait_for(resp, self.info_timeout_s)
         except TimeoutError:
             resp.cancel()
             raise
-
-    def _remember(self, model_id: str, info: dict[str, Any]) -> EngineInfo:
-        ei = EngineInfo(
-            model_id=model_id,
-            engine=info.get("engine", "unknown"),
-            model_source=info.get("model_source", ""),
-            max_context=int(info.get("max_context") or 0),
-            device=info.get("device", ""),
-            dtype=info.get("dtype", ""),
-            reason=info.get("reason", ""),
-        )
-        self._info[model_id] = ei
-        return ei
+        self._info[model_id] = report.info
+        return report
 
     async def engine_info(self, model_id: str) -> EngineInfo:
         self._check(model_id)
         if model_id in self._info:
             return self._info[model_id]
         try:
-            return self._remember(model_id, await self._replica_info(model_id))
+            return (await self._report(model_id)).info
         except Exception as exc:
             return EngineInfo(model_id=model_id, engine="pending", model_source="", max_context=0,
                               reason=f"no ready replica yet ({type(exc).__name__})")
 
-    async def generate(self, model_id: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, model_id: str, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self._check(model_id)
         gen = self._stream[model_id].generate.remote(request)
         finished = False
@@ -131,17 +126,16 @@ class RayServeBackend(ModelBackend):
 
         async def one(mid: str) -> tuple[str, dict[str, Any]]:
             try:
-                info = await self._replica_info(mid)
+                report = await self._report(mid)
             except Exception as exc:
                 known = self._info.get(mid)
                 return mid, {
                     "ready": False,
-                    **(known.as_dict() if known else {"engine": "pending", "reason": "no running replica"}),
+                    **(dataclasses.asdict(known) if known else {"engine": "pending", "reason": "no running replica"}),
                     "error": f"no running replica answered within {self.info_timeout_s:g}s ({type(exc).__name__})",
                 }
-            ei = self._remember(mid, info)
-            return mid, {"ready": bool(info.get("ready")), **ei.as_dict(), "running": info.get("running", 0),
-                         "waiting": info.get("waiting", 0), "node_ip": info.get("node_ip", "")}
+            return mid, {"ready": report.ready, **dataclasses.asdict(report.info), **dataclasses.asdict(report.stats),
+                         "node_ip": report.location.node_ip, "replica_id": report.location.replica_id}
 
         detail = dict(await asyncio.gather(*(one(m) for m in self.handles)))
         return bool(detail) and all(e["ready"] for e in detail.values()), detail

@@ -1,9 +1,10 @@
 """The ingress deployment (the ONE API router via `create_app`) and the app builder from model configs.
 
 `build_app(configs)` makes one LLM server deployment per model config (its own
-actor options, autoscaling, max_ongoing_requests / max_queued_requests) and an
-ingress that routes by the request's `model`. The ingress exposes no routes of
-its own: it mounts `create_app(RayServeBackend(handles))`, so the wire format,
+actor options, autoscaling, max_ongoing_requests / max_queued_requests, from
+`ModelConfig.deployment_options()`) and an ingress that routes by the request's
+`model`. The ingress exposes no routes of its own: it mounts
+`create_app(RayServeBackend(handles), metrics=RaySink())`, so the wire format,
 auth, errors and metrics are exactly the standalone server's.
 """
 
@@ -13,10 +14,10 @@ import logging
 import os
 from typing import Any
 
-from app import metrics
 from app.api.app import create_app
+from app.metrics import RaySink
 from app.models.config import ModelConfig
-from app.serving.backend import RayServeBackend
+from app.ray_serve.backend import RayServeBackend
 
 APP_NAME = "llm"
 INGRESS_NAME = "ingress"
@@ -44,41 +45,17 @@ class Ingress:
     """Deployment class; `__serve_build_asgi_app__` hands Serve the API app at replica start."""
 
     def __init__(self, handles: dict[str, Any], api_keys: list[str], max_body_bytes: int) -> None:
-        metrics.use_ray_backend()
         route_access_log_to_serve()
+        self._metrics = RaySink()
         self._backend = RayServeBackend(handles)
         self._api_keys = api_keys
         self._max_body_bytes = max_body_bytes
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(
-            self._backend, api_keys=self._api_keys, max_body_bytes=self._max_body_bytes, manage_backend=False,
-            title="LLM serving kit (Ray Serve)", echo_request_id=False,
+            self._backend, metrics=self._metrics, api_keys=self._api_keys, max_body_bytes=self._max_body_bytes,
+            manage_backend=False, title="LLM serving kit (Ray Serve)", echo_request_id=False,
         )
-
-
-def deployment_options(cfg: ModelConfig) -> dict[str, Any]:
-    dc = cfg.deployment_config
-    actor: dict[str, Any] = dc.ray_actor_options.model_dump(exclude_none=True)
-    if not actor.get("resources"):
-        actor.pop("resources", None)
-    if cfg.runtime_env:
-        actor["runtime_env"] = cfg.runtime_env
-    opts: dict[str, Any] = {
-        "name": cfg.deployment_name,
-        "ray_actor_options": actor,
-        "max_ongoing_requests": dc.max_ongoing_requests,
-        "max_queued_requests": dc.max_queued_requests,
-        "health_check_period_s": dc.health_check_period_s,
-        "health_check_timeout_s": dc.health_check_timeout_s,
-        "graceful_shutdown_timeout_s": dc.graceful_shutdown_timeout_s,
-        "graceful_shutdown_wait_loop_s": dc.graceful_shutdown_wait_loop_s,
-    }
-    if dc.autoscaling_config is not None:
-        opts["autoscaling_config"] = dc.autoscaling_config.model_dump(exclude_none=True)
-    else:
-        opts["num_replicas"] = dc.num_replicas or 1
-    return opts
 
 
 def build_app(
@@ -92,10 +69,10 @@ def build_app(
     """The Serve `Application`: ingress bound to one LLM server deployment per config."""
     from ray import serve
 
-    from app.serving.server import LLMServer
+    from app.ray_serve.llm_server import LLMServer
 
     handles = {
-        cfg.model_id: serve.deployment(LLMServer).options(**deployment_options(cfg)).bind(cfg.engine_spec())
+        cfg.model_id: serve.deployment(LLMServer).options(**cfg.deployment_options()).bind(cfg.engine_spec())
         for cfg in configs
     }
     ingress = serve.deployment(serve.ingress()(Ingress)).options(

@@ -1,27 +1,60 @@
 """The LLM server deployment: one Serve replica = one engine from the engine protocol.
 
 The constructor is async and starts the engine (vLLM or the transformers
-fallback via `start_engine`), so a replica only becomes RUNNING once its engine
-has loaded and warmed up. `generate` streams `GenerationChunk`s back to the
-ingress; engine errors travel as the picklable `EngineError`s. When the ingress
+fallback via `start_engine`, handed this replica's `RaySink`), so a replica only
+becomes RUNNING once its engine has loaded and warmed up. `generate` streams
+`GenerationChunk`s back to the ingress (the first one stamped with
+`served_by = "<engine>@<node_ip>/<replica_id>"`); engine errors travel as the
+picklable `EngineError`s. `report()` returns a `ReplicaReport`: the engine's
+`EngineInfo` as is, its live stats and where the replica runs. When the ingress
 cancels the stream (client went away), Serve cancels this coroutine and the
 engine's generator is closed, which stops the decode loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
-from app import metrics
-from app.engines.base import Engine, GenerationChunk, GenerationRequest
-from app.engines.select import EngineSpec, start_engine
-from app.serving import registry
+from app.engines.base import Engine, EngineInfo, EngineSpec, EngineStats, GenerationChunk, GenerationRequest
+from app.engines.select import start_engine
+from app.metrics import RaySink
+from app.ray_serve import registry
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplicaLocation:
+    """Where a replica runs (also its record in the GCS registry)."""
+
+    app: str
+    deployment: str
+    replica_id: str
+    actor_name: str
+    node_id: str
+    node_ip: str
+    pid: int
+    started_at: float
+
+    def record(self, model_id: str, info: EngineInfo) -> dict[str, object]:
+        """The replica's JSON record in the GCS registry: this location, `model` and the EngineInfo fields."""
+        return {**dataclasses.asdict(self), "model": model_id, **dataclasses.asdict(info)}
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What a replica says about itself; crosses Ray by pickling, unchanged."""
+
+    info: EngineInfo
+    ready: bool
+    stats: EngineStats
+    location: ReplicaLocation
 
 
 class LLMServer:
@@ -31,45 +64,41 @@ class LLMServer:
         import ray
         from ray import serve
 
-        metrics.use_ray_backend()
         self.spec = spec
-        self.engine: Engine = await start_engine(spec)
+        self.engine: Engine = await start_engine(spec, RaySink())
         ctx = serve.get_replica_context()
         rt = ray.get_runtime_context()
-        self.replica_id = ctx.replica_id.unique_id
-        self.record: dict[str, Any] = {
-            "app": ctx.app_name,
-            "deployment": ctx.deployment,
-            "replica_id": self.replica_id,
-            "actor_name": rt.get_actor_name(),
-            "node_id": rt.get_node_id(),
-            "node_ip": ray.util.get_node_ip_address(),
-            "pid": os.getpid(),
-            "model": spec.model_id,
-            **self.engine.info.as_dict(),
-            "started_at": time.time(),
-        }
-        registry.put(self.replica_id, self.record)
-        log.info("replica %s serves %s with %s", self.replica_id, spec.model_id, self.engine.info.engine)
+        self.location = ReplicaLocation(
+            app=ctx.app_name, deployment=ctx.deployment, replica_id=ctx.replica_tag,
+            actor_name=rt.get_actor_name() or "", node_id=rt.get_node_id(),
+            node_ip=ray.util.get_node_ip_address(), pid=os.getpid(), started_at=time.time(),
+        )
+        self.served_by = f"{self.engine.info.engine}@{self.location.node_ip}/{self.location.replica_id}"
+        registry.put(self.location.replica_id, self.location.record(spec.model_id, self.engine.info))
+        log.info("replica %s serves %s with %s", self.location.replica_id, spec.model_id, self.engine.info.engine)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        async for chunk in self.engine.generate(request):
-            yield chunk
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        first = True
+        async with contextlib.aclosing(self.engine.generate(request)) as chunks:
+            async for chunk in chunks:
+                if first:
+                    chunk = dataclasses.replace(chunk, served_by=self.served_by)
+                    first = False
+                yield chunk
 
-    async def info(self) -> dict[str, Any]:
-        s = self.engine.stats()
-        return {**self.record, "ready": self.engine.is_ready(), "running": s.running, "waiting": s.waiting,
-                "max_context": self.engine.info.max_context}
+    async def report(self) -> ReplicaReport:
+        return ReplicaReport(info=self.engine.info, ready=self.engine.is_ready(), stats=self.engine.stats(),
+                             location=self.location)
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
         await self.engine.check_health()
 
     async def __del__(self) -> None:
-        if not hasattr(self, "engine"):  # the constructor did not finish
+        if not hasattr(self, "location"):  # the constructor did not finish
             return
         try:
-            registry.delete(self.replica_id)
+            registry.delete(self.location.replica_id)
         except Exception:  # the GCS may already be gone at shutdown
             log.debug("could not delete the replica record", exc_info=True)
         await self.engine.shutdown()

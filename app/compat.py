@@ -1,0 +1,161 @@
+"""Every use of a private upstream API, in one place, each checked against the version we pin.
+
+Ray, uvicorn and DeepSpeed offer no public way to do a few things the kit needs (keep Ray on 127.0.0.1,
+a small key-value record in the GCS, exit 0 after a drained SIGTERM, two DeepSpeed #7625 workarounds).
+Each helper below reaches the private attribute it needs; when an upgrade removed it, the helper raises
+`CompatError` naming the attribute, the installed version and the pin (pyproject.toml), instead of an
+AttributeError deep inside a replica. Nothing here imports Ray, uvicorn or DeepSpeed at module level.
+`private_api_problems()` lists what is missing in the installed versions (a unit test asserts none).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# the versions this module was checked against (the pins of pyproject.toml's extras)
+RAY_PIN = "ray[serve]==2.60.0"
+UVICORN_PIN = "uvicorn>=0.34,<1 (checked with 0.54.0)"
+DEEPSPEED_PIN = "deepspeed==0.19.8"
+
+
+class CompatError(RuntimeError):
+    """A private upstream API this kit relies on is missing in the installed version."""
+
+
+def _version(module: str) -> str:
+    try:
+        return str(getattr(importlib.import_module(module), "__version__", "?"))
+    except ImportError:
+        return "not installed"
+
+
+def _missing(what: str, module: str, pin: str) -> CompatError:
+    return CompatError(
+        f"{what} is missing in the installed {module} {_version(module)}; this kit uses it as written for "
+        f"{pin} (pyproject.toml): install the pinned version, or update app/compat.py for the new one"
+    )
+
+
+def _attr(module: str, name: str, pin: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise _missing(f"{module}.{name}", module.split(".")[0], pin) from None
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def ray_keep_loopback() -> None:
+    """Stop Ray from rewriting 127.0.0.1 to the host's routable address in this driver.
+
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` does that for processes that read it at import; a driver that
+    imported Ray earlier needs the constant itself switched off (`ray._private.ray_constants`).
+    """
+    constants = importlib.import_module("ray._private.ray_constants")
+    if not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        raise _missing("ray._private.ray_constants.ENABLE_RAY_CLUSTER", "ray", RAY_PIN)
+    constants.ENABLE_RAY_CLUSTER = False
+
+
+def _kv(name: str) -> Callable[..., Any]:
+    return _attr("ray.experimental.internal_kv", name, RAY_PIN)  # type: ignore[no-any-return]
+
+
+def kv_put(key: str, value: str, namespace: str) -> None:
+    """Write a record into the GCS key-value store (Ray's `internal_kv`, works with the dashboard off)."""
+    _kv("_internal_kv_put")(key, value, overwrite=True, namespace=namespace)
+
+
+def kv_get(key: str, namespace: str) -> bytes | None:
+    return _kv("_internal_kv_get")(key, namespace=namespace)  # type: ignore[no-any-return]
+
+
+def kv_del(key: str, namespace: str) -> None:
+    _kv("_internal_kv_del")(key, namespace=namespace)
+
+
+def kv_list(prefix: str, namespace: str) -> list[str]:
+    keys = _kv("_internal_kv_list")(prefix, namespace=namespace)
+    return [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+
+
+# ----------------------------------------------------------------------------- uvicorn
+
+
+def uvicorn_forget_signal(server: Any, sig: int) -> None:
+    """Keep uvicorn from re-raising `sig` after its shutdown (`Server._captured_signals`).
+
+    uvicorn re-raises captured signals once it has stopped, so a clean drain on SIGTERM would end as
+    "killed by SIGTERM" (exit -15); systemd, compose and nginx failover read a drained stop as exit 0.
+    """
+    if not hasattr(server, "_captured_signals"):
+        raise _missing("uvicorn.Server._captured_signals", "uvicorn", UVICORN_PIN)
+    server._captured_signals = [s for s in server._captured_signals if s != sig]
+
+
+# ----------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_skip_shm_comm_op() -> None:
+    """Mark DeepSpeed's CPU shared-memory all-reduce op incompatible, so it is neither built nor loaded.
+
+    DeepSpeed #7625: that op is only set up when LOCAL_SIZE == WORLD_SIZE, so multi-node (and torchrun)
+    launches segfault in the first all-reduce. Across VMs shared memory is useless anyway.
+    """
+    ops = importlib.import_module("deepspeed.ops")
+    try:
+        compatible = ops.__compatible_ops__
+    except AttributeError:
+        raise _missing("deepspeed.ops.__compatible_ops__", "deepspeed", DEEPSPEED_PIN) from None
+    compatible["deepspeed_shm_comm"] = False
+
+
+def deepspeed_disable_shm_all_reduce() -> None:
+    """After `init_distributed`: force the shm all-reduce kernel level to 0 (the other half of #7625)."""
+    comm = importlib.import_module("deepspeed.comm.comm")
+    cdb = getattr(comm, "cdb", None)
+    if cdb is None:
+        raise _missing("deepspeed.comm.comm.cdb (after init_distributed)", "deepspeed", DEEPSPEED_PIN)
+    torch_backend = importlib.import_module("deepspeed.comm.torch")
+    if not hasattr(torch_backend, "TorchBackend"):
+        raise _missing("deepspeed.comm.torch.TorchBackend", "deepspeed", DEEPSPEED_PIN)
+    cdb.shm_vector_kernel_level = 0
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def private_api_problems() -> list[str]:
+    """What the helpers above would find missing in the installed packages (skipping absent packages)."""
+    checks: list[tuple[str, str, str]] = [
+        ("ray", "ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),
+        *[("ray", "ray.experimental.internal_kv", f"_internal_kv_{op}") for op in ("put", "get", "del", "list")],
+        ("deepspeed", "deepspeed.comm.torch", "TorchBackend"),
+        ("deepspeed", "deepspeed.comm.comm", "cdb"),
+    ]
+    problems = []
+    for package, module, name in checks:
+        if _version(package) == "not installed":
+            continue
+        try:
+            getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{module}.{name}: {exc}")
+    if _version("uvicorn") != "not installed":
+        import inspect
+
+        server = importlib.import_module("uvicorn.server").Server
+        if "_captured_signals" not in inspect.getsource(server):
+            problems.append("uvicorn.server.Server._captured_signals")
+    if _version("deepspeed") != "not installed":
+        import inspect
+
+        if "__compatible_ops__" not in inspect.getsource(importlib.import_module("deepspeed.ops")):
+            problems.append("deepspeed.ops.__compatible_ops__")
+    return problems
