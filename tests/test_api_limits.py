@@ -2,7 +2,7 @@
 
 API keys: every `/v1/*` call needs a listed bearer key (401 in OpenAI shape otherwise);
 `/healthz`, `/readyz` and `/metrics` stay open. Overload: more concurrent requests than
-max_running + max_waiting -> some 429 with Retry-After, no 5xx, all others complete.
+max_num_seqs + max_waiting -> some 429 with Retry-After, no 5xx, all others complete.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ OVERLOAD_TOKENS = 200
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[ServerProcess]:
     srv = spawn_server(tmp_path_factory.mktemp("limits"), tiny_model,
-                       "--max-running", str(MAX_RUNNING), "--max-waiting", str(MAX_WAITING),
+                       "--max-num-seqs", str(MAX_RUNNING), "--max-waiting", str(MAX_WAITING),
                        env={"API_KEYS": ",".join(KEYS), "LLM_RETRY_AFTER_S": "2"})
     yield srv
     srv.stop()

@@ -262,7 +262,7 @@ def test_sse_events_survive_splitlines_readers() -> None:
     """Generated text may contain U+2028/U+0085, which httpx's iter_lines treats as line ends (seen as a flake)."""
     from httpx._decoders import LineDecoder
 
-    from app.api.serving import _sse
+    from app.api.openai import _sse
 
     text = "a\u2028b\u0085c\u2029d 你好 \x1c"
     event = _sse({"choices": [{"text": text}]})

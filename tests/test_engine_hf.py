@@ -1,142 +1,44 @@
-"""The transformers engine in-process on the tiny model, plus its stop-string matcher and detokenizer.
+"""The transformers engine in-process on the tiny model (real weights, real decode loop, no server).
 
-Fast tests of the real engine class (no server): token streaming, abort on close,
-seeded and greedy reproducibility, context checks before the first chunk, admission
-limits; the stop matcher against a reference over many random splits; the incremental
-detokenizer on multi-byte text.
+Token streaming, abort on close, seeded and greedy reproducibility (also with an engine seed), context
+checks on the first chunk, admission limits, engine_kwargs it ignores named in its reason. The text
+utilities it uses (stop strings, detokenizer) are unit-tested in tests/unit/test_text.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import metrics
 from app.engines.base import (
     EngineNotReadyError,
+    EngineSpec,
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
 )
-from app.engines.hf import HFEngineConfig, TransformersEngine
-from app.engines.text import IncrementalDetokenizer, StopMatcher
-
-# --------------------------------------------------------------------------- stop matcher
+from app.engines.hf import TransformersEngine
+from app.metrics import PrometheusSink
 
 
-def _run_matcher(stops: list[str], pieces: list[str]) -> tuple[str, bool]:
-    m = StopMatcher(stops)
-    out = ""
-    for piece in pieces:
-        text, hit = m.feed(piece)
-        out += text
-        if hit:
-            return out, True
-    return out + m.flush(), False
-
-
-def _split(text: str, rng: random.Random) -> list[str]:
-    pieces, i = [], 0
-    while i < len(text):
-        n = rng.randint(0, 4)  # empty deltas happen (held-back bytes)
-        pieces.append(text[i : i + n])
-        i += n
-    return pieces
-
-
-@pytest.mark.parametrize(("stops", "pieces", "expected"), [
-    ([], ["ab", "cd"], ("abcd", False)),
-    (["STOP"], ["hello ST", "OP world"], ("hello ", True)),
-    (["STOP"], ["hello ST", "AR"], ("hello STAR", False)),  # a partial match is released at the end
-    (["\n\n", "###"], ["a\n", "b##", "#c"], ("a\nb", True)),
-    (["end"], ["the end"], ("the ", True)),
-    (["x"], ["x"], ("", True)),  # stop at the very start: empty output
-    (["abcd", "c"], ["a", "b", "c", "d"], ("ab", True)),  # the first stop to complete wins
-])
-def test_stop_matcher_cases(stops: list[str], pieces: list[str], expected: tuple[str, bool]) -> None:
-    assert _run_matcher(stops, pieces) == expected
-
-
-def test_stop_matcher_holds_back_only_possible_stop_prefixes() -> None:
-    m = StopMatcher(["STOP"])
-    text, hit = m.feed("abcdefg")
-    assert (text, hit) == ("abcd", False)  # len("STOP") - 1 characters held back
-    assert m.feed("S") == ("e", False)
-    assert m.feed("TOP") == ("fg", True)
-
-
-def test_stop_matcher_against_reference_on_random_splits() -> None:
-    rng = random.Random(1)
-    alphabet = "ab c\n"
-    for _ in range(3000):
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
-        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
-        out, hit = _run_matcher(stops, _split(text, rng))
-        assert text.startswith(out)
-        assert not any(s in out for s in stops), (text, stops, out)  # no stop text in the output
-        if hit:
-            assert any(text[len(out) :].startswith(s) for s in stops), (text, stops, out)
-        else:
-            assert out == text
-            assert not any(s in text for s in stops)
-        # char by char, the stop that completes first ends the output
-        out1, hit1 = _run_matcher(stops, list(text))
-        occurrences = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
-        if occurrences:
-            _, first = min(occurrences)  # earliest end; among those, the earliest start
-            assert hit1 and out1 == text[:first], (text, stops, out1)
-        else:
-            assert not hit1 and out1 == text
-
-
-# --------------------------------------------------------------------------- detokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model: Path):  # type: ignore[no-untyped-def]
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
-@pytest.mark.parametrize("text", [
-    "The quick brown fox jumps over the lazy dog.",
-    "Ünïcödé ✓ 你好 – “quotes” … emoji 🚀 end",
-    "tabs\tand\nnewlines  double  spaces",
-])
-def test_incremental_detokenizer_matches_full_decode(tokenizer, text: str) -> None:  # type: ignore[no-untyped-def]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) > 3
-    d = IncrementalDetokenizer(tokenizer)
-    deltas = [d.push(i) for i in ids]
-    out = "".join(deltas) + d.flush()
-    assert out == tokenizer.decode(ids, skip_special_tokens=True) == text
-    assert not any("\ufffd" in delta for delta in deltas)  # incomplete UTF-8 is held back, not emitted
-    assert sum(1 for delta in deltas if delta) > 1  # it really is incremental
-
-
-def test_detokenizer_flushes_an_incomplete_tail(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    ids = tokenizer("🚀", add_special_tokens=False)["input_ids"]  # not in the training text: byte tokens
-    assert len(ids) >= 2  # the tiny model's vocabulary is deterministic and has no emoji token
-    d = IncrementalDetokenizer(tokenizer)
-    assert d.push(ids[0]) == ""  # a lone partial byte sequence is held back
-    assert d.flush() != ""  # and not lost when generation ends there
-
+def _spec(tiny_model: Path, model_id: str = "tiny-inproc", **kwargs: object) -> EngineSpec:
+    return EngineSpec(model_id=model_id, model_source=str(tiny_model), engine="transformers",
+                      engine_kwargs={"device": "cpu", "max_num_seqs": 1, **kwargs}, max_waiting=1,
+                      default_max_tokens=16)
 
 # --------------------------------------------------------------------------- engine
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path) -> Iterator[TransformersEngine]:
-    eng = TransformersEngine(HFEngineConfig(model_id="tiny-inproc", model_source=str(tiny_model), device="cpu",
-                                            max_running=1, max_waiting=1, default_max_tokens=16))
+    eng = TransformersEngine(_spec(tiny_model, gpu_memory_utilization=0.9), PrometheusSink(),
+                             reason="configured: test")
     asyncio.run(eng.start())
     yield eng
     asyncio.run(eng.shutdown())
@@ -146,8 +48,8 @@ async def _collect(engine: TransformersEngine, **kw: object) -> list[GenerationC
     return [c async for c in engine.generate(GenerationRequest(**kw))]  # type: ignore[arg-type]
 
 
-def _aborted() -> float:
-    text = metrics.render()[0].decode()
+def _aborted(engine: TransformersEngine) -> float:
+    text = engine.metrics.render()[0].decode()
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == "llm_requests_aborted_total" and s.labels.get("model") == "tiny-inproc")
 
@@ -157,6 +59,9 @@ def test_engine_info_after_start(engine: TransformersEngine) -> None:
     assert engine.info.engine == "transformers"
     assert engine.info.max_context == 2048
     assert engine.info.device == "cpu" and engine.info.dtype == "float32"
+    assert engine.info.max_parallel == 2  # max_num_seqs 1 + max_waiting 1
+    # a vLLM tuning key is not silently dropped: the reason names it
+    assert engine.info.reason == "configured: test; ignores vLLM-only engine_kwargs gpu_memory_utilization"
     asyncio.run(engine.check_health())
 
 
@@ -167,7 +72,7 @@ async def test_fixed_length_stream_and_cumulative_counts(engine: TransformersEng
     assert chunks[-1].completion_tokens == 12
     counts = [c.completion_tokens for c in chunks]
     assert counts == sorted(counts) and len(chunks) > 3  # one chunk per token with text
-    assert {c.prompt_tokens for c in chunks} == {len(engine.tokenizer("hello")["input_ids"])}
+    assert {c.prompt_tokens for c in chunks} == {len(engine.runner.tokenizer("hello")["input_ids"])}
 
 
 async def test_default_max_tokens_applies(engine: TransformersEngine) -> None:
@@ -208,7 +113,10 @@ async def test_stop_string_ends_generation(engine: TransformersEngine) -> None:
     assert "".join(c.text for c in chunks) == full[: full.index(stop)]
 
 
-async def test_errors_surface_before_the_first_chunk(engine: TransformersEngine) -> None:
+async def test_errors_surface_on_the_first_chunk(engine: TransformersEngine) -> None:
+    stream = engine.generate(GenerationRequest(prompt="word " * 3000))  # calling raises nothing
+    with pytest.raises(PromptTooLongError):
+        await anext(stream)
     with pytest.raises(PromptTooLongError) as exc:
         await _collect(engine, prompt="word " * 3000)
     assert "2048" in exc.value.message and exc.value.param == "prompt"
@@ -221,20 +129,20 @@ async def test_errors_surface_before_the_first_chunk(engine: TransformersEngine)
 
 
 async def test_closing_the_stream_aborts_and_frees_the_slot(engine: TransformersEngine) -> None:
-    before = _aborted()
+    before = _aborted(engine)
     gen = engine.generate(GenerationRequest(prompt="long", max_tokens=2000, ignore_eos=True))
     first = await gen.__anext__()
     assert first.completion_tokens >= 1
     assert engine.stats().running == 1
     await asyncio.wait_for(gen.aclose(), 5)  # returns once the decode thread has really stopped
     assert engine.stats().running == 0
-    assert _aborted() == before + 1
+    assert _aborted(engine) == before + 1
     # the slot is free again
     assert (await _collect(engine, prompt="next", max_tokens=2, ignore_eos=True))[-1].completion_tokens == 2
 
 
 async def test_cancelling_the_consumer_task_aborts(engine: TransformersEngine) -> None:
-    before = _aborted()
+    before = _aborted(engine)
     started = asyncio.Event()
 
     async def consume() -> None:
@@ -247,7 +155,7 @@ async def test_cancelling_the_consumer_task_aborts(engine: TransformersEngine) -
     with pytest.raises(asyncio.CancelledError):
         await task
     assert engine.stats().running == 0
-    assert _aborted() == before + 1
+    assert _aborted(engine) == before + 1
 
 
 async def test_admission_limits_give_queue_full(engine: TransformersEngine) -> None:
@@ -267,9 +175,24 @@ async def test_admission_limits_give_queue_full(engine: TransformersEngine) -> N
 
 
 async def test_not_ready_engine_refuses(tiny_model: Path) -> None:
-    eng = TransformersEngine(HFEngineConfig(model_id="cold", model_source=str(tiny_model)))
+    eng = TransformersEngine(_spec(tiny_model, "cold"))
     assert not eng.is_ready()
     with pytest.raises(EngineNotReadyError):
         await _collect(eng, prompt="x")
     with pytest.raises(EngineNotReadyError):
         await eng.check_health()
+
+
+async def test_engine_seed_makes_unseeded_requests_reproducible(tiny_model: Path) -> None:
+    async def texts() -> list[str]:
+        eng = TransformersEngine(_spec(tiny_model, "seeded", seed=123))
+        await eng.start()
+        try:
+            return ["".join(c.text for c in await _collect(eng, prompt="seed", max_tokens=8, ignore_eos=True,
+                                                              temperature=1.0)) for _ in range(2)]
+        finally:
+            await eng.shutdown()
+
+    first, second = await texts(), await texts()
+    assert first == second  # same engine seed, same arrival order: same samples
+    assert first[0] != first[1]  # but each request draws its own seed

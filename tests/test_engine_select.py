@@ -16,7 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.engines.select import PRECHECK_ENV, EngineSpec, start_engine, vllm_precheck_mode, vllm_status
+from app.engines.base import EngineSpec
+from app.engines.select import PRECHECK_ENV, start_engine, vllm_precheck_mode, vllm_status
+from app.metrics import PrometheusSink
 from tests.conftest import wait_until
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -126,9 +128,9 @@ def test_runtime_fallback_when_vllm_engine_construction_fails(start_server, tiny
 def test_explicit_vllm_construction_failure_is_an_error(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the probe off, explicit vllm really tries and reports the real failure instead of falling back."""
     monkeypatch.setenv(PRECHECK_ENV, "none")
-    spec = EngineSpec("tiny", str(tiny_model), engine="vllm", engine_kwargs={"device": "cpu"})
+    spec = EngineSpec(model_id="tiny", model_source=str(tiny_model), engine="vllm", engine_kwargs={"device": "cpu"})
     with pytest.raises(RuntimeError, match=r"vLLM failed to start for tiny: ValueError: engine_kwargs.device='cpu'"):
-        asyncio.run(start_engine(spec))
+        asyncio.run(start_engine(spec, PrometheusSink()))
 
 
 def test_precheck_knob_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,6 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,8 +18,6 @@ from typing import Any, TextIO
 import pytest
 from conftest import need
 from test_mcp import HAVE_MCP, _error_text, _mcp_env, _payload, stdio_session
-
-from app.integrations.cluster_client import parse_retry_after
 
 
 class ScriptedCluster:
@@ -91,15 +88,6 @@ def scripted() -> Iterator[ScriptedCluster]:
 def mcp_log(tmp_path: Path) -> Iterator[TextIO]:
     with open(tmp_path / "mcp.log", "w") as f:
         yield f
-
-
-def test_parse_retry_after() -> None:
-    assert parse_retry_after("3") == 3.0
-    assert parse_retry_after("0.5") == 0.5
-    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
-    now = time.time()
-    assert 9 <= parse_retry_after(formatdate(now + 10, usegmt=True), now=now) <= 10  # type: ignore[operator]
-    assert parse_retry_after(formatdate(now - 10, usegmt=True), now=now) == 0.0
 
 
 async def test_retries_honour_retry_after(scripted: ScriptedCluster, mcp_log: TextIO) -> None:

@@ -23,12 +23,12 @@ import pytest
 
 from app.engines.base import (
     EngineDeadError,
+    EngineSpec,
     GenerationRequest,
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
 )
-from app.engines.select import EngineSpec
 from app.engines.vllm import VLLM_VERSION, VLLMEngine
 
 
@@ -129,7 +129,8 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[_FakeLLM]:
 
 
 def _engine(tiny_model: Path, **kwargs: Any) -> VLLMEngine:
-    spec = EngineSpec("tiny", str(tiny_model), engine="vllm", max_waiting=kwargs.pop("max_waiting", 0),
+    spec = EngineSpec(model_id="tiny", model_source=str(tiny_model), engine="vllm",
+                      max_waiting=kwargs.pop("max_waiting", 0),
                       engine_kwargs={"max_model_len": 64, "max_num_seqs": 1, **kwargs}, default_max_tokens=5)
     return VLLMEngine(spec, reason="configured: test")
 

@@ -15,10 +15,9 @@ import prometheus_client as pc
 import pytest
 
 from app import metrics
-from app.engines.base import GenerationRequest, InvalidRequestError, PromptTooLongError
-from app.engines.select import EngineSpec
-from app.engines.text import token_budget
+from app.engines.base import EngineSpec, GenerationRequest, InvalidRequestError
 from app.engines.vllm import VLLM_VERSION, VLLMEngine, sampling_params_kwargs, vllm_engine_args
+from app.metrics import PrometheusSink
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(
@@ -57,17 +56,6 @@ def test_sampling_params_translation_rejects_what_vllm_would(field: str, value: 
     assert exc.value.param == param and exc.value.status_code == 400
 
 
-def test_token_budget_against_max_model_len() -> None:
-    assert token_budget(10, GenerationRequest(prompt="x"), 100, 256) == 90
-    assert token_budget(10, GenerationRequest(prompt="x", max_tokens=90), 100, 256) == 90
-    with pytest.raises(PromptTooLongError, match="at most 90 fit") as exc:
-        token_budget(10, GenerationRequest(prompt="x", max_tokens=91), 100, 256)
-    assert exc.value.param == "max_tokens"
-    with pytest.raises(PromptTooLongError) as exc:
-        token_budget(100, GenerationRequest(messages=[{"role": "user", "content": "x"}]), 100, 256)
-    assert exc.value.param == "messages" and exc.value.code == "context_length_exceeded"
-
-
 def test_engine_kwargs_validated_before_vllm_is_imported() -> None:
     ok = vllm_engine_args({"device": "auto", "dtype": "bfloat16", "tensor_parallel_size": 2, "max_model_len": 4096,
                            "gpu_memory_utilization": 0.85, "enable_prefix_caching": True, "quantization": None})
@@ -87,7 +75,7 @@ def test_engine_kwargs_validated_before_vllm_is_imported() -> None:
 
 
 def test_engine_start_fails_for_real_on_a_missing_model_path(tmp_path: Path) -> None:
-    engine = VLLMEngine(EngineSpec("m", str(tmp_path / "nope"), engine="vllm"))
+    engine = VLLMEngine(EngineSpec(model_id="m", model_source=str(tmp_path / "nope"), engine="vllm"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         asyncio.run(engine.start())
     assert not engine.is_ready()
@@ -95,7 +83,8 @@ def test_engine_start_fails_for_real_on_a_missing_model_path(tmp_path: Path) -> 
 
 @pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed here: its import does not fail")
 def test_engine_start_without_vllm_raises_the_import_error(tiny_model: Path) -> None:
-    engine = VLLMEngine(EngineSpec("tiny", str(tiny_model), engine="vllm", engine_kwargs={"max_model_len": 256}))
+    engine = VLLMEngine(EngineSpec(model_id="tiny", model_source=str(tiny_model), engine="vllm",
+                                   engine_kwargs={"max_model_len": 256}))
     with pytest.raises(ModuleNotFoundError, match="No module named 'vllm'"):
         asyncio.run(engine.start())
 
@@ -111,8 +100,9 @@ def test_vllm_metric_families_are_appended_to_our_metrics() -> None:
     try:
         ttft.labels("m", "0").observe(0.25)
         kv.labels("m", "0").set(0.5)
-        metrics.inc(metrics.OUTPUT_TOKENS, {"model": "m", "engine": "vllm"}, 3)
-        body, content_type = metrics.render()
+        sink = PrometheusSink()
+        sink.inc(metrics.OUTPUT_TOKENS, {"model": "m", "engine": "vllm"}, 3)
+        body, content_type = sink.render()
     finally:
         pc.REGISTRY.unregister(ttft)
         pc.REGISTRY.unregister(kv)
@@ -122,7 +112,7 @@ def test_vllm_metric_families_are_appended_to_our_metrics() -> None:
     assert 'vllm:time_to_first_token_seconds_bucket{engine="0",le="1.0",model_name="m"} 1.0' in text
     assert 'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.5' in text
     assert "process_cpu_seconds_total" not in text and "python_gc" not in text  # default collectors stay out
-    assert "vllm:" not in metrics.render()[0].decode()  # nothing left once vLLM's collectors are gone
+    assert "vllm:" not in sink.render()[0].decode()  # nothing left once vLLM's collectors are gone
 
 
 # ----------------------------------------------------------------------------- with vLLM installed

@@ -1,0 +1,391 @@
+"""The one API router in process: OpenAI shapes, streaming, fan-out, errors, metrics, served-by.
+
+Driven through `httpx.ASGITransport` against `FakeEngine` (tests/unit/fakes.py), so every case runs in
+milliseconds with no process, socket or model. What is under test is the API layer: the router, the
+serving logic (fan-out, priming, SSE framing, usage), error mapping and the metrics it records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from app.engines.base import EngineDeadError, EngineError, InvalidRequestError, QueueFullError
+from app.metrics import PrometheusSink
+from tests.unit.fakes import FakeEngine, client, make_app, sample
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSG = [{"role": "user", "content": "hi there"}]
+
+
+@pytest.fixture
+def sink() -> PrometheusSink:
+    return PrometheusSink()
+
+
+@pytest.fixture
+async def engine(sink: PrometheusSink) -> FakeEngine:
+    eng = FakeEngine("fake", metrics=sink)
+    await eng.start()
+    return eng
+
+
+@pytest.fixture
+async def http(engine: FakeEngine, sink: PrometheusSink) -> AsyncIterator[httpx.AsyncClient]:
+    async with client(make_app(engine, metrics=sink)) as c:
+        yield c
+
+
+def events(resp: httpx.Response) -> list[Any]:
+    """The SSE `data:` payloads, JSON-decoded ("[DONE]" kept as the string)."""
+    out: list[Any] = []
+    for block in resp.text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def openai_error(resp: httpx.Response, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in resp.text
+    return body["error"]
+
+
+# ----------------------------------------------------------------------------- success paths
+
+
+async def test_chat_completion_shape_usage_and_served_by(http: httpx.AsyncClient) -> None:
+    r = await http.post(CHAT, json={"model": "fake", "messages": MSG, "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == "fake"
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "w0 w1 w2 "}
+    assert choice["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert r.headers["x-served-by"] == "fake@unit"
+    assert r.headers["x-request-id"]
+
+
+async def test_completion_fan_out_indexes_choices_and_counts_each_prompt_once(
+        http: httpx.AsyncClient, engine: FakeEngine) -> None:
+    r = await http.post(COMP, json={"model": "fake", "prompt": ["a b", "c"], "n": 2, "max_tokens": 2, "seed": 7})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    # each choice is its own engine request, seeds consecutive per prompt
+    assert sorted((q.prompt, q.seed) for q in engine.requests) == [("a b", 7), ("a b", 8), ("c", 7), ("c", 8)]
+    assert len({q.request_id for q in engine.requests}) == 4
+
+
+async def test_sampling_fields_reach_the_engine(http: httpx.AsyncClient, engine: FakeEngine) -> None:
+    body = {"model": "fake", "messages": MSG, "max_completion_tokens": 2, "max_tokens": 9, "temperature": 0.5,
+            "top_p": 0.9, "stop": "x", "presence_penalty": 0.1, "frequency_penalty": -0.2, "min_tokens": 1,
+            "ignore_eos": True}
+    assert (await http.post(CHAT, json=body)).status_code == 200
+    (q,) = engine.requests
+    assert (q.max_tokens, q.temperature, q.top_p, q.stop) == (2, 0.5, 0.9, ["x"])
+    assert (q.presence_penalty, q.frequency_penalty, q.min_tokens, q.ignore_eos) == (0.1, -0.2, 1, True)
+    assert q.messages == MSG and q.prompt is None
+
+
+@pytest.mark.parametrize("path", [CHAT, COMP])
+async def test_stream_frames_chunks_and_ends_with_done(http: httpx.AsyncClient, path: str) -> None:
+    body: dict[str, Any] = {"model": "fake", "max_tokens": 3, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    body.update({"messages": MSG} if path == CHAT else {"prompt": "p q"})
+    r = await http.post(path, json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["x-served-by"] == "fake@unit" and r.headers["cache-control"] == "no-cache"
+    ev = events(r)
+    assert ev[-1] == "[DONE]"
+    *chunks, usage = ev[:-1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 3
+    if path == CHAT:
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    else:
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text == "w0 w1 w2 "
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0].get("finish_reason")] == ["length"]
+
+
+async def test_stream_without_include_usage_has_no_usage_chunk(http: httpx.AsyncClient) -> None:
+    r = await http.post(COMP, json={"model": "fake", "prompt": "p", "max_tokens": 2, "stream": True})
+    assert all("usage" not in e or e["usage"] is None for e in events(r)[:-1])
+
+
+async def test_stream_fan_out_beyond_free_slots_completes(http: httpx.AsyncClient) -> None:
+    # 2 slots + 2 queue places admit 4 generations at once: all 4 must stream without deadlocking the priming
+    r = await http.post(COMP, json={"model": "fake", "prompt": ["a", "b"], "n": 2, "max_tokens": 3, "stream": True})
+    finished = sorted(e["choices"][0]["index"] for e in events(r)[:-1] if e["choices"][0]["finish_reason"])
+    assert finished == [0, 1, 2, 3]
+
+
+async def test_models_readyz_and_health(http: httpx.AsyncClient) -> None:
+    models = (await http.get("/v1/models")).json()
+    (card,) = models["data"]
+    assert card["id"] == "fake" and card["engine"] == "fake" and card["ready"] is True
+    assert card["engine_info"]["max_parallel"] == 4 and card["max_model_len"] == 64
+    assert (await http.get("/v1/models/fake")).json()["engine_reason"] == "unit-test engine"
+    ready = await http.get("/readyz")
+    assert ready.status_code == 200
+    detail = ready.json()["models"]["fake"]
+    assert detail["ready"] is True and detail["max_parallel"] == 4 and detail["running"] == 0
+    assert (await http.get("/healthz")).json() == {"status": "ok"}
+
+
+# ----------------------------------------------------------------------------- refused before the engine
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b'{"model": "fake", "messages": [', None),
+    ({"prompt": "hi"}, "model"),
+    ({"model": "fake", "messages": []}, "messages"),
+    ({"model": "fake", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"model": "fake", "prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ({"model": "fake", "prompt": "hi", "max_tokens": True}, "max_tokens"),
+    ({"model": "fake", "prompt": "hi", "stream": "yes"}, "stream"),
+    ({"model": "fake", "prompt": "hi", "temperature": 2.5}, "temperature"),
+    ({"model": "fake", "prompt": "hi", "top_p": 0}, "top_p"),
+    ({"model": "fake", "prompt": "hi", "n": 0}, "n"),
+    ({"model": "fake", "prompt": "hi", "stop": ""}, "stop"),
+    ({"model": "fake", "prompt": "hi", "stop": [str(i) for i in range(9)]}, "stop"),
+    ({"model": "fake", "prompt": []}, "prompt"),
+    ({"model": "fake", "prompt": [1, 2]}, "prompt"),
+    ({"model": "fake", "prompt": "hi", "logprobs": 3}, None),
+    ({"model": "fake", "prompt": "hi", "echo": True}, None),
+    ({"model": "fake", "prompt": "hi", "stream_options": {"include_usage": True}}, None),
+    ({"model": "fake", "messages": MSG, "tools": [{"type": "function"}]}, None),
+    ({"model": "fake", "messages": MSG, "response_format": {"type": "json_object"}}, None),
+], ids=["bad-json", "no-model", "empty-messages", "bad-role", "string-int", "bool-int", "string-bool",
+        "temperature", "top-p", "n-zero", "empty-stop", "nine-stops", "empty-prompts", "token-ids", "logprobs",
+        "echo", "stream-options-alone", "tools", "json-mode"])
+async def test_bad_bodies_are_400_naming_the_field(http: httpx.AsyncClient, engine: FakeEngine, sink: PrometheusSink,
+                                                   body: Any, param: str | None) -> None:
+    path = CHAT if isinstance(body, dict) and "messages" in body else COMP
+    r = await (http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body))
+    err = openai_error(r, 400)
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert engine.requests == []  # refused before any engine saw it
+    endpoint = "chat" if path == CHAT else "completions"
+    assert sample(sink, "llm_requests_total", model="-", endpoint=endpoint, status="400") == 1
+
+
+async def test_unknown_model_is_404_listing_the_ids(http: httpx.AsyncClient, sink: PrometheusSink) -> None:
+    err = openai_error(await http.post(CHAT, json={"model": "nope-xyz", "messages": MSG}), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model" and "fake" in err["message"]
+    assert openai_error(await http.get("/v1/models/nope-xyz"), 404)["code"] == "model_not_found"
+    assert "nope-xyz" not in sink.render()[0].decode()  # a name from a rejected body never becomes a label
+
+
+async def test_api_keys_401_and_probes_stay_open(engine: FakeEngine, sink: PrometheusSink) -> None:
+    async with client(make_app(engine, metrics=sink, api_keys=["k1", "k2"])) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic azE="},
+                        {"Authorization": "k1"}):
+            r = await http.post(COMP, json={"model": "fake", "prompt": "x"}, headers=headers)
+            assert openai_error(r, 401)["type"] == "authentication_error"
+            assert r.headers["www-authenticate"] == "Bearer"
+        for key in ("k1", "k2"):
+            assert (await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert (await http.get(path)).status_code == 200
+    assert engine.requests == []
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_body_over_the_limit_is_413(engine: FakeEngine, sink: PrometheusSink, chunked: bool) -> None:
+    data = json.dumps({"model": "fake", "prompt": "a" * 5000}).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 1000):
+            yield data[i:i + 1000]
+
+    async with client(make_app(engine, metrics=sink, max_body_bytes=2048)) as http:
+        r = await http.post(COMP, content=pieces() if chunked else data)
+    assert openai_error(r, 413)["code"] == "request_too_large"
+    assert engine.requests == []
+
+
+async def test_fan_out_beyond_what_the_engine_admits_is_400_naming_the_limit(http: httpx.AsyncClient,
+                                                                            engine: FakeEngine) -> None:
+    err = openai_error(await http.post(CHAT, json={"model": "fake", "messages": MSG, "n": 5}), 400)
+    assert err["param"] == "n" and "needs 5" in err["message"] and "at most 4" in err["message"]
+    err = openai_error(await http.post(COMP, json={"model": "fake", "prompt": ["a", "b", "c"], "n": 2}), 400)
+    assert "needs 6" in err["message"]
+    assert engine.requests == []
+    assert (await http.post(CHAT, json={"model": "fake", "messages": MSG, "n": 4})).status_code == 200
+
+
+# ----------------------------------------------------------------------------- engine errors
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("error", "status", "retry_after"), [
+    (QueueFullError("server busy", retry_after=2.2), 429, "3"),
+    (EngineDeadError("engine is dead", retry_after=10), 503, "10"),
+    (InvalidRequestError("bad sampling", param="top_p"), 400, None),
+    (EngineError("generation failed"), 500, None),
+], ids=["429", "503", "400", "500"])
+async def test_error_on_the_first_chunk_is_a_real_status(http: httpx.AsyncClient, engine: FakeEngine,
+                                                         sink: PrometheusSink, error: EngineError, status: int,
+                                                         retry_after: str | None, stream: bool) -> None:
+    engine.fail_first = error
+    r = await http.post(COMP, json={"model": "fake", "prompt": "x", "stream": stream})
+    err = openai_error(r, status)
+    assert err["message"] == error.message and err["type"] == error.error_type
+    assert r.headers.get("retry-after") == retry_after
+    assert sample(sink, "llm_requests_total", model="fake", engine="fake", status=str(status)) == 1
+
+
+async def test_not_ready_engine_is_503_with_retry_after(sink: PrometheusSink) -> None:
+    cold = FakeEngine("cold", metrics=sink)
+    async with client(make_app(cold, metrics=sink)) as http:
+        r = await http.post(COMP, json={"model": "cold", "prompt": "x"})
+        assert openai_error(r, 503)["code"] == "engine_not_ready" and r.headers["retry-after"] == "5"
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["models"]["cold"]["ready"] is False
+
+
+async def test_full_queue_is_429_and_the_queue_drains(http: httpx.AsyncClient, engine: FakeEngine,
+                                                      sink: PrometheusSink) -> None:
+    engine.gate = asyncio.Event()
+    body = {"model": "fake", "prompt": "x", "max_tokens": 2}
+    held = [asyncio.create_task(http.post(COMP, json=body)) for _ in range(4)]  # 2 running + 2 waiting
+    for _ in range(1000):
+        if engine.stats().running == 2 and engine.stats().waiting == 2:
+            break
+        await asyncio.sleep(0)
+    refused = await http.post(COMP, json=body)
+    assert openai_error(refused, 429)["code"] == "queue_full" and refused.headers["retry-after"] == "2"
+    engine.gate.set()
+    assert [r.status_code for r in await asyncio.gather(*held)] == [200] * 4
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
+    assert sample(sink, "llm_queue_depth", model="fake") == 0
+
+
+async def test_engine_error_mid_stream_is_an_sse_error_event_then_done(http: httpx.AsyncClient, engine: FakeEngine,
+                                                                       sink: PrometheusSink) -> None:
+    engine.fail_after = (2, EngineDeadError("engine died mid-request"))
+    r = await http.post(CHAT, json={"model": "fake", "messages": MSG, "max_tokens": 5, "stream": True})
+    assert r.status_code == 200  # the status was sent with the first chunk
+    ev = events(r)
+    assert ev[-1] == "[DONE]"
+    assert ev[-2]["error"]["message"] == "engine died mid-request" and ev[-2]["error"]["code"] == "engine_dead"
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in ev[:-2])
+    assert text == "w0 w1 "
+    assert sample(sink, "llm_request_errors_total", model="fake", error_type="service_unavailable") == 1
+    assert sample(sink, "llm_requests_total", model="fake", status="503") == 1
+
+
+async def test_engine_error_mid_generation_without_stream_is_an_error_response(http: httpx.AsyncClient,
+                                                                               engine: FakeEngine) -> None:
+    engine.fail_after = (1, EngineError("generation failed: RuntimeError"))
+    err = openai_error(await http.post(COMP, json={"model": "fake", "prompt": "x", "n": 2}), 500)
+    assert err["message"] == "generation failed: RuntimeError"
+    assert engine.stats().running == 0  # the sibling generation was stopped too
+
+
+async def test_unexpected_exception_mid_stream_is_a_500_event_without_details(http: httpx.AsyncClient,
+                                                                              engine: FakeEngine) -> None:
+    engine.fail_after = (1, RuntimeError("secret internals"))  # type: ignore[arg-type]
+    ev = events(await http.post(COMP, json={"model": "fake", "prompt": "x", "stream": True}))
+    assert ev[-1] == "[DONE]" and ev[-2]["error"]["code"] == "internal_error"
+    assert "secret" not in json.dumps(ev)
+
+
+# ----------------------------------------------------------------------------- client disconnects
+
+
+async def _asgi_post_then_disconnect(app: Any, path: str, body: dict[str, Any], leave: asyncio.Event,
+                                     on_first_event: Any = None) -> list[Any]:
+    """POST through the ASGI interface; the client disconnects once `leave` is set. Returns sent messages."""
+    sent: list[Any] = []
+    payload = json.dumps(body).encode()
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body", b"").startswith(b"data: "):
+            if on_first_event is not None and not leave.is_set():
+                on_first_event()
+            leave.set()  # the first event arrived: go away mid-stream
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("unit", 80)}
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    return sent
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+async def test_client_disconnect_stops_the_generation(engine: FakeEngine, sink: PrometheusSink, stream: bool) -> None:
+    app = make_app(engine, metrics=sink)
+    leave = asyncio.Event()
+    gate = engine.gate = asyncio.Event()
+    if stream:
+        gate.set()  # the first token flows; the engine then holds until the client has gone
+    else:
+        asyncio.get_running_loop().call_later(0.05, leave.set)  # the client hangs up while the engine works
+    body = {"model": "fake", "prompt": "x", "max_tokens": 50, "stream": stream}
+    await _asgi_post_then_disconnect(app, COMP, body, leave, on_first_event=gate.clear)
+    for _ in range(1000):
+        if engine.finished:
+            break
+        await asyncio.sleep(0)
+    assert engine.finished == ["closed"]  # the engine's stream was closed, not run to the end
+    assert engine.stats().running == 0
+    assert sample(sink, "llm_requests_total", model="fake", status="499") == 1
+
+
+async def test_draining_server_reports_503_on_readyz(engine: FakeEngine, sink: PrometheusSink) -> None:
+    app = make_app(engine, metrics=sink)
+    app.state.draining = True
+    async with client(app) as http:
+        r = await http.get("/readyz")
+    assert r.status_code == 503 and r.json()["status"] == "draining"
+
+
+# ----------------------------------------------------------------------------- metrics and access log
+
+
+async def test_metrics_follow_requests(http: httpx.AsyncClient, sink: PrometheusSink) -> None:
+    await http.post(COMP, json={"model": "fake", "prompt": "a b", "max_tokens": 3})
+    await http.post(CHAT, json={"model": "fake", "messages": MSG, "max_tokens": 2, "stream": True})
+    labels = {"model": "fake", "engine": "fake"}
+    assert sample(sink, "llm_requests_total", **labels, status="200") == 2
+    assert sample(sink, "llm_output_tokens_total", **labels) == 5
+    assert sample(sink, "llm_prompt_tokens_total", **labels) == 5
+    assert sample(sink, "llm_time_to_first_token_seconds_count", **labels) == 2
+    assert sample(sink, "llm_request_latency_seconds_count", **labels, endpoint="chat") == 1
+    text = (await http.get("/metrics")).text
+    assert 'llm_requests_total{endpoint="completions",engine="fake",model="fake",status="200"} 1.0' in text
+
+
+async def test_access_log_line_per_request(http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="app.access")
+    await http.post(COMP, json={"model": "fake", "prompt": "x", "max_tokens": 2}, headers={"X-Request-Id": "t-1"})
+    await http.post(CHAT, json={"model": "nope", "messages": MSG}, headers={"X-Request-Id": "evil id <x>"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.access"]
+    assert any(line.startswith("t-1 completions model=fake engine=fake status=200") and "output_tokens=2" in line
+               for line in lines), lines
+    assert any(line.startswith("evil_id__x_ chat model=- engine=- status=404") for line in lines), lines

@@ -1,0 +1,161 @@
+"""Model config files in process: strict parsing, Ray Serve's own deployment schema, derived capacity, knobs.
+
+Errors are `ConfigError`s naming the file and the dotted key. `deployment_config` is checked with Ray
+Serve's `DeploymentSchema`/`AutoscalingConfig` plus our unknown-key check at every level; without Ray only
+the key names are checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.models import config as mc
+from app.models.config import ConfigError, load_engine_specs, load_model_configs
+from tests.conftest import need
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = """
+model_loading_config: {model_id: m1, model_source: org/model}
+engine: transformers
+deployment_config:
+  ray_actor_options: {num_cpus: 1, num_gpus: 1, resources: {small-model-workers: 1}}
+  autoscaling_config: {min_replicas: 1, max_replicas: 3, target_ongoing_requests: 2,
+                       upscale_delay_s: 1, downscale_delay_s: 5}
+  max_ongoing_requests: 8
+engine_kwargs: {dtype: float16, max_model_len: 2048, max_num_seqs: 4, tensor_parallel_size: 1}
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_parse() -> None:
+    configs = load_model_configs(sorted((ROOT / "app/configs").glob("*.yaml")))
+    by_id = {c.model_id: c for c in configs}
+    assert {"qwen2.5-0.5b-instruct", "tiny"} <= set(by_id)
+    qwen = by_id["qwen2.5-0.5b-instruct"]
+    assert qwen.deployment_config["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1,
+                                                           "resources": {"small-model-workers": 1}}
+    assert qwen.model_loading_config.model_source == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_good_config_to_engine_spec(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    (spec,) = load_engine_specs([path])
+    assert spec.model_id == "m1" and spec.engine == "transformers" and spec.source == str(path)
+    assert spec.engine_kwargs == {"dtype": "float16", "max_model_len": 2048, "max_num_seqs": 4,
+                                  "tensor_parallel_size": 1}
+    assert (spec.max_waiting, spec.default_max_tokens, spec.retry_after_s) == (32, 256, 1.0)
+    other = write(tmp_path, GOOD.replace("m1", "m2"), "m2.yaml")
+    assert [s.model_id for s in load_engine_specs(f"{path},{other}")] == ["m1", "m2"]  # MODEL_CONFIGS form
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [
+    (lambda t: t.replace("upscale_delay_s: 1", "upscale_delay: 1"),
+     "unknown key 'deployment_config.autoscaling_config.upscale_delay'"),
+    (lambda t: t.replace("num_cpus: 1,", "num_cpu: 1,"), "unknown key 'deployment_config.ray_actor_options.num_cpu'"),
+    (lambda t: t.replace("max_ongoing_requests: 8", "max_ongoing_request: 8"),
+     "unknown key 'deployment_config.max_ongoing_request'"),
+    (lambda t: t.replace("engine: transformers", "engine: transformers\nenigne_kwargs: {}"),
+     "unknown key 'enigne_kwargs'"),
+    (lambda t: t.replace("max_model_len: 2048", "max_model_len: lots"), "engine_kwargs.max_model_len"),
+    (lambda t: t.replace("max_num_seqs: 4", "max_num_seq: 4"), "engine_kwargs.max_num_seq"),
+    (lambda t: t.replace("max_ongoing_requests: 8", "max_ongoing_requests: [8]"),
+     "deployment_config.max_ongoing_requests"),
+    (lambda t: t.replace(", model_source: org/model", ""),
+     "missing required key 'model_loading_config.model_source'"),
+    (lambda t: t.replace("min_replicas: 1", "min_replicas: 5"), "deployment_config.autoscaling_config"),
+    (lambda t: t.replace("engine: transformers", "engine: tensorrt"), "engine:"),
+    (lambda t: t.replace("max_ongoing_requests: 8", "max_ongoing_requests: 8\n  num_replicas: 2"),
+     "deployment_config"),
+    (lambda t: t + "max_waiting: -1\n", "max_waiting"),
+])
+def test_config_errors_name_file_and_key(tmp_path: Path, mutate: Any, expected: str) -> None:
+    path = write(tmp_path, mutate(GOOD))
+    with pytest.raises(ConfigError) as err:
+        load_model_configs([path])
+    assert str(path) in str(err.value) and expected in str(err.value), str(err.value)
+
+
+def test_ray_value_checks_come_from_ray_serve(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("min_replicas: 1", "min_replicas: 5"))
+    with pytest.raises(ConfigError, match=r"max_replicas \(3\) must be greater than or equal to min_replicas \(5\)"):
+        load_model_configs([path])
+
+
+def test_engine_kwargs_each_engine_validates_its_own(tmp_path: Path) -> None:
+    ok = write(tmp_path, GOOD.replace("tensor_parallel_size: 1", "gpu_memory_utilization: 0.9"), "ok.yaml")
+    assert load_model_configs([ok])  # a vLLM tuning key the transformers engine knowingly ignores
+    quant = write(tmp_path, GOOD.replace("tensor_parallel_size: 1", "quantization: awq"), "q.yaml")
+    with pytest.raises(ConfigError, match=r"q.yaml: engine_kwargs.quantization"):
+        load_model_configs([quant])
+    vllm_cpu = write(tmp_path, GOOD.replace("engine: transformers", "engine: vllm").replace(
+        "dtype: float16", "device: cpu"), "v.yaml")
+    with pytest.raises(ConfigError, match=r"v.yaml: engine_kwargs.device='cpu'"):
+        load_model_configs([vllm_cpu])
+    # auto keeps vLLM-only keys for vLLM (the transformers fallback drops them and says so)
+    auto = write(tmp_path, GOOD.replace("engine: transformers", "engine: auto").replace(
+        "tensor_parallel_size: 1", "quantization: awq, num_gpu_blocks_override: 4"), "a.yaml")
+    (spec,) = load_engine_specs([auto])
+    assert spec.engine_kwargs["quantization"] == "awq" and spec.engine_kwargs["num_gpu_blocks_override"] == 4
+    bad_type = write(tmp_path, GOOD.replace("engine: transformers", "engine: auto").replace(
+        "max_num_seqs: 4", "max_num_seqs: '4'"), "t.yaml")
+    with pytest.raises(ConfigError, match=r"t.yaml: engine_kwargs.max_num_seqs"):
+        load_model_configs([bad_type])
+
+
+def test_max_ongoing_requests_defaults_to_the_engine_capacity(tmp_path: Path) -> None:
+    base = GOOD.replace("  max_ongoing_requests: 8\n", "")
+    (cfg,) = load_model_configs([write(tmp_path, base + "max_waiting: 5\n")])
+    opts = cfg.deployment_options()
+    assert opts["max_ongoing_requests"] == 4 + 5  # max_num_seqs + max_waiting
+    assert opts["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in opts
+    assert opts["ray_actor_options"]["num_gpus"] == 1 and opts["name"] == "llm-m1"
+    no_seqs = base.replace("max_num_seqs: 4, ", "")
+    (cfg,) = load_model_configs([write(tmp_path, no_seqs, "d.yaml")])
+    assert cfg.deployment_options()["max_ongoing_requests"] == 4 + 32  # transformers' default 4 slots
+    (cfg,) = load_model_configs([write(tmp_path, no_seqs.replace("engine: transformers", "engine: vllm").replace(
+        "dtype: float16", "dtype: auto"), "v.yaml")])
+    assert cfg.deployment_options()["max_ongoing_requests"] == mc.VLLM_DEFAULT_MAX_NUM_SEQS + 32
+    (cfg,) = load_model_configs([write(tmp_path, GOOD, "e.yaml")])
+    assert cfg.deployment_options()["max_ongoing_requests"] == 8  # an explicit value wins
+
+
+def test_without_ray_only_key_names_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray.serve.schema", None)  # import fails as on a standalone box
+    path = write(tmp_path, GOOD.replace("max_ongoing_requests: 8", "max_ongoing_requests: 0"))
+    (cfg,) = load_model_configs([path])  # a value only Ray checks passes
+    assert cfg.deployment_config["max_ongoing_requests"] == 0
+    typo = write(tmp_path, GOOD.replace("upscale_delay_s: 1", "upscale_delay: 1"), "typo.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_model_configs([typo])
+    assert "unknown key 'deployment_config.autoscaling_config.upscale_delay'" in str(err.value)
+
+
+def test_key_snapshot_matches_the_installed_ray() -> None:
+    need(importlib.util.find_spec("ray") is not None, "needs ray[serve] (installed by tests/run.sh)")
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema
+
+    assert set(DeploymentSchema.model_fields) == mc.RAY_DEPLOYMENT_KEYS
+    assert set(RayActorOptionsSchema.model_fields) == mc.RAY_ACTOR_OPTION_KEYS
+    assert set(AutoscalingConfig.model_fields) == mc.RAY_AUTOSCALING_KEYS
+
+
+def test_duplicates_bad_yaml_and_missing_file(tmp_path: Path) -> None:
+    a, b = write(tmp_path, GOOD, "a.yaml"), write(tmp_path, GOOD, "b.yaml")
+    with pytest.raises(ConfigError, match="also used by"):
+        load_model_configs([a, b])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_model_configs([write(tmp_path, "a: [b")])
+    with pytest.raises(ConfigError, match="file not found"):
+        load_model_configs([tmp_path / "nope.yaml"])
