@@ -69,7 +69,7 @@ def serve(
     from app import standalone
     from app.settings import Settings
 
-    overrides = {k: v for k, v in {
+    overrides: dict[str, Any] = {k: v for k, v in {
         "model": model, "served_model_name": served_model_name, "engine": engine, "host": host, "port": port,
         "device": device, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
         "max_waiting": max_waiting, "default_max_tokens": default_max_tokens, "retry_after_s": retry_after_s,

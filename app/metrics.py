@@ -14,6 +14,7 @@ when scraped by Prometheus 2.x (client_python #1177).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -186,17 +187,18 @@ class RaySink:
             get_replica_context()
             from ray.serve import metrics as rm
         except Exception:  # not inside a Serve replica
-            from ray.util import metrics as rm  # type: ignore[no-redef]
+            from ray.util import metrics as rm
 
         self._metrics: dict[str, Any] = {}
         for spec in SPECS:
+            tags: Any = spec.labels  # a tuple of names (Ray annotates it as a 1-tuple)
             if spec.kind == "counter":
                 # Ray's exporter appends _total to counters itself
-                m: Any = rm.Counter(spec.name.removesuffix("_total"), spec.description, tag_keys=spec.labels)
+                m: Any = rm.Counter(spec.name.removesuffix("_total"), spec.description, tag_keys=tags)
             elif spec.kind == "gauge":
-                m = rm.Gauge(spec.name, spec.description, tag_keys=spec.labels)
+                m = rm.Gauge(spec.name, spec.description, tag_keys=tags)
             else:
-                m = rm.Histogram(spec.name, spec.description, boundaries=list(spec.buckets), tag_keys=spec.labels)
+                m = rm.Histogram(spec.name, spec.description, boundaries=list(spec.buckets), tag_keys=tags)
             self._metrics[spec.name] = m
 
     def inc(self, spec: MetricSpec, labels: dict[str, str], value: float = 1.0) -> None:
@@ -248,7 +250,7 @@ def engine_registry_text() -> bytes:
 
     import prometheus_client as pc
 
-    source: object = pc.REGISTRY
+    source: Any = pc.REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
 
@@ -256,11 +258,11 @@ def engine_registry_text() -> bytes:
         multiprocess.MultiProcessCollector(source)
 
     class _EngineFamilies:
-        def collect(self):  # type: ignore[no-untyped-def]
-            for family in source.collect():  # type: ignore[attr-defined]
+        def collect(self) -> Iterator[Any]:
+            for family in source.collect():
                 if family.name.startswith(ENGINE_METRIC_PREFIXES):
                     yield family
 
     registry = pc.CollectorRegistry(auto_describe=False)
-    registry.register(_EngineFamilies())  # type: ignore[arg-type]
+    registry.register(_EngineFamilies())
     return pc.generate_latest(registry)

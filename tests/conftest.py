@@ -1,6 +1,8 @@
-"""Shared test fixtures: the tiny model, free ports, real server processes, CI skip policy.
+"""Shared test fixtures: the tiny model, free ports, real server processes, CI skip policy, the unit marker.
 
-Tests drive real processes over real sockets. Suites that need root, network
+Two layers: `tests/unit/` runs in process (the API router against a fake engine through
+httpx.ASGITransport, configs, clients, text utilities: seconds, marker `unit`); the suites beside it
+drive real processes over real sockets. Suites that need root, network
 namespaces or a system package may skip on a developer machine that lacks them,
 but under CI=true such a skip fails the run (`need`), so CI proves every suite ran.
 """
@@ -26,6 +28,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+UNIT_DIR = ROOT / "tests" / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/unit is the `unit` layer (selected by `-m unit`, `tests/run.sh --fast`)."""
+    for item in items:
+        if UNIT_DIR in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.unit)
 
 
 def need(condition: bool, reason: str) -> None:

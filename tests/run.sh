@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # The one test command (README and .ci/run call it): installs everything the
 # suites need (Debian packages, a venv with CPU torch and all extras but vLLM),
-# then runs lint, pytest and the bats suites. Extra args go to pytest.
+# then runs lint (ruff, mypy, shellcheck), pytest and the bats suites. Extra args go to pytest.
+#   tests/run.sh --fast [pytest args]   only ruff, mypy and the in-process unit layer (tests/unit, marker
+#                                       `unit`), with the existing venv (installs only when it is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+FAST=0
+if [ "${1:-}" = "--fast" ]; then
+  FAST=1
+  shift
+fi
 
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
@@ -44,12 +52,24 @@ install_python() {
   "$VENV/bin/python" -m pip install -q -e ".[dev,ray,deepspeed,mcp,langgraph]"
 }
 
-install_apt
-install_python
+if [ "$FAST" = 1 ] && [ -x "$VENV/bin/python" ]; then
+  :  # --fast: the venv is there; (re)install with a full run
+else
+  [ "$FAST" = 1 ] || install_apt
+  install_python
+fi
 export PATH="$PWD/$VENV/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 
 log "ruff"
 ruff check app tests bench
+
+log "mypy"
+mypy  # configuration and strictness: [tool.mypy] in pyproject.toml
+
+if [ "$FAST" = 1 ]; then
+  log "pytest (unit layer)"
+  exec python -m pytest -q -m unit tests/unit "$@"
+fi
 
 log "shellcheck"
 shopt -s nullglob

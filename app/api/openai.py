@@ -174,11 +174,11 @@ async def _primed_fan_in(
     async def rest() -> AsyncGenerator[tuple[int, GenerationChunk], None]:
         remaining = len(tasks)
         try:
-            for idx, item in buffered:
-                if item is None:
+            for idx, first in buffered:
+                if first is None:
                     remaining -= 1
                 else:
-                    yield idx, item
+                    yield idx, first
             while remaining:
                 idx, item = await queue.get()
                 if item is None:
@@ -297,7 +297,7 @@ class OpenAIServing:
                 for idx, greq in items:
                     tg.create_task(one(idx, greq))
         except BaseExceptionGroup as group:  # surface the engine's error (429/400/503), not the group
-            errors = [e for e in group.exceptions if isinstance(e, EngineError)]
+            errors: list[BaseException] = [e for e in group.exceptions if isinstance(e, EngineError)]
             raise (errors or list(group.exceptions))[0] from None
         usage = _usage(prompt, completion, n)
         obs.prompt_tokens, obs.output_tokens = usage.prompt_tokens, usage.completion_tokens

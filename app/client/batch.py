@@ -30,12 +30,14 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_any
+from tenacity.stop import stop_base
 
 from app.client.stats import distribution
 from app.client.wire import ClientError, ClusterClient, Outcome, RetryableError, RetryPolicy, call
@@ -63,7 +65,7 @@ def id_key(value: Any) -> str:
 
 
 def parse_input(
-    lines: TextIO | list[str] | list[bytes], *, max_tokens: int | None = None
+    lines: Iterable[str | bytes], *, max_tokens: int | None = None
 ) -> tuple[list[Item], list[BadLine]]:
     """Parse JSONL input into request items; every unusable line becomes a BadLine (with its 1-based number).
 
@@ -226,6 +228,16 @@ class RetryBudget:
         return True
 
 
+class _BudgetStop(stop_base):
+    """tenacity stop condition: stop once the batch's retry budget is spent (each retry takes one)."""
+
+    def __init__(self, budget: RetryBudget):
+        self.budget = budget
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return not self.budget.take()
+
+
 # ----------------------------------------------------------------------------- the batch
 
 
@@ -311,8 +323,6 @@ class _Runner:
                 return 0.0  # fail over to the next endpoint at once
         return self.opts.retry.wait(state)  # Retry-After (capped) or full-jitter backoff
 
-    def _budget_stop(self, state: RetryCallState) -> bool:
-        return not self.budget.take()
 
     async def one(self, item: Item) -> None:
         body = dict(item.body)
@@ -324,7 +334,7 @@ class _Runner:
         record: dict[str, Any] = {"id": item.id}
         try:
             retrying = AsyncRetrying(
-                stop=stop_any(stop_after_attempt(self.opts.retry.max_attempts), self._budget_stop),
+                stop=stop_any(stop_after_attempt(self.opts.retry.max_attempts), _BudgetStop(self.budget)),
                 wait=self._wait, retry=retry_if_exception_type(RetryableError), reraise=True,
             )
             async for attempt in retrying:

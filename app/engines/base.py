@@ -125,7 +125,8 @@ class EngineError(Exception):
         return (_rebuild_error, (type(self), self.message, self.param, self.retry_after))
 
 
-def _rebuild_error(cls: type[EngineError], message: str, param: str | None, retry_after: float | None):
+def _rebuild_error(cls: type[EngineError], message: str, param: str | None, retry_after: float | None
+                   ) -> EngineError:
     return cls(message, param=param, retry_after=retry_after)
 
 

@@ -118,7 +118,7 @@ class HFModelRunner:
         tok = AutoTokenizer.from_pretrained(cfg.tokenizer or self.model_source,
                                             revision=None if cfg.tokenizer else cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(self.model_source, dtype=dtype, revision=cfg.revision,
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_source, dtype=dtype, revision=cfg.revision,
                                                      trust_remote_code=cfg.trust_remote_code)
         model.to(device)
         model.eval()

@@ -174,7 +174,7 @@ class SelectedEngine(Engine):
         if self.inner is None:
             raise self._not_started()
         # closing this stream must close the engine's at once (it holds an admission slot until closed)
-        async with contextlib.aclosing(self.inner.generate(request)) as chunks:  # type: ignore[type-var]
+        async with contextlib.aclosing(self.inner.generate(request)) as chunks:
             async for chunk in chunks:
                 yield chunk
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from app.engines.base import GenerationChunk, GenerationRequest, InvalidRequestError, PromptTooLongError
+from app.engines.base import FinishReason, GenerationChunk, GenerationRequest, InvalidRequestError, PromptTooLongError
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class ChunkAssembler:
         self.completion_tokens = 0
         self.done = False
 
-    def push(self, token: int, finish: str | None) -> GenerationChunk | None:
+    def push(self, token: int, finish: FinishReason | None) -> GenerationChunk | None:
         self.completion_tokens += 1
         text, hit = self._stops.feed(self._detok.push(token))
         if finish and not hit:  # text the detokenizer held back would otherwise be lost

@@ -41,7 +41,7 @@ def mcp_command(
 
     setup_logging(log_level)
     try:
-        settings = ClusterSettings(**({"base_url": base_url} if base_url else {}))
+        settings = ClusterSettings(base_url=base_url) if base_url else ClusterSettings()
     except ValidationError as exc:
         err = exc.errors()[0]
         raise fail(f"CLUSTER_{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}") from None

@@ -22,6 +22,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableLambda
 from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
 
 from app.client.wire import AsyncRetryTransport, ClientError, RetryTransport, list_models_sync
 from app.integrations.prompts import DEFAULT_SYSTEM_PROMPT, build_messages
@@ -58,7 +59,7 @@ def cluster_chat_model(
     retries = kwargs.pop("max_retries", None)
     policy = settings.retry_policy(None if retries is None else int(retries) + 1)
     kwargs.setdefault("timeout", settings.timeout_s)
-    return ChatOpenAI(model=model, base_url=settings.base_url, api_key=api_key or NO_KEY, max_retries=0,
+    return ChatOpenAI(model=model, base_url=settings.base_url, api_key=SecretStr(api_key or NO_KEY), max_retries=0,
                       http_client=httpx.Client(transport=RetryTransport(policy)),
                       http_async_client=httpx.AsyncClient(transport=AsyncRetryTransport(policy)), **kwargs)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import cast
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -92,7 +93,7 @@ def build_tiny_model(
     build_tokenizer(out, vocab_size=vocab_size)
     tok = AutoTokenizer.from_pretrained(out)
     eos_id = tok.convert_tokens_to_ids("<|im_end|>")
-    pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
+    pad_id = cast(int, tok.convert_tokens_to_ids("<|endoftext|>"))  # one token in: one id out
     config = Qwen2Config(
         vocab_size=len(tok),
         hidden_size=hidden_size,

@@ -71,11 +71,12 @@ def build_app(
 
     from app.ray_serve.llm_server import LLMServer
 
+    deployment: Any = serve.deployment  # typed as a decorator factory; called with the class it builds one
     handles = {
-        cfg.model_id: serve.deployment(LLMServer).options(**cfg.deployment_options()).bind(cfg.engine_spec())
+        cfg.model_id: deployment(LLMServer).options(**cfg.deployment_options()).bind(cfg.engine_spec())
         for cfg in configs
     }
-    ingress = serve.deployment(serve.ingress()(Ingress)).options(
+    ingress = deployment(serve.ingress()(Ingress)).options(
         name=INGRESS_NAME,
         num_replicas=ingress_replicas,
         max_ongoing_requests=ingress_max_ongoing,
