@@ -273,15 +273,9 @@ cmd_local() {
   setup_venv
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
   cd "$ROOT"
-  if [ -f app/cluster/cli.py ]; then
-    # local-up builds and serves the tiny offline model unless --config names others; it prints the curl line.
-    if [ "$DRY_RUN" = 1 ]; then run "$VENV/bin/python" -m app cluster local-up "$@"; return; fi
-    exec "$VENV/bin/python" -m app cluster local-up "$@"
-  fi
-  local model_dir=.cache/tiny-model port=${LLM_PORT:-8000}
-  [ -f "$model_dir/config.json" ] || run "$VENV/bin/python" -m app make-tiny-model "$model_dir"
-  if [ "$DRY_RUN" = 1 ]; then run "$VENV/bin/python" -m app serve --model "$model_dir" --served-model-name tiny --port "$port"; return; fi
-  exec "$VENV/bin/python" -m app serve --model "$model_dir" --served-model-name tiny --port "$port"
+  # local-up builds and serves the tiny offline model unless --config names others; it prints the curl line.
+  if [ "$DRY_RUN" = 1 ]; then run "$VENV/bin/python" -m app cluster local-up "$@"; return; fi
+  exec "$VENV/bin/python" -m app cluster local-up "$@"
 }
 
 cmd_local_down() {

@@ -87,6 +87,19 @@ def kv_list(prefix: str, namespace: str) -> list[str]:
     return [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
 
 
+def serve_run_nonblocking(application: Any, *, name: str, route_prefix: str) -> None:
+    """Submit a Serve application without waiting for it (`serve._run(..., _blocking=False)`).
+
+    The public `serve.run` blocks until every deployment is healthy; the deploy driver polls
+    `serve.status()` itself to report progress and Serve's errors against its own deadline.
+    """
+    serve = importlib.import_module("ray.serve")
+    run = getattr(serve, "_run", None)
+    if run is None:
+        raise _missing("ray.serve._run", "ray", RAY_PIN)
+    run(application, name=name, route_prefix=route_prefix, _blocking=False)
+
+
 # ----------------------------------------------------------------------------- uvicorn
 
 
@@ -137,6 +150,7 @@ def private_api_problems() -> list[str]:
     """What the helpers above would find missing in the installed packages (skipping absent packages)."""
     checks: list[tuple[str, str, str]] = [
         ("ray", "ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),
+        ("ray", "ray.serve", "_run"),
         *[("ray", "ray.experimental.internal_kv", f"_internal_kv_{op}") for op in ("put", "get", "del", "list")],
         ("deepspeed", "deepspeed.comm.torch", "TorchBackend"),
         ("deepspeed", "deepspeed.comm.comm", "cdb"),

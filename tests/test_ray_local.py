@@ -130,6 +130,26 @@ def test_routes_by_model_and_404_lists_ids(local: Local) -> None:
     assert "tiny" in r.json()["error"]["message"] and "tiny-b" in r.json()["error"]["message"]
 
 
+def test_engine_info_crosses_ray_unchanged(local: Local) -> None:
+    """max_parallel reaches the ingress: a fan-out above it is the standalone server's 400 naming the limit."""
+    card = httpx.get(local.base + "/v1/models/tiny-b", timeout=30).json()
+    assert card["engine_info"]["max_parallel"] == 2  # max_num_seqs 1 + max_waiting 1
+    assert card["engine_info"]["engine"] == "transformers" and card["engine_info"]["model_id"] == "tiny-b"
+    ready = httpx.get(local.base + "/readyz", timeout=30).json()["models"]["tiny-b"]
+    assert ready["max_parallel"] == 2 and ready["node_ip"] == "127.0.0.1" and ready["replica_id"]
+    body = {"model": "tiny-b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 3}
+    r = httpx.post(local.base + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "n" and "needs 3" in err["message"] and "admits at most 2" in err["message"]
+    ok = httpx.post(local.base + "/v1/chat/completions", json={**body, "n": 2}, timeout=60)
+    assert ok.status_code == 200
+    # the serving path: engine, node and replica, as the replica stamped it
+    engine, _, where = ok.headers["x-served-by"].partition("@")
+    node, _, replica = where.partition("/")
+    assert engine == "transformers" and node == "127.0.0.1" and replica == ready["replica_id"]
+
+
 def test_access_log_lines_land_in_the_ingress_replica_log(local: Local) -> None:
     rid = f"ray-trace-{os.getpid()}"
     r = httpx.post(local.base + "/v1/completions", headers={"X-Request-Id": rid}, timeout=60,

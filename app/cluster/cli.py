@@ -25,10 +25,6 @@ cluster = typer.Typer(help="Ray cluster: head/worker nodes, deploy the Serve app
 Port = int
 
 
-def _ports(**kw: int | None) -> dict[str, int | None]:
-    return kw
-
-
 NodeIp = Annotated[str, typer.Option("--node-ip", envvar="NODE_IP", help="This VM's private address.")]
 GcsPort = Annotated[Port, typer.Option(envvar="RAY_GCS_PORT", help="Head GCS port.")]
 MetricsPort = Annotated[Port, typer.Option(envvar="RAY_METRICS_EXPORT_PORT", help="Ray metrics export port.")]

@@ -37,7 +37,7 @@ def connect(address: str, timeout_s: float = 60.0) -> None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ClusterError(f"the cluster address must be HEAD_IP:PORT, got {address!r}")
-    apply_env(ray_env(host))  # before `import ray`: Ray reads some of these at import time
+    apply_env(ray_env(host))  # before `import ray` (see export_ray_env)
     import ray
 
     if host in LOOPBACK:
@@ -62,9 +62,21 @@ def _summary(status: Any) -> str:
     return "; ".join(parts)
 
 
+def export_ray_env(address: str) -> None:
+    """Put the token/loopback variables into this process before anything imports Ray (it reads them at import;
+    validating configs imports Ray Serve's schema). Without a token nothing is exported: `connect` says so."""
+    host = address.rpartition(":")[0]
+    try:
+        apply_env(ray_env(host))
+    except ClusterError:
+        pass
+
+
 def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: list[ModelConfig] | None = None) -> None:
-    configs = configs or load_model_configs(config_paths)  # ConfigError before touching the cluster
-    connect(opts.address)  # first: Ray must not be imported before the auth/loopback variables are set
+    if configs is None:
+        export_ray_env(opts.address)
+        configs = load_model_configs(config_paths)  # ConfigError before touching the cluster
+    connect(opts.address)
     from ray import serve
 
     from app.ray_serve.ingress import build_app
@@ -72,7 +84,7 @@ def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: l
     serve.start(http_options={"host": opts.http_host, "port": opts.http_port, "location": "HeadOnly",
                               "request_timeout_s": opts.request_timeout_s})
     application = build_app(configs, api_keys=opts.api_keys, max_body_bytes=opts.max_body_bytes)
-    serve._run(application, name=APP_NAME, route_prefix="/", _blocking=False)
+    compat.serve_run_nonblocking(application, name=APP_NAME, route_prefix="/")
     print(f"deploying {', '.join(c.model_id for c in configs)} ...", flush=True)
     deadline = time.monotonic() + opts.wait_s
     last = ""

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from app.cluster.node import ClusterError, ray_env
+from app.cluster.node import ClusterError, apply_env, ray_env
 
 RUN_DIR = Path(".run")
 STATE = RUN_DIR / "local.json"
@@ -94,8 +94,9 @@ def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, metrics_exp
     if not configs:
         ensure_tiny_model()
         configs = [TINY_CONFIG]
-    parsed = load_model_configs(configs)  # config errors before starting anything
     env = ray_env("127.0.0.1", _token())
+    apply_env(env)  # before the configs are checked: that imports Ray, which reads these at import time
+    parsed = load_model_configs(configs)  # config errors before starting anything
     # Ray's Unix socket paths must stay under 107 bytes: keep the session dir short
     tag = hashlib.sha1(str(Path.cwd()).encode()).hexdigest()[:8]
     temp_dir = str(Path(tempfile.gettempdir()) / f"llmkit-ray-{gcs_port}-{tag}")
