@@ -1,7 +1,8 @@
 """Bad input against a real server: each case gets its documented status in OpenAI error shape.
 
-No case may produce a 5xx or a stack trace, and the server keeps serving afterwards.
-The official client maps the same statuses to its exception classes.
+No case may produce a 5xx or a stack trace, and the server keeps serving afterwards. The official
+client maps the same statuses to its exception classes. The table keeps the cases that need the real
+process (tokenizer, context length, uvicorn, routing); field validation is in tests/unit.
 """
 
 from __future__ import annotations
@@ -42,33 +43,14 @@ def comp(**kw: Any) -> dict[str, Any]:
     return {"model": "tiny", "prompt": "hi", **kw}
 
 
+# Body validation is API logic, unit-tested in process (tests/unit/test_api_router.py). What stays here
+# needs the real server: the model's tokenizer and context, uvicorn's own body handling, routing.
 CASES = [
     Case("malformed-json", CHAT, b'{"model": "tiny", "messages": [', 400, says="not valid JSON"),
-    Case("not-an-object", COMP, b"[1, 2]", 400),
     Case("deeply-nested-json", COMP, b"[" * 100_000 + b"]" * 100_000, 400),
     Case("invalid-utf8", COMP, b'{"model": "tiny", "prompt": "\xff\xfe"}', 400),
     Case("empty-body", COMP, b"", 400),
-    Case("missing-model", COMP, {"prompt": "hi"}, 400, param="model", says="required"),
-    Case("messages-not-a-list", CHAT, {"model": "tiny", "messages": "hi"}, 400, param="messages"),
-    Case("bad-role", CHAT, {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400,
-         param="messages.0.role"),
-    Case("max-tokens-string", COMP, comp(max_tokens="5"), 400, param="max_tokens"),
-    Case("max-tokens-bool", COMP, comp(max_tokens=True), 400, param="max_tokens"),
-    Case("max-tokens-float", COMP, comp(max_tokens=5.5), 400, param="max_tokens"),
-    Case("stream-not-bool", COMP, comp(stream="yes"), 400, param="stream"),
-    Case("negative-max-tokens", CHAT, chat(max_tokens=-1), 400, param="max_tokens"),
-    Case("zero-max-completion-tokens", CHAT, chat(max_completion_tokens=0), 400, param="max_completion_tokens"),
-    Case("temperature-too-high", CHAT, chat(temperature=2.5), 400, param="temperature"),
-    Case("temperature-negative", COMP, comp(temperature=-0.1), 400, param="temperature"),
-    Case("top-p-zero", COMP, comp(top_p=0), 400, param="top_p"),
-    Case("n-zero", COMP, comp(n=0), 400, param="n"),
-    Case("empty-stop", COMP, comp(stop=""), 400, param="stop"),
-    Case("too-many-stops", COMP, comp(stop=[str(i) for i in range(9)]), 400, param="stop"),
-    Case("empty-messages", CHAT, {"model": "tiny", "messages": []}, 400, param="messages"),
-    Case("empty-prompt-list", COMP, {"model": "tiny", "prompt": []}, 400, param="prompt"),
     Case("empty-prompt", COMP, comp(prompt=""), 400, param="prompt", says="empty"),
-    Case("token-id-prompt", COMP, comp(prompt=[1, 2, 3]), 400, param="prompt"),
-    Case("stream-options-without-stream", COMP, comp(stream_options={"include_usage": True}), 400),
     Case("unknown-model", CHAT, {"model": "gpt-9", "messages": MSG}, 404, param="model", says="tiny",
          code="model_not_found"),
     Case("over-long-prompt", COMP, comp(prompt=LONG_PROMPT), 400, param="prompt", says="2048",
@@ -77,15 +59,6 @@ CASES = [
          says="2048", code="context_length_exceeded"),
     Case("max-tokens-beyond-context", COMP, comp(max_tokens=5000), 400, param="max_tokens", says="2048",
          code="context_length_exceeded"),
-    Case("logprobs", CHAT, chat(logprobs=True), 400, says="logprobs"),
-    Case("completion-logprobs", COMP, comp(logprobs=3), 400, says="logprobs"),
-    Case("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400,
-         says="tools"),
-    Case("json-mode", CHAT, chat(response_format={"type": "json_object"}), 400, says="response_format"),
-    Case("logit-bias", COMP, comp(logit_bias={"5": 10}), 400, says="logit_bias"),
-    Case("echo", COMP, comp(echo=True), 400, says="echo"),
-    Case("image-content", CHAT, {"model": "tiny", "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400),
     Case("huge-body", COMP, b'{"model": "tiny", "prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}', 413,
          code="request_too_large"),
     Case("huge-body-chunked", COMP, b'{"model": "tiny", "prompt": "' + b"a" * (5 * 1024 * 1024) + b'"}', 413,

@@ -1,8 +1,9 @@
 """API keys and overload against one real server started with API_KEYS and small admission limits.
 
-API keys: every `/v1/*` call needs a listed bearer key (401 in OpenAI shape otherwise);
-`/healthz`, `/readyz` and `/metrics` stay open. Overload: more concurrent requests than
-max_num_seqs + max_waiting -> some 429 with Retry-After, no 5xx, all others complete.
+API keys: the official client with each listed key (the 401 matrix and open probes are unit-tested in
+tests/unit/test_api_router.py). Overload on the real engine: more concurrent requests than
+max_num_seqs + max_waiting -> some 429 with Retry-After, no 5xx, all others complete; a client that
+leaves while queued frees its place. The fan-out 400 is unit-tested and checked on the Ray path.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import openai
 import pytest
 
 from tests.conftest import ServerProcess, scrape, spawn_server, wait_until
-from tests.test_api_errors import assert_openai_error
 
 KEYS = ("key-one", "key-two")
 MAX_RUNNING, MAX_WAITING = 1, 2
@@ -42,31 +42,6 @@ def _auth(key: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- API keys
 
 
-@pytest.mark.parametrize("headers", [
-    {},
-    {"Authorization": "Bearer wrong"},
-    {"Authorization": "Basic a2V5LW9uZQ=="},
-    {"Authorization": "Bearer"},
-    {"Authorization": "key-one"},
-], ids=["none", "wrong", "basic", "empty", "no-scheme"])
-@pytest.mark.parametrize("path", ["/v1/models", "/v1/completions"])
-def test_missing_or_wrong_key_is_401(server: ServerProcess, headers: dict[str, str], path: str) -> None:
-    with httpx.Client(base_url=server.base_url, timeout=30) as http:
-        if path == "/v1/models":
-            r = http.get(path, headers=headers)
-        else:
-            r = http.post(path, headers=headers, json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
-    err = assert_openai_error(r, 401)
-    assert err["type"] == "authentication_error"
-    assert "key" in err["message"].lower()
-    assert r.headers["www-authenticate"] == "Bearer"
-
-
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
-def test_probes_and_metrics_stay_open(server: ServerProcess, path: str) -> None:
-    assert httpx.get(server.base_url + path, timeout=30).status_code == 200
-
-
 def test_every_listed_key_works_with_the_openai_client(server: ServerProcess) -> None:
     for key in KEYS:
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=60)
@@ -76,16 +51,6 @@ def test_every_listed_key_works_with_the_openai_client(server: ServerProcess) ->
     bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="nope", max_retries=0, timeout=60)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-
-
-def test_unauthenticated_requests_do_not_reach_the_engine(server: ServerProcess) -> None:
-    served = scrape(server.base_url, "llm_requests_total", model="tiny")
-    refused = scrape(server.base_url, "llm_requests_total", model="-", endpoint="completions", status="401")
-    for _ in range(3):
-        r = httpx.post(server.base_url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=30)
-        assert r.status_code == 401
-    assert scrape(server.base_url, "llm_requests_total", model="tiny") == served  # the engine never saw them
-    assert scrape(server.base_url, "llm_requests_total", model="-", endpoint="completions", status="401") == refused + 3
 
 
 # --------------------------------------------------------------------------- overload
@@ -133,20 +98,6 @@ def test_overload_gives_429_with_retry_after_and_no_5xx(server: ServerProcess) -
     assert scrape(server.base_url, "llm_requests_total", endpoint="completions", status="429") == statuses[429]
 
 
-
-def test_fan_out_larger_than_the_engine_admits_is_a_400_not_a_429(server: ServerProcess) -> None:
-    cap = MAX_RUNNING + MAX_WAITING  # a 429 would never clear: the request alone overflows slots plus queue
-    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": cap + 1}
-    r = httpx.post(server.base_url + "/v1/chat/completions", headers=_auth(KEYS[0]), json=chat, timeout=60)
-    err = assert_openai_error(r, 400)
-    assert err["type"] == "invalid_request_error" and err["param"] == "n"
-    assert f"at most {cap}" in err["message"] and f"needs {cap + 1}" in err["message"]
-    two_prompts = {"model": "tiny", "prompt": ["a", "b"], "n": 2, "max_tokens": 2}  # 4 generations
-    r = httpx.post(server.base_url + "/v1/completions", headers=_auth(KEYS[0]), json=two_prompts, timeout=60)
-    assert r.status_code == 400 and "needs 4" in r.json()["error"]["message"]
-    fits = {**chat, "n": cap}
-    r = httpx.post(server.base_url + "/v1/chat/completions", headers=_auth(KEYS[0]), json=fits, timeout=60)
-    assert r.status_code == 200 and len(r.json()["choices"]) == cap
 
 def _raw_request(port: int, body: dict) -> socket.socket:
     data = json.dumps(body).encode()

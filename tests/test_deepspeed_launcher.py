@@ -40,6 +40,7 @@ def test_dry_run_writes_hostfile_env_file_and_pdsh_command(tmp_path: Path) -> No
         "DS_HOSTS": "10.9.0.1,10.9.0.2:2", "DS_NET_IFNAME": "ens5", "DS_MODEL": "/models/big",
         "DS_SERVED_MODEL_NAME": "big", "DS_COLLECTIVE_TIMEOUT_S": "30", "DS_MASTER_PORT": "29555",
         "API_KEYS": "sk-secret", "TORCH_EXTENSIONS_DIR": "/cache/ext", "PATH": "/opt/venv/bin:/usr/bin:/bin",
+        "HF_HUB_OFFLINE": "0",  # not the default "1": the launcher's own value must be what arrives
     }
     res = _cli("launch", "--dry-run", "--run-dir", str(tmp_path / "run"), "--ssh-key", "/keys/id", env=env,
                cwd=tmp_path)
@@ -50,7 +51,7 @@ def test_dry_run_writes_hostfile_env_file_and_pdsh_command(tmp_path: Path) -> No
     assert exported["GLOO_SOCKET_IFNAME"] == exported["NCCL_SOCKET_IFNAME"] == "ens5"
     assert exported["DS_COLLECTIVE_TIMEOUT_S"] == "30.0"
     assert exported["DS_MODEL"] == "/models/big" and exported["DS_SERVED_MODEL_NAME"] == "big"
-    assert exported["HF_HUB_OFFLINE"] == "1"
+    assert exported["HF_HUB_OFFLINE"] == "0" and exported["TRANSFORMERS_OFFLINE"] == "1"
     assert exported["TORCH_EXTENSIONS_DIR"] == "/cache/ext"
     assert exported["PATH"] == "/opt/venv/bin:/usr/bin:/bin"
     assert "sk-secret" not in "\n".join(lines)  # secrets would end up on the pdsh command line

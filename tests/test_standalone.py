@@ -146,8 +146,8 @@ def test_serve_rejects_bad_options_with_one_line_errors(tiny_model: Path) -> Non
 
 
 
-def test_access_log_line_per_request_carries_the_client_request_id(start_server: Any) -> None:
-    srv = start_server()
+def test_access_log_line_per_request_carries_the_client_request_id(core_server: Any, start_server: Any) -> None:
+    srv = core_server
     body = {"model": "tiny", "prompt": "log me", "max_tokens": 3, "ignore_eos": True}
     r = httpx.post(srv.base_url + "/v1/completions", json=body, headers={"X-Request-Id": "trace-42"}, timeout=60)
     assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"

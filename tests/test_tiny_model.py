@@ -7,7 +7,6 @@ these tests load it with the ordinary transformers Auto classes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,6 @@ def loaded(tiny_model: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model)
-
-
-def test_tests_run_offline() -> None:
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 def test_folder_layout_and_size(tiny_model: Path) -> None:

@@ -73,7 +73,9 @@ async def test_chat_completion_shape_usage_and_served_by(http: httpx.AsyncClient
     assert choice["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     assert r.headers["x-served-by"] == "fake@unit"
-    assert r.headers["x-request-id"]
+    assert r.headers["x-request-id"]  # made up when the client sent none
+    echoed = await http.get("/v1/models", headers={"X-Request-Id": "abc-123"})
+    assert echoed.headers.get_list("x-request-id") == ["abc-123"]
 
 
 async def test_completion_fan_out_indexes_choices_and_counts_each_prompt_once(
@@ -168,9 +170,21 @@ async def test_models_readyz_and_health(http: httpx.AsyncClient) -> None:
     ({"model": "fake", "prompt": "hi", "stream_options": {"include_usage": True}}, None),
     ({"model": "fake", "messages": MSG, "tools": [{"type": "function"}]}, None),
     ({"model": "fake", "messages": MSG, "response_format": {"type": "json_object"}}, None),
+    (b"[1, 2]", None),
+    ({"model": "fake", "messages": "hi"}, "messages"),
+    ({"model": "fake", "prompt": "hi", "max_tokens": 5.5}, "max_tokens"),
+    ({"model": "fake", "messages": MSG, "max_tokens": -1}, "max_tokens"),
+    ({"model": "fake", "messages": MSG, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"model": "fake", "prompt": "hi", "temperature": -0.1}, "temperature"),
+    ({"model": "fake", "messages": MSG, "logprobs": True}, None),
+    ({"model": "fake", "prompt": "hi", "logit_bias": {"5": 10}}, None),
+    ({"model": "fake", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content"),
 ], ids=["bad-json", "no-model", "empty-messages", "bad-role", "string-int", "bool-int", "string-bool",
         "temperature", "top-p", "n-zero", "empty-stop", "nine-stops", "empty-prompts", "token-ids", "logprobs",
-        "echo", "stream-options-alone", "tools", "json-mode"])
+        "echo", "stream-options-alone", "tools", "json-mode", "not-an-object", "messages-not-a-list",
+        "float-int", "negative-max-tokens", "zero-max-completion-tokens", "negative-temperature", "chat-logprobs",
+        "logit-bias", "image-content"])
 async def test_bad_bodies_are_400_naming_the_field(http: httpx.AsyncClient, engine: FakeEngine, sink: PrometheusSink,
                                                    body: Any, param: str | None) -> None:
     path = CHAT if isinstance(body, dict) and "messages" in body else COMP
@@ -215,6 +229,7 @@ async def test_body_over_the_limit_is_413(engine: FakeEngine, sink: PrometheusSi
         r = await http.post(COMP, content=pieces() if chunked else data)
     assert openai_error(r, 413)["code"] == "request_too_large"
     assert engine.requests == []
+    assert sample(sink, "llm_requests_total", model="-", endpoint="completions", status="413") == 1
 
 
 async def test_fan_out_beyond_what_the_engine_admits_is_400_naming_the_limit(http: httpx.AsyncClient,
@@ -389,3 +404,16 @@ async def test_access_log_line_per_request(http: httpx.AsyncClient, caplog: pyte
     assert any(line.startswith("t-1 completions model=fake engine=fake status=200") and "output_tokens=2" in line
                for line in lines), lines
     assert any(line.startswith("evil_id__x_ chat model=- engine=- status=404") for line in lines), lines
+
+
+def test_sse_events_survive_splitlines_readers() -> None:
+    """Generated text may contain U+2028/U+0085, which httpx's iter_lines treats as line ends (seen as a flake)."""
+    from httpx._decoders import LineDecoder
+
+    from app.api.openai import _sse
+
+    text = "a\u2028b\u0085c\u2029d 你好 \x1c"
+    event = _sse({"choices": [{"text": text}]})
+    lines = LineDecoder().decode(event)
+    assert lines[0].startswith("data: ") and lines[1:] == [""]
+    assert json.loads(lines[0][len("data: "):])["choices"][0]["text"] == text
