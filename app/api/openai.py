@@ -234,12 +234,12 @@ class OpenAIServing:
         endpoint: str,
         model: str,
         items: list[tuple[int, GenerationRequest]],
-        n: int,
-        stream: bool,
-        render_stream: Callable[[AsyncGenerator[tuple[int, GenerationChunk], None], _Observation],
-                                AsyncIterator[str]],
+        req: ChatCompletionRequest | CompletionRequest,
+        make_chunk: Callable[[int, str | None, str | None, bool], dict[str, Any]],
+        usage_chunk: Callable[[Usage], dict[str, Any]],
         render_full: Callable[[dict[int, str], dict[int, str | None], Usage], dict[str, Any]],
     ) -> Response:
+        n = req.n
         info = await self.backend.engine_info(model)  # 404 for unknown models
         obs = _Observation(self.sink, model=model, engine=info.engine, endpoint=endpoint,
                            request_id=request_id_of(request.scope))
@@ -252,7 +252,7 @@ class OpenAIServing:
                     "over several requests",
                     param="n",
                 )
-            if stream:
+            if req.stream:
                 # (a request waiting for a slot leaves the queue when its client goes away)
                 streams = {idx: self.backend.generate(model, greq) for idx, greq in items}
                 merged = await _until_disconnect(request, _primed_fan_in(streams, obs.note_served_by))
@@ -260,7 +260,8 @@ class OpenAIServing:
                     obs.finish(499, "client_disconnected")
                     return Response(status_code=499)
                 return StreamingResponse(
-                    render_stream(merged, obs), media_type="text/event-stream", headers={**SSE_HEADERS, **obs.headers}
+                    self._stream_body(merged, obs, make_chunk, usage_chunk if req.include_usage else None, n),
+                    media_type="text/event-stream", headers={**SSE_HEADERS, **obs.headers}
                 )
             result = await _until_disconnect(request, self._collect(model, items, obs, n))
             if result is None:
@@ -377,13 +378,7 @@ class OpenAIServing:
                 id=rid, created=created, model=req.model, choices=choices, usage=usage
             ).model_dump()
 
-        def stream(merged: AsyncGenerator[tuple[int, GenerationChunk], None], obs: _Observation
-                   ) -> AsyncIterator[str]:
-            return self._stream_body(
-                merged, obs, make_chunk, usage_chunk if req.include_usage else None, req.n
-            )
-
-        return await self._run(request, "chat", req.model, items, req.n, req.stream, stream, full)
+        return await self._run(request, "chat", req.model, items, req, make_chunk, usage_chunk, full)
 
     # --------------------------------------------------------------------- completions
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
@@ -409,13 +404,7 @@ class OpenAIServing:
                 id=rid, created=created, model=req.model, choices=choices, usage=usage
             ).model_dump()
 
-        def stream(merged: AsyncGenerator[tuple[int, GenerationChunk], None], obs: _Observation
-                   ) -> AsyncIterator[str]:
-            return self._stream_body(
-                merged, obs, make_chunk, usage_chunk if req.include_usage else None, req.n
-            )
-
-        return await self._run(request, "completions", req.model, items, req.n, req.stream, stream, full)
+        return await self._run(request, "completions", req.model, items, req, make_chunk, usage_chunk, full)
 
 
 def _usage(prompt: dict[int, int], completion: dict[int, int], n: int) -> Usage:
