@@ -80,6 +80,13 @@ QUEUE_DEPTH = MetricSpec(
 MODEL_READY = MetricSpec(
     "llm_model_ready", "gauge", "1 when the model has loaded and passed warm-up.", ("model", "engine")
 )
+DECODE_BATCH = MetricSpec(
+    "llm_decode_batch_size",
+    "histogram",
+    "Sequences advanced by one decode forward (transformers engine and DeepSpeed TP: the continuous batch).",
+    ("model", "engine"),
+    (1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 ENGINE_INFO = MetricSpec(
     "llm_engine_info",
     "gauge",
@@ -98,6 +105,7 @@ SPECS: tuple[MetricSpec, ...] = (
     RUNNING,
     QUEUE_DEPTH,
     MODEL_READY,
+    DECODE_BATCH,
     ENGINE_INFO,
 )
 

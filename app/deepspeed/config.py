@@ -14,6 +14,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.engines.base import ServingKnobs
+from app.engines.hf_runner import HFEngineConfig
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class DSSettings(ServingKnobs, BaseSettings):
     ssh_port: int | None = Field(default=None, ge=1, le=65535, description="sshd port on every VM (default 22).")
     run_dir: str = Field(default="", description="Where the launcher writes hostfile and .deepspeed_env.")
     max_model_len: int | None = Field(default=None, ge=16)
+    max_num_seqs: int = Field(default=HFEngineConfig.max_num_seqs, ge=1, le=256,
+                              description="Sequences batched per decode step (same value on every rank).")
+    prefill_chunk_tokens: int = Field(default=HFEngineConfig.prefill_chunk_tokens, ge=1,
+                                      description="Prompt tokens prefilled per scheduler step.")
     device: str = Field(default="cpu", description="cpu | cuda (cuda uses nccl).")
     dtype: str = Field(default="float32")
     torch_extensions_dir: str = ""

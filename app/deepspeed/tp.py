@@ -7,16 +7,19 @@ Rank 0 serves the ONE API router (`create_app`) through a `LocalBackend` holding
 Protocol (all collectives run on one dedicated thread per rank, each with the
 explicit collective timeout):
 - every rank loads the model with the transformers model runner (`HFModelRunner`)
-  and shards it through `runner.wrap_model`; rank 0 drives the runner's decode loop
-  and uses the shared prompt rendering, stop matching and detokenizer; its model
-  is wrapped (`wrap_model` again) in `_MirroredModel`, which broadcasts every
-  forward call (token ids and cache length) before running it,
-  so followers run exactly the same forwards. Tokens are decided on rank 0 only
-  and reach the other ranks as the next forward's input ids, so every rank works
-  on the same sequence whatever the sampling settings.
+  and shards it through `runner.wrap_model`; rank 0 runs the transformers engine's
+  continuous-batching loop (`BatchScheduler`) on its collective thread, over
+  `_MirroredModel`: a `RaggedModel` that broadcasts each forward's PLAN before running
+  it (a prefill chunk: slot, start and the prompt ids; a decode step: the slots and
+  tokens of every running sequence, the padded row count, a cache-length checksum,
+  and the slots that left since the last message). Followers keep one `DynamicCache`
+  per slot and replay the same `RaggedModel` calls, so every rank runs exactly the same
+  batched forwards. A decode step of B sequences costs one fixed-size header broadcast
+  (`_Wire`), i.e. what one token cost before batching; tokens are decided on rank 0 only
+  and reach the other ranks as the next step's input, whatever the sampling settings.
 - while idle, rank 0 broadcasts a `ping` followed by an all-reduce that every rank
   must join: a killed peer fails it at once, a frozen one at the timeout.
-- any failure of a collective marks the engine dead: `/readyz` turns 503, the request
+- any failure of a collective marks the engine dead: `/readyz` turns 503, the requests
   in flight and queued ones get 503 (`EngineDeadError`), and the rank exits non-zero
   after `dead_linger_s`, which ends the whole group (a rank cannot rejoin).
 """
@@ -24,14 +27,14 @@ explicit collective timeout):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-import queue
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -41,15 +44,15 @@ from app.engines.admission import AdmissionController
 from app.engines.base import (
     Engine,
     EngineDeadError,
-    EngineError,
     EngineInfo,
     EngineNotReadyError,
     EngineStats,
     GenerationChunk,
     GenerationRequest,
 )
-from app.engines.hf_runner import GenerationCancelled, HFEngineConfig, HFModelRunner
-from app.engines.text import ChunkAssembler
+from app.engines.batching import BatchScheduler, stream_sequence
+from app.engines.hf_runner import HFEngineConfig, HFModelRunner
+from app.engines.ragged import RaggedModel
 from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,7 @@ def load_sharded(settings: DSSettings, info: RankInfo, load_group: Any) -> HFMod
 
     runner = HFModelRunner(settings.model, HFEngineConfig(
         device=_device(settings, info), dtype=settings.dtype, max_model_len=settings.max_model_len,
+        max_num_seqs=settings.max_num_seqs, prefill_chunk_tokens=settings.prefill_chunk_tokens,
     ), model_id=settings.model_id)
     t0 = time.monotonic()
     runner.load()
@@ -151,63 +155,50 @@ def load_sharded(settings: DSSettings, info: RankInfo, load_group: Any) -> HFMod
 # ----------------------------------------------------------------------------- wire between ranks
 
 
-_PING, _END, _SHUTDOWN, _STEP, _OBJECT = range(5)
-_CODES = {"ping": _PING, "end": _END, "shutdown": _SHUTDOWN}
-_STEP_KEYS = {"input_ids", "past_key_values", "use_cache", "logits_to_keep"}
+_PING, _SHUTDOWN, _PREFILL, _DECODE, _RELEASE = range(1, 6)
+_HEAD = 6  # code, n_free, and four op fields; then the payload
 
 
 class _Wire:
     """The collectives of the protocol. Only the collective thread calls these.
 
-    Every message starts with a 4-int header broadcast. A decode step (one token id, the
-    cache length and `logits_to_keep`) fits in that header, so each generated token costs
-    one small broadcast besides the model's own all-reduces; anything else (the prompt's
-    forward) follows as a pickled object.
+    Every message is one broadcast of a fixed-size long tensor: [code, n_free, a, b, c, d, payload...] with
+    room for 3 x max_num_seqs payload entries (the slots that left, then the op's own lists), so a decode step
+    of the whole batch fits in it; a prefill chunk's token ids follow as a second broadcast of exactly that
+    many ids. Every rank builds the wire from the same DS_MAX_NUM_SEQS.
     """
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, max_num_seqs: int):
         import torch
         import torch.distributed as dist
 
         self.torch, self.dist, self.device = torch, dist, device
-        self.header = torch.zeros(4, dtype=torch.long, device=device)
+        self.max_num_seqs = max_num_seqs
+        self.header = torch.zeros(_HEAD + 3 * max_num_seqs, dtype=torch.long, device=device)
 
-    def _bcast_header(self, values: list[int]) -> list[int]:
-        for i, v in enumerate(values):
-            self.header[i] = v
+    def send(self, code: int, fields: tuple[int, ...] = (), *, free: Sequence[int] = (),
+             lists: tuple[list[int], ...] = ()) -> None:
+        h = [code, len(free), *fields, *([0] * (4 - len(fields)))]
+        payload = [*free, *(x for lst in lists for x in lst)]
+        values = h + payload
+        self.header.zero_()
+        self.header[: len(values)] = self.torch.tensor(values, dtype=self.torch.long)
         self.dist.broadcast(self.header, src=0)
-        return [int(x) for x in self.header.tolist()]
 
-    def send(self, msg: dict[str, Any]) -> None:
-        op = msg["op"]
-        if op in _CODES:
-            self._bcast_header([_CODES[op], 0, 0, 0])
-            return
-        kw = msg.get("kwargs", {})
-        ids = kw.get("input_ids")
-        cache = kw.get("past_key_values")
-        if (op == "forward" and set(kw) == _STEP_KEYS and kw["use_cache"] is True
-                and isinstance(kw["logits_to_keep"], int) and hasattr(ids, "shape") and tuple(ids.shape) == (1, 1)
-                and isinstance(cache, tuple) and cache[0] == "__cache__"):
-            self._bcast_header([_STEP, int(cache[1]), int(ids[0, 0]), int(kw["logits_to_keep"])])
-            return
-        self._bcast_header([_OBJECT, 0, 0, 0])
-        self.dist.broadcast_object_list([msg], src=0)
+    def recv(self) -> tuple[int, list[int], list[int], list[int]]:
+        """(code, four fields, freed slots, the rest of the payload)."""
+        self.dist.broadcast(self.header, src=0)
+        values = [int(x) for x in self.header.tolist()]
+        n_free = values[1]
+        return values[0], values[2:_HEAD], values[_HEAD : _HEAD + n_free], values[_HEAD + n_free :]
 
-    def recv(self) -> dict[str, Any]:
-        code, cache_len, token, keep = self._bcast_header([0, 0, 0, 0])
-        if code == _STEP:
-            ids = self.torch.tensor([[token]], dtype=self.torch.long)
-            return {"op": "forward", "kwargs": {"input_ids": ids, "past_key_values": ("__cache__", cache_len),
-                                                "use_cache": True, "logits_to_keep": keep}}
-        if code == _OBJECT:
-            box: list[Any] = [None]
-            self.dist.broadcast_object_list(box, src=0)
-            return box[0]
-        for name, value in _CODES.items():
-            if value == code:
-                return {"op": name}
-        raise CollectiveError(f"unknown message code {code} from rank 0")
+    def send_ids(self, ids: list[int]) -> None:
+        self.dist.broadcast(self.torch.tensor(ids, dtype=self.torch.long, device=self.device), src=0)
+
+    def recv_ids(self, n: int) -> list[int]:
+        box = self.torch.zeros(n, dtype=self.torch.long, device=self.device)
+        self.dist.broadcast(box, src=0)
+        return [int(x) for x in box.tolist()]
 
     def all_join(self) -> None:
         """An all-reduce every rank must enter: detects dead or frozen peers."""
@@ -215,108 +206,105 @@ class _Wire:
         self.dist.all_reduce(t)
 
 
-def _cache_len(cache: Any) -> int:
-    return int(cache.get_seq_length()) if cache is not None else 0
+def _checksum(caches: list[Any]) -> int:
+    return sum(int(c.get_seq_length()) for c in caches)
 
 
-class _MirroredModel:
-    """Rank 0's model: broadcasts each forward call's inputs, then runs it (followers run the same)."""
+class _MirroredModel(RaggedModel):
+    """Rank 0's forwards: each call's plan is broadcast first, then run (the followers run the same)."""
 
-    def __init__(self, module: Any, wire: _Wire):
-        self._module = module
+    def __init__(self, base: RaggedModel, wire: _Wire):
+        super().__init__(base.model, vocab_size=base.vocab_size, device=base.device, granule=base.granule,
+                         batched=base.batched)
         self._wire = wire
+        self._freed: list[int] = []
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
+    def _take_freed(self) -> list[int]:
+        freed, self._freed = self._freed, []
+        return freed
 
-    def __call__(self, **kwargs: Any) -> Any:
-        from transformers import Cache
-
-        msg: dict[str, Any] = {"op": "forward", "kwargs": {}}
-        for key, value in kwargs.items():
-            if isinstance(value, Cache):
-                msg["kwargs"][key] = ("__cache__", _cache_len(value))
-            elif hasattr(value, "detach"):
-                msg["kwargs"][key] = value.detach().cpu()
-            else:
-                msg["kwargs"][key] = value
+    def prefill(self, cache: Any, ids: Sequence[int], start: int, *, slot: int = 0) -> Any:
         try:
-            self._wire.send(msg)
-            return self._module(**kwargs)
+            self._wire.send(_PREFILL, (slot, start, len(ids)), free=self._take_freed())
+            self._wire.send_ids(list(ids))
+            return super().prefill(cache, ids, start, slot=slot)
         except Exception as exc:
-            raise CollectiveError(f"forward across ranks failed: {type(exc).__name__}: {exc}") from exc
+            raise CollectiveError(f"prefill across ranks failed: {type(exc).__name__}: {exc}") from exc
+
+    def decode(self, caches: Sequence[Any], tokens: Sequence[int], rows: int | None = None, *,
+               slots: Sequence[int] | None = None) -> Any:
+        rows = rows if rows is not None else self.rows_for(len(caches))
+        slot_list = list(slots) if slots is not None else list(range(len(caches)))
+        try:
+            self._wire.send(_DECODE, (len(caches), rows, _checksum(list(caches))), free=self._take_freed(),
+                            lists=(slot_list, list(tokens)))
+            return super().decode(caches, tokens, rows, slots=slots)
+        except Exception as exc:
+            raise CollectiveError(f"decode step across ranks failed: {type(exc).__name__}: {exc}") from exc
+
+    def release(self, slot: int) -> None:
+        self._freed.append(slot)  # travels with the next message
+
+    def idle(self) -> None:
+        """Heartbeat while nothing runs (and the slots that left, if no step carried them)."""
+        freed = self._take_freed()
+        if freed:
+            self._wire.send(_RELEASE, free=freed)
+        self._wire.send(_PING)
+        self._wire.all_join()
 
 
 def follow(settings: DSSettings, info: RankInfo) -> int:
-    """Ranks 1..N: load, shard, then mirror rank 0's forwards until told to stop. Returns the exit code."""
+    """Ranks 1..N: load, shard, then replay rank 0's forwards until told to stop. Returns the exit code."""
     import torch
-    from transformers import DynamicCache
 
     load_group = init_distributed(settings, info)
     runner = load_sharded(settings, info, load_group)
-    model = runner.model
-    device = runner.device
-    wire = _Wire(device)
-    cache: Any = None
+    model = runner.step_model()
+    wire = _Wire(runner.device, settings.max_num_seqs)
+    caches: dict[int, Any] = {}
     log.info("rank %d: following rank 0", info.rank)
     with torch.inference_mode():
         while True:
-            msg = wire.recv()
-            op = msg["op"]
-            if op == "ping":
+            code, fields, freed, payload = wire.recv()
+            for slot in freed:
+                caches.pop(slot, None)
+            if code == _PING:
                 wire.all_join()
-            elif op == "end":
-                cache = None
-            elif op == "shutdown":
+            elif code == _RELEASE:
+                pass
+            elif code == _SHUTDOWN:
                 log.info("rank %d: shutdown from rank 0", info.rank)
                 return 0
-            elif op == "forward":
-                kwargs: dict[str, Any] = {}
-                for key, value in msg["kwargs"].items():
-                    if isinstance(value, tuple) and len(value) == 2 and value[0] == "__cache__":
-                        if value[1] == 0:
-                            cache = DynamicCache()
-                        elif _cache_len(cache) != value[1]:
-                            raise CollectiveError(
-                                f"rank {info.rank}: cache length {_cache_len(cache)} != rank 0's {value[1]}")
-                        value = cache
-                    elif isinstance(value, torch.Tensor):
-                        value = value.to(device)
-                    kwargs[key] = value
-                out = model(**kwargs)
-                cache = getattr(out, "past_key_values", cache)
+            elif code == _PREFILL:
+                slot, start, n = fields[:3]
+                ids = wire.recv_ids(n)
+                if start == 0:
+                    caches[slot] = model.new_cache()
+                cache = caches.get(slot)
+                if cache is None or cache.get_seq_length() != start:
+                    raise CollectiveError(f"rank {info.rank}: slot {slot} is not at position {start} as on rank 0")
+                model.prefill(cache, ids, start, slot=slot)
+            elif code == _DECODE:
+                n, rows, check = fields[:3]
+                slots, tokens = payload[:n], payload[n : 2 * n]
+                try:
+                    rows_caches = [caches[s] for s in slots]
+                except KeyError as exc:
+                    raise CollectiveError(f"rank {info.rank}: rank 0 decodes unknown slot {exc}") from None
+                if _checksum(rows_caches) != check:
+                    raise CollectiveError(
+                        f"rank {info.rank}: cache lengths {_checksum(rows_caches)} != rank 0's {check}")
+                model.decode(rows_caches, tokens, rows, slots=slots)
             else:
-                raise CollectiveError(f"unknown op {op!r} from rank 0")
+                raise CollectiveError(f"unknown message code {code} from rank 0")
 
 
 # ----------------------------------------------------------------------------- rank 0 engine
 
 
-@dataclass
-class _Job:
-    prompt_ids: list[int]
-    request: GenerationRequest
-    max_new: int
-    loop: asyncio.AbstractEventLoop
-    items: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    def post(self, *item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.items.put_nowait, item)
-        except RuntimeError:  # loop closed: nobody is listening any more
-            pass
-
-    def finish(self) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.done.set)
-        except RuntimeError:
-            pass
-
-
 class TPEngine(Engine):
-    """Rank 0's engine: requests are serialized (one running, bounded queue -> 429) and broadcast."""
+    """Rank 0's engine: the continuous-batching scheduler over the mirrored (broadcasting) model."""
 
     def __init__(self, settings: DSSettings, info: RankInfo, on_dead: Callable[[str], None] | None = None,
                  metrics: MetricsSink | None = None):
@@ -330,16 +318,15 @@ class TPEngine(Engine):
             reason=f"tensor parallel over {info.world_size} ranks (DeepSpeed AutoTP)",
         )
         self._labels = {"model": settings.model_id, "engine": ENGINE_NAME}
-        self._admission = AdmissionController(1, settings.max_waiting, settings.retry_after_s, metrics=self.metrics,
-                                              metric_labels=self._labels)
+        self._admission = AdmissionController(settings.max_num_seqs, settings.max_waiting, settings.retry_after_s,
+                                              metrics=self.metrics, metric_labels=self._labels)
         self.info.max_parallel = self._admission.capacity
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._runner: HFModelRunner | None = None
+        self._scheduler: BatchScheduler | None = None
         self._ready = False
         self._dead_reason: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._current: _Job | None = None
         self._started: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -384,96 +371,53 @@ class TPEngine(Engine):
         """Graceful stop: tell the followers to exit (they return 0)."""
         self._ready = False
         if self._thread is not None and self._thread.is_alive() and self._dead_reason is None:
-            self._jobs.put(None)
+            if self._scheduler is not None:
+                self._scheduler.stop()
             await asyncio.to_thread(self._thread.join, self.settings.collective_timeout_s)
 
     # ------------------------------------------------------------------ collective thread
     def _main(self) -> None:
-        wire: _Wire | None = None
         try:
             load_group = init_distributed(self.settings, self.rank)
             runner = load_sharded(self.settings, self.rank, load_group)
-            wire = _Wire(runner.device)
-            mirror_wire = wire
-            runner.wrap_model(lambda model: _MirroredModel(model, mirror_wire))
+            wire = _Wire(runner.device, self.settings.max_num_seqs)
+            model = _MirroredModel(runner.step_model(), wire)
             self.info.max_context = runner.max_context
             self.info.device = runner.device
             self.info.dtype = runner.dtype
             self._runner = runner
-            runner.warmup()  # through the mirror: every rank runs it
-            wire.send({"op": "end"})
+            runner.warmup(model)  # through the mirror: every rank runs it
+            model.idle()
+            self._scheduler = BatchScheduler(model, max_num_seqs=self.settings.max_num_seqs,
+                                             prefill_chunk=self.settings.prefill_chunk_tokens,
+                                             fatal=(CollectiveError,), on_decode=self._observe_batch)
             self._ready = True
             self._signal_started(None)
-            log.info("rank 0: %s ready on %d ranks (collective timeout %ss, heartbeat %ss)",
-                     self.info.model_id, self.rank.world_size, self.settings.collective_timeout_s,
-                     self.settings.heartbeat_period_s)
-            self._serve_jobs(wire)
+            log.info("rank 0: %s ready on %d ranks (batch %d, collective timeout %ss, heartbeat %ss)",
+                     self.info.model_id, self.rank.world_size, self.settings.max_num_seqs,
+                     self.settings.collective_timeout_s, self.settings.heartbeat_period_s)
+            self._scheduler.run(idle_s=self.settings.heartbeat_period_s, on_idle=model.idle)
+            wire.send(_SHUTDOWN)
+            log.info("rank 0: followers told to shut down")
         except BaseException as exc:  # a collective (or loading) failed: the group is broken
             log.error("rank 0: tensor-parallel group failed: %s: %s", type(exc).__name__, exc)
             self._die(f"{type(exc).__name__}: {exc}")
             self._signal_started(EngineDeadError(f"tensor-parallel group failed: {exc}"))
-            self._drain_forever()
 
-    def _serve_jobs(self, wire: _Wire) -> None:
-        period = self.settings.heartbeat_period_s
-        while True:
-            try:
-                job = self._jobs.get(timeout=period)
-            except queue.Empty:
-                wire.send({"op": "ping"})
-                wire.all_join()
-                continue
-            if job is None:
-                wire.send({"op": "shutdown"})
-                log.info("rank 0: followers told to shut down")
-                return
-            self._current = job  # on a collective failure _die() answers it with 503
-            self._run_job(job, wire)
-            self._current = None
-            job.finish()
-
-    def _run_job(self, job: _Job, wire: _Wire) -> None:
-        if job.cancel.is_set():
-            return
-        assert self._runner is not None  # set before any job is served
-        try:
-            for token, finish in self._runner.decode_steps(job.prompt_ids, job.request, job.max_new, job.cancel):
-                job.post("token", token, finish)
-                if finish:
-                    break
-        except GenerationCancelled:
-            pass
-        except CollectiveError:
-            raise
-        except Exception as exc:  # rank 0 only (e.g. sampling): the followers are waiting, the group is fine
-            log.exception("generation failed for request %s", job.request.request_id)
-            job.post("error", f"{type(exc).__name__}: {exc}")
-        try:
-            wire.send({"op": "end"})
-        except Exception as exc:
-            raise CollectiveError(f"broadcast failed: {exc}") from exc
+    def _observe_batch(self, rows: int) -> None:
+        self.metrics.observe(metrics.DECODE_BATCH, self._labels, rows)
 
     def _die(self, reason: str) -> None:
         self._dead_reason = reason
         self._ready = False
         self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
-        if self._current is not None:
-            self._current.post("dead", reason)
-            self._current.finish()
+        if self._scheduler is not None and self._scheduler.dead_reason is None:
+            self._scheduler.fail_all(reason)
         if self.on_dead is not None and self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self.on_dead, reason)
             except RuntimeError:
                 pass
-
-    def _drain_forever(self) -> None:
-        """After death: answer every job that still arrives with 'dead'."""
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            job.post("dead", self._dead_reason or "dead")
-            job.finish()
 
     # ------------------------------------------------------------------ requests
     def _check_alive(self) -> None:
@@ -487,9 +431,12 @@ class TPEngine(Engine):
         assert self._runner is not None  # set before the engine reports ready
         return self._runner
 
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(await asyncio.to_thread(self._ready_runner().prompt_ids, request))
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         runner = self._ready_runner()
-        prompt_ids = runner.prompt_ids(request)
+        prompt_ids = await asyncio.to_thread(runner.prompt_ids, request)  # CPU-heavy for large prompts
         max_new = runner.max_new_tokens(len(prompt_ids), request, self.settings.default_max_tokens)
         async with self._admission.admitted(self._run(prompt_ids, request, max_new)) as chunks:
             async for chunk in chunks:
@@ -499,31 +446,16 @@ class TPEngine(Engine):
         self, prompt_ids: list[int], req: GenerationRequest, max_new: int
     ) -> AsyncGenerator[GenerationChunk, None]:
         runner = self._ready_runner()  # again: the group may have died while this request waited for its slot
-        chunks = ChunkAssembler(runner.tokenizer, req.stop, len(prompt_ids))
-        job = _Job(prompt_ids, req, max_new, asyncio.get_running_loop())
-        self._jobs.put(job)
-        finished = False
+        assert self._scheduler is not None
+        stream = stream_sequence(self._scheduler, runner.tokenizer, prompt_ids, req, runner.sampler(req, max_new),
+                                 on_abort=lambda: self.metrics.inc(metrics.ABORTED, self._labels))
         try:
-            while True:
-                item = await job.items.get()
-                kind = item[0]
-                if kind == "dead":
-                    raise EngineDeadError(f"tensor-parallel group died during the request: {item[1]}")
-                if kind == "error":
-                    raise EngineError(f"generation failed: {item[1]}")
-                _, token, finish = item
-                chunk = chunks.push(token, finish)
-                if chunk is not None:
+            async with contextlib.aclosing(stream) as chunks:
+                async for chunk in chunks:
                     yield chunk
-                if chunks.done:
-                    finished = True
-                    return
-        finally:
-            job.cancel.set()
-            if not finished:
-                self.metrics.inc(metrics.ABORTED, self._labels)
-            # keep the slot until the collective thread is done with this job (the next one must wait)
-            await asyncio.shield(job.done.wait())
+        except EngineDeadError as exc:
+            raise EngineDeadError(f"tensor-parallel group died during the request: {exc.message}",
+                                  retry_after=10) from None
 
 
 # ----------------------------------------------------------------------------- entrypoints

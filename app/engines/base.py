@@ -83,6 +83,19 @@ class GenerationChunk:
     served_by: str | None = None
 
 
+def merge_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:
+    """Consecutive chunks of one stream as one: texts joined, the last one's counts and finish reason, the
+    first one's `served_by`. (A field added to GenerationChunk that accumulates must be joined here too.)"""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    return GenerationChunk(
+        text="".join(c.text for c in chunks), prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens, finish_reason=last.finish_reason,
+        served_by=next((c.served_by for c in chunks if c.served_by), None),
+    )
+
+
 @dataclass
 class EngineInfo:
     """What the API reports about the engine serving a model."""

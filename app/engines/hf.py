@@ -1,10 +1,12 @@
-"""Hugging Face transformers engine: the fallback that runs on any device.
+"""Hugging Face transformers engine: the fallback that runs on any device, with continuous batching.
 
-The model runner (`app.engines.hf_runner`) loads the model and owns the token-by-token decode loop; this
-engine runs that loop in worker threads, so every token streams out at once, each request checks its
-own cancel flag between tokens (client disconnects stop generation within one token), and stop strings
-are matched on the decoded text. Concurrency is bounded by an `AdmissionController` (`max_num_seqs`
-slots, `max_waiting` queue places) whose full queue turns into HTTP 429.
+The model runner (`app.engines.hf_runner`) loads the model; one `BatchScheduler` thread
+(`app.engines.batching`) owns it and advances every running request by one token per forward, prefilling
+new prompts in chunks between steps; requests join and leave at step boundaries, a closed stream (client
+disconnect) leaves within one step, and a request's tokens are identical alone or batched. Stop strings are
+matched on the decoded text, on the event loop. Prompts are rendered and tokenized in a worker thread (a
+multi-megabyte prompt never stalls the loop). Concurrency is bounded by an `AdmissionController`:
+`max_num_seqs` running (the batch size, default 16) plus `max_waiting` queued; a full queue turns into HTTP 429.
 
 `engine_kwargs` are validated here and nowhere else (`transformers_engine_config`): the keys it uses
 (`USED_KWARGS`), vLLM-only tuning keys it knowingly ignores (`IGNORED_VLLM_KWARGS`: warned once and named
@@ -16,17 +18,17 @@ anything else, which is an error naming the key (again except in a fallback, whi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncGenerator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from app import metrics
 from app.engines.admission import AdmissionController
 from app.engines.base import (
     Engine,
-    EngineError,
+    EngineDeadError,
     EngineInfo,
     EngineNotReadyError,
     EngineSpec,
@@ -34,15 +36,15 @@ from app.engines.base import (
     GenerationChunk,
     GenerationRequest,
 )
-from app.engines.hf_runner import GenerationCancelled, HFEngineConfig, HFModelRunner
-from app.engines.text import ChunkAssembler
+from app.engines.batching import BatchScheduler, stream_sequence
+from app.engines.hf_runner import HFEngineConfig, HFModelRunner
 from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
 
 ENGINE_NAME = "transformers"
 USED_KWARGS = frozenset({"dtype", "device", "max_model_len", "max_num_seqs", "trust_remote_code", "revision",
-                         "tokenizer", "seed"})
+                         "tokenizer", "seed", "prefill_chunk_tokens"})
 # vLLM performance knobs with no effect on what is generated: the transformers engine has no use for them
 IGNORED_VLLM_KWARGS = frozenset({
     "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "kv_cache_dtype", "max_num_batched_tokens",
@@ -109,6 +111,7 @@ def transformers_engine_config(engine_kwargs: dict[str, Any], *, fallback: bool 
         device=device, dtype=dtype, max_model_len=_int(kw, "max_model_len", 16),
         max_num_seqs=_int(kw, "max_num_seqs", 1) or HFEngineConfig.max_num_seqs, trust_remote_code=trust,
         revision=_str(kw, "revision"), tokenizer=_str(kw, "tokenizer"), seed=seed,
+        prefill_chunk_tokens=_int(kw, "prefill_chunk_tokens", 1) or HFEngineConfig.prefill_chunk_tokens,
     )
     notes = []
     if ignored:
@@ -153,7 +156,8 @@ class TransformersEngine(Engine):
         self._admission = AdmissionController(self.cfg.max_num_seqs, spec.max_waiting, spec.retry_after_s,
                                               metrics=self.metrics, metric_labels=self._labels)
         self.info.max_parallel = self._admission.capacity
-        self._executor = ThreadPoolExecutor(max_workers=self.cfg.max_num_seqs, thread_name_prefix="hf-gen")
+        self._scheduler: BatchScheduler | None = None
+        self._thread: threading.Thread | None = None
         self._ready = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -163,7 +167,13 @@ class TransformersEngine(Engine):
         self.info.max_context = self.runner.max_context
         self.info.device = self.runner.device
         self.info.dtype = self.runner.dtype
-        await asyncio.to_thread(self.runner.warmup)
+        model = self.runner.step_model()
+        await asyncio.to_thread(self.runner.warmup, model)
+        self._scheduler = BatchScheduler(model, max_num_seqs=self.cfg.max_num_seqs,
+                                         prefill_chunk=self.cfg.prefill_chunk_tokens, on_decode=self._observe_batch)
+        self._thread = threading.Thread(target=self._serve, args=(self._scheduler,), name="hf-scheduler",
+                                        daemon=True)
+        self._thread.start()
         self._ready = True
         self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
         self.metrics.set_gauge(
@@ -172,12 +182,24 @@ class TransformersEngine(Engine):
             1,
         )
         self._admission.publish()
-        log.info("model %s ready on %s (%s)", self.spec.model_id, self.info.device, self.info.dtype)
+        log.info("model %s ready on %s (%s), batch of up to %d sequences", self.spec.model_id, self.info.device,
+                 self.info.dtype, self.cfg.max_num_seqs)
+
+    def _serve(self, scheduler: BatchScheduler) -> None:
+        try:
+            scheduler.run()
+        except BaseException:  # a bug in the loop: every request was told (EngineDeadError), health turns dead
+            log.exception("the scheduler of model %s stopped", self.spec.model_id)
+
+    def _observe_batch(self, rows: int) -> None:
+        self.metrics.observe(metrics.DECODE_BATCH, self._labels, rows)
 
     def is_ready(self) -> bool:
-        return self._ready
+        return self._ready and (self._scheduler is None or self._scheduler.dead_reason is None)
 
     async def check_health(self) -> None:
+        if self._scheduler is not None and self._scheduler.dead_reason is not None:
+            raise EngineDeadError(f"model {self.spec.model_id}: scheduler died: {self._scheduler.dead_reason}")
         if not self._ready:
             raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
 
@@ -186,29 +208,18 @@ class TransformersEngine(Engine):
 
     async def shutdown(self) -> None:
         self._ready = False
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
 
     # ------------------------------------------------------------------ requests
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self.runner.prompt_ids(request))
-
-    def _run_thread(self, prompt_ids: list[int], req: GenerationRequest, max_new: int, cancel: threading.Event,
-                    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[Any, ...]]) -> None:
-        def put(item: tuple[Any, ...]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        try:
-            for token, finish in self.runner.decode_steps(prompt_ids, req, max_new, cancel):
-                put(("token", token, finish))
-        except GenerationCancelled:
-            put(("cancelled",))
-        except Exception as exc:  # surfaced to the request; the engine stays up
-            log.exception("generation failed for request %s", req.request_id)
-            put(("error", exc))
+        return len(await asyncio.to_thread(self.runner.prompt_ids, request))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         await self.check_health()
-        prompt_ids = self.runner.prompt_ids(request)
+        prompt_ids = await asyncio.to_thread(self.runner.prompt_ids, request)  # CPU-heavy for large prompts
         max_new = self.runner.max_new_tokens(len(prompt_ids), request, self.spec.default_max_tokens)
         async with self._admission.admitted(self._generate_admitted(prompt_ids, request, max_new)) as chunks:
             async for chunk in chunks:
@@ -217,33 +228,11 @@ class TransformersEngine(Engine):
     async def _generate_admitted(
         self, prompt_ids: list[int], req: GenerationRequest, max_new: int
     ) -> AsyncGenerator[GenerationChunk, None]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        cancel = threading.Event()
-        fut = loop.run_in_executor(
-            self._executor, self._run_thread, prompt_ids, req, max_new, cancel, loop, queue
-        )
-        chunks = ChunkAssembler(self.runner.tokenizer, req.stop, len(prompt_ids))
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                kind = item[0]
-                if kind == "error":
-                    raise EngineError(f"generation failed: {type(item[1]).__name__}")
-                if kind == "cancelled":
-                    finished = True
-                    return
-                _, token, finish = item
-                chunk = chunks.push(token, finish)
-                if chunk is not None:
-                    yield chunk
-                if chunks.done:
-                    finished = True
-                    return
-        finally:
-            cancel.set()
-            if not finished:
-                self.metrics.inc(metrics.ABORTED, self._labels)
-            # hold the admission slot until the worker thread has really stopped
-            await asyncio.shield(fut)
+        await self.check_health()
+        assert self._scheduler is not None  # set before the engine reports ready
+        sampler = self.runner.sampler(req, max_new)
+        stream = stream_sequence(self._scheduler, self.runner.tokenizer, prompt_ids, req, sampler,
+                                 on_abort=lambda: self.metrics.inc(metrics.ABORTED, self._labels))
+        async with contextlib.aclosing(stream) as chunks:
+            async for chunk in chunks:
+                yield chunk

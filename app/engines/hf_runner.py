@@ -1,19 +1,20 @@
-"""The transformers model runner: load a causal LM, warm it up, run its token-by-token decode loop.
+"""The transformers model runner: load a causal LM, render prompts, build the per-request sampler.
 
-Shared by the transformers engine (one runner, decode loops in worker threads) and DeepSpeed TP (every
-rank loads a runner, shards its model with `wrap_model`, rank 0 drives the loop). Interface:
+Shared by the transformers engine (one runner, one continuous-batching scheduler thread) and DeepSpeed TP
+(every rank loads a runner and shards its model with `wrap_model`; rank 0 drives the scheduler). Interface:
 
     runner = HFModelRunner(model_source, HFEngineConfig(device="cpu"), model_id="m")
-    runner.load()                                   # tokenizer + model on runner.device, eval mode
-    runner.wrap_model(lambda m: shard(m))           # e.g. DeepSpeed AutoTP, or rank 0's broadcasting mirror
-    runner.warmup()                                 # one short greedy decode
-    ids = runner.prompt_ids(request)                # chat template / prompt -> token ids (400 when empty)
-    for token, finish in runner.decode_steps(ids, request, max_new, cancel): ...
+    runner.load()                                   # tokenizer + model on runner.device, eval mode, ragged attention
+    runner.wrap_model(lambda m: shard(m))           # e.g. DeepSpeed AutoTP
+    model = runner.step_model()                     # RaggedModel: prefill / batched decode over per-sequence caches
+    runner.warmup(model)                            # one short greedy decode through it
+    ids = runner.prompt_ids(request)                # chat template / prompt -> token ids (400 when empty or too long)
+    sampler = runner.sampler(request, max_new)      # per-request generator, penalties, hooks (app.engines.sampling)
 
-`decode_steps` keeps a KV cache, samples with a per-request torch.Generator (seeded requests are
-reproducible; `seed` in engine_kwargs makes unseeded ones reproducible in arrival order, as vLLM's engine
-seed does), applies temperature / top-p / presence and frequency penalties, min_tokens and ignore_eos, and
-checks `cancel` between tokens. It is synchronous: callers run it in a thread.
+`sampler` seeds a per-request torch.Generator (seeded requests are reproducible; `seed` in engine_kwargs makes
+unseeded ones reproducible in arrival order, as vLLM's engine seed does) and attaches `sequence_hooks(request)`,
+the per-sequence logits processors / logprobs captures (none yet). The decode loop itself is
+`app.engines.batching.BatchScheduler`; the batched forward `app.engines.ragged.RaggedModel`.
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.engines.base import FinishReason, GenerationRequest
-from app.engines.text import render_prompt, token_budget
+from app.engines import ragged
+from app.engines.base import GenerationRequest
+from app.engines.batching import DEFAULT_PREFILL_CHUNK
+from app.engines.sampling import Sampler, SequenceHook
+from app.engines.text import max_token_chars, render_prompt, token_budget
 
 log = logging.getLogger(__name__)
 
-SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (as vLLM does)
 DEFAULT_CONTEXT = 2048  # when the model config names no max_position_embeddings
 _IMPORT_LOCK = threading.Lock()
 
@@ -43,15 +46,12 @@ class HFEngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     max_model_len: int | None = None
-    max_num_seqs: int = 4  # concurrent generations (the engine's admission slots and decode threads)
+    max_num_seqs: int = 16  # sequences decoded together per step (the engine's admission slots)
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK  # prompt tokens prefilled per step (per-sequence chunks)
     trust_remote_code: bool = False
     revision: str | None = None
     tokenizer: str | None = None
     seed: int | None = None
-
-
-class GenerationCancelled(Exception):
-    """Raised inside `decode_steps` when the request's cancel flag is set."""
 
 
 def resolve_device(device: str) -> str:
@@ -77,7 +77,8 @@ def resolve_dtype(dtype: str, device: str) -> Any:
 
 
 class HFModelRunner:
-    """One transformers causal LM and its tokenizer; `decode_steps` is safe to run in several threads."""
+    """One transformers causal LM and its tokenizer. `prompt_ids` may run in any thread; the model is used by
+    the one thread that drives its `step_model()`."""
 
     def __init__(self, model_source: str, config: HFEngineConfig, model_id: str = ""):
         self.model_source = model_source
@@ -89,6 +90,9 @@ class HFModelRunner:
         self._model: Any = None
         self._tokenizer: Any = None
         self._eos_ids: list[int] = []
+        self._max_token_chars = 0
+        self.granule = 1
+        self.batched = False
         self._seeds = random.Random(config.seed) if config.seed is not None else None
 
     # ------------------------------------------------------------------ loading
@@ -135,25 +139,62 @@ class HFModelRunner:
         if cfg.max_model_len:
             ctx = min(ctx, cfg.max_model_len)
         self.max_context = ctx
+        self._max_token_chars = max_token_chars(tok)
+        self.batched = ragged.install(model)
+        self.granule = ragged.probe_row_granule(model, cfg.max_num_seqs) if self.batched else 1
         self.device = device
         self.dtype = str(dtype).removeprefix("torch.")
         torch.set_grad_enabled(False)
         log.info("loaded %s from %s in %.1fs", self.model_id, self.model_source, time.monotonic() - t0)
 
-    def warmup(self) -> None:
-        """One short greedy decode through the (possibly wrapped) model."""
+    @property
+    def eos_ids(self) -> list[int]:
+        return list(self._eos_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._model.config.vocab_size)
+
+    def step_model(self) -> ragged.RaggedModel:
+        """The forwards the scheduler drives, over the model as it is now (after any `wrap_model`)."""
+        return ragged.RaggedModel(self._model, vocab_size=self.vocab_size, device=self.device,
+                                  granule=self.granule, batched=self.batched)
+
+    def warmup(self, model: ragged.RaggedModel | None = None) -> None:
+        """One short greedy decode (prefill and two batched steps) through `model` (default: `step_model()`)."""
+        import torch
+
+        model = model or self.step_model()
         ids = self._tokenizer("warm-up", add_special_tokens=False)["input_ids"] or [0]
-        for _ in self.decode_steps(ids, GenerationRequest(temperature=0.0, max_tokens=2), 2, threading.Event()):
-            pass
+        with torch.inference_mode():
+            cache = model.new_cache()
+            token = int(torch.argmax(model.prefill(cache, ids, 0)))
+            for _ in range(2):
+                token = int(torch.argmax(model.decode([cache], [token], model.rows_for(1), slots=[0])[0]))
+            model.release(0)
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, req: GenerationRequest) -> list[int]:
-        return render_prompt(self._tokenizer, req, self.model_id, plain_chat_fallback=True)
+        """Token ids of the request (CPU-heavy for large prompts: engines call it off the event loop). A prompt
+        that cannot fit the context is refused before (or without finishing) its tokenization."""
+        return render_prompt(self._tokenizer, req, self.model_id, plain_chat_fallback=True,
+                             max_tokens=self.max_context - 1, max_token_chars=self._max_token_chars)
 
     def max_new_tokens(self, prompt_len: int, req: GenerationRequest, default_max_tokens: int) -> int:
         return token_budget(prompt_len, req, self.max_context, default_max_tokens)
 
-    # ------------------------------------------------------------------ decode loop
+    # ------------------------------------------------------------------ sampling
+    def sequence_hooks(self, req: GenerationRequest) -> list[SequenceHook]:
+        """Per-sequence hooks on the decode step for this request (grammar masks, logprobs captures): none yet."""
+        return []
+
+    def sampler(self, req: GenerationRequest, max_new: int, hooks: list[SequenceHook] | None = None) -> Sampler:
+        """The request's sampler (hooks: `sequence_hooks(req)` unless given); call in arrival order (an engine
+        seed hands out seeds in that order)."""
+        return Sampler(req, max_new, generator=self._generator(req), eos_ids=self._eos_ids,
+                       vocab_size=self.vocab_size, device=self.device,
+                       hooks=self.sequence_hooks(req) if hooks is None else hooks)
+
     def _generator(self, req: GenerationRequest) -> Any:
         import torch
 
@@ -165,52 +206,3 @@ class HFModelRunner:
         else:
             gen.seed()
         return gen
-
-    def decode_steps(
-        self, prompt_ids: list[int], req: GenerationRequest, max_new: int, cancel: threading.Event
-    ) -> Iterator[tuple[int, FinishReason | None]]:
-        """Yields (token_id, finish) per generated token; finish is None, 'stop' (EOS) or 'length'."""
-        import torch
-        from transformers import DynamicCache
-
-        model = self._model
-        device = self.device
-        gen = self._generator(req)
-        vocab = model.config.vocab_size
-        counts = torch.zeros(vocab, device=device) if (req.presence_penalty or req.frequency_penalty) else None
-        eos = torch.tensor(self._eos_ids, dtype=torch.long, device=device) if self._eos_ids else None
-        cache = DynamicCache()
-        inp = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        with torch.inference_mode():
-            for step in range(max_new):
-                if cancel.is_set():
-                    raise GenerationCancelled()
-                out = model(input_ids=inp, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
-                logits = out.logits[0, -1, :vocab].float()
-                if counts is not None:
-                    logits = logits - req.frequency_penalty * counts - req.presence_penalty * (counts > 0).float()
-                if eos is not None and (req.ignore_eos or step < req.min_tokens):
-                    logits[eos] = float("-inf")
-                if req.temperature < SAMPLING_EPS:  # a tiny temperature would overflow the logits: greedy
-                    token = int(torch.argmax(logits))
-                else:
-                    logits = logits / req.temperature
-                    probs = torch.softmax(logits, dim=-1)
-                    if req.top_p < 1.0:
-                        sorted_p, idx = torch.sort(probs, descending=True)
-                        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p
-                        sorted_p = sorted_p * keep
-                        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-                    token = int(torch.multinomial(probs, 1, generator=gen))
-                if counts is not None:
-                    counts[token] += 1
-                finish: FinishReason | None = None
-                if token in self._eos_ids and not req.ignore_eos:
-                    finish = "stop"
-                elif step + 1 >= max_new:
-                    finish = "length"
-                yield token, finish
-                if finish:
-                    return
-                inp = torch.tensor([[token]], dtype=torch.long, device=device)

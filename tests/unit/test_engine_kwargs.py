@@ -11,11 +11,14 @@ from app.engines.hf_runner import HFEngineConfig
 def test_used_keys_fill_the_engine_config() -> None:
     cfg, notes = transformers_engine_config({
         "dtype": "bfloat16", "device": "cpu", "max_model_len": 512, "max_num_seqs": 3, "trust_remote_code": True,
-        "revision": "abc", "tokenizer": "org/tok", "seed": 5, "tensor_parallel_size": 1})
+        "revision": "abc", "tokenizer": "org/tok", "seed": 5, "tensor_parallel_size": 1, "prefill_chunk_tokens": 64})
     assert cfg == HFEngineConfig(device="cpu", dtype="bfloat16", max_model_len=512, max_num_seqs=3,
-                                 trust_remote_code=True, revision="abc", tokenizer="org/tok", seed=5)
+                                 trust_remote_code=True, revision="abc", tokenizer="org/tok", seed=5,
+                                 prefill_chunk_tokens=64)
     assert notes == []
-    assert transformers_engine_config({}) == (HFEngineConfig(), [])  # max_num_seqs 4, auto device and dtype
+    # a batch of 16 sequences, prompts prefilled 512 tokens per step, auto device and dtype
+    assert transformers_engine_config({}) == (HFEngineConfig(), [])
+    assert (HFEngineConfig.max_num_seqs, HFEngineConfig.prefill_chunk_tokens) == (16, 512)
 
 
 def test_vllm_tuning_keys_are_ignored_and_named() -> None:
@@ -28,6 +31,7 @@ def test_vllm_tuning_keys_are_ignored_and_named() -> None:
     ({"tensor_parallel_size": 2}, "engine_kwargs.tensor_parallel_size=2: changes results"),
     ({"max_num_seq": 4}, "engine_kwargs.max_num_seq: not an argument of the transformers engine"),
     ({"max_num_seqs": "4"}, "engine_kwargs.max_num_seqs='4': must be an integer >= 1"),
+    ({"prefill_chunk_tokens": 0}, "engine_kwargs.prefill_chunk_tokens=0: must be an integer >= 1"),
     ({"max_num_seqs": 0}, "engine_kwargs.max_num_seqs=0: must be an integer >= 1"),
     ({"max_model_len": 8}, "engine_kwargs.max_model_len=8: must be an integer >= 16"),
     ({"dtype": "float64"}, "engine_kwargs.dtype='float64'"),

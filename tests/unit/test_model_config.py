@@ -122,7 +122,7 @@ def test_max_ongoing_requests_defaults_to_the_engine_capacity(tmp_path: Path) ->
     assert opts["ray_actor_options"]["num_gpus"] == 1 and opts["name"] == "llm-m1"
     no_seqs = base.replace("max_num_seqs: 4, ", "")
     (cfg,) = load_model_configs([write(tmp_path, no_seqs, "d.yaml")])
-    assert cfg.deployment_options()["max_ongoing_requests"] == 4 + 32  # transformers' default 4 slots
+    assert cfg.deployment_options()["max_ongoing_requests"] == 16 + 32  # transformers' default batch of 16
     (cfg,) = load_model_configs([write(tmp_path, no_seqs.replace("engine: transformers", "engine: vllm").replace(
         "dtype: float16", "dtype: auto"), "v.yaml")])
     assert cfg.deployment_options()["max_ongoing_requests"] == mc.VLLM_DEFAULT_MAX_NUM_SEQS + 32

@@ -1,0 +1,346 @@
+"""Continuous batching: one scheduler thread owns the model and advances every running sequence per step.
+
+A step, on the scheduler thread (`BatchScheduler.step`):
+1. sequences whose request was cancelled (client gone, stop string matched, consumer closed) leave;
+2. prompts are prefilled, each sequence on its own, in chunks of at most `prefill_chunk` tokens (chunk
+   boundaries depend only on the prompt, so results do not depend on who else is running); chunks are taken
+   first come first served until the step's prefill budget (`prefill_chunk` tokens) is spent, which bounds
+   how long a long prompt pauses the others. A sequence whose prompt is complete samples its first token and
+   joins the batch in the same step;
+3. ONE forward (`RaggedModel.decode`) advances every decoding sequence by one token; each sequence samples
+   its own row (`Sampler`: its own generator, penalties, min_tokens/ignore_eos, hooks);
+4. finished sequences leave at once; every event of the step reaches the event loop in ONE
+   `call_soon_threadsafe` per loop.
+
+Join and leave happen only at step boundaries; a sequence's tokens are identical whether it ran alone or in
+a batch (`app.engines.ragged`). `max_num_seqs` bounds the batch (the engines' admission control holds the same
+number of running requests, so the scheduler never queues beyond it; extra submissions wait for a slot).
+
+The request side is `stream_sequence`: an async generator that submits a `Sequence`, turns its tokens into
+`GenerationChunk`s (several tokens that arrived together become one chunk), and on close (done, error,
+client gone) cancels the sequence and waits until it has really left the batch.
+
+The same loop runs DeepSpeed TP's rank 0 (`app.deepspeed.tp`): there the `RaggedModel` also broadcasts each
+forward's plan (`release`, `idle` and the slot numbers exist for that) and `fatal` errors (a broken
+collective) end the scheduler, which then answers every request with `EngineDeadError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.engines.base import EngineDeadError, EngineError, GenerationChunk, GenerationRequest, merge_chunks
+from app.engines.sampling import Sample, Sampler
+from app.engines.text import ChunkAssembler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class StepModel(Protocol):
+    """What the scheduler drives: `app.engines.ragged.RaggedModel` (rank 0 of TP: a broadcasting subclass)."""
+
+    def new_cache(self) -> Any: ...
+    def rows_for(self, n: int) -> int: ...
+    def prefill(self, cache: Any, ids: list[int], start: int, *, slot: int = 0) -> Any: ...
+    def decode(self, caches: list[Any], tokens: list[int], rows: int | None = None, *,
+               slots: list[int] | None = None) -> Any: ...
+    def release(self, slot: int) -> None: ...
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the scheduler. Events go to `queue` on `loop`; `left` is set once it left."""
+
+    prompt_ids: list[int]
+    sampler: Sampler
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
+    left: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: bool = False  # set from the event loop; read at step boundaries
+    slot: int = -1
+    cache: Any = None
+    prefilled: int = 0
+    last_token: int = 0
+
+
+class _Outbox:
+    """Events of one step, delivered with one call_soon_threadsafe per event loop."""
+
+    def __init__(self) -> None:
+        self.items: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., None], tuple[Any, ...]]]] = {}
+
+    def post(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+        self.items.setdefault(loop, []).append((fn, args))
+
+    def event(self, seq: Sequence, *event: Any) -> None:
+        self.post(seq.loop, _deliver, seq, event)
+
+    def flush(self) -> list[asyncio.AbstractEventLoop]:
+        """Send everything; returns the loops that are closed (their sequences have nobody listening)."""
+        closed = []
+        for loop, calls in self.items.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, calls)
+            except RuntimeError:  # loop closed
+                closed.append(loop)
+        self.items = {}
+        return closed
+
+
+def _run_all(calls: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+    for fn, args in calls:
+        fn(*args)
+
+
+def _deliver(seq: Sequence, event: tuple[Any, ...]) -> None:
+    if event[0] == "left":
+        seq.left.set()
+    else:
+        seq.queue.put_nowait(event)
+
+
+class BatchScheduler:
+    """Owns the model on one thread (`run`); `submit`/`cancel` are called from event loops."""
+
+    def __init__(self, model: StepModel, *, max_num_seqs: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 fatal: tuple[type[BaseException], ...] = (),
+                 on_decode: Callable[[int], None] | None = None):
+        if max_num_seqs < 1 or prefill_chunk < 1:
+            raise ValueError("max_num_seqs and prefill_chunk must be >= 1")
+        self.model = model
+        self.max_num_seqs = max_num_seqs
+        self.prefill_chunk = prefill_chunk
+        self.fatal = fatal
+        self.on_decode = on_decode  # gets each decode step's batch size, on the event loop of one of its requests
+        self._inbox: queue.SimpleQueue[tuple[str, Sequence | None]] = queue.SimpleQueue()
+        self._pending: deque[Sequence] = deque()  # submitted, waiting for a slot
+        self._prefilling: deque[Sequence] = deque()
+        self._decoding: list[Sequence] = []
+        self._free_slots = list(range(max_num_seqs))
+        self._dead: str | None = None
+        self._lock = threading.Lock()
+        self._stopping = False
+        self.steps = 0  # decode steps run (for tests and stats)
+
+    # ------------------------------------------------------------------ event-loop side
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:  # fail_all cannot miss a submission racing with it
+            if self._dead is not None:
+                raise EngineDeadError(f"engine is dead: {self._dead}", retry_after=10)
+            self._inbox.put(("submit", seq))
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+        self._inbox.put(("wake", None))  # a sequence still waiting for a slot must leave too
+
+    def stop(self) -> None:
+        """Ask `run` to return after the current step (every live sequence is told it left)."""
+        self._inbox.put(("stop", None))
+
+    # ------------------------------------------------------------------ scheduler thread
+    @property
+    def live(self) -> list[Sequence]:
+        return [*self._pending, *self._prefilling, *self._decoding]
+
+    def has_work(self) -> bool:
+        return bool(self._prefilling or self._decoding or self._pending)
+
+    def run(self, *, idle_s: float | None = None, on_idle: Callable[[], None] | None = None) -> None:
+        """Serve until `stop()`. `on_idle` runs every `idle_s` without work (DeepSpeed's heartbeat).
+
+        A `fatal` error ends the loop: every live and later request gets EngineDeadError, and it is re-raised.
+        """
+        import torch
+
+        try:
+            with torch.inference_mode():
+                while True:
+                    if not self._take_inbox(block=not self.has_work(), timeout=idle_s):
+                        return
+                    if not self.has_work():
+                        if on_idle is not None:
+                            on_idle()
+                        continue
+                    self.step()
+        except BaseException as exc:
+            self.fail_all(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            outbox = _Outbox()
+            for seq in self.live:
+                self._leave(seq, outbox)
+            outbox.flush()
+
+    def _take_inbox(self, *, block: bool, timeout: float | None) -> bool:
+        """Move every submission waiting in the inbox into the scheduler; False once stop was asked."""
+        items = []
+        try:
+            items.append(self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait())
+            while True:
+                items.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        for kind, seq in items:
+            if kind == "submit" and seq is not None:
+                self._pending.append(seq)
+            elif kind == "stop":
+                self._stopping = True
+        return not self._stopping
+
+    def fail_all(self, reason: str) -> None:
+        """The engine is dead: tell every live sequence, refuse later submissions (also those in flight)."""
+        with self._lock:
+            self._dead = reason
+            self._take_inbox(block=False, timeout=None)
+        outbox = _Outbox()
+        for seq in self.live:
+            outbox.event(seq, "dead", reason)
+            self._leave(seq, outbox)
+        outbox.flush()
+
+    def step(self) -> None:
+        """One scheduler step (see the module docstring): new submissions join here."""
+        self._take_inbox(block=False, timeout=None)
+        outbox = _Outbox()
+        for seq in [s for s in self.live if s.cancelled]:
+            self._leave(seq, outbox)
+        while self._pending and self._free_slots:
+            seq = self._pending.popleft()
+            seq.slot = heapq.heappop(self._free_slots)
+            seq.cache = self.model.new_cache()
+            self._prefilling.append(seq)
+        self._prefill(outbox)
+        self._decode(outbox)
+        for loop in outbox.flush():
+            for seq in [s for s in self.live if s.loop is loop]:
+                self._leave(seq, _Outbox())
+
+    def _prefill(self, outbox: _Outbox) -> None:
+        budget = self.prefill_chunk
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            ids = seq.prompt_ids[seq.prefilled : seq.prefilled + self.prefill_chunk]
+            try:
+                row = self.model.prefill(seq.cache, ids, seq.prefilled, slot=seq.slot)
+            except self.fatal:
+                raise
+            except Exception as exc:
+                self._fail(seq, exc, outbox)
+                continue
+            budget -= len(ids)
+            seq.prefilled += len(ids)
+            if seq.prefilled < len(seq.prompt_ids):
+                continue
+            self._prefilling.remove(seq)
+            if self._emit(seq, row, outbox):
+                self._decoding.append(seq)
+
+    def _decode(self, outbox: _Outbox) -> None:
+        batch = list(self._decoding)
+        if not batch:
+            return
+        try:
+            logits = self.model.decode([s.cache for s in batch], [s.last_token for s in batch],
+                                       self.model.rows_for(len(batch)), slots=[s.slot for s in batch])
+        except self.fatal:
+            raise
+        except Exception as exc:
+            for seq in batch:
+                self._fail(seq, exc, outbox)
+            return
+        self.steps += 1
+        if self.on_decode is not None:
+            outbox.post(batch[0].loop, self.on_decode, len(batch))
+        for i, seq in enumerate(batch):
+            if not self._emit(seq, logits[i], outbox):
+                self._decoding.remove(seq)
+
+    def _emit(self, seq: Sequence, row: Any, outbox: _Outbox) -> bool:
+        """Sample the sequence's next token and post it; False when the sequence left."""
+        try:
+            sample: Sample = seq.sampler.next(row)
+        except Exception as exc:
+            self._fail(seq, exc, outbox, remove=False)
+            return False
+        seq.last_token = sample.token
+        outbox.event(seq, "token", sample.token, sample.finish, sample.extras)
+        if sample.finish:
+            self._leave(seq, outbox, remove=False)
+            return False
+        return True
+
+    def _fail(self, seq: Sequence, exc: Exception, outbox: _Outbox, *, remove: bool = True) -> None:
+        log.error("generation failed for request %s: %s: %s", seq.sampler.req.request_id, type(exc).__name__, exc,
+                  exc_info=exc)
+        outbox.event(seq, "error", f"{type(exc).__name__}: {exc}")
+        self._leave(seq, outbox, remove=remove)
+
+    def _leave(self, seq: Sequence, outbox: _Outbox, *, remove: bool = True) -> None:
+        if remove:
+            for group in (self._pending, self._prefilling, self._decoding):
+                if seq in group:
+                    group.remove(seq)
+        if seq.slot >= 0:
+            self.model.release(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
+            seq.slot = -1
+        seq.cache = None
+        outbox.event(seq, "left")
+
+
+async def stream_sequence(scheduler: BatchScheduler, tokenizer: Any, prompt_ids: list[int], req: GenerationRequest,
+                          sampler: Sampler, on_abort: Callable[[], None] | None = None
+                          ) -> AsyncGenerator[GenerationChunk, None]:
+    """Run one request through the scheduler as a stream of chunks (see the module docstring).
+
+    `on_abort` is called when the stream ends before the request finished (client gone, error).
+    """
+    seq = Sequence(prompt_ids, sampler, asyncio.get_running_loop())
+    chunks = ChunkAssembler(tokenizer, req.stop, len(prompt_ids))
+    scheduler.submit(seq)
+    finished = False
+    try:
+        while True:
+            events = [await seq.queue.get()]
+            while not seq.queue.empty():
+                events.append(seq.queue.get_nowait())
+            out: list[GenerationChunk] = []
+            for event in events:
+                kind = event[0]
+                if kind == "dead":
+                    raise EngineDeadError(f"engine died during the request: {event[1]}", retry_after=10)
+                if kind == "error":
+                    raise EngineError(f"generation failed: {event[1]}")
+                _, token, finish, _extras = event
+                chunk = chunks.push(token, finish)
+                if chunk is not None:
+                    out.append(chunk)
+                if chunks.done:
+                    break
+            if out:
+                yield merge_chunks(out)
+            if chunks.done:
+                finished = True
+                return
+    finally:
+        scheduler.cancel(seq)
+        if not finished and on_abort is not None:
+            on_abort()
+        # hold the caller's admission slot until the sequence has really left the batch
+        await asyncio.shield(seq.left.wait())
+
