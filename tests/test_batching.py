@@ -8,6 +8,7 @@ Every comparison is against the same request run alone.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,7 +168,7 @@ async def test_chunked_prefill_interleaves_with_decode_and_changes_nothing(runne
         await d.step()
         assert long.prefilled - before <= chunk  # one chunk per step
         seen.append(len(tokens_peek(short)))
-    assert all(b - a == 1 for a, b in zip(seen, seen[1:], strict=False))  # the short one got a token every step
+    assert all(b - a == 1 for a, b in itertools.pairwise(seen))  # the short one got a token every step
     await d.until_left(short, long)
     assert tokens(long) == ref_long and tokens(short) == ref_short
 
