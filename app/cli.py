@@ -54,7 +54,7 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="auto | float32 | float16 | bfloat16")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Cap on the context length.")] = None,
     max_num_seqs: Annotated[int | None, typer.Option(
-        min=1, help="Concurrent generations per model, vLLM's max_num_seqs [LLM_MAX_NUM_SEQS; transformers 4, "
+        min=1, help="Concurrent generations per model, vLLM's max_num_seqs [LLM_MAX_NUM_SEQS; transformers 16, "
                     "vLLM its own default].")] = None,
     max_waiting: Annotated[int | None, knob_option("max_waiting")] = None,
     default_max_tokens: Annotated[int | None, knob_option("default_max_tokens")] = None,

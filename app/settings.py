@@ -58,7 +58,7 @@ class Settings(ServingKnobs, BaseSettings):
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int | None = Field(
         default=None, ge=1,
-        description="Concurrent generations per model (vLLM's max_num_seqs). Unset: transformers 4, vLLM its own.",
+        description="Concurrent generations per model (vLLM's max_num_seqs). Unset: transformers 16, vLLM its own.",
     )
     trust_remote_code: bool = False
 

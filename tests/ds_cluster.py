@@ -181,6 +181,7 @@ class TwoVMs:
             "DS_LAUNCH_DEADLINE_S": "240",
             "DS_EXIT_GRACE_S": "5",
             "DS_DEAD_LINGER_S": "8",
+            "DS_MAX_NUM_SEQS": "2",
             "DS_MAX_WAITING": "1",
             "TORCH_EXTENSIONS_DIR": str(self.tmp / "torch_extensions"),
             "HF_HUB_OFFLINE": "1",

@@ -94,6 +94,10 @@ class ModelConfig(ServingKnobs, _Strict):
     deployment_config: dict[str, Any] = Field(default_factory=dict, description="Ray Serve deployment options.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Validated by the engine.")
     runtime_env: dict[str, Any] = Field(default_factory=dict)
+    stream_coalesce_ms: float = Field(
+        default=5.0, ge=0, le=1000,
+        description="Ray Serve: chunks a replica yields within this many ms travel to the ingress as one message "
+                    "(none is held back longer); 0 sends each chunk alone.")
     source_file: str = Field(default="", exclude=True)
 
     @property

@@ -73,7 +73,8 @@ def build_app(
 
     deployment: Any = serve.deployment  # typed as a decorator factory; called with the class it builds one
     handles = {
-        cfg.model_id: deployment(LLMServer).options(**cfg.deployment_options()).bind(cfg.engine_spec())
+        cfg.model_id: deployment(LLMServer).options(**cfg.deployment_options()).bind(cfg.engine_spec(),
+                                                                                    cfg.stream_coalesce_ms)
         for cfg in configs
     }
     ingress = deployment(serve.ingress()(Ingress)).options(

@@ -3,7 +3,8 @@
 The constructor is async and starts the engine (vLLM or the transformers
 fallback via `start_engine`, handed this replica's `RaySink`), so a replica only
 becomes RUNNING once its engine has loaded and warmed up. `generate` streams
-`GenerationChunk`s back to the ingress (the first one stamped with
+`GenerationChunk`s back to the ingress, coalesced (`app.ray_serve.coalesce`: what the engine yields within
+`stream_coalesce_ms` crosses Ray as one message; the first one is stamped with
 `served_by = "<engine>@<node_ip>/<replica_id>"`); engine errors travel as the
 picklable `EngineError`s. `report()` returns a `ReplicaReport`: the engine's
 `EngineInfo` as is, its live stats and where the replica runs. When the ingress
@@ -25,6 +26,7 @@ from app.engines.base import Engine, EngineInfo, EngineSpec, EngineStats, Genera
 from app.engines.select import start_engine
 from app.metrics import RaySink
 from app.ray_serve import registry
+from app.ray_serve.coalesce import coalesce
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,13 @@ class ReplicaReport:
 class LLMServer:
     """Deployment class (wrapped with `serve.deployment` by the app builder)."""
 
-    async def __init__(self, spec: EngineSpec) -> None:  # type: ignore[misc]  # Serve awaits async constructors
+    async def __init__(self, spec: EngineSpec,  # type: ignore[misc]  # Serve awaits async constructors
+                       stream_coalesce_ms: float = 5.0) -> None:
         import ray
         from ray import serve
 
         self.spec = spec
+        self.coalesce_s = stream_coalesce_ms / 1000
         self.engine: Engine = await start_engine(spec, RaySink())
         ctx = serve.get_replica_context()
         rt = ray.get_runtime_context()
@@ -79,7 +83,7 @@ class LLMServer:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         first = True
-        async with contextlib.aclosing(self.engine.generate(request)) as chunks:
+        async with contextlib.aclosing(coalesce(self.engine.generate(request), self.coalesce_s)) as chunks:
             async for chunk in chunks:
                 if first:
                     chunk = dataclasses.replace(chunk, served_by=self.served_by)

@@ -45,7 +45,7 @@ def test_knobs_from_the_environment_and_their_bounds(monkeypatch: pytest.MonkeyP
 
 
 def test_max_num_seqs_is_the_one_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert Settings().max_num_seqs is None  # each engine's own default (transformers 4, vLLM its own)
+    assert Settings().max_num_seqs is None  # each engine's own default (transformers 16, vLLM its own)
     assert "max_num_seqs" not in spec_from_settings(Settings(model="m")).engine_kwargs
     monkeypatch.setenv("LLM_MAX_NUM_SEQS", "6")
     spec = spec_from_settings(Settings(model="m"))
