@@ -31,6 +31,7 @@ engine is handed exports through Ray (a Ray Serve replica's `RaySink`) we pass v
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -55,7 +56,7 @@ from app.engines.base import (
     InvalidRequestError,
     QueueFullError,
 )
-from app.engines.text import render_prompt, token_budget
+from app.engines.text import max_token_chars, render_prompt, token_budget
 from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class VLLMEngine(Engine):
         self.info.max_parallel = self._admission.capacity
         self._llm: Any = None
         self._tokenizer: Any = None
+        self._max_token_chars = 0
         self._vllm: dict[str, Any] = {}
         self._ready = False
         self._dead_reason: str | None = None
@@ -229,6 +231,7 @@ class VLLMEngine(Engine):
         self._admission.max_running = int(self._llm.scheduler_config.max_num_seqs)
         self.info.max_parallel = self._admission.capacity
         self.info.max_context = int(mc.max_model_len)
+        self._max_token_chars = max_token_chars(self._tokenizer)
         self.info.dtype = str(mc.dtype).removeprefix("torch.")
         await self._warmup()
         self._ready = True
@@ -278,20 +281,22 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------ requests
     def _render(self, req: GenerationRequest) -> list[int]:
-        return render_prompt(self._tokenizer, req, self.spec.model_id, plain_chat_fallback=False)
+        """Token ids of the request (CPU-heavy for large prompts: called off the event loop)."""
+        return render_prompt(self._tokenizer, req, self.spec.model_id, plain_chat_fallback=False,
+                             max_tokens=self.info.max_context - 1, max_token_chars=self._max_token_chars)
 
     def _sampling_params(self, req: GenerationRequest, max_tokens: int) -> Any:
         return self._vllm["SamplingParams"](output_kind=self._vllm["DELTA"], **sampling_params_kwargs(req, max_tokens))
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(self._render(request))
+        return len(await asyncio.to_thread(self._render, request))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if self._dead_reason:
             raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}")
         if not self._ready:
             raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
-        prompt_ids = self._render(request)
+        prompt_ids = await asyncio.to_thread(self._render, request)  # a multi-MB prompt must not stall the loop
         max_new = token_budget(len(prompt_ids), request, self.info.max_context, self.spec.default_max_tokens)
         params = self._sampling_params(request, max_new)
         # a client disconnect closes this generator; admitted() closes the inner one (aborting it in vLLM)
