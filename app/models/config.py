@@ -14,6 +14,7 @@ One YAML file per model::
     engine_kwargs: {dtype: auto, max_model_len: 4096, max_num_seqs: 8, gpu_memory_utilization: 0.85}
     runtime_env: {env_vars: {HF_HUB_OFFLINE: "1"}}
     max_waiting: 32                   # ServingKnobs: max_waiting, default_max_tokens, retry_after_s
+    stream_coalesce_ms: 5             # Ray Serve: chunks gathered per replica -> ingress message (0: none)
 
 `deployment_config` is validated with Ray Serve's own schema (`ray.serve.schema.DeploymentSchema`, and
 `ray.serve.config.AutoscalingConfig` for `autoscaling_config`, which Serve itself only checks at deploy
