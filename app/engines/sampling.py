@@ -1,8 +1,9 @@
 """Per-sequence token choice on one row of (batched) logits, and the per-sequence hook on it.
 
 `Sampler` holds one request's sampling state (its torch.Generator, token counts for the penalties, the
-step count) and turns its row of a decode step's logits into the next token and a finish reason. What it
-does to the row, in order:
+step count, its hooks); `sample_row(row, sampler)` is the ONE function that turns that sequence's row of a
+decode step's logits into the next token and a finish reason (`Sampler.next(row)` calls it). What it does
+to the row, in order:
 
 1. `SequenceHook.process(row)` for each hook (a logits processor with per-sequence state, e.g. a grammar
    mask: `SequenceMatcher.mask_logits(row)`), on the float32 row cut to the vocabulary;
@@ -52,7 +53,7 @@ class Sample:
 
 
 class Sampler:
-    """One request's sampling state; `next(row)` per generated token."""
+    """One request's sampling state (`sample_row` reads and advances it); `next(row)` per generated token."""
 
     def __init__(self, req: GenerationRequest, max_new: int, *, generator: Any, eos_ids: Sequence[int],
                  vocab_size: int, device: str, hooks: Sequence[SequenceHook] = ()):
@@ -64,41 +65,48 @@ class Sampler:
         self.eos_ids = list(eos_ids)
         self.hooks = list(hooks)
         self.step = 0
-        self._eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device) if self.eos_ids else None
+        self.eos = torch.tensor(self.eos_ids, dtype=torch.long, device=device) if self.eos_ids else None
         penalised = bool(req.presence_penalty or req.frequency_penalty)
-        self._counts = torch.zeros(vocab_size, device=device) if penalised else None
+        self.counts = torch.zeros(vocab_size, device=device) if penalised else None
 
     def next(self, row: Any) -> Sample:
-        import torch
+        """The next token of this sequence from its row of the step's logits (`sample_row`)."""
+        return sample_row(row, self)
 
-        req = self.req
-        for hook in self.hooks:
-            row = hook.process(row)
-        processed = row.clone() if self.hooks else row
-        logits = row
-        if self._counts is not None:
-            logits = logits - req.frequency_penalty * self._counts - req.presence_penalty * (self._counts > 0).float()
-        if self._eos is not None and (req.ignore_eos or self.step < req.min_tokens):
-            logits[self._eos] = float("-inf")
-        if req.temperature < SAMPLING_EPS:  # a tiny temperature would overflow the logits: greedy
-            token = int(torch.argmax(logits))
-        else:
-            logits = logits / req.temperature
-            probs = torch.softmax(logits, dim=-1)
-            if req.top_p < 1.0:
-                sorted_p, idx = torch.sort(probs, descending=True)
-                keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p
-                sorted_p = sorted_p * keep
-                probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
-        if self._counts is not None:
-            self._counts[token] += 1
-        extras = [hook.observe(processed, token) for hook in self.hooks]
-        stop = any([hook.accept(token) for hook in self.hooks])  # every hook sees the token
-        self.step += 1
-        finish: FinishReason | None = None
-        if stop or (token in self.eos_ids and not req.ignore_eos):
-            finish = "stop"
-        elif self.step >= self.max_new:
-            finish = "length"
-        return Sample(token, finish, extras)
+
+def sample_row(row: Any, seq: Sampler) -> Sample:
+    """THE per-row sampling step of a decode step: one sequence's float32 logits row (cut to the vocabulary)
+    and its sampling state in, its next token out (steps 1-5 of the module docstring; advances `seq`)."""
+    import torch
+
+    req = seq.req
+    for hook in seq.hooks:
+        row = hook.process(row)
+    processed = row.clone() if seq.hooks else row
+    logits = row
+    if seq.counts is not None:
+        logits = logits - req.frequency_penalty * seq.counts - req.presence_penalty * (seq.counts > 0).float()
+    if seq.eos is not None and (req.ignore_eos or seq.step < req.min_tokens):
+        logits[seq.eos] = float("-inf")
+    if req.temperature < SAMPLING_EPS:  # a tiny temperature would overflow the logits: greedy
+        token = int(torch.argmax(logits))
+    else:
+        logits = logits / req.temperature
+        probs = torch.softmax(logits, dim=-1)
+        if req.top_p < 1.0:
+            sorted_p, idx = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+        token = int(torch.multinomial(probs, 1, generator=seq.generator))
+    if seq.counts is not None:
+        seq.counts[token] += 1
+    extras = [hook.observe(processed, token) for hook in seq.hooks]
+    stop = any([hook.accept(token) for hook in seq.hooks])  # every hook sees the token
+    seq.step += 1
+    finish: FinishReason | None = None
+    if stop or (token in seq.eos_ids and not req.ignore_eos):
+        finish = "stop"
+    elif seq.step >= seq.max_new:
+        finish = "length"
+    return Sample(token, finish, extras)
