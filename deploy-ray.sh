@@ -98,13 +98,14 @@ load_env() {
   [ -f "$ENV_FILE" ] || fail "$ENV_FILE not found" "cp $ROOT/.env.example $ROOT/.env and edit it (HEAD_IP, NODE_IP, RAY_AUTH_TOKEN, ...)"
   ENV_FILE=$(cd "$(dirname "$ENV_FILE")" && pwd)/$(basename "$ENV_FILE")
   export ENV_FILE
-  local line key value preset
-  preset=" $(compgen -e | tr '\n' ' ') "
+  local line key value var
+  local -A preset=()
+  while IFS= read -r var; do preset[$var]=1; done < <(compgen -e)
   while IFS= read -r line || [ -n "$line" ]; do
     [[ "$line" =~ ^[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || continue
     key=${BASH_REMATCH[1]}; value=${BASH_REMATCH[2]}
     value=${value%\"}; value=${value#\"}; value=${value%\'}; value=${value#\'}
-    if [[ "$preset" != *" $key "* ]]; then export "$key=$value"; fi
+    if [ -z "${preset[$key]+x}" ]; then export "$key=$value"; fi
   done < "$ENV_FILE"
 }
 
@@ -181,13 +182,12 @@ check_hf_cache() {
     say "created $dir (owner uid $LLMKIT_UID, the containers' user)"
     return
   fi
-  local ok=0
-  if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null 2>&1; then
-    setpriv --reuid="$LLMKIT_UID" --regid="$LLMKIT_UID" --clear-groups test -w "$dir" && ok=1
-  elif [ "$(stat -c %u "$dir")" = "$LLMKIT_UID" ]; then
-    ok=1
-  fi
-  [ "$ok" = 1 ] || fail "HF_CACHE_DIR $dir is not writable by uid $LLMKIT_UID (the fallback's and ray-head's user)" \
+  # the container sees the folder itself (bind mount), not its parents: owner uid 1000 with u+w, or o+w
+  local owner mode
+  read -r owner mode < <(stat -c '%u %a' "$dir")
+  mode=$(printf '%03d' "$mode")
+  { { [ "$owner" = "$LLMKIT_UID" ] && [ $(( ${mode: -3:1} & 2 )) -ne 0 ]; } || [ $(( ${mode: -1} & 2 )) -ne 0 ]; } \
+    || fail "HF_CACHE_DIR $dir is not writable by uid $LLMKIT_UID (the fallback's and ray-head's user)" \
     "sudo chown -R $LLMKIT_UID:$LLMKIT_UID $dir"
 }
 
@@ -253,7 +253,6 @@ preflight() {  # preflight ROLE: head | worker | any
       require_vars NUM_GPUS
       check_gpu_count
       if [ "${NUM_GPUS}" != 0 ]; then check_gpu_runtime; fi
-      check_hf_cache
       check_head_reachable
       ;;
   esac
