@@ -211,7 +211,8 @@ def deploy(
 
     rec = record.load() if from_record else None
     if from_record and rec is None:
-        raise fail(f"no deploy record in {record.state_dir()} (run `cluster deploy` once)", code=1)
+        raise fail(f"no deploy record in LLM_STATE_DIR={record.state_dir() or ''} (run `cluster deploy` once)",
+                   code=1)
     if rec is not None:
         paths, http_host, serve_port, request_timeout = ([Path(p) for p in rec.configs], rec.http_host,
                                                          rec.http_port, rec.request_timeout_s)
@@ -225,7 +226,8 @@ def deploy(
     _run(do_deploy, paths, opts)
     where = record.save(record.DeployRecord(configs=[str(p.resolve()) for p in paths], http_host=http_host,
                                             http_port=serve_port, request_timeout_s=request_timeout))
-    typer.echo(f"deploy record: {where} (a restarted head redeploys it)")
+    if where is not None:
+        typer.echo(f"deploy record: {where} (a restarted head redeploys it)")
 
 
 @cluster.command()
