@@ -47,7 +47,9 @@ class _Controller:
         self.names = names
         self.vms = NetnsVMs(len(names), prefix="cv")
         self.vms.__enter__()
-        self.states = {n: Path(f"/tmp/cvm{self.vms.suffix}") / n for n in names}
+        # state (engine socket, logs, named volumes, service roots) under the test's own folder: kept for diagnosis
+        # with pytest's other temp folders, removed with them
+        self.states = {n: work / n for n in names}
         self.engines: dict[str, subprocess.Popen[bytes]] = {}
         for n in names:
             (self.states[n] / "home").mkdir(parents=True, exist_ok=True)
