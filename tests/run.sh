@@ -16,7 +16,7 @@ fi
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=${VENV:-.venv}
-APT_PACKAGES=(nginx-light prometheus pdsh openssh-server openssh-client shellcheck bats iproute2 curl procps util-linux)
+APT_PACKAGES=(nginx-light prometheus prometheus-nginx-exporter wget pdsh openssh-server openssh-client shellcheck bats iproute2 curl procps util-linux)
 
 log() { printf '\n==> %s\n' "$*"; }
 
@@ -35,7 +35,7 @@ install_apt() {
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # the packages' own services are not used: tests start private instances
-  for svc in nginx prometheus ssh; do
+  for svc in nginx prometheus prometheus-nginx-exporter ssh; do
     service "$svc" stop >/dev/null 2>&1 || true
   done
 }

@@ -139,7 +139,8 @@ def _run_scenario(work: Path, short: Path, env: dict[str, str], py: str, t_all: 
         assert bad.returncode != 0 and "RAY_AUTH_TOKEN" in bad.stderr, bad.stderr
 
         dep = vms.run(0, [py, "-m", "app", "cluster", "deploy", str(work / "tiny.yaml"), "--address", address,
-                          "--serve-port", "8000", "--request-timeout", "20", "--wait", "240"], env, ROOT, timeout=300)
+                          "--serve-port", "8000", "--http-host", head_ip, "--request-timeout", "20", "--wait", "240"],
+                     env, ROOT, timeout=300)
         assert dep.returncode == 0, dep.stdout[-3000:] + dep.stderr[-3000:]
         log("deployed")
 
