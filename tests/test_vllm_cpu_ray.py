@@ -35,13 +35,14 @@ pytestmark = [pytest.mark.vllm, pytest.mark.root, pytest.mark.slow]
 
 # the load generator, run inside the head namespace: the official client, honouring Retry-After on 503
 CLIENT = r"""
-import json, sys, threading, time, openai
+import json, os, sys, threading, time, openai
 url, seconds, threads, progress = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+stop = progress + ".stop"  # the test creates it once it has seen what it waits for
 client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=150)
 out, lock = [], threading.Lock()
 def loop():
     end = time.time() + seconds
-    while time.time() < end:
+    while time.time() < end and not os.path.exists(stop):
         t0, wait = time.time(), 0.0
         try:
             r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
@@ -234,7 +235,7 @@ def _run(work: Path, short: Path, env: dict[str, str], t_all: float) -> None:
         # fault: SIGKILL the EngineCore of the serving replica, under load
         core = _engine_core_pid(int(rep["pid"]))
         threads = 4
-        running = load(150, threads)
+        running = load(300, threads)  # until the test has seen the replacement serve (stop file)
         wait_until(lambda: running[1].exists() and running[1].read_text().count("ok\n") >= 2 * threads, 60, 0.2,
                    "the load generator in steady state")
         t_kill = time.time()
@@ -249,6 +250,10 @@ def _run(work: Path, short: Path, env: dict[str, str], t_all: float) -> None:
         wait_until(replaced, 420, 1, "Serve to replace the replica whose engine died")
         replace_s = time.monotonic() - tk
         log(f"replacement replica RUNNING {replace_s:.1f}s after the kill")
+        ok_at_replacement = running[1].read_text().count("ok\n")
+        wait_until(lambda: running[1].read_text().count("ok\n") >= ok_at_replacement + 4 * threads, 120, 0.2,
+                   "requests served by the replacement")
+        Path(f"{running[1]}.stop").touch()
         res = results(running)
         failed = [r for r in res if not r["ok"]]
         served_after = [r for r in res if r["ok"] and r["start"] > t_kill]
