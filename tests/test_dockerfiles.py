@@ -60,7 +60,7 @@ def test_pip_installs_pinned(path: Path) -> None:
     # The pins must agree with pyproject.toml's extras.
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'ray = ["ray[serve]==2.60.0"]' in pyproject
-    assert 'deepspeed = ["deepspeed==0.19.8"]' in pyproject and 'vllm = ["vllm==0.33.0"]' in pyproject
+    assert 'deepspeed = ["deepspeed==0.19.8"]' in pyproject and 'vllm = ["vllm==0.32.0"]' in pyproject
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
