@@ -92,14 +92,10 @@ def test_vllm_replicas_on_a_worker_vm(tiny_model: Path, tmp_path: Path) -> None:
     need_vllm()
     need_binary("ip", "unshare", "prometheus")
     need(Path(sys.executable).with_name("ray").exists(), "needs ray[serve]==2.60.0 in the vLLM venv")
+    from tests.netns import run_isolated
+
     env = {**os.environ, "TINY_MODEL_DIR": str(tiny_model), "SCENARIO_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--net",
-         sys.executable, str(Path(__file__).resolve())],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    print(proc.stdout[-6000:])
-    assert proc.returncode == 0, f"scenario failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    run_isolated(Path(__file__).resolve(), env, ROOT, timeout=900)
 
 
 # ----------------------------------------------------------------------------- the scenario (in the unshare)
@@ -125,27 +121,12 @@ def _scenario() -> None:
         shutil.rmtree(short, ignore_errors=True)
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
 def _engine_core_pid(replica_pid: int) -> int:
-    todo = _children(replica_pid)
-    while todo:
-        pid = todo.pop()
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
-                return pid
-        except OSError:
-            continue
-        todo += _children(pid)
-    raise AssertionError(f"no VLLM::EngineCore process below the replica (pid {replica_pid})")
+    from tests.vllm_cpu import vllm_processes
+
+    cores = [pid for pid, cmd in vllm_processes(replica_pid).items() if cmd.startswith("VLLM::EngineCore")]
+    assert len(cores) == 1, f"expected one VLLM::EngineCore below the replica (pid {replica_pid}): {cores}"
+    return cores[0]
 
 
 def _run(work: Path, short: Path, env: dict[str, str], t_all: float) -> None:
