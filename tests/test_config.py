@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.models.config import ConfigError, load_engine_specs, load_model_configs
+from app.models.config import ConfigError, load_engine_specs, load_model_config, load_model_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,8 +31,10 @@ def _write(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
 
 
 def test_shipped_configs_parse() -> None:
-    configs = load_model_configs(sorted((ROOT / "app/configs").glob("*.yaml")))
+    # each file on its own: tiny.yaml and tiny-vllm.yaml are alternatives serving the same model id
+    configs = [load_model_config(p) for p in sorted((ROOT / "app/configs").glob("*.yaml"))]
     ids = {c.model_id for c in configs}
+    assert {c.engine for c in configs if c.model_id == "tiny"} == {"transformers", "vllm"}
     assert {"qwen2.5-0.5b-instruct", "tiny"} <= ids
     qwen = next(c for c in configs if c.model_id == "qwen2.5-0.5b-instruct")
     assert qwen.deployment_config.ray_actor_options.num_gpus == 1
