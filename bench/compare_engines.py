@@ -32,11 +32,12 @@ from bench.compare_layers import ROOT, ensure_model, free_port, log, stop, wait_
 CONFIGS = {"transformers": ROOT / "app" / "configs" / "tiny.yaml", "vllm": ROOT / "app" / "configs" / "tiny-vllm.yaml"}
 
 
-def engine_config(engine: str, model: Path, max_num_seqs: int, max_waiting: int, out: Path) -> Path:
+def engine_config(engine: str, model: Path, max_num_seqs: int, max_waiting: int, out: Path,
+                  dtype: str = "float32") -> Path:
     """The shipped tiny config of `engine`, on `model`, with the shared engine settings of this comparison."""
     cfg = yaml.safe_load(CONFIGS[engine].read_text())
     cfg["model_loading_config"]["model_source"] = str(model)
-    cfg["engine_kwargs"].update(max_num_seqs=max_num_seqs, max_model_len=2048, dtype="float32")
+    cfg["engine_kwargs"].update(max_num_seqs=max_num_seqs, max_model_len=2048, dtype=dtype)
     cfg["max_waiting"] = max_waiting
     path = out / f"{engine}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -45,7 +46,7 @@ def engine_config(engine: str, model: Path, max_num_seqs: int, max_waiting: int,
 
 def run_engine(engine: str, args: argparse.Namespace, model: Path, work: Path) -> dict[str, Any]:
     port = free_port()
-    cfg = engine_config(engine, model, args.max_num_seqs, args.max_waiting, work)
+    cfg = engine_config(engine, model, args.max_num_seqs, args.max_waiting, work, args.dtype)
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
     with open(work / f"{engine}.log", "wb") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--config", str(cfg), "--host", "127.0.0.1",
@@ -88,7 +89,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Engine comparison, {result['date']} · machine: {m.get('cpus')} × {m.get('cpu', '?')}, "
         f"{m.get('mem_gib')} GiB, load average {result['load_before']} before · model: tiny "
-        f"(app/models/tiny.py, head_dim 32, float32, random weights) · "
+        f"(app/models/tiny.py, head_dim 32, random weights), dtype {result['config']['dtype']} · "
         f"{result['config']['max_tokens']} output tokens (ignore_eos), "
         f"{result['config']['duration_s']:g} s per level, max_num_seqs {result['config']['max_num_seqs']} · "
         f"versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-words", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-waiting", type=int, default=64)
+    p.add_argument("--dtype", default="float32", help="both engines (the tiny model is float32)")
     p.add_argument("--model", help="model folder (default: .cache/tiny-model, built when missing)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": round(os.getloadavg()[0], 2), "versions": versions(),
         "command": "python -m bench.compare_engines " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": {"levels": args.level_list, "duration_s": args.duration, "max_tokens": args.max_tokens,
-                   "prompt_words": args.prompt_words, "max_num_seqs": args.max_num_seqs,
+                   "prompt_words": args.prompt_words, "max_num_seqs": args.max_num_seqs, "dtype": args.dtype,
                    "max_waiting": args.max_waiting},
         "reports": {}, "errors": {},
     }
