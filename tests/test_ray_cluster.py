@@ -72,14 +72,10 @@ def test_multi_vm_cluster_in_namespaces(tiny_model: Path, tmp_path: Path) -> Non
     need_root()
     need_binary("ip", "unshare")
     need(Path(sys.executable).with_name("ray").exists(), "needs ray[serve]==2.60.0 in the venv")
+    from netns import run_isolated
+
     env = {**os.environ, "TINY_MODEL_DIR": str(tiny_model), "SCENARIO_DIR": str(tmp_path)}
-    proc = subprocess.run(
-        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--net",
-         sys.executable, str(Path(__file__).resolve())],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
-    )
-    print(proc.stdout[-6000:])
-    assert proc.returncode == 0, f"scenario failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    run_isolated(Path(__file__).resolve(), env, ROOT, timeout=540)
 
 
 # ----------------------------------------------------------------------------- the scenario (in the unshare)
@@ -139,7 +135,8 @@ def _run_scenario(work: Path, short: Path, env: dict[str, str], py: str, t_all: 
         assert bad.returncode != 0 and "RAY_AUTH_TOKEN" in bad.stderr, bad.stderr
 
         dep = vms.run(0, [py, "-m", "app", "cluster", "deploy", str(work / "tiny.yaml"), "--address", address,
-                          "--serve-port", "8000", "--request-timeout", "20", "--wait", "240"], env, ROOT, timeout=300)
+                          "--serve-port", "8000", "--http-host", head_ip, "--request-timeout", "20", "--wait", "240"],
+                     env, ROOT, timeout=300)
         assert dep.returncode == 0, dep.stdout[-3000:] + dep.stderr[-3000:]
         log("deployed")
 

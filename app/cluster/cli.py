@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from app.cluster.node import DEFAULT_SERVE_HOST
 from app.console import fail
 
 cluster = typer.Typer(help="Ray cluster: head/worker nodes, deploy the Serve app, status, local mode.",
@@ -34,6 +35,9 @@ MinWorkerPort = Annotated[Port, typer.Option(envvar="RAY_MIN_WORKER_PORT")]
 MaxWorkerPort = Annotated[Port, typer.Option(envvar="RAY_MAX_WORKER_PORT")]
 ObjectStoreMb = Annotated[int, typer.Option(envvar="RAY_OBJECT_STORE_MB", help="Object store size per node (MB).")]
 TempDir = Annotated[str | None, typer.Option(envvar="RAY_TEMP_DIR", help="Ray's temp/session dir for this node.")]
+AgentPort = Annotated[Port, typer.Option(envvar="RAY_DASHBOARD_AGENT_LISTEN_PORT", help="Dashboard agent HTTP.")]
+AgentGrpcPort = Annotated[Port, typer.Option(envvar="RAY_DASHBOARD_AGENT_GRPC_PORT", help="Dashboard agent gRPC.")]
+RuntimeEnvAgentPort = Annotated[Port, typer.Option(envvar="RAY_RUNTIME_ENV_AGENT_PORT", help="Runtime env agent.")]
 Block = Annotated[bool, typer.Option("--block/--no-block", help="Stay in the foreground (containers).")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for the node to come up.")]
 
@@ -71,12 +75,18 @@ def head(
     resources: Annotated[str, typer.Option(help="Extra custom resources as JSON (the head has none).")] = "{}",
     any_ports: Annotated[bool, typer.Option(help="Let Ray pick the object/node manager, client and worker ports.")]
     = False,
+    agent_port: AgentPort = 52365,
+    agent_grpc_port: AgentGrpcPort = 8078,
+    runtime_env_agent_port: RuntimeEnvAgentPort = 8079,
     temp_dir: TempDir = None,
     block: Block = False,
+    redeploy: Annotated[bool, typer.Option(help="With --block: once up, redeploy the Serve app `cluster deploy` "
+                                           "last applied (its record in LLM_STATE_DIR).")] = True,
     timeout: Timeout = 120.0,
 ) -> None:
     """Start the Ray head: no GPU advertised, no model replica; GCS, metrics and ports fixed."""
-    from app.cluster.node import NodeConfig, head_command, ray_env, run_ray_start
+    from app.cluster import record
+    from app.cluster.node import NodeConfig, head_command, ray_env, run_ray_start, spawn_child
 
     cfg = NodeConfig(
         node_ip=node_ip, gcs_port=gcs_port, client_port=_free_port() if any_ports else client_port,
@@ -85,8 +95,17 @@ def head(
         node_manager_port=None if any_ports else node_manager_port,
         min_worker_port=None if any_ports else min_worker_port, max_worker_port=None if any_ports else max_worker_port,
         object_store_mb=object_store_mb, num_cpus=num_cpus, num_gpus=0, resources=json.loads(resources),
-        temp_dir=temp_dir, dashboard_agent_port=_free_port() if any_ports else None,
+        temp_dir=temp_dir, dashboard_agent_port=_free_port() if any_ports else agent_port,
+        dashboard_agent_grpc_port=_free_port() if any_ports else agent_grpc_port,
+        runtime_env_agent_port=_free_port() if any_ports else runtime_env_agent_port,
     )
+
+    def redeploy_recorded() -> None:
+        rec = record.load()
+        if rec is None or not redeploy:
+            return
+        print(f"head: redeploying the recorded Serve app ({', '.join(rec.configs)})", flush=True)
+        spawn_child([sys.executable, "-m", "app", "cluster", "deploy", "--from-record"])
 
     def start() -> int:
         env = ray_env(node_ip)
@@ -94,7 +113,8 @@ def head(
         env.setdefault("RAY_health_check_period_ms", "2000")
         env.setdefault("RAY_health_check_timeout_ms", "2000")
         env.setdefault("RAY_health_check_failure_threshold", "3")
-        return run_ray_start(head_command(cfg, block), env, block, timeout, f"head {node_ip}:{gcs_port}")
+        return run_ray_start(head_command(cfg, block), env, block, timeout, f"head {node_ip}:{gcs_port}",
+                             on_up=redeploy_recorded)
 
     rc = _run(start)
     raise typer.Exit(int(rc or 0))  # type: ignore[call-overload]
@@ -118,6 +138,9 @@ def worker(
     tier_slots: Annotated[float | None, typer.Option(envvar="WORKER_TIER_SLOTS",
                                                      help="Amount of the tier resource (default: NUM_GPUS or 1).")]
     = None,
+    agent_port: AgentPort = 52365,
+    agent_grpc_port: AgentGrpcPort = 8078,
+    runtime_env_agent_port: RuntimeEnvAgentPort = 8079,
     temp_dir: TempDir = None,
     block: Block = False,
     timeout: Timeout = 120.0,
@@ -137,7 +160,8 @@ def worker(
         node_ip=node_ip, metrics_export_port=metrics_export_port, object_manager_port=object_manager_port,
         node_manager_port=node_manager_port, min_worker_port=min_worker_port, max_worker_port=max_worker_port,
         object_store_mb=object_store_mb, num_cpus=num_cpus, num_gpus=num_gpus, resources={worker_tier: slots},
-        temp_dir=temp_dir,
+        temp_dir=temp_dir, dashboard_agent_port=agent_port, dashboard_agent_grpc_port=agent_grpc_port,
+        runtime_env_agent_port=runtime_env_agent_port,
     )
 
     def start() -> int:
@@ -161,26 +185,61 @@ def deploy(
     configs: Annotated[list[Path] | None, typer.Argument(help="Model config YAML files (default: MODEL_CONFIGS).")]
     = None,
     address: Annotated[str, typer.Option(help="HEAD_IP:GCS_PORT (default from HEAD_IP, RAY_GCS_PORT).")] = "",
-    http_host: Annotated[str, typer.Option(envvar="SERVE_HOST", help="Serve proxy bind address (default HEAD_IP).")]
-    = "",
+    http_host: Annotated[str, typer.Option(envvar="SERVE_HOST", help="Serve proxy bind address.")]
+    = DEFAULT_SERVE_HOST,
     serve_port: Annotated[Port, typer.Option(envvar="SERVE_PORT")] = 8000,
     request_timeout: Annotated[float, typer.Option(envvar="SERVE_REQUEST_TIMEOUT_S", help="Per-request limit (s).")]
     = 300.0,
-    wait: Annotated[float, typer.Option(help="Seconds to wait for every deployment to be RUNNING.")] = 900.0,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the workers and for every deployment.")] = 900.0,
+    expected_workers: Annotated[int, typer.Option(envvar="RAY_EXPECTED_WORKERS", help="Wait until this many "
+                                                  "worker nodes are alive before deploying (0: do not wait).")] = 0,
+    from_record: Annotated[bool, typer.Option(help="Redeploy what the last deploy applied (LLM_STATE_DIR).")]
+    = False,
 ) -> None:
-    """Deploy the ingress + one LLM server deployment per model config, and wait until RUNNING."""
-    from app.cluster.deploy import DeployOptions
+    """Deploy the ingress + one LLM server deployment per model config, and wait until RUNNING.
+
+    Relative config paths are looked up in MODEL_CONFIG_DIR (default app/configs), then in the current folder."""
+    from app.cluster import record
+    from app.cluster.deploy import DeployOptions, resolve_configs
     from app.cluster.deploy import deploy as do_deploy
     from app.models.config import DEFAULT_CONFIG, split_paths
     from app.settings import Settings
 
-    paths = list(configs or []) or split_paths(os.environ.get("MODEL_CONFIGS", DEFAULT_CONFIG))
-    address = address or _default_address()
-    host = http_host or address.rsplit(":", 1)[0]
+    rec = record.load() if from_record else None
+    if from_record and rec is None:
+        raise fail(f"no deploy record in LLM_STATE_DIR={record.state_dir() or ''} (run `cluster deploy` once)",
+                   code=1)
+    if rec is not None:
+        paths, http_host, serve_port, request_timeout = ([Path(p) for p in rec.configs], rec.http_host,
+                                                         rec.http_port, rec.request_timeout_s)
+    else:
+        raw = list(configs or []) or split_paths(os.environ.get("MODEL_CONFIGS", DEFAULT_CONFIG))
+        paths = _run(resolve_configs, raw)  # type: ignore[assignment]
     settings = Settings()
-    opts = DeployOptions(address=address, http_host=host, http_port=serve_port, request_timeout_s=request_timeout,
-                         wait_s=wait, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes)
+    opts = DeployOptions(address=address or _default_address(), http_host=http_host, http_port=serve_port,
+                         request_timeout_s=request_timeout, wait_s=wait, api_keys=settings.api_key_list,
+                         max_body_bytes=settings.max_body_bytes, expected_workers=expected_workers)
     _run(do_deploy, paths, opts)
+    where = record.save(record.DeployRecord(configs=[str(p.resolve()) for p in paths], http_host=http_host,
+                                            http_port=serve_port, request_timeout_s=request_timeout))
+    if where is not None:
+        typer.echo(f"deploy record: {where} (a restarted head redeploys it)")
+
+
+@cluster.command()
+def health(
+    node_ip: NodeIp = "127.0.0.1",
+    gcs_port: GcsPort = 6379,
+    serve_host: Annotated[str, typer.Option(envvar="SERVE_HOST")] = DEFAULT_SERVE_HOST,
+    serve_port: Annotated[Port, typer.Option(envvar="SERVE_PORT")] = 8000,
+) -> None:
+    """Healthcheck of the head: GCS answers and, once an app was deployed, Serve serves it (exit 1 if not)."""
+    from app.cluster.health import check
+
+    problem = check(node_ip, gcs_port, serve_host, serve_port)
+    if problem:
+        raise fail(problem, code=1)
+    typer.echo("healthy")
 
 
 @cluster.command()

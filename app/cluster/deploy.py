@@ -10,6 +10,7 @@ the deadline. The app keeps running after the driver exits.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,48 @@ class DeployOptions:
     wait_s: float = 900.0
     api_keys: list[str] | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    expected_workers: int = 0
+
+
+def config_dir() -> Path:
+    """Folder relative model config paths are looked up in (the compose kit mounts MODEL_CONFIG_DIR there)."""
+    return Path(os.environ.get("MODEL_CONFIG_DIR") or "app/configs")
+
+
+def resolve_configs(paths: list[Path] | list[str]) -> list[Path]:
+    """Relative paths: MODEL_CONFIG_DIR first, then the current folder; a missing file names both."""
+    out = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_absolute():
+            out.append(p)
+            continue
+        candidates = [config_dir() / p, p]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ClusterError(f"model config {str(raw)!r} not found (looked in {config_dir()}/ and the current "
+                               f"folder {Path.cwd()}); put it in MODEL_CONFIG_DIR")
+        out.append(found)
+    return out
+
+
+def wait_for_workers(expected: int, wait_s: float) -> None:
+    """Block until `expected` worker nodes (non-head) are alive; ClusterError after `wait_s`."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    last = -1
+    while True:
+        alive = [n for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" not in n.get("Resources", {})]
+        if len(alive) != last:
+            print(f"  {len(alive)} of {expected} expected worker node(s) alive", flush=True)
+            last = len(alive)
+        if len(alive) >= expected:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"only {len(alive)} of RAY_EXPECTED_WORKERS={expected} worker nodes joined within "
+                               f"{wait_s:g}s; start `./deploy-ray.sh all` on the missing worker VMs")
+        time.sleep(1.0)
 
 
 def connect(address: str, timeout_s: float = 60.0) -> None:
@@ -78,6 +121,9 @@ def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: l
         configs = load_model_configs(config_paths)  # ConfigError before touching the cluster
     connect(opts.address)
     from ray import serve
+
+    if opts.expected_workers > 0:
+        wait_for_workers(opts.expected_workers, opts.wait_s)
 
     from app.ray_serve.ingress import build_app
 

@@ -21,11 +21,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 READY_MARKER = "Ray runtime started"
 LOOPBACK = ("127.0.0.1", "localhost")
+# Where the head's Serve proxy listens unless SERVE_HOST says otherwise; nginx's primary upstream and
+# `deploy-ray.sh test` read the same variable (one source for the address).
+DEFAULT_SERVE_HOST = "127.0.0.1"
 
 
 class ClusterError(RuntimeError):
@@ -50,6 +54,8 @@ class NodeConfig:
     resources: dict[str, float] = field(default_factory=dict)
     temp_dir: str | None = None
     dashboard_agent_port: int | None = None
+    dashboard_agent_grpc_port: int | None = None
+    runtime_env_agent_port: int | None = None
 
 
 def ray_executable() -> str:
@@ -107,6 +113,8 @@ def _common_args(cfg: NodeConfig) -> list[str]:
         ("--num-gpus", cfg.num_gpus),
         ("--temp-dir", cfg.temp_dir),
         ("--dashboard-agent-listen-port", cfg.dashboard_agent_port),
+        ("--dashboard-agent-grpc-port", cfg.dashboard_agent_grpc_port),
+        ("--runtime-env-agent-port", cfg.runtime_env_agent_port),
     ):
         if value is not None:
             args.append(f"{flag}={value}")
@@ -154,8 +162,14 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
-def run_ray_start(cmd: list[str], env: dict[str, str], block: bool, timeout_s: float, what: str) -> int:
-    """Run `ray start`; never wait longer than `timeout_s` for the node to come up."""
+def spawn_child(cmd: list[str]) -> subprocess.Popen[bytes]:
+    """A helper process that dies with us (PDEATHSIG), its output on ours."""
+    return subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+
+
+def run_ray_start(cmd: list[str], env: dict[str, str], block: bool, timeout_s: float, what: str,
+                  on_up: Callable[[], None] | None = None) -> int:
+    """Run `ray start`; never wait longer than `timeout_s` for the node to come up; `on_up` once it is."""
     print(f"{what}: {' '.join(cmd)}", flush=True)
     if not block:
         try:
@@ -199,6 +213,8 @@ def run_ray_start(cmd: list[str], env: dict[str, str], block: bool, timeout_s: f
             raise ClusterError(f"{what}: the node did not come up within {timeout_s:g}s")
         started.wait(0.2)
     print(f"{what}: node is up (ray start pid {child.pid})", flush=True)
+    if on_up is not None:
+        on_up()
     rc = child.wait()
     reader.join(5)
     return rc

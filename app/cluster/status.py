@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from app.ray_serve import registry
@@ -48,11 +49,17 @@ def collect() -> dict[str, Any]:
     for rec in registry.live_records():
         node = by_node.get(rec.get("node_id", ""), {})
         replicas.append({**rec, "node_head": bool(node.get("head")), "node_alive": bool(node.get("alive"))})
-    return {"nodes": nodes, "proxies": proxies, "applications": apps, "replicas": replicas}
+    expected = int(os.environ.get("RAY_EXPECTED_WORKERS") or 0)
+    return {"nodes": nodes, "proxies": proxies, "applications": apps, "replicas": replicas,
+            "expected_workers": expected, "alive_workers": sum(1 for n in nodes if n["alive"] and not n["head"])}
 
 
 def render(data: dict[str, Any]) -> str:
     lines = ["Nodes:"]
+    if data.get("expected_workers"):
+        joined = data["alive_workers"]
+        lines[0] = (f"Nodes: {joined} of {data['expected_workers']} expected worker(s) alive"
+                    + ("" if joined >= data["expected_workers"] else "  <- start ./deploy-ray.sh all on the others"))
     for n in data["nodes"]:
         role = "head" if n["head"] else "worker"
         res = ", ".join(f"{k}={v:g}" for k, v in sorted(n["resources"].items())) or "-"

@@ -1,8 +1,9 @@
 """Render `nginx/nginx.conf.template` from the environment / `.env` into a private nginx prefix.
 
 Upstreams follow the shared contract: primary = Ray Serve proxy at
-127.0.0.1:SERVE_PORT, backup = the standalone fallback server(s) at
-127.0.0.1:FALLBACK_PORT (a comma list of ports, or full `host:port` lists in
+SERVE_HOST:SERVE_PORT (the address `cluster deploy` binds; default 127.0.0.1),
+backup = the standalone fallback server(s) at 127.0.0.1:FALLBACK_PORT
+(a comma list of ports, or full `host:port` lists in
 NGINX_PRIMARY / NGINX_BACKUPS when they live elsewhere). Relative paths (pid,
 temp, logs) resolve against nginx's `-p` prefix, so the rendered folder is a
 self-contained, non-root nginx home.
@@ -16,6 +17,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.cluster.node import DEFAULT_SERVE_HOST
 from app.ops.render import REPO_ROOT, RenderError, parse_hostports, parse_ports, substitute
 
 TEMPLATE = REPO_ROOT / "nginx" / "nginx.conf.template"
@@ -29,6 +31,7 @@ class NginxSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
+    serve_host: str = Field(default=DEFAULT_SERVE_HOST, description="Address the Serve proxy binds (SERVE_HOST).")
     serve_port: int = Field(default=8000, ge=1, le=65535, description="Ray Serve HTTP proxy port (primary).")
     fallback_port: str = Field(default="8001", description="Fallback server port(s), comma list (backups).")
     nginx_primary: str = Field(default="", description="host:port list overriding 127.0.0.1:SERVE_PORT.")
@@ -79,7 +82,7 @@ class NginxSettings(BaseSettings):
     def primaries(self) -> list[str]:
         if self.nginx_primary:
             return parse_hostports(self.nginx_primary, "NGINX_PRIMARY")
-        return [f"127.0.0.1:{self.serve_port}"]
+        return [f"{self.serve_host}:{self.serve_port}"]
 
     def backups(self) -> list[str]:
         if self.nginx_backups:

@@ -40,6 +40,8 @@ class PrometheusSettings(BaseSettings):
     ray_metrics_export_port: int = Field(default=8090, ge=1, le=65535)
     ray_node_targets: str = Field(default="", description="host:port of every Ray node's metrics export port.")
     ray_sd_file: str = "/tmp/ray/prom_metrics_service_discovery.json"
+    alertmanager_targets: str = Field(default="", description="host:port list of Alertmanagers.")
+    dcgm_discovery: bool = Field(default=True, description="Scrape DCGM on every non-head node of RAY_SD_FILE.")
     nginx_exporter_targets: str = "127.0.0.1:9113"
     dcgm_targets: str = Field(default="", description="host:port list of DCGM exporters.")
     dcgm_exporter_port: int = Field(default=9400, ge=1, le=65535)
@@ -69,6 +71,19 @@ class PrometheusSettings(BaseSettings):
         return [f"127.0.0.1:{p}" for p in parse_ports(self.fallback_port, "FALLBACK_PORT")]
 
 
+def dcgm_discovery(s: PrometheusSettings) -> str:
+    """file_sd block for the dcgm job: Ray's node list with the port swapped, the head VM left out."""
+    if not s.dcgm_discovery:
+        return ""
+    head = re.escape(s.head_ip)
+    return (f"    file_sd_configs:\n      - files:\n          - {json.dumps(s.ray_sd_file)}\n"
+            f"        refresh_interval: 30s\n    relabel_configs:\n"
+            f"      - source_labels: [__address__]\n        regex: '{head}:\\d+'\n        action: drop\n"
+            f"      - source_labels: [__address__]\n        regex: '(.+):\\d+'\n        target_label: __address__\n"
+            f"        replacement: '${{1}}:{s.dcgm_exporter_port}'\n      - target_label: job\n"
+            f"        replacement: dcgm\n      - target_label: role\n        replacement: gpu")
+
+
 def template_values(s: PrometheusSettings) -> dict[str, str]:
     return {
         "PROMETHEUS_SCRAPE_INTERVAL": s.prometheus_scrape_interval,
@@ -79,6 +94,8 @@ def template_values(s: PrometheusSettings) -> dict[str, str]:
         "RAY_SD_FILE": json.dumps(s.ray_sd_file),
         "NGINX_EXPORTER_TARGETS": json.dumps(parse_hostports(s.nginx_exporter_targets, "NGINX_EXPORTER_TARGETS")),
         "DCGM_TARGETS": json.dumps(s.dcgm()),
+        "DCGM_DISCOVERY": dcgm_discovery(s),
+        "ALERTMANAGER_TARGETS": json.dumps(parse_hostports(s.alertmanager_targets, "ALERTMANAGER_TARGETS")),
         "PROMETHEUS_SELF_TARGETS": json.dumps([f"127.0.0.1:{s.prometheus_port}"]),
     }
 
