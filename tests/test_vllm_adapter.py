@@ -175,6 +175,7 @@ def test_client_disconnect_aborts_in_vllm_and_queue_full_is_429(fake_vllm: type[
         await engine.start()
         llm = fake_vllm.instances[0]
         llm.step.clear()  # hold generation after the first request is admitted
+        llm.started.clear()  # the warm-up set it; the prompt is rendered in a thread before the request starts
         req = GenerationRequest(prompt="a", max_tokens=10)
         stream = engine.generate(req)
         first = asyncio.ensure_future(stream.__anext__())
