@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--prompt-words", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=None, help="unmeasured requests per level (default: c)")
-    ap.add_argument("--max-num-seqs", type=int, default=4, help="concurrent generations in the engine")
+    ap.add_argument("--max-num-seqs", type=int, default=16,
+                    help="sequences the engine batches (the transformers default)")
     ap.add_argument("--max-waiting", type=int, default=32, help="engine queue before 429")
     ap.add_argument("--model", default=None, help="model folder (default: the tiny model)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
