@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -179,6 +180,12 @@ def test_streaming_through_the_ingress(local: Local) -> None:
     chunks = list(stream)
     assert len(chunks) >= 3
     assert chunks[-1].choices[0].finish_reason == "length"
+    # the replica coalesces chunks (stream_coalesce_ms): the streamed text is the unstreamed one, in order
+    kw: dict[str, Any] = {"model": "tiny", "prompt": "coalesced stream", "max_tokens": 40, "temperature": 0,
+                          "extra_body": {"ignore_eos": True}}
+    whole = local.client().completions.create(**kw)
+    parts = [c.choices[0].text for c in local.client().completions.create(stream=True, **kw) if c.choices]
+    assert "".join(parts) == whole.choices[0].text and len(parts) > 1
 
 
 def test_queue_full_is_429_with_retry_after(local: Local) -> None:
