@@ -456,12 +456,13 @@ cmd_demo() {
   if [ "$DRY_RUN" = 1 ]; then
     run curl -fsS --max-time 10 "http://127.0.0.1:$mport/metrics"
   else
-    # Ray flushes replica metrics every few seconds: poll (bounded) until the llm_* series appear.
+    # Ray flushes each process's metrics every few seconds, independently (the replica's decode-batch histogram
+    # can appear before the ingress's request counters): poll (bounded) until the request counter appears.
     local found=""
     for _ in $(seq 1 20); do
       found=$(curl -fsS --max-time 10 "http://127.0.0.1:$mport/metrics" 2>/dev/null \
         | awk '/^(ray_)?llm_[a-z_]*(_total|_count)[{ ]/ { sub(/[{].*[}]/, ""); print }' || true)
-      [ -n "$found" ] && break
+      grep -q 'llm_requests_total' <<<"$found" && break
       sleep 1
     done
     echo "${found:-(no llm_* series exported yet)}"
