@@ -86,7 +86,9 @@ class DSKit:
     def ask(self) -> dict[str, Any]:
         import json
 
-        return self.vms.python(VMS[0], ASK, json.dumps(PROMPTS), str(N_TOKENS), timeout=180)
+        self.last_answer: dict[str, Any] = self.vms.python(VMS[0], ASK, json.dumps(PROMPTS), str(N_TOKENS),
+                                                           timeout=180)
+        return self.last_answer
 
     def logs(self) -> str:
         return "\n".join(f"--- {vm}/{svc}:\n{self.vms.log(vm, svc)[-2500:]}"
@@ -100,7 +102,8 @@ class DSKit:
             if last:
                 return last
             time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last})\n{self.logs()}")
+        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last}; rank 0's last answer: "
+                             f"{getattr(self, 'last_answer', None)})\n{self.logs()}")
 
 
 @pytest.fixture(scope="module")
