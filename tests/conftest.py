@@ -64,6 +64,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# how long a server on the tiny model may take to load (import torch/transformers, read the model) before it is
+# ready or has failed: seen above 60 s on the shared 2-core box at load average ~20
+STARTUP_S = 120.0
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):  # type: ignore[no-untyped-def]
     """Poll `predicate` until it returns a truthy value; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -120,7 +125,7 @@ class ServerProcess:
             cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+    def wait_ready(self, timeout: float = STARTUP_S) -> ServerProcess:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_text()[-2000:]}")

@@ -34,7 +34,11 @@ def _ip(*args: str) -> None:
 
 
 class NetnsVMs:
-    def __init__(self, count: int, prefix: str = "rt"):
+    """`ifname`: the name of each VM's private NIC inside its namespace (default: the veth's own, unique name); one
+    name on every VM, as cloud VMs of one image have (`ens5`), lets a setting such as DS_NET_IFNAME fit them all."""
+
+    def __init__(self, count: int, prefix: str = "rt", ifname: str | None = None):
+        self.ifname = ifname
         self.suffix = os.urandom(3).hex()
         self.octet = random.randint(1, 254)
         self.bridge = f"br{prefix}{self.suffix}"
@@ -54,6 +58,9 @@ class NetnsVMs:
                 _ip("link", "set", ns_end, "netns", ns)
                 _ip("link", "set", host_end, "master", self.bridge)
                 _ip("link", "set", host_end, "up")
+                if self.ifname:
+                    _ip("-n", ns, "link", "set", ns_end, "name", self.ifname)
+                    ns_end = self.ifname
                 _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ns_end)
                 _ip("-n", ns, "link", "set", ns_end, "up")
                 _ip("-n", ns, "link", "set", "lo", "up")

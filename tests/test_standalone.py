@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, spawn_server, wait_until
+from tests.conftest import ROOT, STARTUP_S, spawn_server, wait_until
 from tests.test_api_errors import assert_openai_error
 
 GRACE_S = 20
@@ -120,7 +120,8 @@ def test_broken_model_keeps_readyz_503_with_the_error(tmp_path: Path) -> None:
             detail = r.json()["models"]["tiny"]
             return detail if "failed to start" in detail.get("reason", "") else None
 
-        detail = wait_until(failed, 60, 0.1, "load failure in /readyz")
+        # a load that fails takes the path of one that succeeds up to the failure: the same start-up bound
+        detail = wait_until(failed, STARTUP_S, 0.1, "load failure in /readyz")
         assert detail["ready"] is False
         assert detail["error"]
         assert _status(srv.base_url + "/healthz") == 200
