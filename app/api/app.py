@@ -17,8 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.access import clean_request_id, request_id_of
 from app.api.backend import ModelBackend
-from app.api.errors import count_rejection, error_payload, install_error_handlers
+from app.api.auth import APIKeyMiddleware
+from app.api.errors import count_rejection, install_error_handlers, send_error
 from app.api.routes import router
+from app.api.schema import document
 from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
@@ -70,15 +72,8 @@ class BodyLimitMiddleware:
             await self._reject(scope, send)
 
     async def _reject(self, scope: Scope, send: Send) -> None:
-        import json
-
         count_rejection(self.metrics, scope.get("path", ""), 413, "invalid_request_error", request_id_of(scope))
-        body = json.dumps(
-            error_payload(f"request body exceeds {self.max_bytes} bytes", 413, code="request_too_large")
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
 
 
 class _BodyTooLarge(Exception):
@@ -159,7 +154,9 @@ def create_app(
     app.state.draining = False
     install_error_handlers(app)
     app.include_router(router)
+    document(app, model_ids=backend.model_ids, auth=bool(app.state.api_keys))
     app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, metrics=sink)
+    app.add_middleware(APIKeyMiddleware, keys=app.state.api_keys, metrics=sink)  # before any body is read
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     return app

@@ -100,11 +100,20 @@ class _Observation:
             self.sink.inc(metrics.REQUEST_ERRORS, {**labels, "error_type": error_type})
 
 
+# a nucleus this small holds only the most likely token: that is greedy decoding, said exactly (engines
+# compare top_p in float32, where 5e-324 is 0 and the nucleus would be empty)
+_NUCLEUS_EPS = 1e-6
+
+
 def _sampling(req: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+    top_p = 1.0 if req.top_p is None else req.top_p
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if top_p < _NUCLEUS_EPS:
+        top_p, temperature = 1.0, 0.0
     return GenerationRequest(
         max_tokens=req.token_limit,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        temperature=temperature,
+        top_p=top_p,
         stop=req.stop_list,
         seed=req.seed,
         presence_penalty=req.presence_penalty,
