@@ -16,8 +16,8 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.access import clean_request_id, request_id_of
-from app.api.backend import ModelBackend
 from app.api.auth import APIKeyMiddleware
+from app.api.backend import ModelBackend
 from app.api.errors import count_rejection, install_error_handlers, send_error
 from app.api.routes import router
 from app.api.schema import document
