@@ -7,6 +7,7 @@ and stops the backend.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -130,10 +131,13 @@ def create_app(
     manage_backend: bool = True,
     title: str = "LLM serving kit",
     echo_request_id: bool = True,
+    sse_keepalive_s: float = 15.0,
 ) -> FastAPI:
     """The API application. `metrics` is the sink the server's engines record into too (default: a new
     PrometheusSink, served on /metrics); `manage_backend=False` when the caller starts/stops the backend
-    itself; `echo_request_id=False` when a proxy in front (Ray Serve's) already echoes X-Request-Id."""
+    itself; `echo_request_id=False` when a proxy in front (Ray Serve's) already echoes X-Request-Id;
+    `sse_keepalive_s`: a `: keep-alive` comment on a stream silent that long (0: never). Setting
+    `app.state.stream_cut` (the server's shutdown grace ended) ends the requests still running."""
     sink = metrics or PrometheusSink()
 
     @asynccontextmanager
@@ -152,6 +156,8 @@ def create_app(
     app.state.metrics = sink
     app.state.api_keys = list(api_keys or [])
     app.state.draining = False
+    app.state.stream_cut = asyncio.Event()
+    app.state.sse_keepalive_s = sse_keepalive_s
     install_error_handlers(app)
     app.include_router(router)
     document(app, model_ids=backend.model_ids, auth=bool(app.state.api_keys))
