@@ -20,6 +20,7 @@ would send plain text:
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +178,6 @@ def server_config(app: Any, *, host: str, port: int, limits: TransportLimits, lo
         app, host=host, port=port, log_level=log_level, http=protocol,
         h11_max_incomplete_event_size=limits.max_header_bytes,
         timeout_keep_alive=max(1, round(limits.keepalive_timeout_s)),
-        timeout_graceful_shutdown=max(0, round(graceful_timeout_s)),
+        timeout_graceful_shutdown=math.ceil(max(0.0, graceful_timeout_s)),
         access_log=False,
     )
