@@ -45,13 +45,23 @@ class TransportLimits:
 
 
 class _Connection(h11.Connection):
-    """h11's connection, remembering the protocol error it raised (its status hint: 400 or 431)."""
+    """h11's connection, remembering the protocol error it raised (its status hint: 400 or 431). h11 limits
+    only a head still incomplete in its buffer; a complete one arriving at once is measured here."""
 
     last_error: h11.RemoteProtocolError | None = None
 
+    def __init__(self, our_role: Any, max_header_bytes: int) -> None:
+        super().__init__(our_role, max_incomplete_event_size=max_header_bytes)
+        self.max_header_bytes = max_header_bytes
+
     def next_event(self) -> Any:
         try:
-            return super().next_event()
+            event = super().next_event()
+            if isinstance(event, h11.Request):
+                size = len(event.method) + len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if size > self.max_header_bytes:
+                    raise h11.RemoteProtocolError("request headers too large", error_status_hint=431)
+            return event
         except h11.RemoteProtocolError as exc:
             self.last_error = exc
             raise
