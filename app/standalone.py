@@ -53,7 +53,7 @@ class _DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self._app_state.draining = True
-        log.info("signal %s: draining (in-flight requests get %ss)", sig, self.config.timeout_graceful_shutdown)
+        log.info("signal %s: draining (in-flight requests get %ss)", sig, self._grace_s)
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM:  # a drained SIGTERM is a normal stop (exit 0), see compat
             compat.uvicorn_forget_signal(self, signal.SIGTERM)
