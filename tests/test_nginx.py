@@ -27,6 +27,7 @@ import pytest
 from conftest import ROOT, ServerProcess, free_port, need, need_binary, stop_process, wait_until
 
 from app.ops.nginx import NginxSettings, render_nginx
+from tests.test_api_errors import assert_openai_error
 
 COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
 
@@ -172,15 +173,18 @@ def test_streaming_limits_health_and_status(start_server, nginx_factory) -> None
     assert sum(1 for g in gaps if g > 0.0005) > len(gaps) // 4
 
     big = {"model": "tiny", "prompt": "x" * 4096, "max_tokens": 1}
-    assert httpx.post(ngx.base_url + "/v1/completions", json=big, timeout=30).status_code == 413
+    too_big = httpx.post(ngx.base_url + "/v1/completions", json=big, timeout=30)
+    assert assert_openai_error(too_big, 413)["code"] == "request_too_large" and too_big.headers["x-request-id"]
 
 
 def test_rate_limit_per_client(start_server, nginx_factory) -> None:  # type: ignore[no-untyped-def]
     srv = start_server()
     ngx = nginx_factory(serve_port=srv.port, fallback_port=str(free_port()), nginx_rate_limit="1r/m",
                         nginx_rate_burst=1)
-    codes = [httpx.get(ngx.base_url + "/v1/models", timeout=30).status_code for _ in range(4)]
+    answers = [httpx.get(ngx.base_url + "/v1/models", timeout=30) for _ in range(4)]
+    codes = [r.status_code for r in answers]
     assert codes[:2] == [200, 200] and codes[2:] == [429, 429], codes
+    assert assert_openai_error(answers[3], 429)["type"] == "rate_limit_error" and answers[3].headers["retry-after"]
     assert httpx.get(ngx.base_url + "/nginx-health", timeout=5).status_code == 200  # not rate limited
 
 
@@ -282,7 +286,7 @@ def test_runs_as_non_root_user(tmp_path: Path) -> None:
                    30, 0.1, "nginx as nobody")
         assert (prefix / "nginx.pid").read_text().strip()  # pid file written by an unprivileged master
         r = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10)
-        assert r.status_code == 502  # no upstream running: nginx itself works unprivileged
+        assert assert_openai_error(r, 502)["code"] == "bad_gateway"  # no upstream: nginx works unprivileged
     finally:
         stop_process(proc, signal.SIGQUIT, 15)
         shutil.rmtree(base, ignore_errors=True)

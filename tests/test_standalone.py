@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.conftest import ROOT, spawn_server, wait_until
 from tests.test_api_errors import assert_openai_error

@@ -22,8 +22,10 @@ import contextlib
 import logging
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 
@@ -118,7 +120,12 @@ class FrontDoor:
         """Run nginx and the checker until nginx exits; returns nginx's exit status."""
         conf = self.render()
         self.check_config(conf)
-        nginx = await asyncio.create_subprocess_exec(*self.nginx_cmd(conf, "-g", "daemon off;"))
+        # nginx's stdout/stderr are pipes of ours, copied to our own: a non-root nginx can open /dev/stdout and
+        # /dev/stderr (NGINX_ACCESS_LOG / NGINX_ERROR_LOG) even where our own streams belong to another user
+        nginx = await asyncio.create_subprocess_exec(*self.nginx_cmd(conf, "-g", "daemon off;"),
+                                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        copies = [asyncio.create_task(_copy(nginx.stdout, sys.stdout.buffer)),
+                  asyncio.create_task(_copy(nginx.stderr, sys.stderr.buffer))]
         loop = asyncio.get_running_loop()
         rerender = asyncio.Event()
 
@@ -133,7 +140,9 @@ class FrontDoor:
                  self.settings.nginx_port, ", ".join(self.servers), self.settings.nginx_check_interval_s)
         checker = asyncio.create_task(self._check_loop(nginx, rerender))
         try:
-            return await nginx.wait()
+            rc = await nginx.wait()
+            await asyncio.gather(*copies)
+            return rc
         finally:
             checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -167,6 +176,12 @@ class FrontDoor:
             nginx.send_signal(signal.SIGHUP)
             self.reloads += 1
             log.info("nginx reloaded (down: %s)", ", ".join(sorted(self.down)) or "none")
+
+
+async def _copy(source: asyncio.StreamReader | None, sink: BinaryIO) -> None:
+    while source is not None and (line := await source.readline()):
+        sink.write(line)
+        sink.flush()
 
 
 def run_front_door(out_dir: Path, settings: NginxSettings | None = None, nginx_bin: str = "nginx") -> int:
