@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -421,8 +422,11 @@ class OpenAIServing:
             yield _sse(error_payload("internal server error", 500, code="internal_error"))
             yield "data: [DONE]\n\n"
         finally:
-            await paced.aclose()
-            await merged.aclose()
+            # starlette cancels this body's task scope when the client goes: the closing awaits run shielded,
+            # or the scope's repeated cancellation would skip them (and the request's metrics below)
+            with anyio.CancelScope(shield=True):
+                await paced.aclose()
+                await merged.aclose()
             if not obs.output_tokens:
                 partial = _usage(prompt, completion, n)
                 obs.prompt_tokens, obs.output_tokens = partial.prompt_tokens, partial.completion_tokens

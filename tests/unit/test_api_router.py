@@ -417,3 +417,76 @@ def test_sse_events_survive_splitlines_readers() -> None:
     lines = LineDecoder().decode(event)
     assert lines[0].startswith("data: ") and lines[1:] == [""]
     assert json.loads(lines[0][len("data: "):])["choices"][0]["text"] == text
+
+
+# ----------------------------------------------------------------------------- pacing and server-side cuts
+
+
+async def _asgi_post(app: Any, body: dict[str, Any], on_body: Any) -> list[bytes]:
+    """POST /v1/completions through the ASGI interface (the client stays); `on_body(chunk)` sees each body part."""
+    leave = asyncio.Event()  # never set: the client stays connected
+    sent: list[Any] = []
+
+    payload = json.dumps(body).encode()
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            on_body(message["body"])
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": COMP,
+             "raw_path": COMP.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("unit", 80)}
+    await asyncio.wait_for(app(scope, receive, send), 10)
+    return [m.get("body", b"") for m in sent if m["type"] == "http.response.body"]
+
+
+async def test_silent_stream_gets_keepalive_comments_between_tokens(engine: FakeEngine, sink: PrometheusSink) -> None:
+    gate = engine.gate = asyncio.Event()
+    engine.hold_after = 1  # the first token flows (priming needs it), then the engine stalls
+    app = make_app(engine, metrics=sink, sse_keepalive_s=0.02)
+
+    def on_body(chunk: bytes) -> None:
+        if chunk == b": keep-alive\n\n":
+            gate.set()  # a comment reached the client while it was silent: let it finish
+
+    parts = await _asgi_post(app, {"model": "fake", "prompt": "x", "max_tokens": 3, "stream": True}, on_body)
+    assert b": keep-alive\n\n" in parts
+    assert parts[-1] == b"data: [DONE]\n\n" or parts[-2] == b"data: [DONE]\n\n", parts
+    assert sample(sink, "llm_output_tokens_total", model="fake") == 3  # comments are not tokens
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+async def test_server_cut_is_an_error_event_or_a_503_never_a_499(engine: FakeEngine, sink: PrometheusSink,
+                                                                   stream: bool) -> None:
+    engine.gate = asyncio.Event()  # never opens: the engine stalls (after its first token when streaming)
+    engine.hold_after = 1 if stream else 0
+    app = make_app(engine, metrics=sink)
+    if not stream:
+        asyncio.get_running_loop().call_later(0.05, app.state.stream_cut.set)
+
+    def on_body(chunk: bytes) -> None:
+        if chunk.startswith(b"data: {"):
+            app.state.stream_cut.set()  # what the server does when its shutdown grace ends
+
+    parts = await _asgi_post(app, {"model": "fake", "prompt": "x", "max_tokens": 50, "stream": stream}, on_body)
+    text = b"".join(parts).decode()
+    if stream:
+        payloads = [b[6:] for b in text.split("\n\n") if b.startswith("data: ")]
+        assert payloads[-1] == "[DONE]"
+        assert json.loads(payloads[-2])["error"]["code"] == "server_shutting_down"
+    else:
+        assert json.loads(text)["error"]["code"] == "server_shutting_down"
+    assert engine.finished == ["closed"]
+    assert sample(sink, "llm_requests_total", status="503") == 1
+    assert sample(sink, "llm_requests_total", status="499") == 0
