@@ -17,6 +17,7 @@ HEAD_WORKER=0
 LLMKIT_UID=1000  # the head image's user (compose/Dockerfile.head): fallback and ray-head write HF_CACHE_DIR as it
 ENV_FILE_ARG=""
 OPEN_TUNNEL=0
+ENGINE=""
 ARGS=()
 
 usage() {
@@ -36,7 +37,8 @@ Commands (run on each VM, from the repository folder):
   down                stop and remove this VM's containers
   deepspeed           DeepSpeed TP mode: deepspeed-node here, plus the launcher when this VM is first in DS_HOSTS
   tunnel USER@HOST    print (with --open: run) the ssh -N -L line for API, dashboard, Prometheus, Grafana
-  local               no-Docker local cluster on 127.0.0.1 (sets up .venv, serves the tiny model)
+  local               no-Docker local cluster on 127.0.0.1 (sets up .venv, serves the tiny model; with
+                      --engine vllm: vLLM's CPU build from .venv-vllm, app/configs/tiny-vllm.yaml)
   local-down          stop the local cluster
   demo                narrated walkthrough on the local cluster
 
@@ -48,6 +50,7 @@ Flags:
   --env-file F        environment file (default: .env next to this script)
   --dry-run           print every docker/compose command, run none
   --open              tunnel: open the tunnel instead of printing it
+  --engine E          local: transformers (default) or vllm
   -h, --help          this help
 EOF
 }
@@ -81,12 +84,15 @@ parse_args() {
       --env-file=*) ENV_FILE_ARG=${1#*=}; shift ;;
       --dry-run) DRY_RUN=1; shift ;;
       --open) OPEN_TUNNEL=1; shift ;;
+      --engine) [ $# -ge 2 ] || die "--engine needs transformers or vllm"; ENGINE=$2; shift 2 ;;
+      --engine=*) ENGINE=${1#*=}; shift ;;
       -h|--help) usage; exit 0 ;;
       --) shift; ARGS+=("$@"); break ;;
       -*) die "unknown flag $1 (see -h)" ;;
       *) ARGS+=("$1"); shift ;;
     esac
   done
+  case "$ENGINE" in ""|transformers|vllm) ;; *) die "--engine $ENGINE: use transformers or vllm" ;; esac
   if [ -n "$WORKERS" ] && ! [[ "$WORKERS" =~ ^[0-9]+$ ]]; then die "--workers needs a number, got '$WORKERS'"; fi
   return 0
 }
@@ -403,7 +409,19 @@ setup_venv() {
   run "$VENV/bin/python" -m pip install -q -e "${ROOT}[ray]"
 }
 
+# cmd_local_vllm: the tiny model on vLLM's CPU build, from its own venv (tests/vllm_venv.sh builds it)
+cmd_local_vllm() {
+  VENV=${VLLM_VENV:-"$ROOT/.venv-vllm"}
+  run env VLLM_VENV="$VENV" bash "$ROOT/tests/vllm_venv.sh"
+  export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
+  cd "$ROOT"
+  [ -f .cache/tiny-model/config.json ] || run "$VENV/bin/python" -m app make-tiny-model .cache/tiny-model
+  if [ "$DRY_RUN" = 1 ]; then run "$VENV/bin/python" -m app cluster local-up --config app/configs/tiny-vllm.yaml "$@"; return; fi
+  exec "$VENV/bin/python" -m app cluster local-up --config app/configs/tiny-vllm.yaml "$@"
+}
+
 cmd_local() {
+  if [ "$ENGINE" = vllm ]; then cmd_local_vllm "$@"; return; fi
   setup_venv
   export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
   cd "$ROOT"

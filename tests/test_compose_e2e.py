@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, need, need_binary, need_root
 
-from tests.composevm.cluster import ComposeVMs
+from tests.composevm.cluster import ComposeVMs, env_file
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -61,19 +61,6 @@ print(json.dumps(out))
 """
 
 
-def _env_file(path: Path, **values: str) -> Path:
-    lines = []
-    for line in (ROOT / ".env.example").read_text().splitlines():
-        key = line.split("=", 1)[0] if "=" in line and not line.startswith("#") else None
-        if key in values:
-            lines.append(f"{key}={values.pop(key)}")
-        else:
-            lines.append(line)
-    lines += [f"{k}={v}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 class Kit:
     """The emulated cluster plus the operator's files (one .env per VM, the config folder, the HF caches)."""
 
@@ -89,7 +76,7 @@ class Kit:
             hf = work / vm / "hf"
             shutil.copytree(tiny, hf / "tiny")
             subprocess.run(["chown", "-R", "1000:1000", str(hf)], check=True)  # the fix preflight prints
-            self.env[vm] = _env_file(
+            self.env[vm] = env_file(
                 work / f"{vm}.env", HEAD_IP=self.head_ip, NODE_IP=vms.ips[vm], RAY_AUTH_TOKEN=token, NUM_GPUS="0",
                 MODEL_CONFIG_DIR=str(models), MODEL_CONFIGS="tiny-cpu.yaml", FALLBACK_MODEL="/cache/hf/tiny",
                 FALLBACK_SERVED_MODEL_NAME="tiny", HF_CACHE_DIR=str(hf), NGINX_BIND=self.head_ip, API_KEYS=API_KEY,

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import need, need_binary, need_root
-from tests.ds_cluster import Group, NetnsPool, TwoVMs, two_vms, wait_ready
+from tests.ds_cluster import Group, NetnsPool, TwoVMs, greedy_reference, two_vms, wait_ready
 
 PROMPTS = ["hello world", "The quick brown fox", "nginx upstream failover"]
 CHATS = [[{"role": "user", "content": "Say something about Ray Serve."}],
@@ -67,25 +67,7 @@ def pool(vms: TwoVMs) -> Iterator[NetnsPool]:
 @pytest.fixture(scope="module")
 def reference(tiny_model: Path) -> dict[str, str]:
     """Greedy output of the unsharded model in one process (plain transformers `generate`)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    out: dict[str, str] = {}
-
-    def run(key: str, ids: list[int]) -> None:
-        with torch.inference_mode():
-            gen = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=N_TOKENS,
-                                 min_new_tokens=N_TOKENS, pad_token_id=tok.eos_token_id)
-        out[key] = tok.decode(gen[0, len(ids):], skip_special_tokens=True)
-
-    for p in PROMPTS:
-        run(p, tok(p)["input_ids"])
-    for i, messages in enumerate(CHATS):
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        run(f"chat{i}", tok(text, add_special_tokens=False)["input_ids"])
-    return out
+    return greedy_reference(tiny_model, PROMPTS, CHATS, N_TOKENS)
 
 
 def _openai(vms: TwoVMs) -> Any:

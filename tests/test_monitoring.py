@@ -194,7 +194,7 @@ def test_prometheus_scrapes_standalone_server(start_server, prometheus_factory) 
 
 
 # What a Ray node's metrics export port serves for a vLLM replica: Ray prefixes `ray_`, and vLLM's
-# RayPrometheusStatLogger sanitizes ':' to '_' (vllm/v1/metrics/ray_wrappers.py in vLLM 0.33).
+# RayPrometheusStatLogger sanitizes ':' to '_' (vllm/v1/metrics/ray_wrappers.py in vLLM 0.32).
 RAY_NODE_EXPORT = """\
 # TYPE ray_vllm_num_requests_running gauge
 ray_vllm_num_requests_running{ReplicaId="r1",model_name="tiny"} 3

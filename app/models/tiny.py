@@ -7,6 +7,11 @@ AutoTokenizer, vLLM) loads the folder like any hub checkpoint.
 
 The EOS row of the output layer is scaled down so that random weights do not
 end most answers after a token or two; generations usually run to max_tokens.
+
+Default shape: hidden 64 with 2 attention heads and 2 KV heads, so head_dim is 32, the smallest head size
+vLLM's CPU attention kernel accepts (it supports 32, 64, 80, 96, 112, 128, ...), and DeepSpeed TP=2 gives each
+rank one query head and one KV head: every engine of the kit (transformers, DeepSpeed TP, vLLM on CPU or GPU)
+runs the same model.
 """
 
 from __future__ import annotations
@@ -78,13 +83,16 @@ def build_tiny_model(
     *,
     hidden_size: int = 64,
     layers: int = 2,
-    heads: int = 4,
+    heads: int = 2,
     kv_heads: int = 2,
     max_context: int = 2048,
     vocab_size: int = 1024,
     seed: int = 0,
 ) -> Path:
     """Write a tiny random-weight Qwen2 model + tokenizer to `out_dir` and return the path."""
+    if heads < 1 or kv_heads < 1 or hidden_size % heads or heads % kv_heads:
+        raise ValueError(f"hidden_size {hidden_size}, heads {heads}, kv_heads {kv_heads}: hidden_size must be a "
+                         "multiple of heads and heads a multiple of kv_heads")
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -117,6 +125,7 @@ def build_tiny_model(
     model.save_pretrained(out, safe_serialization=True)
     (out / "tiny_model.json").write_text(
         json.dumps({"built_by": "python -m app make-tiny-model", "seed": seed, "hidden_size": hidden_size,
-                    "layers": layers, "max_context": max_context}, indent=2)
+                    "layers": layers, "heads": heads, "kv_heads": kv_heads, "head_dim": hidden_size // heads,
+                    "max_context": max_context}, indent=2)
     )
     return out

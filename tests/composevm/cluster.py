@@ -25,6 +25,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(__file__).with_name("bin")
 PY = sys.executable
+NIC = "ens5"  # every VM's private NIC has this name (one DS_NET_IFNAME / NCCL_SOCKET_IFNAME fits all, as on a cloud)
+
+
+def env_file(path: Path, **values: str) -> Path:
+    """An operator's `.env`: the shipped .env.example with `values` filled in (set lines replaced, others appended)."""
+    lines = []
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        key = line.split("=", 1)[0] if "=" in line and not line.startswith("#") else None
+        if key in values:
+            lines.append(f"{key}={values.pop(key)}")
+        else:
+            lines.append(line)
+    lines += [f"{k}={v}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def vm_env(state: Path, extra: dict[str, str] | None = None, runtimes: str | None = None) -> dict[str, str]:
@@ -45,7 +60,7 @@ class _Controller:
 
         self.work = work
         self.names = names
-        self.vms = NetnsVMs(len(names), prefix="cv")
+        self.vms = NetnsVMs(len(names), prefix="cv", ifname=NIC)
         self.vms.__enter__()
         # state (engine socket, logs, named volumes, service roots) under the test's own folder: kept for diagnosis
         # with pytest's other temp folders, removed with them

@@ -198,6 +198,9 @@ class Engine:
             mounts += interpreter_mounts()
         if home not in ("/", "/root"):
             dirs[home] = uid
+        # root's home is the image's own (empty), not this machine's: what a service writes there (ssh's
+        # known_hosts, caches) stays in the container, as in Docker
+        private = {"/root": 0o700} if home == "/root" and img.repo_at else {}
         files = {}
         if img.users:
             files["/etc/passwd"], files["/etc/group"] = passwd_lines(img)
@@ -205,7 +208,7 @@ class Engine:
         shm = None if cfg.get("ipc") == "host" else size_bytes(cfg.get("shm_size") or "64m")
         return {"root": str(self.roots / c.name), "argv": argv, "env": env, "uid": uid, "gid": gid, "home": home,
                 "workdir": cfg.get("working_dir") or img.workdir, "mounts": mounts, "dirs": dirs, "files": files,
-                "tmpfs": tmpfs, "shm_bytes": shm}
+                "tmpfs": tmpfs, "private": private, "shm_bytes": shm}
 
     def _start(self, c: Container) -> None:
         if not c.image.runs:

@@ -79,9 +79,16 @@ def _dockerfile(path: Path, image: str) -> ImageSpec:
 
 
 def interpreter_mounts() -> list[dict[str, object]]:
-    """The venv's base interpreter, bind-mounted onto itself: its folders are rebuilt world-traversable on the
-    service's root (an image's Python is usable by every user; here it may sit under root's 0700 home)."""
-    return [{"source": sys.base_prefix, "target": sys.base_prefix, "read_only": True}]
+    """What stands in for the image's Python, each bind-mounted read-only onto itself: the venv's base interpreter
+    (its folders are rebuilt world-traversable on the service's root: an image's Python is usable by every user,
+    here it may sit under root's 0700 home), the venv, and this checkout (the venv's editable install points there).
+    A checkout under /tmp (CI's fresh clone) would otherwise vanish behind the service's private /tmp."""
+    paths = sorted({sys.base_prefix, sys.prefix, str(ROOT)}, key=lambda p: len(Path(p).parts))
+    kept: list[str] = []
+    for path in paths:  # a folder inside one already mounted comes with it
+        if not any(Path(path).is_relative_to(k) for k in kept):
+            kept.append(path)
+    return [{"source": path, "target": path, "read_only": True} for path in kept]
 
 
 def _binary(image: str, binary: str, here: str, package: str, **kw: object) -> ImageSpec:

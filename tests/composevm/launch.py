@@ -2,11 +2,11 @@
 
 Runs as root inside `unshare --mount --pid --fork --mount-proc` (a private mount and PID namespace; the network
 namespace is the VM's). It builds a new root on a tmpfs: every top-level folder of this machine is bind-mounted
-except /tmp (a fresh tmpfs, as in a container), folders on the way to a volume target are rebuilt on the tmpfs
-child by child (so creating a mount point never touches the host), each volume source is bind-mounted at its
-target (read-only when the model says so), /dev/shm is a private tmpfs of `shm_size` unless `ipc: host`; then it
-chroots, changes to the working dir, drops to the service's uid/gid and execs the command. Nothing it mounts is
-visible outside its mount namespace.
+except /tmp (a fresh tmpfs, as in a container; for the kit's images root's home too), folders on the way to a
+volume target are rebuilt on the tmpfs child by child (so creating a mount point never touches the host), each
+volume source is bind-mounted at its target (read-only when the model says so), /dev/shm is a private tmpfs of
+`shm_size` unless `ipc: host`; then it chroots, changes to the working dir, drops to the service's uid/gid and
+execs the command. Nothing it mounts is visible outside its mount namespace.
 """
 
 from __future__ import annotations
@@ -67,12 +67,17 @@ def build_root(spec: dict) -> str:
     os.makedirs(root, exist_ok=True)
     _mount("none", "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", root, "tmpfs", 0, "mode=0755")
-    targets = [m["target"] for m in spec["mounts"]] + list(spec["files"]) + list(spec["dirs"]) + spec["tmpfs"]
+    private = spec.get("private", {})
+    targets = [m["target"] for m in spec["mounts"]] + list(spec["files"]) + list(spec["dirs"]) + spec["tmpfs"] + list(
+        private)
     expand = {a for t in targets for a in _ancestors(t) if os.path.isdir(a) and not os.path.islink(a)}
     _populate("/", root, expand, spec["files"])
     for t in spec["tmpfs"]:
         os.makedirs(root + t, exist_ok=True)
         _mount("tmpfs", root + t, "tmpfs", 0, "mode=1777")
+    for path, mode in private.items():  # an empty folder of the image's own (root's home)
+        os.makedirs(root + path, exist_ok=True)
+        _mount("tmpfs", root + path, "tmpfs", 0, f"mode={mode:o}")
     if spec.get("shm_bytes"):
         _mount("tmpfs", root + "/dev/shm", "tmpfs", 0, f"mode=1777,size={spec['shm_bytes']}")
     for path, content in spec["files"].items():

