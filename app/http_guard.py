@@ -150,7 +150,7 @@ class GuardedH11Protocol(H11Protocol):
 
     # ----------------------------------------------------------------- refusals
     def send_400_response(self, msg: str) -> None:  # uvicorn calls this for h11 protocol errors
-        err = self.conn.last_error
+        err = self.conn.last_error if isinstance(self.conn, _Connection) else None
         status = err.error_status_hint if err is not None and err.error_status_hint in _MESSAGES else 400
         self._answer(status)
 
