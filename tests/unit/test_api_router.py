@@ -322,9 +322,9 @@ async def test_unexpected_exception_mid_stream_is_a_500_event_without_details(ht
 # ----------------------------------------------------------------------------- client disconnects
 
 
-async def _asgi_post_then_disconnect(app: Any, path: str, body: dict[str, Any], leave: asyncio.Event,
-                                     on_first_event: Any = None) -> list[Any]:
-    """POST through the ASGI interface; the client disconnects once `leave` is set. Returns sent messages."""
+async def _asgi_run(app: Any, path: str, body: dict[str, Any], leave: asyncio.Event, on_send: Any) -> list[Any]:
+    """POST through the ASGI interface; the client disconnects once `leave` is set; `on_send(message)` sees
+    each message the app sends. Returns the sent messages."""
     sent: list[Any] = []
     payload = json.dumps(body).encode()
     delivered = False
@@ -339,10 +339,7 @@ async def _asgi_post_then_disconnect(app: Any, path: str, body: dict[str, Any], 
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
-        if message["type"] == "http.response.body" and message.get("body", b"").startswith(b"data: "):
-            if on_first_event is not None and not leave.is_set():
-                on_first_event()
-            leave.set()  # the first event arrived: go away mid-stream
+        on_send(message)
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
              "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
@@ -350,6 +347,19 @@ async def _asgi_post_then_disconnect(app: Any, path: str, body: dict[str, Any], 
              "client": ("127.0.0.1", 1), "server": ("unit", 80)}
     await asyncio.wait_for(app(scope, receive, send), 10)
     return sent
+
+
+async def _asgi_post_then_disconnect(app: Any, path: str, body: dict[str, Any], leave: asyncio.Event,
+                                     on_first_event: Any = None) -> list[Any]:
+    """POST through the ASGI interface; the client disconnects at the first SSE event (or once `leave` is set)."""
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body", b"").startswith(b"data: "):
+            if on_first_event is not None and not leave.is_set():
+                on_first_event()
+            leave.set()  # the first event arrived: go away mid-stream
+
+    return await _asgi_run(app, path, body, leave, on_send)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
@@ -424,30 +434,12 @@ def test_sse_events_survive_splitlines_readers() -> None:
 
 async def _asgi_post(app: Any, body: dict[str, Any], on_body: Any) -> list[bytes]:
     """POST /v1/completions through the ASGI interface (the client stays); `on_body(chunk)` sees each body part."""
-    leave = asyncio.Event()  # never set: the client stays connected
-    sent: list[Any] = []
 
-    payload = json.dumps(body).encode()
-    delivered = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": payload, "more_body": False}
-        await leave.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+    def on_send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
             on_body(message["body"])
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": COMP,
-             "raw_path": COMP.encode(), "query_string": b"", "root_path": "", "scheme": "http",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("unit", 80)}
-    await asyncio.wait_for(app(scope, receive, send), 10)
+    sent = await _asgi_run(app, COMP, body, asyncio.Event(), on_send)  # never set: the client stays connected
     return [m.get("body", b"") for m in sent if m["type"] == "http.response.body"]
 
 
