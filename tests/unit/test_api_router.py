@@ -482,3 +482,55 @@ async def test_server_cut_is_an_error_event_or_a_503_never_a_499(engine: FakeEng
     assert engine.finished == ["closed"]
     assert sample(sink, "llm_requests_total", status="503") == 1
     assert sample(sink, "llm_requests_total", status="499") == 0
+
+
+# ----------------------------------------------------------------------------- auth order, readiness detail, OpenAPI
+
+
+async def test_key_is_checked_before_the_body_is_parsed(engine: FakeEngine, sink: PrometheusSink) -> None:
+    async with client(make_app(engine, metrics=sink, api_keys=["k1"])) as http:
+        r = await http.post(COMP, content=b'{"model": "fake", "prompt": ', headers={"content-type": "application/json"})
+        assert openai_error(r, 401)["code"] == "invalid_api_key"  # not a 400 that reveals parsing
+        r = await http.post(COMP, content=b'{"model": "fake", "prompt": ',
+                            headers={"content-type": "application/json", "Authorization": "Bearer k1"})
+        assert openai_error(r, 400)["type"] == "invalid_request_error"
+
+
+async def test_readyz_details_only_for_key_holders(engine: FakeEngine, sink: PrometheusSink) -> None:
+    async with client(make_app(engine, metrics=sink, api_keys=["k1"])) as http:
+        anonymous = (await http.get("/readyz")).json()["models"]
+        assert anonymous == {"fake": {"ready": True}}  # no model paths, devices or engine reasons
+        detail = (await http.get("/readyz", headers={"Authorization": "Bearer k1"})).json()["models"]["fake"]
+        assert detail["ready"] is True and detail["model_source"] == "memory" and "max_parallel" in detail
+        assert (await http.get("/health")).json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("keys", [[], ["k1"]], ids=["open", "with-keys"])
+async def test_openapi_documents_the_real_errors_and_no_422(engine: FakeEngine, sink: PrometheusSink,
+                                                            keys: list[str]) -> None:
+    async with client(make_app(engine, metrics=sink, api_keys=keys)) as http:
+        doc = (await http.get("/openapi.json")).json()
+    assert '"422"' not in json.dumps(doc) and "HTTPValidationError" not in json.dumps(doc)
+    for path in (CHAT, COMP):
+        responses = doc["paths"][path]["post"]["responses"]
+        for status in ("400", "404", "413", "429", "503"):
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (path, status)
+        assert ("401" in responses) == bool(keys)
+        assert ("security" in doc["paths"][path]["post"]) == bool(keys)
+    body = doc["components"]["schemas"]["CompletionRequest"]["properties"]["model"]
+    assert body["enum"] == ["fake"]
+
+
+async def test_backup_server_answers_a_model_it_does_not_serve_with_a_retryable_503(sink: PrometheusSink) -> None:
+    from app.api.app import create_app
+    from app.api.backend import LocalBackend
+
+    eng = FakeEngine("fake", metrics=sink)
+    await eng.start()
+    app = create_app(LocalBackend({"fake": eng}, location="unit", backup=True), metrics=sink, manage_backend=False)
+    async with client(app) as http:
+        r = await http.post(COMP, json={"model": "other", "prompt": "x"})
+    err = openai_error(r, 503)
+    assert err["code"] == "model_not_served_here" and "'other'" in err["message"] and err["param"] == "model"
+    assert int(r.headers["retry-after"]) >= 1
