@@ -38,7 +38,8 @@ def _schemathesis(schema_url: str, base_url: str, report: Path) -> subprocess.Co
            # one worker: CPython < 3.11.8 raises a spurious SystemError from ast.parse in threads (gh-106905),
            # which hypothesis calls while describing strategies
            "-w", "1", "--request-timeout", "60", "--report", "junit", "--report-dir", str(report)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # cwd: schemathesis keeps a crash cache (.schemathesis/) in its working folder, not in the checkout
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=report)
 
 
 def _assert_clean(res: subprocess.CompletedProcess[str], srv: ServerProcess) -> None:
