@@ -62,6 +62,9 @@ def serve(
     config: Annotated[
         list[Path] | None, typer.Option("--config", help="Model config YAML (LLMConfig layout); repeatable.")
     ] = None,
+    backup: Annotated[bool | None, typer.Option(
+        "--backup/--no-backup", help="nginx's backup for a cluster: an unknown model is a retryable 503 naming it, "
+                                     "not a 404 [LLM_BACKUP].")] = None,
 ) -> None:
     """Run the OpenAI-compatible API on uvicorn without Ray (also the nginx fallback)."""
     from pydantic import ValidationError
@@ -73,6 +76,7 @@ def serve(
         "model": model, "served_model_name": served_model_name, "engine": engine, "host": host, "port": port,
         "device": device, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
         "max_waiting": max_waiting, "default_max_tokens": default_max_tokens, "retry_after_s": retry_after_s,
+        "backup": backup,
     }.items() if v is not None}
     try:
         settings = Settings(**overrides)

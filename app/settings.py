@@ -45,7 +45,22 @@ class Settings(ServingKnobs, BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    graceful_timeout_s: float = Field(default=30.0, ge=0)
+    graceful_timeout_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, in-flight requests get this long; streams still running then "
+        "end with an SSE error event `server_shutting_down` and `[DONE]`.")
+    # transport limits (app.http_guard): slow or abusive clients cannot hold the server
+    header_timeout_s: float = Field(default=10.0, gt=0, description="Request line + headers must arrive within it.")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="The body must arrive within it after the headers.")
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="Request line + headers; above: 431.")
+    keepalive_timeout_s: float = Field(
+        default=75.0, gt=0, description="Idle keep-alive connections close after it (keep it above nginx's upstream "
+        "keepalive_timeout, 60 s, so nginx never reuses a connection the server is closing).")
+    max_connections: int = Field(default=1024, ge=1, description="Open connections; beyond: 503 + Retry-After.")
+    sse_keepalive_s: float = Field(
+        default=15.0, ge=0, description="A `: keep-alive` SSE comment when a stream is silent this long (0: never).")
+    backup: bool = Field(
+        default=False, description="This server is nginx's backup for a cluster: a model it does not serve is a "
+        "retryable 503 naming the model (the cluster may serve it), not a 404.")
     log_level: str = "info"
     access_log: bool = Field(default=True, description="One log line per generation request (logger app.access).")
 

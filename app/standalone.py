@@ -2,14 +2,17 @@
 
 This is also the process nginx fails over to, so it shuts down gracefully: on
 SIGTERM/SIGINT `/readyz` turns 503 at once, the listener closes, in-flight
-requests get up to `graceful_timeout_s` to finish, then the engines stop.
+requests get up to `graceful_timeout_s` to finish; then the ones still running are cut as the server's
+doing (streams end with an SSE error `server_shutting_down` and `[DONE]`, others get a 503), and after
+`CUT_WRITE_S` more uvicorn cancels what is left and the engines stop. The transport limits of
+`app.http_guard` (read timeouts, header size, keep-alive, connection cap) come from the settings.
 One `PrometheusSink` records for the engines and the API alike (served on `/metrics`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
 import signal
 from typing import Any
 
@@ -20,34 +23,48 @@ from app.api.app import create_app
 from app.api.backend import LocalBackend
 from app.engines.base import EngineSpec, ServingKnobs
 from app.engines.select import SelectedEngine
+from app.http_guard import TransportLimits, server_config
 from app.metrics import MetricsSink, PrometheusSink
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SETTINGS_SOURCE = "LLM_* settings / serve options"
+CUT_WRITE_S = 1.0  # after the grace: time the cut requests get to write their last event
+
+
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn server that flags the app as draining as soon as a stop signal arrives."""
+    """uvicorn server that flags the app as draining as soon as a stop signal arrives, and cuts the requests
+    still running when the grace ends (`app.state.stream_cut`) a moment before uvicorn cancels them."""
 
-    def __init__(self, config: uvicorn.Config, app_state: Any):
+    def __init__(self, config: uvicorn.Config, app_state: Any, grace_s: float):
         super().__init__(config)
         self._app_state = app_state
+        self._grace_s = grace_s
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        cut = asyncio.get_running_loop().call_later(self._grace_s, self._app_state.stream_cut.set)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            cut.cancel()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self._app_state.draining = True
-        log.info("signal %s: draining (in-flight requests get %ss)", sig, self.config.timeout_graceful_shutdown)
+        log.info("signal %s: draining (in-flight requests get %ss)", sig, self._grace_s)
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM:  # a drained SIGTERM is a normal stop (exit 0), see compat
             compat.uvicorn_forget_signal(self, signal.SIGTERM)
 
 
-def build_backend(specs: list[EngineSpec], metrics: MetricsSink) -> LocalBackend:
+def build_backend(specs: list[EngineSpec], metrics: MetricsSink, backup: bool = False) -> LocalBackend:
     ids = [s.model_id for s in specs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate model ids: {ids}")
-    return LocalBackend({s.model_id: SelectedEngine(s, metrics) for s in specs}, location="standalone")
+    return LocalBackend({s.model_id: SelectedEngine(s, metrics) for s in specs}, location="standalone",
+                        backup=backup)
 
 
 def spec_from_settings(settings: Settings) -> EngineSpec:
@@ -69,21 +86,20 @@ def spec_from_settings(settings: Settings) -> EngineSpec:
     )
 
 
+def transport_limits(settings: Settings) -> TransportLimits:
+    return TransportLimits(header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
+                           max_header_bytes=settings.max_header_bytes,
+                           keepalive_timeout_s=settings.keepalive_timeout_s, max_connections=settings.max_connections)
+
+
 def run(settings: Settings, specs: list[EngineSpec] | None = None) -> None:
     specs = specs or [spec_from_settings(settings)]
     sink = PrometheusSink()
-    backend = build_backend(specs, sink)
-    app = create_app(backend, metrics=sink, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        # 0 means no grace period (int(0.5) or None would have meant waiting forever)
-        timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s),
-        timeout_keep_alive=30,
-        access_log=False,
-    )
-    server = _DrainingServer(config, app.state)
+    backend = build_backend(specs, sink, backup=settings.backup)
+    app = create_app(backend, metrics=sink, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes,
+                     sse_keepalive_s=settings.sse_keepalive_s)
+    config = server_config(app, host=settings.host, port=settings.port, limits=transport_limits(settings),
+                           log_level=settings.log_level, graceful_timeout_s=settings.graceful_timeout_s + CUT_WRITE_S)
+    server = _DrainingServer(config, app.state, settings.graceful_timeout_s)
     log.info("serving %s on http://%s:%s", ", ".join(s.model_id for s in specs), settings.host, settings.port)
     server.run()

@@ -50,6 +50,13 @@ CASES = [
     Case("deeply-nested-json", COMP, b"[" * 100_000 + b"]" * 100_000, 400),
     Case("invalid-utf8", COMP, b'{"model": "tiny", "prompt": "\xff\xfe"}', 400),
     Case("empty-body", COMP, b"", 400),
+    # a lone surrogate is valid JSON but no Unicode text: it used to crash tokenization (500)
+    Case("lone-surrogate-chat", CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\udc00 x"}]}',
+         400, param="messages.0.content", says="surrogate", code="invalid_unicode"),
+    Case("lone-surrogate-prompt", COMP, b'{"model": "tiny", "prompt": "hi \\ud800"}', 400, param="prompt",
+         says="surrogate"),
+    Case("lone-surrogate-stream", COMP, b'{"model": "tiny", "prompt": ["ok", "\\udfff"], "stream": true}', 400,
+         says="surrogate"),
     Case("empty-prompt", COMP, comp(prompt=""), 400, param="prompt", says="empty"),
     Case("unknown-model", CHAT, {"model": "gpt-9", "messages": MSG}, 404, param="model", says="tiny",
          code="model_not_found"),

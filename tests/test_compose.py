@@ -90,7 +90,7 @@ def test_config_valid_for_every_profile_combination(tmp_path: Path, profiles: tu
 def test_services_and_profiles(model: dict[str, Any]) -> None:
     svc = model["services"]
     expected = {
-        "ray-head": "head", "fallback": "head", "nginx-config": "head", "nginx": "head", "ray-worker": "worker",
+        "ray-head": "head", "fallback": "head", "nginx": "head", "ray-worker": "worker",
         "ray-worker-cpu": "worker-cpu", "dcgm-exporter": "worker",
         "prometheus": "monitoring", "grafana": "monitoring", "nginx-exporter": "monitoring",
         "prometheus-config": "monitoring", "deepspeed": "deepspeed", "deepspeed-node": "deepspeed",
@@ -151,7 +151,7 @@ def test_loopback_binds(model: dict[str, Any]) -> None:
     assert "--web.listen-address=127.0.0.1:9113" in svc["nginx-exporter"]["command"]
     assert "127.0.0.1" == svc["fallback"]["command"][svc["fallback"]["command"].index("--host") + 1]
     # nginx (the API port) is loopback unless the operator opts in; the Ray dashboard is loopback in the head CLI.
-    assert svc["nginx-config"]["environment"]["NGINX_BIND"] == "127.0.0.1"
+    assert svc["nginx"]["environment"]["NGINX_BIND"] == "127.0.0.1"
     assert svc["deepspeed"]["environment"]["DS_HOST"] == "127.0.0.1"
 
 
@@ -159,7 +159,7 @@ def test_nginx_bind_opt_in(tmp_path: Path) -> None:
     res = _compose(tmp_path, "config", "--format", "json", env_text=_env_text(NGINX_BIND="0.0.0.0"),
                    profiles=("head",))
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["services"]["nginx-config"]["environment"]["NGINX_BIND"] == "0.0.0.0"
+    assert json.loads(res.stdout)["services"]["nginx"]["environment"]["NGINX_BIND"] == "0.0.0.0"
 
 
 def test_healthchecks_and_restart(model: dict[str, Any]) -> None:
@@ -186,10 +186,12 @@ def test_nginx_healthcheck_probes_the_address_nginx_binds(tmp_path: Path) -> Non
                    profiles=("head",))
     nginx = json.loads(res.stdout)["services"]["nginx"]
     assert nginx["environment"]["NGINX_BIND"] == "10.0.0.10"
-    script = nginx["healthcheck"]["test"][1].replace("$$", "$")
-    out = subprocess.run(["sh", "-c", script.replace("curl ", "echo ")], capture_output=True, text=True, timeout=10,
-                         env={"PATH": "/usr/bin:/bin", **nginx["environment"]}).stdout
-    assert "http://10.0.0.10:8080/nginx-health" in out, out
+    # run the healthcheck's own code with urlopen replaced by a recorder: it names the address nginx binds
+    code = nginx["healthcheck"]["test"][3]
+    spy = "import urllib.request; urllib.request.urlopen = lambda url, timeout: print(url)\n"
+    out = subprocess.run([sys.executable, "-c", spy + code], capture_output=True, text=True, timeout=30,
+                         env={"PATH": "/usr/bin:/bin", **nginx["environment"]})
+    assert "http://10.0.0.10:8080/nginx-health" in out.stdout, out.stderr
 
 
 def test_commands_are_app_entrypoints(model: dict[str, Any]) -> None:
@@ -202,11 +204,11 @@ def test_commands_are_app_entrypoints(model: dict[str, Any]) -> None:
     assert svc["ray-head"]["command"][3:] == ["cluster", "head", "--dashboard", "--block"]
     assert svc["ray-worker"]["command"][3:] == ["cluster", "worker", "--address", "10.0.0.10:6379", "--block"]
     assert svc["fallback"]["command"][3] == "serve"
-    assert svc["nginx-config"]["command"][3:] == ["ops", "render-nginx", "--out", "/rendered/nginx"]
+    assert svc["nginx"]["command"][3:] == ["ops", "front-door", "--out", "/tmp/nginx"]
     assert svc["prometheus-config"]["command"][3:] == ["ops", "render-prometheus", "--out", "/rendered/prometheus"]
     assert svc["deepspeed"]["command"][3:] == ["deepspeed", "launch"]
     assert svc["deepspeed-node"]["command"][3:] == ["deepspeed", "sshd"]
-    assert svc["nginx"]["command"][-1] == "daemon off;"
+    assert svc["fallback"]["command"][-1] == "--backup"  # nginx's backup: another model is a retryable 503
 
 
 def test_ray_auth_and_volumes(model: dict[str, Any]) -> None:
@@ -282,7 +284,7 @@ def test_nginx_primary_is_where_ray_serve_binds(model: dict[str, Any], tmp_path:
     from app.ops.nginx import NginxSettings, render_nginx
 
     svc = model["services"]
-    head_env, nginx_env = svc["ray-head"]["environment"], svc["nginx-config"]["environment"]
+    head_env, nginx_env = svc["ray-head"]["environment"], svc["nginx"]["environment"]
     assert head_env["SERVE_HOST"] == nginx_env["SERVE_HOST"] == DEFAULT_SERVE_HOST
     assert head_env["SERVE_PORT"] == nginx_env["SERVE_PORT"]
     deploy_help = subprocess.run([sys.executable, "-m", "app", "cluster", "deploy", "--help"], capture_output=True,

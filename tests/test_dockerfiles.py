@@ -110,7 +110,7 @@ def _image_commands() -> set[tuple[str, ...]]:
 
 def test_named_entrypoints_exist() -> None:
     cmds = _image_commands()
-    assert {("cluster", "head"), ("cluster", "worker"), ("serve",), ("ops", "render-nginx"),
+    assert {("cluster", "head"), ("cluster", "worker"), ("serve",), ("ops", "front-door"),
             ("ops", "render-prometheus"), ("deepspeed", "launch"), ("deepspeed", "sshd")} <= cmds
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     for cmd in sorted(cmds):

@@ -7,6 +7,7 @@ and stops the backend.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -16,9 +17,11 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.access import clean_request_id, request_id_of
+from app.api.auth import APIKeyMiddleware
 from app.api.backend import ModelBackend
-from app.api.errors import count_rejection, error_payload, install_error_handlers
+from app.api.errors import count_rejection, install_error_handlers, send_error
 from app.api.routes import router
+from app.api.schema import document
 from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
@@ -70,15 +73,8 @@ class BodyLimitMiddleware:
             await self._reject(scope, send)
 
     async def _reject(self, scope: Scope, send: Send) -> None:
-        import json
-
         count_rejection(self.metrics, scope.get("path", ""), 413, "invalid_request_error", request_id_of(scope))
-        body = json.dumps(
-            error_payload(f"request body exceeds {self.max_bytes} bytes", 413, code="request_too_large")
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
 
 
 class _BodyTooLarge(Exception):
@@ -135,10 +131,13 @@ def create_app(
     manage_backend: bool = True,
     title: str = "LLM serving kit",
     echo_request_id: bool = True,
+    sse_keepalive_s: float = 15.0,
 ) -> FastAPI:
     """The API application. `metrics` is the sink the server's engines record into too (default: a new
     PrometheusSink, served on /metrics); `manage_backend=False` when the caller starts/stops the backend
-    itself; `echo_request_id=False` when a proxy in front (Ray Serve's) already echoes X-Request-Id."""
+    itself; `echo_request_id=False` when a proxy in front (Ray Serve's) already echoes X-Request-Id;
+    `sse_keepalive_s`: a `: keep-alive` comment on a stream silent that long (0: never). Setting
+    `app.state.stream_cut` (the server's shutdown grace ended) ends the requests still running."""
     sink = metrics or PrometheusSink()
 
     @asynccontextmanager
@@ -157,9 +156,13 @@ def create_app(
     app.state.metrics = sink
     app.state.api_keys = list(api_keys or [])
     app.state.draining = False
+    app.state.stream_cut = asyncio.Event()
+    app.state.sse_keepalive_s = sse_keepalive_s
     install_error_handlers(app)
     app.include_router(router)
+    document(app, model_ids=backend.model_ids, auth=bool(app.state.api_keys))
     app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, metrics=sink)
+    app.add_middleware(APIKeyMiddleware, keys=app.state.api_keys, metrics=sink)  # before any body is read
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
     return app

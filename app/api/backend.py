@@ -20,10 +20,12 @@ from typing import Any
 
 from app.engines.base import (
     Engine,
+    EngineError,
     EngineInfo,
     GenerationChunk,
     GenerationRequest,
     ModelNotFoundError,
+    ModelNotServedHereError,
 )
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,14 @@ class ModelBackend(abc.ABC):
     async def shutdown(self) -> None:
         return None
 
-    def not_found(self, model_id: str) -> ModelNotFoundError:
+    backup = False  # a backup server: an unknown model is the cluster's, retryable (ModelNotServedHereError)
+
+    def not_found(self, model_id: str) -> EngineError:
         available = ", ".join(self.model_ids()) or "none"
+        if self.backup:
+            return ModelNotServedHereError(
+                f"model {model_id!r} is not served by this backup server (it serves: {available}); the cluster "
+                "that serves it is unavailable: retry shortly", retry_after=5)
         return ModelNotFoundError(f"model {model_id!r} does not exist; available models: {available}")
 
 
@@ -62,8 +70,9 @@ class LocalBackend(ModelBackend):
     `location` names this server in `served_by` (`<engine>@<location>`, e.g. `transformers@standalone`).
     """
 
-    def __init__(self, engines: dict[str, Engine], location: str = "standalone"):
+    def __init__(self, engines: dict[str, Engine], location: str = "standalone", backup: bool = False):
         self.engines = engines
+        self.backup = backup
         self.location = location
         self._start_errors: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []

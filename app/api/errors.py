@@ -6,6 +6,7 @@ bad input is a 4xx, never a 500, and no response ever carries a stack trace.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -14,10 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from app import metrics
 from app.api.access import log_request, request_id_of
-from app.api.protocol import ErrorBody, ErrorResponse
+from app.api.protocol import INVALID_UNICODE, ErrorBody, ErrorResponse
 from app.engines.base import EngineError
 from app.metrics import MetricsSink
 
@@ -38,9 +40,15 @@ _TYPE_BY_STATUS = {
 }
 
 
+def _printable(text: str | None) -> str | None:
+    """`text` made encodable as UTF-8 (a lone surrogate echoed from a request becomes `\\udc00`)."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_payload(
     message: str, status: int, *, err_type: str | None = None, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
+    message, param = _printable(message) or "", _printable(param)
     body = ErrorBody(
         message=message, type=err_type or _TYPE_BY_STATUS.get(status, "server_error"), param=param, code=code
     )
@@ -63,6 +71,20 @@ def error_response(
     )
 
 
+def error_bytes(message: str, status: int, *, code: str | None = None) -> bytes:
+    """The JSON body of an error, for the layers below FastAPI (ASGI middleware, the HTTP transport guard)."""
+    return json.dumps(error_payload(message, status, code=code), separators=(",", ":")).encode()
+
+
+async def send_error(send: Send, status: int, message: str, *, code: str | None = None,
+                     headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Answer an ASGI request with an OpenAI-shaped error (for middleware that runs before the router)."""
+    body = error_bytes(message, status, code=code)
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def engine_error_response(exc: EngineError) -> JSONResponse:
     headers = None
     if exc.retry_after is not None:
@@ -72,11 +94,14 @@ def engine_error_response(exc: EngineError) -> JSONResponse:
     )
 
 
+_UNICODE_ERRORS = {INVALID_UNICODE, "string_unicode"}
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "literal"}
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+    # invalid Unicode first: inside a union (`str | list[...]`) pydantic also reports the other members' type
+    # mismatches, which would name the wrong problem
+    errors = sorted(exc.errors(), key=lambda e: e.get("type") not in _UNICODE_ERRORS)
     if not errors:
         return "invalid request", None
     first = errors[0]
@@ -93,6 +118,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "missing":
         msg = "field required"
     text = f"{param}: {msg}" if param else msg
+    if first.get("type") == "string_unicode":  # pydantic's own check (constrained strings)
+        msg = "invalid Unicode: lone surrogate (send UTF-8 text)"
+    if first.get("type") in _UNICODE_ERRORS:
+        return (f"{param}: {msg}" if param else msg), param
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return text, param
@@ -126,7 +155,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         _reject(request, 400, _TYPE_BY_STATUS[400])
-        return error_response(message, 400, param=param, code="invalid_value")
+        code = INVALID_UNICODE if any(e.get("type") in _UNICODE_ERRORS for e in exc.errors()) else "invalid_value"
+        return error_response(message, 400, param=param, code=code)
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError) -> JSONResponse:

@@ -3,7 +3,11 @@
 This is the only place that knows the wire format of completions. It fans out
 `n` choices (and multi-prompt completions) as parallel engine requests, primes
 streams so that admission errors (429, 400, 503) become real HTTP statuses,
-records metrics, and cancels generation when the client goes away. The engines' `served_by` (first
+records metrics, and cancels generation when the client goes away. A stream silent for
+`sse_keepalive_s` gets a `: keep-alive` comment (proxies' read timeouts see bytes while a token is slow).
+When the server's shutdown grace ends (`app.state.stream_cut`), requests still running end as
+server-side cuts: a stream with an SSE error event `server_shutting_down` and `[DONE]`, a request not yet
+answered with a 503 and Retry-After (counted as 503, never as a 499 client disconnect). The engines' `served_by` (first
 chunk of each stream) goes back to the client as the `X-Served-By` response header, JSON and SSE alike
 (several distinct values, from a fan-out over replicas, are joined with ", ").
 """
@@ -18,6 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -39,7 +44,13 @@ from app.api.protocol import (
     Usage,
     new_id,
 )
-from app.engines.base import EngineError, GenerationChunk, GenerationRequest, InvalidRequestError
+from app.engines.base import (
+    EngineError,
+    EngineNotReadyError,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+)
 from app.jsonline import dumps_line
 from app.metrics import MetricsSink
 
@@ -100,11 +111,20 @@ class _Observation:
             self.sink.inc(metrics.REQUEST_ERRORS, {**labels, "error_type": error_type})
 
 
+# a nucleus this small holds only the most likely token: that is greedy decoding, said exactly (engines
+# compare top_p in float32, where 5e-324 is 0 and the nucleus would be empty)
+_NUCLEUS_EPS = 1e-6
+
+
 def _sampling(req: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+    top_p = 1.0 if req.top_p is None else req.top_p
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if top_p < _NUCLEUS_EPS:
+        top_p, temperature = 1.0, 0.0
     return GenerationRequest(
         max_tokens=req.token_limit,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        temperature=temperature,
+        top_p=top_p,
         stop=req.stop_list,
         seed=req.seed,
         presence_penalty=req.presence_penalty,
@@ -193,9 +213,26 @@ async def _primed_fan_in(
     return rest()
 
 
+class ServerShuttingDown(EngineNotReadyError):
+    """The shutdown grace ended while this request ran: a server-side cut, retryable elsewhere."""
+
+    code = "server_shutting_down"
+    error_type = "server_shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry the request", retry_after=1)
+
+
+def _cut_event(request: Request) -> asyncio.Event:
+    event: asyncio.Event = request.app.state.stream_cut
+    return event
+
+
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
-    """Run `work`, cancelling it if the client disconnects first (returns None then)."""
+    """Run `work`, cancelling it if the client disconnects first (returns None then) or the shutdown grace
+    ends first (raises ServerShuttingDown)."""
     task = asyncio.ensure_future(work)
+    cut = asyncio.ensure_future(_cut_event(request).wait())
 
     async def listen() -> None:
         while True:
@@ -205,17 +242,52 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
 
     listener = asyncio.create_task(listen())
     try:
-        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, listener, cut}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             return task.result()
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
+        if cut in done:
+            raise ServerShuttingDown()
         return None
     finally:
         listener.cancel()
+        cut.cancel()
         if not task.done():
             task.cancel()
+
+
+async def _paced(
+    merged: AsyncGenerator[tuple[int, GenerationChunk], None], cut: asyncio.Event, keepalive_s: float
+) -> AsyncGenerator[tuple[int, GenerationChunk] | None, None]:
+    """`merged`'s chunks, None after each `keepalive_s` of silence; ServerShuttingDown once `cut` is set."""
+
+    async def following() -> tuple[int, GenerationChunk]:
+        return await merged.__anext__()
+
+    nxt = asyncio.ensure_future(following())
+    stop = asyncio.ensure_future(cut.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt, stop}, timeout=keepalive_s or None,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if nxt in done:
+                try:
+                    item = nxt.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+                nxt = asyncio.ensure_future(following())
+            elif stop in done:
+                raise ServerShuttingDown()
+            else:
+                yield None
+    finally:
+        stop.cancel()
+        nxt.cancel()
+        with contextlib.suppress(BaseException):
+            await nxt
 
 
 def _sse(obj: dict[str, Any]) -> str:
@@ -259,8 +331,9 @@ class OpenAIServing:
                 if merged is None:
                     obs.finish(499, "client_disconnected")
                     return Response(status_code=499)
+                paced = _paced(merged, _cut_event(request), request.app.state.sse_keepalive_s)
                 return StreamingResponse(
-                    self._stream_body(merged, obs, make_chunk, usage_chunk if req.include_usage else None, n),
+                    self._stream_body(merged, paced, obs, make_chunk, usage_chunk if req.include_usage else None, n),
                     media_type="text/event-stream", headers={**SSE_HEADERS, **obs.headers}
                 )
             result = await _until_disconnect(request, self._collect(model, items, obs, n))
@@ -307,6 +380,7 @@ class OpenAIServing:
     async def _stream_body(
         self,
         merged: AsyncGenerator[tuple[int, GenerationChunk], None],
+        paced: AsyncGenerator[tuple[int, GenerationChunk] | None, None],
         obs: _Observation,
         make_chunk: Callable[[int, str | None, str | None, bool], dict[str, Any]],
         usage_chunk: Callable[[Usage], dict[str, Any]] | None,
@@ -317,7 +391,11 @@ class OpenAIServing:
         started: set[int] = set()
         status, err_type = 200, None
         try:
-            async for idx, chunk in merged:
+            async for item in paced:
+                if item is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                idx, chunk = item
                 obs.token()
                 prompt[idx], completion[idx] = chunk.prompt_tokens, chunk.completion_tokens
                 first = idx not in started
@@ -344,7 +422,11 @@ class OpenAIServing:
             yield _sse(error_payload("internal server error", 500, code="internal_error"))
             yield "data: [DONE]\n\n"
         finally:
-            await merged.aclose()
+            # starlette cancels this body's task scope when the client goes: the closing awaits run shielded,
+            # or the scope's repeated cancellation would skip them (and the request's metrics below)
+            with anyio.CancelScope(shield=True):
+                await paced.aclose()
+                await merged.aclose()
             if not obs.output_tokens:
                 partial = _usage(prompt, completion, n)
                 obs.prompt_tokens, obs.output_tokens = partial.prompt_tokens, partial.completion_tokens

@@ -4,6 +4,8 @@ Only data shapes live here; the logic that fills them is in `app.api.openai`.
 Unknown request fields are ignored (as OpenAI-compatible servers do), but fields
 whose semantics we do not implement are rejected with a 400 naming the field.
 Types are strict (no "5" for an integer, no 1 for a boolean), as OpenAI's API is.
+Every string field is `Text`: a lone surrogate (`"\\udc00"` is valid JSON but not Unicode) is a 400
+naming the field (error type `invalid_unicode`), never a crash in a tokenizer.
 """
 
 from __future__ import annotations
@@ -12,9 +14,36 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 8
+INVALID_UNICODE = "invalid_unicode"
+
+
+def _valid_unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            INVALID_UNICODE, "invalid Unicode: lone surrogate U+{code} at character {pos} (send UTF-8 text)",
+            {"code": f"{ord(value[exc.start]):04X}", "pos": exc.start},
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON (and JSON Schema, hence the OpenAPI document) count 2.0 as an integer; strict pydantic would not.
+# "2", true and 2.5 stay refused. Constraints go before it (`Annotated[int, Field(ge=1), INTEGRAL]`) so
+# that they reach the JSON schema as `minimum`/`maximum`.
+INTEGRAL = BeforeValidator(_integral)
+Int = Annotated[int, INTEGRAL]
 
 
 class _Request(BaseModel):
@@ -28,13 +57,13 @@ class StreamOptions(_Request):
 
 class TextContentPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -56,26 +85,37 @@ def _normalise_stop(value: str | list[str] | None) -> list[str]:
 
 
 class _SamplingFields(_Request):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions.
 
-    model: str = Field(min_length=1)
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    `json_schema_extra` makes the OpenAPI document as strict as the validators below (fields accepted only
+    at their neutral values, stream_options only with stream), so schema-valid requests are accepted.
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"anyOf": [
+        {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+        {"properties": {"stream_options": {"type": "null"}}},
+    ]})
+
+    model: Text = Field(min_length=1)
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    n: Annotated[int, Field(ge=1, le=16), INTEGRAL] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
+    stop: Text | list[Text] | None = Field(None, json_schema_extra={
+        "minLength": 1, "maxItems": MAX_STOP_SEQUENCES, "items": {"type": "string", "minLength": 1}})
+    # |seed| < 2**53: every such integer is exact as a JSON (double) number, so clients and schema checkers agree
+    seed: Annotated[int, Field(ge=-(2**53 - 1), le=2**53 - 1), INTEGRAL] | None = None
+    user: Text | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     # vLLM-compatible extensions
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
     ignore_eos: bool = False
     # accepted only at their neutral values
-    logprobs: Any = None
-    logit_bias: dict[str, float] | None = None
+    logprobs: Any = Field(None, json_schema_extra={"enum": [None, False, 0]})
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
 
     @field_validator("stop")
     @classmethod
@@ -104,10 +144,10 @@ class _SamplingFields(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
+    top_logprobs: Int | None = None
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    response_format: dict[str, Any] | None = Field(None, json_schema_extra={"properties": {"type": {"enum": ["text"]}}})
 
     @model_validator(mode="after")
     def _check_chat(self) -> ChatCompletionRequest:
@@ -123,16 +163,19 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] = Field(...)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    prompt: Text | list[Text] = Field(..., json_schema_extra={
+        "minLength": 1, "minItems": 1, "maxItems": 16, "items": {"type": "string", "minLength": 1}})
+    echo: bool = Field(False, json_schema_extra={"enum": [False]})
+    suffix: Text | None = Field(None, json_schema_extra={"maxLength": 0})
+    best_of: Int | None = Field(None, json_schema_extra={"enum": [None, 1]})
 
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be an empty list")
+        if v == "" or (isinstance(v, list) and "" in v):
+            raise ValueError("prompt must not be empty")
         if isinstance(v, list) and len(v) > 16:
             raise ValueError("at most 16 prompts per request")
         return v

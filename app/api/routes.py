@@ -2,7 +2,13 @@
 
 Standalone uvicorn server, Ray Serve ingress and DeepSpeed rank 0 all serve
 exactly these routes; they differ only in the `ModelBackend` on `app.state`.
-Route functions stay thin: logic lives in `app.api.openai`.
+Route functions stay thin: logic lives in `app.api.openai`. API keys are checked by
+`APIKeyMiddleware` before the body is read; the error responses each route documents
+in OpenAPI are added by `app.api.schema`.
+
+Health: `/healthz` is liveness (the process answers), `/health` is the front door's readiness probe
+(200 while the server takes requests, 503 once it drains; it touches no engine, so it answers at once
+even while models load), `/readyz` is per-model readiness (details only with a valid key when keys are set).
 """
 
 from __future__ import annotations
@@ -10,16 +16,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.auth import require_api_key
+from app.api.auth import is_authenticated
 from app.api.backend import ModelBackend
 from app.api.openai import OpenAIServing
-from app.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from app.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from app.api.schema import errors
 
 router = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+v1 = APIRouter(prefix="/v1")
 
 
 def _backend(request: Request) -> ModelBackend:
@@ -32,11 +46,20 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+@router.get("/health", include_in_schema=False)
+async def health(request: Request) -> JSONResponse:
+    if getattr(request.app.state, "draining", False):
+        return JSONResponse({"status": "draining"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
     if getattr(request.app.state, "draining", False):
         return JSONResponse({"status": "draining", "models": {}}, status_code=503)
     ready, detail = await _backend(request).readiness()
+    if not is_authenticated(request.scope):  # model paths, devices, engine reasons are for key holders
+        detail = {mid: {"ready": bool(entry.get("ready"))} for mid, entry in detail.items()}
     return JSONResponse({"status": "ready" if ready else "not_ready", "models": detail},
                         status_code=200 if ready else 503)
 
@@ -66,19 +89,28 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[await _card(backend, mid, detail) for mid in backend.model_ids()])
 
 
-@v1.get("/models/{model_id:path}")
+@v1.get("/models/{model_id:path}", responses=errors(404))
 async def get_model(model_id: str, request: Request) -> ModelCard:
     backend = _backend(request)
     _, detail = await backend.readiness()
     return await _card(backend, model_id, detail)
 
 
-@v1.post("/chat/completions")
+_GENERATION_ERRORS = errors(400, 404, 408, 413, 429, 503)
+# with "stream": true; one schema per event (OpenAPI 3.2's reading of text/event-stream)
+_SSE = {"text/event-stream": {"schema": {"type": "object", "properties": {"data": {
+    "type": "string", "description": "a chunk (the JSON response's shape with `delta`s), an error object, or "
+    "`[DONE]` last; `: keep-alive` comment lines come while the next token is slow"}}}}}
+
+
+@v1.post("/chat/completions", response_model=None,
+         responses={200: {"model": ChatCompletionResponse, "content": _SSE}, **_GENERATION_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     return await OpenAIServing(_backend(request), request.app.state.metrics).chat(body, request)
 
 
-@v1.post("/completions")
+@v1.post("/completions", response_model=None,
+         responses={200: {"model": CompletionResponse, "content": _SSE}, **_GENERATION_ERRORS})
 async def completions(body: CompletionRequest, request: Request) -> Response:
     return await OpenAIServing(_backend(request), request.app.state.metrics).completion(body, request)
 

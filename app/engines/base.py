@@ -176,6 +176,14 @@ class EngineDeadError(EngineNotReadyError):
     code = "engine_dead"
 
 
+class ModelNotServedHereError(EngineNotReadyError):
+    """A backup server (nginx's fallback) asked for a model it does not serve: the cluster it stands in for
+    may serve it, so this is a retryable 503, not a 404."""
+
+    code = "model_not_served_here"
+    param = "model"
+
+
 # ----------------------------------------------------------------------------- protocol
 
 

@@ -39,6 +39,24 @@ def render_nginx_cmd(
     _render(render_nginx, out)
 
 
+@ops.command("front-door")
+def front_door_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder (nginx -p prefix) for the rendered nginx.conf.")],
+    nginx: Annotated[str, typer.Option(help="The nginx binary.")] = "nginx",
+) -> None:
+    """Run nginx as a child with active health checks of every upstream (reloads it when one goes down/up)."""
+    from app.ops.front_door import FrontDoor, run_front_door
+    from app.ops.nginx import NginxSettings
+
+    def start(out_dir: Path) -> Path:
+        door = FrontDoor(out_dir, NginxSettings(), nginx_bin=nginx)
+        door.check_config(door.render())  # settings/template/nginx -t errors: one line, exit 2
+        return out_dir
+
+    _render(start, out)
+    raise typer.Exit(run_front_door(out, nginx_bin=nginx))
+
+
 @ops.command("render-prometheus")
 def render_prometheus_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder to write prometheus.yml (and its rules) into.")],

@@ -43,6 +43,7 @@ class FakeEngine(Engine):
         self.fail_first: EngineError | None = None  # raised when the first chunk is asked for
         self.fail_after: tuple[int, EngineError] | None = None  # raised after that many chunks
         self.gate: asyncio.Event | None = None  # when set, every token waits for it
+        self.hold_after = 0  # ... every token from this index on
         self.requests: list[GenerationRequest] = []
         self.finished: list[str] = []  # per stream: "done", "closed" (consumer went away) or "error"
 
@@ -78,7 +79,7 @@ class FakeEngine(Engine):
         outcome = "closed"
         try:
             for i in range(n):
-                if self.gate is not None:
+                if self.gate is not None and i >= self.hold_after:
                     await self.gate.wait()
                 await asyncio.sleep(0)
                 if self.fail_after is not None and i == self.fail_after[0]:

@@ -322,9 +322,9 @@ async def test_unexpected_exception_mid_stream_is_a_500_event_without_details(ht
 # ----------------------------------------------------------------------------- client disconnects
 
 
-async def _asgi_post_then_disconnect(app: Any, path: str, body: dict[str, Any], leave: asyncio.Event,
-                                     on_first_event: Any = None) -> list[Any]:
-    """POST through the ASGI interface; the client disconnects once `leave` is set. Returns sent messages."""
+async def _asgi_run(app: Any, path: str, body: dict[str, Any], leave: asyncio.Event, on_send: Any) -> list[Any]:
+    """POST through the ASGI interface; the client disconnects once `leave` is set; `on_send(message)` sees
+    each message the app sends. Returns the sent messages."""
     sent: list[Any] = []
     payload = json.dumps(body).encode()
     delivered = False
@@ -339,10 +339,7 @@ async def _asgi_post_then_disconnect(app: Any, path: str, body: dict[str, Any], 
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
-        if message["type"] == "http.response.body" and message.get("body", b"").startswith(b"data: "):
-            if on_first_event is not None and not leave.is_set():
-                on_first_event()
-            leave.set()  # the first event arrived: go away mid-stream
+        on_send(message)
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
              "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
@@ -350,6 +347,19 @@ async def _asgi_post_then_disconnect(app: Any, path: str, body: dict[str, Any], 
              "client": ("127.0.0.1", 1), "server": ("unit", 80)}
     await asyncio.wait_for(app(scope, receive, send), 10)
     return sent
+
+
+async def _asgi_post_then_disconnect(app: Any, path: str, body: dict[str, Any], leave: asyncio.Event,
+                                     on_first_event: Any = None) -> list[Any]:
+    """POST through the ASGI interface; the client disconnects at the first SSE event (or once `leave` is set)."""
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body", b"").startswith(b"data: "):
+            if on_first_event is not None and not leave.is_set():
+                on_first_event()
+            leave.set()  # the first event arrived: go away mid-stream
+
+    return await _asgi_run(app, path, body, leave, on_send)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
@@ -417,3 +427,110 @@ def test_sse_events_survive_splitlines_readers() -> None:
     lines = LineDecoder().decode(event)
     assert lines[0].startswith("data: ") and lines[1:] == [""]
     assert json.loads(lines[0][len("data: "):])["choices"][0]["text"] == text
+
+
+# ----------------------------------------------------------------------------- pacing and server-side cuts
+
+
+async def _asgi_post(app: Any, body: dict[str, Any], on_body: Any) -> list[bytes]:
+    """POST /v1/completions through the ASGI interface (the client stays); `on_body(chunk)` sees each body part."""
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            on_body(message["body"])
+
+    sent = await _asgi_run(app, COMP, body, asyncio.Event(), on_send)  # never set: the client stays connected
+    return [m.get("body", b"") for m in sent if m["type"] == "http.response.body"]
+
+
+async def test_silent_stream_gets_keepalive_comments_between_tokens(engine: FakeEngine, sink: PrometheusSink) -> None:
+    gate = engine.gate = asyncio.Event()
+    engine.hold_after = 1  # the first token flows (priming needs it), then the engine stalls
+    app = make_app(engine, metrics=sink, sse_keepalive_s=0.02)
+
+    def on_body(chunk: bytes) -> None:
+        if chunk == b": keep-alive\n\n":
+            gate.set()  # a comment reached the client while it was silent: let it finish
+
+    parts = await _asgi_post(app, {"model": "fake", "prompt": "x", "max_tokens": 3, "stream": True}, on_body)
+    assert b": keep-alive\n\n" in parts
+    assert parts[-1] == b"data: [DONE]\n\n" or parts[-2] == b"data: [DONE]\n\n", parts
+    assert sample(sink, "llm_output_tokens_total", model="fake") == 3  # comments are not tokens
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
+async def test_server_cut_is_an_error_event_or_a_503_never_a_499(engine: FakeEngine, sink: PrometheusSink,
+                                                                   stream: bool) -> None:
+    engine.gate = asyncio.Event()  # never opens: the engine stalls (after its first token when streaming)
+    engine.hold_after = 1 if stream else 0
+    app = make_app(engine, metrics=sink)
+    if not stream:
+        asyncio.get_running_loop().call_later(0.05, app.state.stream_cut.set)
+
+    def on_body(chunk: bytes) -> None:
+        if chunk.startswith(b"data: {"):
+            app.state.stream_cut.set()  # what the server does when its shutdown grace ends
+
+    parts = await _asgi_post(app, {"model": "fake", "prompt": "x", "max_tokens": 50, "stream": stream}, on_body)
+    text = b"".join(parts).decode()
+    if stream:
+        payloads = [b[6:] for b in text.split("\n\n") if b.startswith("data: ")]
+        assert payloads[-1] == "[DONE]"
+        assert json.loads(payloads[-2])["error"]["code"] == "server_shutting_down"
+    else:
+        assert json.loads(text)["error"]["code"] == "server_shutting_down"
+    assert engine.finished == ["closed"]
+    assert sample(sink, "llm_requests_total", status="503") == 1
+    assert sample(sink, "llm_requests_total", status="499") == 0
+
+
+# ----------------------------------------------------------------------------- auth order, readiness detail, OpenAPI
+
+
+async def test_key_is_checked_before_the_body_is_parsed(engine: FakeEngine, sink: PrometheusSink) -> None:
+    async with client(make_app(engine, metrics=sink, api_keys=["k1"])) as http:
+        r = await http.post(COMP, content=b'{"model": "fake", "prompt": ', headers={"content-type": "application/json"})
+        assert openai_error(r, 401)["code"] == "invalid_api_key"  # not a 400 that reveals parsing
+        r = await http.post(COMP, content=b'{"model": "fake", "prompt": ',
+                            headers={"content-type": "application/json", "Authorization": "Bearer k1"})
+        assert openai_error(r, 400)["type"] == "invalid_request_error"
+
+
+async def test_readyz_details_only_for_key_holders(engine: FakeEngine, sink: PrometheusSink) -> None:
+    async with client(make_app(engine, metrics=sink, api_keys=["k1"])) as http:
+        anonymous = (await http.get("/readyz")).json()["models"]
+        assert anonymous == {"fake": {"ready": True}}  # no model paths, devices or engine reasons
+        detail = (await http.get("/readyz", headers={"Authorization": "Bearer k1"})).json()["models"]["fake"]
+        assert detail["ready"] is True and detail["model_source"] == "memory" and "max_parallel" in detail
+        assert (await http.get("/health")).json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize("keys", [[], ["k1"]], ids=["open", "with-keys"])
+async def test_openapi_documents_the_real_errors_and_no_422(engine: FakeEngine, sink: PrometheusSink,
+                                                            keys: list[str]) -> None:
+    async with client(make_app(engine, metrics=sink, api_keys=keys)) as http:
+        doc = (await http.get("/openapi.json")).json()
+    assert '"422"' not in json.dumps(doc) and "HTTPValidationError" not in json.dumps(doc)
+    for path in (CHAT, COMP):
+        responses = doc["paths"][path]["post"]["responses"]
+        for status in ("400", "404", "413", "429", "503"):
+            schema = responses[status]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (path, status)
+        assert ("401" in responses) == bool(keys)
+        assert ("security" in doc["paths"][path]["post"]) == bool(keys)
+    body = doc["components"]["schemas"]["CompletionRequest"]["properties"]["model"]
+    assert body["enum"] == ["fake"]
+
+
+async def test_backup_server_answers_a_model_it_does_not_serve_with_a_retryable_503(sink: PrometheusSink) -> None:
+    from app.api.app import create_app
+    from app.api.backend import LocalBackend
+
+    eng = FakeEngine("fake", metrics=sink)
+    await eng.start()
+    app = create_app(LocalBackend({"fake": eng}, location="unit", backup=True), metrics=sink, manage_backend=False)
+    async with client(app) as http:
+        r = await http.post(COMP, json={"model": "other", "prompt": "x"})
+    err = openai_error(r, 503)
+    assert err["code"] == "model_not_served_here" and "'other'" in err["message"] and err["param"] == "model"
+    assert int(r.headers["retry-after"]) >= 1
