@@ -163,7 +163,8 @@ def _run(work: Path, short: Path, env: dict[str, str], t_all: float) -> None:
 
         t0 = time.monotonic()
         dep = vms.run(0, [py, "-m", "app", "cluster", "deploy", str(work / "tiny-vllm.yaml"), "--address", address,
-                          "--serve-port", "8000", "--request-timeout", "150", "--wait", "420"], env, ROOT, timeout=480)
+                          "--serve-port", "8000", "--http-host", head_ip, "--request-timeout", "150",
+                          "--wait", "420"], env, ROOT, timeout=480)
         assert dep.returncode == 0, dep.stdout[-3000:] + dep.stderr[-3000:]
         log(f"deployed the vLLM replica in {time.monotonic() - t0:.1f}s")
 
