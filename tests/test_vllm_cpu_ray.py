@@ -74,6 +74,16 @@ prom, serve, exprs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 def finite(expr):
     r = httpx.get(prom + "/api/v1/query", params={"query": expr}, timeout=10).json()["data"]["result"]
     return any(math.isfinite(float(x["value"][1])) for x in r)
+ready_by = time.time() + 60  # Prometheus was just started: poll its readiness before the first query
+while True:
+    try:
+        if httpx.get(prom + "/-/ready", timeout=2).status_code == 200:
+            break
+    except httpx.HTTPError:
+        pass
+    if time.time() > ready_by:
+        sys.exit("Prometheus did not become ready within 60 s")
+    time.sleep(0.2)
 pending, deadline = dict(exprs), time.time() + 150
 with httpx.Client(timeout=60) as http:
     while pending and time.time() < deadline:
