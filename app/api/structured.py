@@ -12,9 +12,9 @@ Malformed values fail validation with the path of the offending field (`response
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from app.api.strict import RequestModel
 from app.engines.grammar import GrammarSpec, json_object_grammar, json_schema_grammar
@@ -22,14 +22,6 @@ from app.engines.json_schema_support import check_metaschema
 
 SCHEMA_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for json_schema.name
 SCHEMA_PARAM = "response_format.json_schema.schema"
-
-
-class TextFormat(RequestModel):
-    type: Literal["text"]
-
-
-class JsonObjectFormat(RequestModel):
-    type: Literal["json_object"]
 
 
 class JsonSchemaSpec(RequestModel):
@@ -54,12 +46,19 @@ class JsonSchemaSpec(RequestModel):
         return v
 
 
-class JsonSchemaFormat(RequestModel):
-    type: Literal["json_schema"]
-    json_schema: JsonSchemaSpec
+class ResponseFormat(RequestModel):
+    """One model for the three types (not a tagged union), so that errors name plain paths such as
+    `response_format.type` and `response_format.json_schema`."""
 
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = Field(default=None, validate_default=True)
 
-ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+    @field_validator("json_schema")
+    @classmethod
+    def _needed_for_json_schema(cls, v: JsonSchemaSpec | None, info: ValidationInfo) -> JsonSchemaSpec | None:
+        if v is None and info.data.get("type") == "json_schema":
+            raise ValueError("field required when type is json_schema")
+        return v
 
 
 class ResponseFormatFields(RequestModel):
@@ -71,11 +70,11 @@ class ResponseFormatFields(RequestModel):
         return response_format_grammar(self.response_format)
 
 
-def response_format_grammar(fmt: TextFormat | JsonObjectFormat | JsonSchemaFormat | None) -> GrammarSpec | None:
+def response_format_grammar(fmt: ResponseFormat | None) -> GrammarSpec | None:
     """The grammar `fmt` asks for (None for text); `InvalidRequestError` naming the schema parameter when the
     schema has a feature constrained decoding cannot enforce."""
-    if fmt is None or isinstance(fmt, TextFormat):
+    if fmt is None or fmt.type == "text":
         return None
-    if isinstance(fmt, JsonObjectFormat) or fmt.json_schema.schema_ is None:
+    if fmt.type == "json_object" or fmt.json_schema is None or fmt.json_schema.schema_ is None:
         return json_object_grammar()
     return json_schema_grammar(fmt.json_schema.schema_, param=SCHEMA_PARAM)
