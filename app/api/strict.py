@@ -8,8 +8,23 @@ import.)
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
 class RequestModel(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def _check_name(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError("names are 1-64 characters of a-z, A-Z, 0-9, underscores and dashes")
+    return v
+
+
+# OpenAI's rule for function names and response_format json_schema names
+Name = Annotated[str, AfterValidator(_check_name)]

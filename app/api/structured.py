@@ -11,32 +11,23 @@ Malformed values fail validation with the path of the offending field (`response
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from app.api.strict import RequestModel
+from app.api.strict import Name, RequestModel
 from app.engines.grammar import GrammarSpec, json_object_grammar, json_schema_grammar
 from app.engines.json_schema_support import check_metaschema
 
-SCHEMA_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for json_schema.name
 SCHEMA_PARAM = "response_format.json_schema.schema"
 
 
 class JsonSchemaSpec(RequestModel):
-    name: str
+    name: Name
     description: str | None = None
     # `schema` shadows a BaseModel attribute: the field is schema_ with the wire name as alias
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        if not SCHEMA_NAME.match(v):
-            raise ValueError("names are 1-64 characters of a-z, A-Z, 0-9, underscores and dashes")
-        return v
 
     @field_validator("schema_")
     @classmethod

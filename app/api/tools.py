@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from app.api.strict import RequestModel
+from app.api.strict import Name, RequestModel
 from app.engines.base import InvalidRequestError
 from app.engines.grammar import GrammarSpec, check_json_schema, structural_tag_grammar
 from app.engines.json_schema_support import check_metaschema
@@ -31,7 +30,6 @@ from app.engines.json_schema_support import check_metaschema
 if TYPE_CHECKING:
     from app.api.tool_parsers import ToolCallParser
 
-FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
 MAX_TOOLS = 128  # OpenAI's limit
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
@@ -40,17 +38,10 @@ EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
 class FunctionDefinition(RequestModel):
-    name: str
+    name: Name
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _check_name(cls, v: str) -> str:
-        if not FUNCTION_NAME.match(v):
-            raise ValueError("function names are 1-64 characters of a-z, A-Z, 0-9, underscores and dashes")
-        return v
 
     @field_validator("parameters")
     @classmethod

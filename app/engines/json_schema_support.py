@@ -1,5 +1,8 @@
 """Which JSON-schema features constrained decoding enforces, and a 400 naming the first one it does not.
 
+`check_metaschema` says what is wrong with a schema that is not a JSON schema at all (tool parameters and
+response_format schemas); `check_schema` names the first feature of a valid schema that cannot be enforced.
+
 xgrammar 0.2.8 (the grammar library behind both engines) refuses some schemas outright, but it silently ignores
 other keywords: a grammar built from such a schema lets the model produce JSON the schema rejects. Those keywords
 are refused here, before any engine sees the request, so that a `strict` schema is either enforced exactly or
