@@ -53,6 +53,8 @@ install_python() {
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   log "pip install -e .[dev,ray,deepspeed,mcp,langgraph]"
   "$VENV/bin/python" -m pip install -q -e ".[dev,ray,deepspeed,mcp,langgraph]"
+  # hook (issue 14): packages whose declared deps the CPU path must not pull (see the file)
+  "$VENV/bin/python" -m pip install -q --no-deps -r requirements-nodeps.txt
 }
 
 if [ "$FAST" = 1 ] && [ -x "$VENV/bin/python" ]; then
