@@ -56,6 +56,11 @@ class CompletionLogprobsFields(RequestModel):
 
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _false_is_off(cls, v: object) -> object:
+        return None if v is False else v  # some clients send `false` for "no logprobs"
+
     @property
     def logprobs_k(self) -> int | None:
         return self.logprobs

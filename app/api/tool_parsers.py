@@ -125,6 +125,13 @@ def parser_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_parser_name(name: str) -> str:
+    """A config's `tool_call_parser` (pydantic validator): ValueError naming the known parsers when unknown."""
+    if name not in _REGISTRY:
+        get_parser(name)
+    return name
+
+
 def get_parser(name: str, **kwargs: Any) -> ToolCallParser:
     try:
         cls = _REGISTRY[name]

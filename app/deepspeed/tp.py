@@ -328,6 +328,7 @@ class TPEngine(Engine):
             model_id=settings.model_id, engine=ENGINE_NAME, model_source=settings.model,
             max_context=settings.max_model_len or 0, device=settings.device, dtype=settings.dtype,
             reason=f"tensor parallel over {info.world_size} ranks (DeepSpeed AutoTP)",
+            tool_call_parser=settings.tool_call_parser,
         )
         self._labels = {"model": settings.model_id, "engine": ENGINE_NAME}
         self._admission = AdmissionController(1, settings.max_waiting, settings.retry_after_s, metrics=self.metrics,
@@ -437,8 +438,9 @@ class TPEngine(Engine):
             return
         assert self._runner is not None  # set before any job is served
         try:
-            for token, finish in self._runner.decode_steps(job.prompt_ids, job.request, job.max_new, job.cancel):
-                job.post("token", token, finish)
+            for token, finish, logprob in self._runner.decode_steps(job.prompt_ids, job.request, job.max_new,
+                                                                   job.cancel):
+                job.post("token", token, finish, logprob)
                 if finish:
                     break
         except GenerationCancelled:
@@ -511,8 +513,8 @@ class TPEngine(Engine):
                     raise EngineDeadError(f"tensor-parallel group died during the request: {item[1]}")
                 if kind == "error":
                     raise EngineError(f"generation failed: {item[1]}")
-                _, token, finish = item
-                chunk = chunks.push(token, finish)
+                _, token, finish, logprob = item
+                chunk = chunks.push(token, finish, logprob)
                 if chunk is not None:
                     yield chunk
                 if chunks.done:

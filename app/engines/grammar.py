@@ -6,8 +6,8 @@ parser of the model's format). Building needs no tokenizer; it validates the sch
 and the unsupported feature) and converts it to EBNF with xgrammar. The EBNF is what every engine enforces: the
 transformers engine compiles it against its tokenizer (`app.engines.grammar_matcher`), vLLM receives it as
 `StructuredOutputsParams(grammar=...)` (`vllm_structured_outputs`), so both apply the same grammar by construction.
-A spec is a frozen dataclass of strings: hashable (the compile cache key), and it pickles across Ray and
-torch.distributed.
+A spec (`GrammarSpec`, part of the engine protocol in `app.engines.base`) is a frozen dataclass of strings:
+hashable (the compile cache key), and it pickles across Ray and torch.distributed.
 
 xgrammar 0.2.8 lets raw control characters (U+0000-U+001F) into strings that have minLength/maxLength, which no
 JSON parser accepts (measured: 7 of 25 sampled outputs of the tiny model failed `json.loads`); the EBNF is patched
@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from app.engines.base import InvalidRequestError
+from app.engines.base import GrammarKind, GrammarSpec, InvalidRequestError
 from app.engines.json_schema_support import UnsupportedSchemaError, check_schema
-
-GrammarKind = Literal["json_schema", "json_object", "tool_calls"]
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}  # vLLM 0.32 compiles json_object from this schema too
 
@@ -32,19 +29,6 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}  # vLLM 0.32 compiles js
 _LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\"\\\0-\x1f]'
 _LOG_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
-
-
-@dataclass(frozen=True)
-class GrammarSpec:
-    """A grammar an engine enforces on one generation. `ebnf` is xgrammar EBNF; `source` is the JSON it was built
-    from (schema or structural tag), kept for logs and error messages."""
-
-    kind: GrammarKind
-    ebnf: str
-    source: str = ""
-
-    def __repr__(self) -> str:  # the EBNF can be long
-        return f"GrammarSpec(kind={self.kind!r}, source={self.source[:80]!r}, ebnf=<{len(self.ebnf)} chars>)"
 
 
 def _xgr() -> Any:

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from app.engines.grammar import GrammarSpec
+from app.engines.logprobs import TokenTexts
 
 _COMPILERS: weakref.WeakKeyDictionary[Any, dict[int, GrammarCompiler]] = weakref.WeakKeyDictionary()
 _COMPILERS_LOCK = threading.Lock()
@@ -35,6 +36,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._texts: TokenTexts | None = None
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, vocab_size: int) -> GrammarCompiler:
@@ -52,6 +54,13 @@ class GrammarCompiler:
     def vocab_bytes(self) -> list[bytes]:
         """Each token id's text as bytes (byte-level and SentencePiece vocabularies alike)."""
         return list(self.info.decoded_vocab)
+
+    def token_texts(self) -> TokenTexts:
+        """Token id -> text and bytes for logprobs, built once per compiler."""
+        with self._lock:
+            if self._texts is None:
+                self._texts = TokenTexts(self.vocab_bytes())
+            return self._texts
 
     def compile(self, spec: GrammarSpec) -> Any:
         with self._lock:

@@ -148,7 +148,8 @@ class TransformersEngine(Engine):
         self.fallback = fallback
         self.runner = HFModelRunner(spec.model_source, self.cfg, model_id=spec.model_id)
         self.info = EngineInfo(model_id=spec.model_id, engine=self.name, model_source=spec.model_source,
-                               max_context=self.cfg.max_model_len or 0, reason=self.reason)
+                               max_context=self.cfg.max_model_len or 0, reason=self.reason,
+                               tool_call_parser=spec.tool_call_parser)
         self._labels = {"model": spec.model_id, "engine": self.name}
         self._admission = AdmissionController(self.cfg.max_num_seqs, spec.max_waiting, spec.retry_after_s,
                                               metrics=self.metrics, metric_labels=self._labels)
@@ -198,8 +199,8 @@ class TransformersEngine(Engine):
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         try:
-            for token, finish in self.runner.decode_steps(prompt_ids, req, max_new, cancel):
-                put(("token", token, finish))
+            for token, finish, logprob in self.runner.decode_steps(prompt_ids, req, max_new, cancel):
+                put(("token", token, finish, logprob))
         except GenerationCancelled:
             put(("cancelled",))
         except Exception as exc:  # surfaced to the request; the engine stays up
@@ -234,8 +235,8 @@ class TransformersEngine(Engine):
                 if kind == "cancelled":
                     finished = True
                     return
-                _, token, finish = item
-                chunk = chunks.push(token, finish)
+                _, token, finish, logprob = item
+                chunk = chunks.push(token, finish, logprob)
                 if chunk is not None:
                     yield chunk
                 if chunks.done:

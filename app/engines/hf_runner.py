@@ -8,12 +8,13 @@ rank loads a runner, shards its model with `wrap_model`, rank 0 drives the loop)
     runner.wrap_model(lambda m: shard(m))           # e.g. DeepSpeed AutoTP, or rank 0's broadcasting mirror
     runner.warmup()                                 # one short greedy decode
     ids = runner.prompt_ids(request)                # chat template / prompt -> token ids (400 when empty)
-    for token, finish in runner.decode_steps(ids, request, max_new, cancel): ...
+    for token, finish, logprob in runner.decode_steps(ids, request, max_new, cancel): ...
 
 `decode_steps` keeps a KV cache, samples with a per-request torch.Generator (seeded requests are
 reproducible; `seed` in engine_kwargs makes unseeded ones reproducible in arrival order, as vLLM's engine
-seed does), applies temperature / top-p / presence and frequency penalties, min_tokens and ignore_eos, and
-checks `cancel` between tokens. It is synchronous: callers run it in a thread.
+seed does), applies the request's grammar and reports logprobs (`app.engines.sequence_constraints`, per
+sequence), temperature / top-p / presence and frequency penalties, min_tokens and ignore_eos, and checks `cancel`
+between tokens. It is synchronous: callers run it in a thread.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from app.engines.base import FinishReason, GenerationRequest
+from app.engines.base import FinishReason, GenerationRequest, TokenLogprob
+from app.engines.sequence_constraints import SequenceConstraints
 from app.engines.text import render_prompt, token_budget
 
 log = logging.getLogger(__name__)
@@ -168,8 +170,9 @@ class HFModelRunner:
 
     def decode_steps(
         self, prompt_ids: list[int], req: GenerationRequest, max_new: int, cancel: threading.Event
-    ) -> Iterator[tuple[int, FinishReason | None]]:
-        """Yields (token_id, finish) per generated token; finish is None, 'stop' (EOS) or 'length'."""
+    ) -> Iterator[tuple[int, FinishReason | None, TokenLogprob | None]]:
+        """Yields (token_id, finish, logprob) per generated token; finish is None, 'stop' (EOS, or the request's
+        grammar ended) or 'length'; logprob is the token's entry when the request asked for logprobs."""
         import torch
         from transformers import DynamicCache
 
@@ -179,6 +182,7 @@ class HFModelRunner:
         vocab = model.config.vocab_size
         counts = torch.zeros(vocab, device=device) if (req.presence_penalty or req.frequency_penalty) else None
         eos = torch.tensor(self._eos_ids, dtype=torch.long, device=device) if self._eos_ids else None
+        constraints = SequenceConstraints.for_request(req, self._tokenizer, vocab)
         cache = DynamicCache()
         inp = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         with torch.inference_mode():
@@ -188,10 +192,15 @@ class HFModelRunner:
                 out = model(input_ids=inp, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
                 logits = out.logits[0, -1, :vocab].float()
+                if constraints is not None:
+                    constraints.prepare(logits)
                 if counts is not None:
                     logits = logits - req.frequency_penalty * counts - req.presence_penalty * (counts > 0).float()
                 if eos is not None and (req.ignore_eos or step < req.min_tokens):
+                    banned = logits[eos].clone()
                     logits[eos] = float("-inf")
+                    if not torch.isfinite(logits).any():  # the grammar allows only the end: it wins
+                        logits[eos] = banned
                 if req.temperature < SAMPLING_EPS:  # a tiny temperature would overflow the logits: greedy
                     token = int(torch.argmax(logits))
                 else:
@@ -205,12 +214,13 @@ class HFModelRunner:
                     token = int(torch.multinomial(probs, 1, generator=gen))
                 if counts is not None:
                     counts[token] += 1
+                logprob, terminated = constraints.settle(token) if constraints is not None else (None, False)
                 finish: FinishReason | None = None
-                if token in self._eos_ids and not req.ignore_eos:
+                if terminated or (token in self._eos_ids and not req.ignore_eos):
                     finish = "stop"
                 elif step + 1 >= max_new:
                     finish = "length"
-                yield token, finish
+                yield token, finish, logprob
                 if finish:
                     return
                 inp = torch.tensor([[token]], dtype=torch.long, device=device)

@@ -7,7 +7,8 @@ therefore reports the same numbers on every engine for the same model.
 
 A decode step calls `top_logprobs(row, chosen, k)` (torch, one sequence's row) or `batch_top_logprobs` (one
 call for a batch); the numbers then get their text from `TokenTexts` (built once per tokenizer from each id's
-exact bytes), giving `TokenLogprob`s: plain frozen dataclasses that pickle across Ray and torch.distributed and
+exact bytes), giving `TokenLogprob`s (`app.engines.base`, part of the engine protocol): plain frozen dataclasses
+that pickle across Ray and torch.distributed and
 that the API layer turns into OpenAI's shapes (`app.api.logprobs`). The vLLM adapter feeds vLLM's numbers
 through the same `TokenTexts.entry`, so token strings are the same on every engine too.
 """
@@ -15,26 +16,14 @@ through the same `TokenTexts.entry`, so token strings are the same on every engi
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from app.engines.base import TokenCandidate, TokenLogprob
+
+__all__ = ["MAX_TOP_LOGPROBS", "TokenCandidate", "TokenLogprob", "TokenTexts", "batch_top_logprobs",
+           "top_logprobs"]
+
 MAX_TOP_LOGPROBS = 20  # vLLM 0.32's default max_logprobs; OpenAI allows 20 for chat
-
-
-@dataclass(frozen=True)
-class TokenCandidate:
-    token_id: int
-    token: str  # the token's text; "bytes:\\xNN..." when its bytes are not valid UTF-8 alone (OpenAI's notation)
-    token_bytes: bytes
-    logprob: float  # may be -inf (a token the grammar forbids); the API clamps it to -9999.0 as vLLM does
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated position: the chosen token and the `k` most likely ones (most likely first)."""
-
-    chosen: TokenCandidate
-    top: tuple[TokenCandidate, ...] = ()
 
 
 class TokenTexts:

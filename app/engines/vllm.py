@@ -289,6 +289,7 @@ class VLLMEngine(Engine):
             device="pending",  # the platform of the installed build, known once it starts
             dtype=str(kw.get("dtype") or "auto"),
             reason=reason,
+            tool_call_parser=spec.tool_call_parser,
         )
         max_running = int(kw.get("max_num_seqs") or VLLM_DEFAULT_MAX_NUM_SEQS)  # until vLLM resolves its own
         self._labels = {"model": spec.model_id, "engine": self.name}

@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app.api.tool_parsers import check_parser_name
 from app.engines.base import EngineChoice, EngineSpec, ServingKnobs
 from app.engines.hf import HFEngineConfig, transformers_engine_config
 from app.engines.vllm import VLLM_DEFAULT_MAX_NUM_SEQS, vllm_engine_args
@@ -95,6 +96,11 @@ class ModelConfig(ServingKnobs, _Strict):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Validated by the engine.")
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     source_file: str = Field(default="", exclude=True)
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_tool_call_parser(cls, v: str) -> str:
+        return check_parser_name(v)
 
     @property
     def model_id(self) -> str:
