@@ -109,4 +109,4 @@ VLLM_VENV=$VLLM_VENV bash tests/vllm_venv.sh
 log "pytest: vLLM-CPU suites and the OpenAI API suites against vLLM (venv took $(( $(date +%s) - t_venv )) s)"
 # nobind: no OpenMP core pinning on a shared box; the API suites' shared server serves vLLM (LLM_TEST_ENGINE)
 LLM_TEST_ENGINE=vllm VLLM_CPU_OMP_THREADS_BIND=nobind "$VLLM_VENV/bin/python" -m pytest -q -rfEs --durations=10 \
-  tests/test_vllm_cpu_*.py tests/test_api_openai.py tests/test_api_errors.py
+  tests/test_vllm_cpu_*.py tests/test_api_openai.py tests/test_api_errors.py tests/test_api_features.py
