@@ -196,3 +196,26 @@ def test_with_structured_output_returns_the_pydantic_model(cluster: ServerProces
         assert isinstance(out, Answer) and 0 <= out.confidence <= 10
         done += 1
     assert done >= 2, f"only {done} of 3 structured answers parsed"
+
+
+def test_generate_node_with_a_response_model_writes_the_parsed_object(cluster: ServerProcess) -> None:
+    from pydantic import BaseModel, Field
+
+    class Verdict(BaseModel):
+        summary: str = Field(max_length=20)
+        score: int = Field(ge=1, le=5)
+
+    import openai
+
+    parsed = 0
+    for seed in range(3):  # random weights may run a string to max_tokens: that answer cannot parse
+        node = make_generate_node(cluster_chat_model(settings=_settings(cluster), max_tokens=300, temperature=0.7,
+                                                     seed=seed), response_model=Verdict)
+        try:
+            out = build_graph(node).invoke({"question": "Does nginx fail over?"})
+        except (ValueError, openai.LengthFinishReasonError):
+            continue
+        assert isinstance(out["answer"], Verdict) and 1 <= out["answer"].score <= 5
+        assert out["usage"]["completion_tokens"] > 0
+        parsed += 1
+    assert parsed >= 2, f"only {parsed} of 3 structured answers parsed"
