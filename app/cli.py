@@ -39,7 +39,8 @@ def knob_option(name: str, prefix: str = "LLM_") -> Any:
     """A typer option for a `ServingKnobs` field: help text and lower bound come from its one definition."""
     field = ServingKnobs.model_fields[name]
     lower = [m.ge for m in field.metadata if hasattr(m, "ge")]
-    return typer.Option(help=f"{field.description} [{prefix}{name.upper()}, default {field.default:g}]",
+    default = f"{field.default:g}" if isinstance(field.default, int | float) else str(field.default)
+    return typer.Option(help=f"{field.description} [{prefix}{name.upper()}, default {default}]",
                         min=lower[0] if lower else None)
 
 
@@ -59,6 +60,7 @@ def serve(
     max_waiting: Annotated[int | None, knob_option("max_waiting")] = None,
     default_max_tokens: Annotated[int | None, knob_option("default_max_tokens")] = None,
     retry_after_s: Annotated[float | None, knob_option("retry_after_s")] = None,
+    tool_call_parser: Annotated[str | None, knob_option("tool_call_parser")] = None,
     config: Annotated[
         list[Path] | None, typer.Option("--config", help="Model config YAML (LLMConfig layout); repeatable.")
     ] = None,
@@ -77,6 +79,7 @@ def serve(
         "device": device, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
         "max_waiting": max_waiting, "default_max_tokens": default_max_tokens, "retry_after_s": retry_after_s,
         "backup": backup,
+        "tool_call_parser": tool_call_parser,
     }.items() if v is not None}
     try:
         settings = Settings(**overrides)

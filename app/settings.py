@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.api.tool_parsers import check_parser_name
 from app.engines.base import EngineChoice, ServingKnobs
 
 RENAMED_VARIABLES = {"LLM_MAX_RUNNING": "LLM_MAX_NUM_SEQS"}
@@ -76,6 +77,11 @@ class Settings(ServingKnobs, BaseSettings):
         description="Concurrent generations per model (vLLM's max_num_seqs). Unset: transformers 16, vLLM its own.",
     )
     trust_remote_code: bool = False
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_tool_call_parser(cls, v: str) -> str:
+        return check_parser_name(v)
 
     @model_validator(mode="before")
     @classmethod

@@ -53,6 +53,8 @@ install_python() {
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   log "pip install -e .[dev,ray,deepspeed,mcp,langgraph]"
   "$VENV/bin/python" -m pip install -q -e ".[dev,ray,deepspeed,mcp,langgraph]"
+  # hook (issue 14): packages whose declared deps the CPU path must not pull (see the file)
+  "$VENV/bin/python" -m pip install -q --no-deps -r requirements-nodeps.txt
 }
 
 if [ "$FAST" = 1 ] && [ -x "$VENV/bin/python" ]; then
@@ -107,4 +109,4 @@ VLLM_VENV=$VLLM_VENV bash tests/vllm_venv.sh
 log "pytest: vLLM-CPU suites and the OpenAI API suites against vLLM (venv took $(( $(date +%s) - t_venv )) s)"
 # nobind: no OpenMP core pinning on a shared box; the API suites' shared server serves vLLM (LLM_TEST_ENGINE)
 LLM_TEST_ENGINE=vllm VLLM_CPU_OMP_THREADS_BIND=nobind "$VLLM_VENV/bin/python" -m pytest -q -rfEs --durations=10 \
-  tests/test_vllm_cpu_*.py tests/test_api_openai.py tests/test_api_errors.py
+  tests/test_vllm_cpu_*.py tests/test_api_openai.py tests/test_api_errors.py tests/test_api_features.py

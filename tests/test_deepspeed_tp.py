@@ -8,6 +8,7 @@ because every fault ends its group. The first test reuses its group for all API 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -196,6 +197,27 @@ def test_tp2_serves_same_api_and_greedy_output_then_fails_inflight_on_rank_kill(
 
         assert pool.run(stream_chat) == reference["chat0"]
         assert pool.run(stream_completion) == reference[PROMPTS[1]]
+
+        # tools, structured output and logprobs (issue 14): rank 0's decode loop applies the grammar
+        params = {"type": "object", "properties": {"q": {"type": "string", "maxLength": 8}}, "required": ["q"]}
+        tool = {"type": "function", "function": {"name": "search", "parameters": params}}
+        called = pool.run(lambda: client.chat.completions.create(
+            model="tiny", messages=CHATS[0], tools=[tool], max_tokens=120, temperature=0,
+            tool_choice={"type": "function", "function": {"name": "search"}}))
+        [call] = called.choices[0].message.tool_calls or []
+        assert called.choices[0].finish_reason == "tool_calls" and call.function.name == "search"
+        assert set(json.loads(call.function.arguments)) == {"q"}
+        fmt = {"type": "json_schema", "json_schema": {"name": "q", "schema": params}}
+        docs = [pool.run(lambda seed=seed: client.chat.completions.create(  # greedy random weights loop on blanks
+            model="tiny", messages=CHATS[0], response_format=fmt, max_tokens=200, temperature=0.8, seed=seed,
+            logprobs=True, top_logprobs=2)) for seed in range(3)]
+        finished = [d for d in docs if d.choices[0].finish_reason == "stop"]
+        assert finished, "no json_schema answer finished within 200 tokens in 3 seeds"
+        for doc in finished:
+            assert set(json.loads(doc.choices[0].message.content or "")) == {"q"}
+        for doc in docs:
+            entries = doc.choices[0].logprobs.content if doc.choices[0].logprobs else []
+            assert len(entries) == doc.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in entries)
 
         models = pool.run(lambda: client.models.list())
         assert [m.id for m in models.data] == ["tiny"]

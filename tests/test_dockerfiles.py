@@ -82,6 +82,42 @@ def test_pip_installs_pinned(path: Path) -> None:
     assert 'deepspeed = ["deepspeed==0.19.8"]' in pyproject and 'vllm = ["vllm==0.32.0"]' in pyproject
 
 
+NODEPS = "requirements-nodeps.txt"
+# what vLLM's own pins bring into the --no-deps images (the package's ranges are chosen to agree with them)
+PROVIDED_BY_VLLM = {"pydantic", "torch", "transformers", "tokenizers", "safetensors", "pyyaml"}
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_every_image_installs_the_nodeps_requirements(path: Path) -> None:
+    """xgrammar (tools, response_format) goes in with --no-deps from requirements-nodeps.txt, as tests/run.sh installs
+    it, after the package (so nothing reinstalls it with its declared triton)."""
+    ins = _instructions(path)
+    assert any(op == "COPY" and NODEPS in args.split()[:-1] for op, args in ins), f"{path.name} must COPY {NODEPS}"
+    runs = " && ".join(a for op, a in ins if op == "RUN")
+    at = runs.find(f"pip install --no-deps -r {NODEPS}")
+    assert at >= 0, f"{path.name} must run pip install --no-deps -r {NODEPS}"
+    package = max(runs.find("pip install --no-deps ."), runs.find('pip install ".['))
+    assert 0 <= package < at, "the no-deps requirements go in after the package"
+    assert "xgrammar==0.2.8" in (ROOT / NODEPS).read_text().splitlines()
+    assert f"-r {NODEPS}" in (ROOT / "tests" / "run.sh").read_text()
+
+
+@pytest.mark.parametrize("path", [p for p in DOCKERFILES if "pip install --no-deps ." in p.read_text()],
+                         ids=lambda p: p.name)
+def test_no_deps_images_name_every_dependency(path: Path) -> None:
+    """Images that install the package with --no-deps name each of its dependencies with pyproject's spec, except
+    those vLLM's pins bring."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    runs = " ".join(a for op, a in _instructions(path) if op == "RUN")
+    for dep in deps:
+        name = re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0].lower()
+        if name in PROVIDED_BY_VLLM:
+            continue
+        assert f'"{dep}"' in runs, f"{path.name} must pip install {dep!r} (pyproject.toml's dependency)"
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_hf_cache_and_user(path: Path) -> None:
     ins = _instructions(path)

@@ -16,7 +16,7 @@ from conftest import ServerProcess, free_port, need, spawn_server
 
 try:
     from langchain_core.documents import Document
-    from langgraph.graph import END, START, StateGraph
+    from langgraph.graph import END, START, MessagesState, StateGraph
 
     from app.integrations.langgraph_node import cluster_chat_model, make_generate_node
     from app.integrations.settings import ClusterSettings
@@ -126,3 +126,96 @@ def test_errors_surface_as_exceptions(cluster: ServerProcess) -> None:
         make_generate_node(settings=dead, max_retries=0).invoke({"question": "hi"})
     with pytest.raises(RuntimeError, match="CLUSTER_MODEL"):
         cluster_chat_model(settings=ClusterSettings(base_url=dead.base_url, api_keys="", model=""))
+
+
+# ----------------------------------------------------------------------------- tools and structured output (issue 14)
+
+
+def test_bind_tools_with_a_named_choice_and_a_tool_node_round_trip(cluster: ServerProcess) -> None:
+    """LangChain `bind_tools(tool_choice=name)`, then a LangGraph ToolNode runs the tool and its result goes back."""
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langgraph.prebuilt import ToolNode
+    from pydantic import BaseModel, Field
+
+    class CityArgs(BaseModel):
+        city: str = Field(max_length=10)  # random weights write long strings: bound it, as real tools often do
+
+    calls: list[str] = []
+
+    @tool(args_schema=CityArgs)
+    def lookup(city: str) -> str:
+        """Weather of a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
+    llm = cluster_chat_model(settings=_settings(cluster), max_tokens=200, temperature=0.7, seed=4)
+    forced = llm.bind_tools([lookup], tool_choice="lookup")
+    tools_node = ToolNode([lookup])
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        model = forced if len(state["messages"]) == 1 else llm.bind(max_tokens=6)  # then an answer to the result
+        return {"messages": [model.invoke(state["messages"])]}
+
+    def route(state: MessagesState) -> str:
+        return "tools" if getattr(state["messages"][-1], "tool_calls", None) else END
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("agent", agent)
+    graph.add_node("tools", tools_node)
+    graph.add_edge(START, "agent")
+    graph.add_conditional_edges("agent", route, ["tools", END])
+    graph.add_edge("tools", "agent")
+    out = graph.compile().invoke({"messages": [HumanMessage("Weather in Oslo?")]})
+    kinds = [m.type for m in out["messages"]]
+    assert kinds == ["human", "ai", "tool", "ai"], kinds
+    call = out["messages"][1].tool_calls[0]
+    assert call["name"] == "lookup" and isinstance(call["args"]["city"], str) and calls == [call["args"]["city"]]
+    assert out["messages"][2].tool_call_id == call["id"] and out["messages"][2].content.startswith("sunny in")
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_with_structured_output_returns_the_pydantic_model(cluster: ServerProcess, method: str) -> None:
+    from pydantic import BaseModel, Field
+
+    class Answer(BaseModel):
+        """An answer with a confidence."""
+
+        text: str = Field(max_length=16)
+        confidence: int = Field(ge=0, le=10)
+
+    llm = cluster_chat_model(settings=_settings(cluster), max_tokens=300, temperature=0.7)
+    structured = llm.with_structured_output(Answer, method=method)  # type: ignore[arg-type]
+    done = 0
+    for seed in range(3):
+        try:
+            out = structured.bind(seed=seed).invoke("What routes requests?")
+        except Exception as exc:  # an answer cut at max_tokens is not valid JSON: count, but say what it was
+            assert "Invalid" in str(exc) or "validation" in str(exc).lower() or "JSON" in str(exc), exc
+            continue
+        assert isinstance(out, Answer) and 0 <= out.confidence <= 10
+        done += 1
+    assert done >= 2, f"only {done} of 3 structured answers parsed"
+
+
+def test_generate_node_with_a_response_model_writes_the_parsed_object(cluster: ServerProcess) -> None:
+    from pydantic import BaseModel, Field
+
+    class Verdict(BaseModel):
+        summary: str = Field(max_length=20)
+        score: int = Field(ge=1, le=5)
+
+    import openai
+
+    parsed = 0
+    for seed in range(3):  # random weights may run a string to max_tokens: that answer cannot parse
+        node = make_generate_node(cluster_chat_model(settings=_settings(cluster), max_tokens=300, temperature=0.7,
+                                                     seed=seed), response_model=Verdict)
+        try:
+            out = build_graph(node).invoke({"question": "Does nginx fail over?"})
+        except (ValueError, openai.LengthFinishReasonError):
+            continue
+        assert isinstance(out["answer"], Verdict) and 1 <= out["answer"].score <= 5
+        assert out["usage"]["completion_tokens"] > 0
+        parsed += 1
+    assert parsed >= 2, f"only {parsed} of 3 structured answers parsed"

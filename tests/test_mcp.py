@@ -138,6 +138,28 @@ async def test_stdio_tools_generate_and_errors(cluster: ServerProcess, mcp_log: 
         bad_role = _error_text(await session.call_tool("generate", {"messages": [{"role": "robot", "content": "x"}]}))
         assert "role" in bad_role
 
+        # structured output: JSON matching the schema, parsed into `data` (constrained decoding)
+        schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12},
+                                                   "sure": {"type": "boolean"}}, "required": ["answer", "sure"]}
+        assert "response_schema" in props
+        answers = []
+        for _ in range(3):  # greedy random weights may spend max_tokens on blanks: sample, a few tries
+            result = await session.call_tool("generate", {
+                "prompt": "Is Ray Serve a library?", "response_schema": schema, "max_tokens": 300,
+                "temperature": 0.8})
+            if not result.is_error:
+                answers.append(_payload(result))
+        assert answers, "no structured answer finished within 300 tokens in 3 tries"
+        for structured in answers:
+            assert structured["finish_reason"] == "stop" and json.loads(structured["text"]) == structured["data"]
+            assert set(structured["data"]) == {"answer", "sure"} and isinstance(structured["data"]["sure"], bool)
+        cut = _error_text(await session.call_tool("generate", {"prompt": "x", "response_schema": schema,
+                                                               "max_tokens": 2}))
+        assert "max_tokens" in cut
+        bad = _error_text(await session.call_tool("generate", {"prompt": "x", "response_schema": {
+            "type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}}))
+        assert "multipleOf" in bad
+
         again = _payload(await session.call_tool("generate", {"prompt": "still alive?", "max_tokens": 2}))
         _check_generation(again, 2)
 

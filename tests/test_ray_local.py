@@ -188,6 +188,33 @@ def test_streaming_through_the_ingress(local: Local) -> None:
     assert "".join(parts) == whole.choices[0].text and len(parts) > 1
 
 
+def test_tools_structured_output_and_logprobs_cross_ray(local: Local) -> None:
+    """Grammar specs, tool definitions and logprob entries are plain data: the ingress parses the tool calls of a
+    replica's constrained output, streaming and not, and logprobs arrive per token (issue 14)."""
+    import jsonschema
+
+    params = {"type": "object", "properties": {"q": {"type": "string", "maxLength": 8}}, "required": ["q"]}
+    tool = {"type": "function", "function": {"name": "search", "parameters": params}}
+    c = local.client()
+    kw: dict = {"model": "tiny", "messages": [{"role": "user", "content": "find"}], "tools": [tool],
+                "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 200, "seed": 3,
+                "temperature": 0.9}
+    whole = c.chat.completions.create(**kw).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None
+    [call] = whole.message.tool_calls or []
+    jsonschema.validate(json.loads(call.function.arguments), params)
+    args = "".join(d.function.arguments or "" for chunk in c.chat.completions.create(stream=True, **kw)
+                   for ch in chunk.choices for d in ch.delta.tool_calls or [] if d.function)
+    assert args == call.function.arguments  # same seed, same replica engine: the same call, as deltas
+    fmt = {"type": "json_schema", "json_schema": {"name": "q", "schema": params}}
+    out = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "json"}], max_tokens=200,
+                                    response_format=fmt, logprobs=True, top_logprobs=2, seed=1)  # type: ignore[arg-type]
+    choice = out.choices[0]
+    jsonschema.validate(json.loads(choice.message.content or ""), params)
+    entries = choice.logprobs.content if choice.logprobs else []
+    assert entries and len(entries) == out.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in entries)
+
+
 def test_queue_full_is_429_with_retry_after(local: Local) -> None:
     body = {"model": "tiny-b", "prompt": "x", "max_tokens": 200, "min_tokens": 200}
 

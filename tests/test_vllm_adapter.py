@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import json
 import sys
 import types
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from app.engines.base import (
     PromptTooLongError,
     QueueFullError,
 )
+from app.engines.grammar import json_object_grammar
 from app.engines.vllm import VLLM_VERSION, VLLMEngine
 
 
@@ -56,12 +58,23 @@ class _SamplingParams:
 
 
 @dataclasses.dataclass
+class _StructuredOutputsConfig:
+    backend: str = "auto"
+
+
+@dataclasses.dataclass
+class _StructuredOutputsParams:
+    grammar: str | None = None
+
+
+@dataclasses.dataclass
 class _EngineArgs:
     model: str = ""
     served_model_name: str | None = None
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int | None = None
+    structured_outputs_config: _StructuredOutputsConfig | None = None
 
 
 class _FakeLLM:
@@ -71,7 +84,10 @@ class _FakeLLM:
 
     def __init__(self, args: _EngineArgs):
         self.args = args
-        self.model_config = types.SimpleNamespace(max_model_len=args.max_model_len or 2048, dtype="torch.float32")
+        vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+        self.model_config = types.SimpleNamespace(max_model_len=args.max_model_len or 2048, dtype="torch.float32",
+                                                  get_vocab_size=lambda: vocab)
+        self.params: list[_SamplingParams] = []
         self.scheduler_config = types.SimpleNamespace(max_num_seqs=args.max_num_seqs or 256)
         # where vLLM 0.32 keeps its EngineCore processes (app.compat.vllm_engine_core_processes): none here
         self.engine_core = types.SimpleNamespace(
@@ -95,10 +111,14 @@ class _FakeLLM:
             exc, self.raise_next = self.raise_next, None
             raise exc
         self.started.set()
+        self.params.append(sp)
         for i in range(sp.max_tokens):
             await self.step.wait()
             finish = "length" if i + 1 == sp.max_tokens else None
-            out = types.SimpleNamespace(text=f"w{i} ", token_ids=[100 + i], finish_reason=finish)
+            # logprobs as vLLM 0.32 sends them: per position, the sampled token and the top k by id
+            logprobs = [{100 + i: types.SimpleNamespace(logprob=-1.5), 7: types.SimpleNamespace(logprob=-0.25),
+                         8: types.SimpleNamespace(logprob=-3.0)}] if getattr(sp, "logprobs", None) else None
+            out = types.SimpleNamespace(text=f"w{i} ", token_ids=[100 + i], finish_reason=finish, logprobs=logprobs)
             yield types.SimpleNamespace(outputs=[out], finished=finish is not None)
 
     async def abort(self, request_id: str) -> None:
@@ -115,14 +135,16 @@ class _FakeLLM:
 @pytest.fixture
 def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[_FakeLLM]:
     mods = {name: types.ModuleType(name) for name in (
-        "vllm", "vllm.engine", "vllm.engine.arg_utils", "vllm.exceptions", "vllm.sampling_params", "vllm.v1",
-        "vllm.v1.engine", "vllm.v1.engine.async_llm", "vllm.v1.engine.exceptions", "vllm.platforms")}
+        "vllm", "vllm.config", "vllm.engine", "vllm.engine.arg_utils", "vllm.exceptions", "vllm.sampling_params",
+        "vllm.v1", "vllm.v1.engine", "vllm.v1.engine.async_llm", "vllm.v1.engine.exceptions", "vllm.platforms")}
     mods["vllm"].__version__ = VLLM_VERSION  # type: ignore[attr-defined]
     mods["vllm.engine.arg_utils"].AsyncEngineArgs = _EngineArgs  # type: ignore[attr-defined]
     mods["vllm.exceptions"].QueueOverflowError = _QueueOverflowError  # type: ignore[attr-defined]
     mods["vllm.exceptions"].VLLMClientError = _VLLMClientError  # type: ignore[attr-defined]
     mods["vllm.sampling_params"].RequestOutputKind = _Kind  # type: ignore[attr-defined]
     mods["vllm.sampling_params"].SamplingParams = _SamplingParams  # type: ignore[attr-defined]
+    mods["vllm.sampling_params"].StructuredOutputsParams = _StructuredOutputsParams  # type: ignore[attr-defined]
+    mods["vllm.config"].StructuredOutputsConfig = _StructuredOutputsConfig  # type: ignore[attr-defined]
     mods["vllm.v1.engine.async_llm"].AsyncLLM = _FakeLLM  # type: ignore[attr-defined]
     mods["vllm.v1.engine.exceptions"].EngineDeadError = _EngineDeadError  # type: ignore[attr-defined]
     mods["vllm.platforms"].current_platform = types.SimpleNamespace(  # type: ignore[attr-defined]
@@ -165,6 +187,29 @@ def test_streams_deltas_with_usage_and_finish(fake_vllm: type[_FakeLLM], tiny_mo
         assert llm.aborted == []
         await engine.shutdown()
         assert llm.shut and not engine.is_ready()
+
+    asyncio.run(main())
+
+
+def test_grammar_and_logprobs_reach_vllm_and_come_back_as_token_logprobs(fake_vllm: type[_FakeLLM],
+                                                                         tiny_model: Path) -> None:
+    async def main() -> None:
+        engine = _engine(tiny_model)
+        await engine.start()
+        llm = fake_vllm.instances[0]
+        assert llm.args.structured_outputs_config == _StructuredOutputsConfig(backend="xgrammar")
+        spec = json_object_grammar()
+        chunks = await _collect(engine.generate(GenerationRequest(prompt="hi", max_tokens=2, grammar=spec,
+                                                                  logprobs=1)))
+        sp = llm.params[-1]
+        assert sp.structured_outputs == _StructuredOutputsParams(grammar=spec.ebnf) and sp.logprobs == 1
+        entries = [e for c in chunks for e in c.logprobs or []]
+        assert [(e.chosen.token_id, e.chosen.logprob) for e in entries] == [(100, -1.5), (101, -1.5)]
+        assert [[(t.token_id, t.logprob) for t in e.top] for e in entries] == [[(7, -0.25)], [(7, -0.25)]]
+        assert entries[0].chosen.token_bytes and entries[0].chosen.token  # texts from the tokenizer's bytes
+        plain = await _collect(engine.generate(GenerationRequest(prompt="hi", max_tokens=1)))
+        assert plain[0].logprobs is None and not hasattr(llm.params[-1], "structured_outputs")
+        await engine.shutdown()
 
     asyncio.run(main())
 

@@ -19,7 +19,8 @@ from starlette.types import Send
 
 from app import metrics
 from app.api.access import log_request, request_id_of
-from app.api.protocol import INVALID_UNICODE, ErrorBody, ErrorResponse
+from app.api.protocol import ErrorBody, ErrorResponse
+from app.api.strict import INVALID_UNICODE
 from app.engines.base import EngineError
 from app.metrics import MetricsSink
 

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 from fastapi import Request
@@ -30,6 +30,7 @@ from app import metrics
 from app.api.access import log_request, request_id_of
 from app.api.backend import ModelBackend
 from app.api.errors import engine_error_response, error_payload
+from app.api.logprobs import ChatChoiceLogprobs, CompletionLogprobs, CompletionLogprobsBuilder, chat_logprobs
 from app.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -44,12 +45,22 @@ from app.api.protocol import (
     Usage,
     new_id,
 )
+from app.api.tool_parsers import ToolCallParser, get_parser
+from app.api.tools import (
+    check_tool_messages,
+    finish_reason,
+    messages_for_template,
+    tool_grammar,
+    tools_for_template,
+)
 from app.engines.base import (
     EngineError,
+    EngineInfo,
     EngineNotReadyError,
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
+    TokenLogprob,
 )
 from app.jsonline import dumps_line
 from app.metrics import MetricsSink
@@ -131,6 +142,7 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest) -> GenerationReque
         frequency_penalty=req.frequency_penalty,
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
+        logprobs=req.logprobs_k,
     )
 
 
@@ -307,12 +319,12 @@ class OpenAIServing:
         model: str,
         items: list[tuple[int, GenerationRequest]],
         req: ChatCompletionRequest | CompletionRequest,
-        make_chunk: Callable[[int, str | None, str | None, bool], dict[str, Any]],
+        info: EngineInfo,
+        stream_chunks: Callable[[int, GenerationChunk, bool], list[dict[str, Any]]],
         usage_chunk: Callable[[Usage], dict[str, Any]],
-        render_full: Callable[[dict[int, str], dict[int, str | None], Usage], dict[str, Any]],
+        render_full: Callable[[dict[int, _Collected], Usage], dict[str, Any]],
     ) -> Response:
         n = req.n
-        info = await self.backend.engine_info(model)  # 404 for unknown models
         obs = _Observation(self.sink, model=model, engine=info.engine, endpoint=endpoint,
                            request_id=request_id_of(request.scope))
         try:
@@ -333,25 +345,24 @@ class OpenAIServing:
                     return Response(status_code=499)
                 paced = _paced(merged, _cut_event(request), request.app.state.sse_keepalive_s)
                 return StreamingResponse(
-                    self._stream_body(merged, paced, obs, make_chunk, usage_chunk if req.include_usage else None, n),
+                    self._stream_body(merged, paced, obs, stream_chunks, usage_chunk if req.include_usage else None, n),
                     media_type="text/event-stream", headers={**SSE_HEADERS, **obs.headers}
                 )
             result = await _until_disconnect(request, self._collect(model, items, obs, n))
             if result is None:
                 obs.finish(499, "client_disconnected")
                 return Response(status_code=499)
-            texts, reasons, usage = result
+            collected, usage = result
             obs.finish(200)
-            return JSONResponse(render_full(texts, reasons, usage), headers=obs.headers)
+            return JSONResponse(render_full(collected, usage), headers=obs.headers)
         except EngineError as exc:
             obs.finish(exc.status_code, exc.error_type)
             return engine_error_response(exc)
 
     async def _collect(
         self, model: str, items: list[tuple[int, GenerationRequest]], obs: _Observation, n: int
-    ) -> tuple[dict[int, str], dict[int, str | None], Usage]:
-        texts: dict[int, list[str]] = {i: [] for i, _ in items}
-        reasons: dict[int, str | None] = {i: None for i, _ in items}
+    ) -> tuple[dict[int, _Collected], Usage]:
+        collected = {i: _Collected() for i, _ in items}
         prompt: dict[int, int] = {}
         completion: dict[int, int] = {}
 
@@ -360,11 +371,9 @@ class OpenAIServing:
                 async for chunk in chunks:
                     obs.token()
                     obs.note_served_by(chunk)
-                    texts[idx].append(chunk.text)
+                    collected[idx].add(chunk)
                     prompt[idx] = chunk.prompt_tokens
                     completion[idx] = chunk.completion_tokens
-                    if chunk.finish_reason:
-                        reasons[idx] = chunk.finish_reason
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -375,14 +384,14 @@ class OpenAIServing:
             raise (errors or list(group.exceptions))[0] from None
         usage = _usage(prompt, completion, n)
         obs.prompt_tokens, obs.output_tokens = usage.prompt_tokens, usage.completion_tokens
-        return {i: "".join(t) for i, t in texts.items()}, reasons, usage
+        return collected, usage
 
     async def _stream_body(
         self,
         merged: AsyncGenerator[tuple[int, GenerationChunk], None],
         paced: AsyncGenerator[tuple[int, GenerationChunk] | None, None],
         obs: _Observation,
-        make_chunk: Callable[[int, str | None, str | None, bool], dict[str, Any]],
+        stream_chunks: Callable[[int, GenerationChunk, bool], list[dict[str, Any]]],
         usage_chunk: Callable[[Usage], dict[str, Any]] | None,
         n: int,
     ) -> AsyncIterator[str]:
@@ -400,10 +409,8 @@ class OpenAIServing:
                 prompt[idx], completion[idx] = chunk.prompt_tokens, chunk.completion_tokens
                 first = idx not in started
                 started.add(idx)
-                if chunk.text or first:
-                    yield _sse(make_chunk(idx, chunk.text, None, first))
-                if chunk.finish_reason:
-                    yield _sse(make_chunk(idx, None, chunk.finish_reason, False))
+                for obj in stream_chunks(idx, chunk, first):
+                    yield _sse(obj)
             usage = _usage(prompt, completion, n)
             obs.prompt_tokens, obs.output_tokens = usage.prompt_tokens, usage.completion_tokens
             if usage_chunk is not None:
@@ -434,59 +441,157 @@ class OpenAIServing:
 
     # --------------------------------------------------------------------- chat
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        info = await self.backend.engine_info(req.model)  # 404 for unknown models
+        messages = [m.for_template() for m in req.messages]
+        check_tool_messages(messages)
+        plan = req.tool_plan()
+        parser = get_parser(info.tool_call_parser) if plan is not None and plan.parses_calls else None
         base = _sampling(req)
-        base.messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        base.messages = messages_for_template(messages)
+        if plan is not None:
+            base.tools = tools_for_template(plan.tools)
+        if plan is not None and parser is not None:
+            if req.response_format is not None and req.response_format.type != "text":
+                raise InvalidRequestError("response_format: a JSON response format cannot be combined with tool "
+                                          "calls; set tool_choice to none or drop response_format",
+                                          param="response_format")
+            base.grammar = tool_grammar(plan, parser)
+        else:
+            base.grammar = req.response_grammar()
         items = _fan_out(base, req.n)
         rid, created = new_id("chatcmpl"), int(time.time())
+        top_k = req.logprobs_k
+        choices: dict[int, _ChatChoiceStream] = {}
 
-        def make_chunk(idx: int, text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
-            delta = ChatDelta(role="assistant" if first else None, content=text)
-            return ChatCompletionChunk(
-                id=rid, created=created, model=req.model,
-                choices=[ChatChunkChoice(index=idx, delta=delta, finish_reason=finish)],
-            ).model_dump(exclude_none=True)
+        def stream_chunks(idx: int, chunk: GenerationChunk, first: bool) -> list[dict[str, Any]]:
+            state = choices.setdefault(idx, _ChatChoiceStream(parser, top_k))
+            out = []
+            for delta, logprobs in state.deltas(chunk, first):
+                out.append(_chat_chunk(rid, created, req.model, ChatChunkChoice(index=idx, delta=delta,
+                                                                                 logprobs=logprobs)))
+            if chunk.finish_reason:
+                out.append(_chat_chunk(rid, created, req.model, ChatChunkChoice(
+                    index=idx, delta=ChatDelta(), finish_reason=finish_reason(chunk.finish_reason, state.called))))
+            return out
 
         def usage_chunk(usage: Usage) -> dict[str, Any]:
             return ChatCompletionChunk(
                 id=rid, created=created, model=req.model, choices=[], usage=usage
             ).model_dump(exclude_none=True)
 
-        def full(texts: dict[int, str], reasons: dict[int, str | None], usage: Usage) -> dict[str, Any]:
-            choices = [
-                ChatChoice(index=i, message=ChatResponseMessage(content=texts[i]), finish_reason=reasons[i])
-                for i in sorted(texts)
-            ]
+        def full(collected: dict[int, _Collected], usage: Usage) -> dict[str, Any]:
+            out = []
+            for i in sorted(collected):
+                c = collected[i]
+                message = ChatResponseMessage(content=c.text)
+                reason = c.reason
+                if parser is not None:
+                    parsed = parser.parse(c.text)
+                    message = ChatResponseMessage(content=parsed.content, tool_calls=parsed.tool_calls or None)
+                    reason = finish_reason(c.reason, bool(parsed.tool_calls))
+                logprobs = chat_logprobs(c.logprobs, top_k) if top_k is not None else None
+                out.append(ChatChoice(index=i, message=message, finish_reason=reason, logprobs=logprobs))
             return ChatCompletionResponse(
-                id=rid, created=created, model=req.model, choices=choices, usage=usage
+                id=rid, created=created, model=req.model, choices=out, usage=usage
             ).model_dump()
 
-        return await self._run(request, "chat", req.model, items, req, make_chunk, usage_chunk, full)
+        return await self._run(request, "chat", req.model, items, req, info, stream_chunks, usage_chunk, full)
 
     # --------------------------------------------------------------------- completions
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        info = await self.backend.engine_info(req.model)  # 404 for unknown models
         items: list[tuple[int, GenerationRequest]] = []
         for p_idx, prompt in enumerate(req.prompts):
             base = _sampling(req)
             base.prompt = prompt
             items += _fan_out(base, req.n, offset=p_idx * req.n)
         rid, created = new_id("cmpl"), int(time.time())
+        top_k = req.logprobs_k
+        builders: dict[int, CompletionLogprobsBuilder] = {}
 
-        def make_chunk(idx: int, text: str | None, finish: str | None, first: bool) -> dict[str, Any]:
-            return CompletionResponse(
-                id=rid, created=created, model=req.model,
-                choices=[CompletionChoice(index=idx, text=text or "", finish_reason=finish)],
-            ).model_dump(exclude={"usage"})
+        def logprobs_of(idx: int, entries: list[TokenLogprob]) -> CompletionLogprobs | None:
+            if top_k is None:
+                return None
+            return builders.setdefault(idx, CompletionLogprobsBuilder(top_k)).build(entries)
+
+        def stream_chunks(idx: int, chunk: GenerationChunk, first: bool) -> list[dict[str, Any]]:
+            out = []
+            if chunk.text or first or chunk.logprobs:
+                out.append(CompletionResponse(
+                    id=rid, created=created, model=req.model,
+                    choices=[CompletionChoice(index=idx, text=chunk.text, finish_reason=None,
+                                              logprobs=logprobs_of(idx, chunk.logprobs or []))],
+                ).model_dump(exclude={"usage"}))
+            if chunk.finish_reason:
+                out.append(CompletionResponse(
+                    id=rid, created=created, model=req.model,
+                    choices=[CompletionChoice(index=idx, text="", finish_reason=chunk.finish_reason)],
+                ).model_dump(exclude={"usage"}))
+            return out
 
         def usage_chunk(usage: Usage) -> dict[str, Any]:
             return CompletionResponse(id=rid, created=created, model=req.model, choices=[], usage=usage).model_dump()
 
-        def full(texts: dict[int, str], reasons: dict[int, str | None], usage: Usage) -> dict[str, Any]:
-            choices = [CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i]) for i in sorted(texts)]
+        def full(collected: dict[int, _Collected], usage: Usage) -> dict[str, Any]:
+            choices = [CompletionChoice(index=i, text=c.text, finish_reason=c.reason,
+                                        logprobs=logprobs_of(i, c.logprobs)) for i, c in sorted(collected.items())]
             return CompletionResponse(
                 id=rid, created=created, model=req.model, choices=choices, usage=usage
             ).model_dump()
 
-        return await self._run(request, "completions", req.model, items, req, make_chunk, usage_chunk, full)
+        return await self._run(request, "completions", req.model, items, req, info, stream_chunks, usage_chunk,
+                               full)
+
+
+@dataclass
+class _Collected:
+    """One choice of a non-streaming answer: its text, finish reason and logprob entries."""
+
+    parts: list[str] = field(default_factory=list)
+    reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def add(self, chunk: GenerationChunk) -> None:
+        self.parts.append(chunk.text)
+        self.logprobs.extend(chunk.logprobs or [])
+        if chunk.finish_reason:
+            self.reason = chunk.finish_reason
+
+
+class _ChatChoiceStream:
+    """One streamed chat choice: engine chunks in, (delta, logprobs) pairs out; tool calls parsed on the fly."""
+
+    def __init__(self, parser: ToolCallParser | None, top_k: int | None):
+        self.stream = parser.stream() if parser is not None else None
+        self.top_k = top_k
+
+    @property
+    def called(self) -> bool:
+        return self.stream is not None and self.stream.called_tools
+
+    def deltas(self, chunk: GenerationChunk, first: bool) -> list[tuple[ChatDelta, ChatChoiceLogprobs | None]]:
+        logprobs = chat_logprobs(chunk.logprobs or [], self.top_k) if self.top_k is not None else None
+        role: Literal["assistant"] | None = "assistant" if first else None
+        if self.stream is None:
+            if chunk.text or first or chunk.logprobs:
+                return [(ChatDelta(role=role, content=chunk.text), logprobs)]
+            return []
+        parsed = self.stream.feed(chunk.text)
+        if chunk.finish_reason:
+            parsed.extend(self.stream.finish())
+        if parsed or first or chunk.logprobs:
+            # content "" only on the role chunk, as OpenAI sends it; tool-call chunks carry content null
+            content = parsed.content if parsed.content else ("" if first and not parsed.tool_calls else None)
+            return [(ChatDelta(role=role, content=content, tool_calls=parsed.tool_calls or None), logprobs)]
+        return []
+
+
+def _chat_chunk(rid: str, created: int, model: str, choice: ChatChunkChoice) -> dict[str, Any]:
+    return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice]).model_dump(exclude_none=True)
 
 
 def _usage(prompt: dict[int, int], completion: dict[int, int], n: int) -> Usage:

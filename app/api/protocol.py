@@ -1,11 +1,13 @@
 """Pydantic models of the OpenAI wire format (requests, responses, stream chunks, errors).
 
-Only data shapes live here; the logic that fills them is in `app.api.openai`.
+Only data shapes live here; the logic that fills them is in `app.api.openai`. The request fields of tools
+(`app.api.tools`), response_format (`app.api.structured`) and logprobs (`app.api.logprobs`) are mixed in from
+their own modules.
 Unknown request fields are ignored (as OpenAI-compatible servers do), but fields
 whose semantics we do not implement are rejected with a 400 naming the field.
 Types are strict (no "5" for an integer, no 1 for a boolean), as OpenAI's API is.
-Every string field is `Text`: a lone surrogate (`"\\udc00"` is valid JSON but not Unicode) is a 400
-naming the field (error type `invalid_unicode`), never a crash in a tokenizer.
+Every string field is `Text` (`app.api.strict`, with `Int`): a lone surrogate (`"\\udc00"` is valid JSON but
+not Unicode) is a 400 naming the field (error type `invalid_unicode`), never a crash in a tokenizer.
 """
 
 from __future__ import annotations
@@ -14,41 +16,25 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from app.api.logprobs import ChatChoiceLogprobs, ChatLogprobsFields, CompletionLogprobs, CompletionLogprobsFields
+from app.api.strict import INTEGRAL, Int, RequestModel, Text
+from app.api.structured import ResponseFormatFields
+from app.api.tools import AssistantToolCall, DeltaToolCall, ToolCall, ToolFields
 
 MAX_STOP_SEQUENCES = 8
-INVALID_UNICODE = "invalid_unicode"
 
 
-def _valid_unicode(value: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PydanticCustomError(
-            INVALID_UNICODE, "invalid Unicode: lone surrogate U+{code} at character {pos} (send UTF-8 text)",
-            {"code": f"{ord(value[exc.start]):04X}", "pos": exc.start},
-        ) from None
-    return value
-
-
-Text = Annotated[str, AfterValidator(_valid_unicode)]
-
-
-def _integral(value: Any) -> Any:
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-# JSON (and JSON Schema, hence the OpenAPI document) count 2.0 as an integer; strict pydantic would not.
-# "2", true and 2.5 stay refused. Constraints go before it (`Annotated[int, Field(ge=1), INTEGRAL]`) so
-# that they reach the JSON schema as `minimum`/`maximum`.
-INTEGRAL = BeforeValidator(_integral)
-Int = Annotated[int, INTEGRAL]
-
-
-class _Request(BaseModel):
-    # strict: OpenAI rejects "5" for an integer and "yes" for a boolean; lax pydantic would coerce them
-    model_config = ConfigDict(extra="ignore", strict=True)
+_Request = RequestModel  # strict: OpenAI rejects "5" for an integer and "yes" for a boolean
 
 
 class StreamOptions(_Request):
@@ -64,6 +50,19 @@ class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # assistant messages: the calls it made
+    tool_call_id: Text | None = None  # tool messages: the call they answer
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the engine's chat template gets it (before `messages_for_template`)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -114,7 +113,6 @@ class _SamplingFields(_Request):
     min_tokens: Annotated[int, Field(ge=0), INTEGRAL] = 0
     ignore_eos: bool = False
     # accepted only at their neutral values
-    logprobs: Any = Field(None, json_schema_extra={"enum": [None, False, 0]})
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
 
     @field_validator("stop")
@@ -125,8 +123,6 @@ class _SamplingFields(_Request):
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> _SamplingFields:
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs is not supported by this server")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported by this server")
         if self.stream_options is not None and not self.stream:
@@ -142,27 +138,16 @@ class _SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(_SamplingFields, ToolFields, ResponseFormatFields, ChatLogprobsFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
-    top_logprobs: Int | None = None
-    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
-    response_format: dict[str, Any] | None = Field(None, json_schema_extra={"properties": {"type": {"enum": ["text"]}}})
-
-    @model_validator(mode="after")
-    def _check_chat(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools / function calling is not supported by this server")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return self
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(_SamplingFields, CompletionLogprobsFields):
     prompt: Text | list[Text] = Field(..., json_schema_extra={
         "minLength": 1, "minItems": 1, "maxItems": 16, "items": {"type": "string", "minLength": 1}})
     echo: bool = Field(False, json_schema_extra={"enum": [False]})
@@ -214,14 +199,22 @@ class Usage(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the model only called tools
+    tool_calls: list[ToolCall] | None = None  # left out of the JSON when the model called none (as OpenAI does)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -237,13 +230,14 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -259,7 +253,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -316,6 +316,7 @@ class TPEngine(Engine):
             model_id=settings.model_id, engine=ENGINE_NAME, model_source=settings.model,
             max_context=settings.max_model_len or 0, device=settings.device, dtype=settings.dtype,
             reason=f"tensor parallel over {info.world_size} ranks (DeepSpeed AutoTP)",
+            tool_call_parser=settings.tool_call_parser,
         )
         self._labels = {"model": settings.model_id, "engine": ENGINE_NAME}
         self._admission = AdmissionController(settings.max_num_seqs, settings.max_waiting, settings.retry_after_s,
@@ -447,7 +448,8 @@ class TPEngine(Engine):
     ) -> AsyncGenerator[GenerationChunk, None]:
         runner = self._ready_runner()  # again: the group may have died while this request waited for its slot
         assert self._scheduler is not None
-        stream = stream_sequence(self._scheduler, runner.tokenizer, prompt_ids, req, runner.sampler(req, max_new),
+        sampler = await runner.sampler_off_loop(req, max_new)
+        stream = stream_sequence(self._scheduler, runner.tokenizer, prompt_ids, req, sampler,
                                  on_abort=lambda: self.metrics.inc(metrics.ABORTED, self._labels))
         try:
             async with contextlib.aclosing(stream) as chunks:

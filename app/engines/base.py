@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FinishReason = Literal["stop", "length"]
+GrammarKind = Literal["json_schema", "json_object", "tool_calls"]
 EngineChoice = Literal["auto", "vllm", "transformers"]
 
 
@@ -32,6 +33,8 @@ class ServingKnobs(BaseModel):
     max_waiting: int = Field(default=32, ge=0, description="Requests queued per engine (per replica) before 429.")
     default_max_tokens: int = Field(default=256, ge=1, description="max_tokens for a request that sets none.")
     retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After (seconds) sent with a 429.")
+    tool_call_parser: str = Field(default="hermes", min_length=1, description="How the model writes tool calls, "
+                                  "by vLLM's parser names (hermes: Qwen2.5, Qwen3, Hermes 2 Pro).")
 
 
 class EngineSpec(ServingKnobs):
@@ -50,9 +53,42 @@ class EngineSpec(ServingKnobs):
     source: str = ""
 
 
+@dataclass(frozen=True)
+class GrammarSpec:
+    """A grammar an engine enforces on one generation. `ebnf` is xgrammar EBNF; `source` is the JSON it was built
+    from (schema or structural tag), kept for logs and error messages."""
+
+    kind: GrammarKind
+    ebnf: str
+    source: str = ""
+
+    def __repr__(self) -> str:  # the EBNF can be long
+        return f"GrammarSpec(kind={self.kind!r}, source={self.source[:80]!r}, ebnf=<{len(self.ebnf)} chars>)"
+
+
+@dataclass(frozen=True)
+class TokenCandidate:
+    token_id: int
+    token: str  # the token's text; "bytes:\\xNN..." when its bytes are not valid UTF-8 alone (OpenAI's notation)
+    token_bytes: bytes
+    logprob: float  # may be -inf (a token the grammar forbids); the API clamps it to -9999.0 as vLLM does
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated position: the chosen token and the `k` most likely ones (most likely first)."""
+
+    chosen: TokenCandidate
+    top: tuple[TokenCandidate, ...] = ()
+
+
 @dataclass
 class GenerationRequest:
-    """Engine-level request: either a raw `prompt` or chat `messages`."""
+    """Engine-level request: either a raw `prompt` or chat `messages`.
+
+    `grammar`: constrain the output to it (structured output, tool calls); `logprobs`: report each generated
+    token's logprob and this many top candidates (None: none); `tools`: the tool definitions the chat template
+    renders (OpenAI's `tools` entries as plain dicts)."""
 
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -65,6 +101,9 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    grammar: GrammarSpec | None = None
+    logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -73,7 +112,8 @@ class GenerationChunk:
     """One step of output. `completion_tokens` is cumulative; `text` is the new delta.
 
     The first chunk of a stream carries `served_by`, set by the server hosting the engine
-    (`transformers@standalone`, `vllm@10.0.0.5/abc123` for a Ray replica, `deepspeed@rank0`).
+    (`transformers@standalone`, `vllm@10.0.0.5/abc123` for a Ray replica, `deepspeed@rank0`). With
+    `GenerationRequest.logprobs` set, `logprobs` holds one entry per token generated since the previous chunk.
     """
 
     text: str
@@ -81,6 +121,7 @@ class GenerationChunk:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     served_by: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 def merge_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:
@@ -93,6 +134,8 @@ def merge_chunks(chunks: list[GenerationChunk]) -> GenerationChunk:
         text="".join(c.text for c in chunks), prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens, finish_reason=last.finish_reason,
         served_by=next((c.served_by for c in chunks if c.served_by), None),
+        logprobs=[e for c in chunks for e in c.logprobs or ()] if any(c.logprobs is not None for c in chunks)
+        else None,
     )
 
 
@@ -108,6 +151,7 @@ class EngineInfo:
     dtype: str = "float32"
     reason: str = ""  # why this engine was selected (e.g. the vLLM fallback reason)
     max_parallel: int = 0  # generations one request may fan out to (running + waiting slots); 0 = unknown
+    tool_call_parser: str = "hermes"  # the model's tool-call format (ServingKnobs.tool_call_parser)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from app.engines.base import EngineDeadError, EngineError, GenerationChunk, GenerationRequest, merge_chunks
 from app.engines.sampling import Sample, Sampler
+from app.engines.sequence_constraints import logprob_of
 from app.engines.text import ChunkAssembler
 
 log = logging.getLogger(__name__)
@@ -326,8 +327,8 @@ async def stream_sequence(scheduler: BatchScheduler, tokenizer: Any, prompt_ids:
                     raise EngineDeadError(f"engine died during the request: {event[1]}", retry_after=10)
                 if kind == "error":
                     raise EngineError(f"generation failed: {event[1]}")
-                _, token, finish, _extras = event
-                chunk = chunks.push(token, finish)
+                _, token, finish, extras = event
+                chunk = chunks.push(token, finish, logprob_of(extras))
                 if chunk is not None:
                     out.append(chunk)
                 if chunks.done:

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_NAME = "transformers"
 USED_KWARGS = frozenset({"dtype", "device", "max_model_len", "max_num_seqs", "trust_remote_code", "revision",
-                         "tokenizer", "seed", "prefill_chunk_tokens"})
+                         "tokenizer", "seed", "prefill_chunk_tokens", "cpu_threads"})
 # vLLM performance knobs with no effect on what is generated: the transformers engine has no use for them
 IGNORED_VLLM_KWARGS = frozenset({
     "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "kv_cache_dtype", "max_num_batched_tokens",
@@ -112,6 +112,7 @@ def transformers_engine_config(engine_kwargs: dict[str, Any], *, fallback: bool 
         max_num_seqs=_int(kw, "max_num_seqs", 1) or HFEngineConfig.max_num_seqs, trust_remote_code=trust,
         revision=_str(kw, "revision"), tokenizer=_str(kw, "tokenizer"), seed=seed,
         prefill_chunk_tokens=_int(kw, "prefill_chunk_tokens", 1) or HFEngineConfig.prefill_chunk_tokens,
+        cpu_threads=_int(kw, "cpu_threads", 1),
     )
     notes = []
     if ignored:
@@ -151,7 +152,8 @@ class TransformersEngine(Engine):
         self.fallback = fallback
         self.runner = HFModelRunner(spec.model_source, self.cfg, model_id=spec.model_id)
         self.info = EngineInfo(model_id=spec.model_id, engine=self.name, model_source=spec.model_source,
-                               max_context=self.cfg.max_model_len or 0, reason=self.reason)
+                               max_context=self.cfg.max_model_len or 0, reason=self.reason,
+                               tool_call_parser=spec.tool_call_parser)
         self._labels = {"model": spec.model_id, "engine": self.name}
         self._admission = AdmissionController(self.cfg.max_num_seqs, spec.max_waiting, spec.retry_after_s,
                                               metrics=self.metrics, metric_labels=self._labels)
@@ -230,7 +232,7 @@ class TransformersEngine(Engine):
     ) -> AsyncGenerator[GenerationChunk, None]:
         await self.check_health()
         assert self._scheduler is not None  # set before the engine reports ready
-        sampler = self.runner.sampler(req, max_new)
+        sampler = await self.runner.sampler_off_loop(req, max_new)
         stream = stream_sequence(self._scheduler, self.runner.tokenizer, prompt_ids, req, sampler,
                                  on_abort=lambda: self.metrics.inc(metrics.ABORTED, self._labels))
         async with contextlib.aclosing(stream) as chunks:

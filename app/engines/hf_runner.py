@@ -13,12 +13,13 @@ Shared by the transformers engine (one runner, one continuous-batching scheduler
 
 `sampler` seeds a per-request torch.Generator (seeded requests are reproducible; `seed` in engine_kwargs makes
 unseeded ones reproducible in arrival order, as vLLM's engine seed does) and attaches `sequence_hooks(request)`,
-the per-sequence logits processors / logprobs captures (none yet). The decode loop itself is
+the request's grammar mask and logprobs capture (`app.engines.sequence_constraints`). The decode loop itself is
 `app.engines.batching.BatchScheduler`; the batched forward `app.engines.ragged.RaggedModel`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -27,10 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.engines import ragged
+from app.engines import cpu_threads, ragged
 from app.engines.base import GenerationRequest
 from app.engines.batching import DEFAULT_PREFILL_CHUNK
 from app.engines.sampling import Sampler, SequenceHook
+from app.engines.sequence_constraints import needs_hooks, sequence_hooks
 from app.engines.text import max_token_chars, render_prompt, token_budget
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class HFEngineConfig:
     revision: str | None = None
     tokenizer: str | None = None
     seed: int | None = None
+    cpu_threads: int | None = None  # torch threads for the forwards on CPU (None: measured at load)
 
 
 def resolve_device(device: str) -> str:
@@ -141,6 +144,13 @@ class HFModelRunner:
         self.max_context = ctx
         self._max_token_chars = max_token_chars(tok)
         self.batched = ragged.install(model)
+        if device == "cpu":  # before the granule probe: the GEMM kernels depend on the thread count
+            if cfg.cpu_threads is not None:
+                cpu_threads.set_cpu_threads(cfg.cpu_threads)
+            else:
+                probe = ragged.RaggedModel(model, vocab_size=int(model.config.vocab_size), device=device,
+                                           batched=self.batched)
+                cpu_threads.choose_cpu_threads(probe, cfg.max_num_seqs)
         self.granule = ragged.probe_row_granule(model, cfg.max_num_seqs) if self.batched else 1
         self.device = device
         self.dtype = str(dtype).removeprefix("torch.")
@@ -185,8 +195,9 @@ class HFModelRunner:
 
     # ------------------------------------------------------------------ sampling
     def sequence_hooks(self, req: GenerationRequest) -> list[SequenceHook]:
-        """Per-sequence hooks on the decode step for this request (grammar masks, logprobs captures): none yet."""
-        return []
+        """Per-sequence hooks on the decode step for this request: its grammar mask and logprobs capture
+        (`app.engines.sequence_constraints`; none for a plain request)."""
+        return sequence_hooks(req, self._tokenizer, self.vocab_size)
 
     def sampler(self, req: GenerationRequest, max_new: int, hooks: list[SequenceHook] | None = None) -> Sampler:
         """The request's sampler (hooks: `sequence_hooks(req)` unless given); call in arrival order (an engine
@@ -194,6 +205,12 @@ class HFModelRunner:
         return Sampler(req, max_new, generator=self._generator(req), eos_ids=self._eos_ids,
                        vocab_size=self.vocab_size, device=self.device,
                        hooks=self.sequence_hooks(req) if hooks is None else hooks)
+
+    async def sampler_off_loop(self, req: GenerationRequest, max_new: int) -> Sampler:
+        """`sampler` for an async engine: the hooks are built in a worker thread (compiling a JSON schema's
+        grammar can take a while), the generator on the loop (so an engine seed stays in arrival order)."""
+        hooks = await asyncio.to_thread(self.sequence_hooks, req) if needs_hooks(req) else []
+        return self.sampler(req, max_new, hooks)
 
     def _generator(self, req: GenerationRequest) -> Any:
         import torch

@@ -87,7 +87,10 @@ def sample_row(row: Any, seq: Sampler) -> Sample:
     if seq.counts is not None:
         logits = logits - req.frequency_penalty * seq.counts - req.presence_penalty * (seq.counts > 0).float()
     if seq.eos is not None and (req.ignore_eos or seq.step < req.min_tokens):
+        banned = logits[seq.eos].clone()
         logits[seq.eos] = float("-inf")
+        if not torch.isfinite(logits).any():  # a grammar that allows only the end: the end wins
+            logits[seq.eos] = banned
     if req.temperature < SAMPLING_EPS:  # a tiny temperature would overflow the logits: greedy
         token = int(torch.argmax(logits))
     else:

@@ -161,6 +161,7 @@ class SelectedEngine(Engine):
             model_source=spec.model_source,
             max_context=int(spec.engine_kwargs.get("max_model_len") or 0),
             reason="loading",
+            tool_call_parser=spec.tool_call_parser,
         )
 
     async def start(self) -> None:

@@ -15,7 +15,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from app.engines.base import FinishReason, GenerationChunk, GenerationRequest, InvalidRequestError, PromptTooLongError
+from app.engines.base import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+    PromptTooLongError,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +39,8 @@ def render_prompt(tokenizer: Any, req: GenerationRequest, model_id: str, *, plai
     a prompt longer than that is a PromptTooLongError (a 400 naming the context)."""
     if req.messages is not None:
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(req.messages, tools=req.tools, add_generation_prompt=True,
+                                                 tokenize=False)
         elif plain_chat_fallback:
             if model_id not in _fallback_template_warned:
                 log.warning("tokenizer of %s has no chat template; using a plain one", model_id)
@@ -167,9 +175,10 @@ class StopMatcher:
 class ChunkAssembler:
     """Generated token ids in, `GenerationChunk`s out, for one request.
 
-    `push(token, finish)` takes each token with the engine's finish reason (None, "stop" for EOS, "length")
-    and returns the chunk to send now, or None while text is held back. Once `done` is set the request is
-    complete (its final chunk carried the finish reason: "stop" also when a stop string matched).
+    `push(token, finish, logprob)` takes each token with the engine's finish reason (None, "stop" for EOS,
+    "length") and, when the request asked for logprobs, its `TokenLogprob`; it returns the chunk to send now, or
+    None while text is held back (held-back tokens' logprobs go out with the next chunk). Once `done` is set the
+    request is complete (its final chunk carried the finish reason: "stop" also when a stop string matched).
     """
 
     def __init__(self, tokenizer: Any, stops: list[str], prompt_tokens: int):
@@ -178,17 +187,25 @@ class ChunkAssembler:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.done = False
+        self._logprobs: list[TokenLogprob] = []
 
-    def push(self, token: int, finish: FinishReason | None) -> GenerationChunk | None:
+    def push(self, token: int, finish: FinishReason | None, logprob: TokenLogprob | None = None
+             ) -> GenerationChunk | None:
         self.completion_tokens += 1
+        if logprob is not None:
+            self._logprobs.append(logprob)
         text, hit = self._stops.feed(self._detok.push(token))
         if finish and not hit:  # text the detokenizer held back would otherwise be lost
             more, hit = self._stops.feed(self._detok.flush())
             text += more
         if hit:
             self.done = True
-            return GenerationChunk(text, self.prompt_tokens, self.completion_tokens, "stop")
+            return self._chunk(text, "stop")
         if finish:
             self.done = True
-            return GenerationChunk(text + self._stops.flush(), self.prompt_tokens, self.completion_tokens, finish)
-        return GenerationChunk(text, self.prompt_tokens, self.completion_tokens) if text else None
+            return self._chunk(text + self._stops.flush(), finish)
+        return self._chunk(text, None) if text else None
+
+    def _chunk(self, text: str, finish: FinishReason | None) -> GenerationChunk:
+        logprobs, self._logprobs = (self._logprobs or None), []
+        return GenerationChunk(text, self.prompt_tokens, self.completion_tokens, finish, logprobs=logprobs)

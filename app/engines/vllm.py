@@ -70,7 +70,11 @@ from app.engines.base import (
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
+    TokenLogprob,
 )
+from app.engines.grammar import vllm_structured_outputs
+from app.engines.grammar_matcher import GrammarCompiler
+from app.engines.logprobs import TokenTexts
 from app.engines.text import max_token_chars, render_prompt, token_budget
 from app.engines.vllm_plugins import ERROR_LOG_ENV, install_error_log
 from app.metrics import MetricsSink, PrometheusSink
@@ -187,6 +191,11 @@ def sampling_params_kwargs(req: GenerationRequest, max_tokens: int) -> dict[str,
     if req.seed is not None:
         # same 64-bit folding as the transformers engine (vLLM treats -1 as "no seed")
         kw["seed"] = int(req.seed) & 0xFFFF_FFFF_FFFF_FFFF
+    if req.logprobs is not None:
+        kw["logprobs"] = int(req.logprobs)  # raw logprobs (vLLM's default mode), as the transformers engine reports
+    if req.grammar is not None:
+        # the StructuredOutputsParams kwargs: the engine builds the object (it needs the vLLM class)
+        kw["structured_outputs"] = vllm_structured_outputs(req.grammar)
     return kw
 
 
@@ -290,6 +299,7 @@ class VLLMEngine(Engine):
             device="pending",  # the platform of the installed build, known once it starts
             dtype=str(kw.get("dtype") or "auto"),
             reason=reason,
+            tool_call_parser=spec.tool_call_parser,
         )
         max_running = int(kw.get("max_num_seqs") or VLLM_DEFAULT_MAX_NUM_SEQS)  # until vLLM resolves its own
         self._labels = {"model": spec.model_id, "engine": self.name}
@@ -300,6 +310,7 @@ class VLLMEngine(Engine):
         self._llm: Any = None
         self._tokenizer: Any = None
         self._max_token_chars = 0
+        self._texts: TokenTexts | None = None
         self._vllm: dict[str, Any] = {}
         self._ready = False
         self._dead_reason: str | None = None
@@ -316,9 +327,10 @@ class VLLMEngine(Engine):
         check_build_serves(device, installed_vllm())
 
         import vllm  # an ImportError here is a start failure: `auto` falls back
+        from vllm.config import StructuredOutputsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.exceptions import QueueOverflowError, VLLMClientError
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
 
@@ -331,12 +343,15 @@ class VLLMEngine(Engine):
             raise ValueError(f"engine_kwargs {unknown} are not AsyncEngineArgs fields of vLLM {installed}")
         self._vllm = {
             "SamplingParams": SamplingParams,
+            "StructuredOutputsParams": StructuredOutputsParams,
             "DELTA": RequestOutputKind.DELTA,
             "client_errors": (VLLMClientError,),
             "queue_errors": (QueueOverflowError,),
             "dead_errors": (VLLMEngineDeadError,),
         }
         platform, on_cpu = compat.vllm_platform()
+        # xgrammar, named: the grammars are xgrammar EBNF, the same the transformers engine enforces
+        args.setdefault("structured_outputs_config", StructuredOutputsConfig(backend="xgrammar"))
         engine_args = AsyncEngineArgs(model=self.spec.model_source, served_model_name=self.spec.model_id, **args)
         if on_cpu:
             check_cpu_kv_cache(args)
@@ -449,7 +464,26 @@ class VLLMEngine(Engine):
                              max_tokens=self.info.max_context - 1, max_token_chars=self._max_token_chars)
 
     def _sampling_params(self, req: GenerationRequest, max_tokens: int) -> Any:
-        return self._vllm["SamplingParams"](output_kind=self._vllm["DELTA"], **sampling_params_kwargs(req, max_tokens))
+        kw = sampling_params_kwargs(req, max_tokens)
+        if "structured_outputs" in kw:
+            kw["structured_outputs"] = self._vllm["StructuredOutputsParams"](**kw["structured_outputs"])
+        return self._vllm["SamplingParams"](output_kind=self._vllm["DELTA"], **kw)
+
+    def _token_texts(self) -> TokenTexts:
+        """Token texts for logprobs from the same exact bytes the transformers engine uses (built once)."""
+        if self._texts is None:
+            vocab = int(self._llm.model_config.get_vocab_size())
+            self._texts = GrammarCompiler.for_tokenizer(self._tokenizer, vocab).token_texts()
+        return self._texts
+
+    def _logprob_entries(self, out: Any, k: int) -> list[TokenLogprob]:
+        """vLLM's per-position {token id: Logprob} dicts (the sampled token plus the top k) as `TokenLogprob`s."""
+        texts = self._token_texts()
+        entries = []
+        for token_id, position in zip(out.token_ids, out.logprobs or [], strict=False):
+            chosen = position[token_id].logprob
+            entries.append(texts.entry(token_id, chosen, ((t, lp.logprob) for t, lp in position.items()), k))
+        return entries
 
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(await asyncio.to_thread(self._render, request))
@@ -474,6 +508,7 @@ class VLLMEngine(Engine):
         request_id = f"{req.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique among live requests
         outputs = self._llm.generate(_tokens_input(prompt_ids), params, request_id)
         n_prompt, n_out, finished = len(prompt_ids), 0, False
+        pending_logprobs: list[TokenLogprob] = []  # of tokens whose text vLLM still holds back
         try:
             async for ro in outputs:
                 out = ro.outputs[0]
@@ -485,8 +520,12 @@ class VLLMEngine(Engine):
                 if reason == "error":
                     raise EngineError("generation failed inside vLLM")
                 finish: FinishReason | None = None if reason is None else ("length" if reason == "length" else "stop")
+                logprobs = self._logprob_entries(out, req.logprobs) if req.logprobs is not None else []
+                pending_logprobs.extend(logprobs)
                 if out.text or finish:
-                    yield GenerationChunk(out.text, n_prompt, n_out, finish)
+                    yield GenerationChunk(out.text, n_prompt, n_out, finish,
+                                          logprobs=pending_logprobs if req.logprobs is not None else None)
+                    pending_logprobs = []
                 if finish or ro.finished:
                     finished = True
                     return

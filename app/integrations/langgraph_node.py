@@ -8,7 +8,9 @@ The node builds the prompt the same way the MCP `generate` tool does (documents
 numbered in a system message, `prompts.build_messages`), calls the cluster through a
 `ChatOpenAI` pointed at `CLUSTER_BASE_URL` whose HTTP clients carry the kit's one retry
 policy (`app.client.wire.RetryTransport`; the openai SDK's own retries are off), and
-works in `graph.invoke` and `graph.ainvoke`.
+works in `graph.invoke` and `graph.ainvoke`. With `response_model` (a pydantic model) the answer is structured
+output (`with_structured_output(method="json_schema")`: constrained decoding on every engine) and the node
+writes the parsed model instance.
 Needs the `langgraph` extra (langgraph, langchain-openai, langchain-core).
 """
 
@@ -22,7 +24,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import RunnableLambda
 from langchain_openai import ChatOpenAI
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from app.client.wire import AsyncRetryTransport, ClientError, RetryTransport, list_models_sync
 from app.integrations.prompts import DEFAULT_SYSTEM_PROMPT, build_messages
@@ -82,6 +84,7 @@ def make_generate_node(
     usage_key: str | None = "usage",
     system_prompt: str = DEFAULT_SYSTEM_PROMPT,
     name: str = "generate",
+    response_model: type[BaseModel] | None = None,
     **llm_kwargs: Any,
 ) -> RunnableLambda:
     """A graph node: `state[question_key]` + `state[documents_key]` -> `{answer_key: text, usage_key: {...}}`.
@@ -90,10 +93,14 @@ def make_generate_node(
     a missing or empty documents entry means no context. `llm` defaults to
     `cluster_chat_model(**llm_kwargs)`; pass your own chat model to reuse this node elsewhere.
     Keys absent from the graph's state schema are dropped by LangGraph, so `usage` is harmless.
+    `response_model`: the answer is an instance of it (JSON-schema structured output); a reply that does not
+    parse (cut at max_tokens) raises ValueError.
     """
-    chat = llm if llm is not None else cluster_chat_model(**llm_kwargs)
     if llm is not None and llm_kwargs:
         raise TypeError("pass either llm= or ChatOpenAI keyword arguments, not both")
+    chat = llm if llm is not None else cluster_chat_model(**llm_kwargs)
+    structured = (chat.with_structured_output(response_model, method="json_schema", include_raw=True)
+                  if response_model is not None else None)
 
     def _messages(state: Mapping[str, Any]) -> list[tuple[str, str]]:
         question = state.get(question_key)
@@ -103,16 +110,24 @@ def make_generate_node(
         msgs = build_messages(prompt=question, context=list(docs), system_prompt=system_prompt)
         return [(m["role"], m["content"]) for m in msgs]
 
-    def _update(message: BaseMessage) -> dict[str, Any]:
-        update: dict[str, Any] = {answer_key: str(message.text)}
+    def _update(reply: Any) -> dict[str, Any]:
+        if structured is not None:  # include_raw: {"raw": message, "parsed": model or None, "parsing_error"}
+            if reply.get("parsing_error") is not None or reply.get("parsed") is None:
+                raise ValueError(f"the structured answer did not parse: {reply.get('parsing_error')}")
+            message, answer = reply["raw"], reply["parsed"]
+        else:
+            message, answer = reply, str(reply.text)
+        update: dict[str, Any] = {answer_key: answer}
         if usage_key:
             update[usage_key] = _usage(message)
         return update
 
+    runnable: Any = structured if structured is not None else chat
+
     def node(state: Mapping[str, Any]) -> dict[str, Any]:
-        return _update(chat.invoke(_messages(state)))
+        return _update(runnable.invoke(_messages(state)))
 
     async def anode(state: Mapping[str, Any]) -> dict[str, Any]:
-        return _update(await chat.ainvoke(_messages(state)))
+        return _update(await runnable.ainvoke(_messages(state)))
 
     return RunnableLambda(node, afunc=anode, name=name)

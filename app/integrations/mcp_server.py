@@ -4,7 +4,9 @@ Built on the official `mcp` SDK (2.x, `MCPServer`, formerly FastMCP), served ove
 stdio or streamable HTTP (127.0.0.1 by default). Tools:
 
 - `generate`: a prompt or chat messages, optional retrieved `context` documents,
-  model, max_tokens, temperature, stop -> text, finish_reason, usage, model, engine.
+  model, max_tokens, temperature, stop -> text, finish_reason, usage, model, engine. With `response_schema`
+  (a JSON schema) the answer is constrained to JSON matching it (`response_format: json_schema`) and comes back
+  parsed as `data` too.
 - `list_models`: the models the cluster serves, with the engine each one runs on.
 
 Every failure (cluster unreachable, unknown model, bad arguments, cluster errors)
@@ -15,6 +17,7 @@ the server process itself keeps running.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from typing import Annotated, Any, Literal
 
@@ -55,6 +58,7 @@ class GenerateResult(BaseModel):
     model: str = Field(description="Model that answered.")
     engine: str | None = Field(default=None, description="Engine serving the model (vllm, transformers, ...).")
     usage: Usage
+    data: Any = Field(default=None, description="The answer parsed as JSON, when `response_schema` was given.")
 
 
 class ModelInfo(BaseModel):
@@ -93,6 +97,11 @@ def create_server(settings: ClusterSettings | None = None, client: ClusterClient
         max_tokens: Annotated[int, Field(ge=1, le=32768, description="Most tokens to generate.")] = 256,
         temperature: Annotated[float, Field(ge=0.0, le=2.0, description="Sampling temperature.")] = 0.7,
         stop: Annotated[list[str] | None, Field(max_length=8, description="Stop sequences.")] = None,
+        response_schema: Annotated[
+            dict[str, Any] | None,
+            Field(description="A JSON schema: the answer is JSON matching it (structured output), parsed into "
+                              "`data`."),
+        ] = None,
     ) -> GenerateResult:
         """Generate text with the cluster's LLM, optionally grounded in retrieved context documents."""
         try:
@@ -107,18 +116,31 @@ def create_server(settings: ClusterSettings | None = None, client: ClusterClient
             raise ToolError("invalid arguments: stop sequences must not be empty")
         try:
             model_id = await cluster.resolve_model(model, settings.model)
+            extra = None
+            if response_schema is not None:
+                extra = {"response_format": {"type": "json_schema", "json_schema": {
+                    "name": "response", "schema": response_schema, "strict": True}}}
             data = await cluster.chat(chat_messages, model=model_id, max_tokens=max_tokens,
-                                      temperature=temperature, stop=stop)
+                                      temperature=temperature, stop=stop, extra=extra)
         except ClientError as exc:
             raise ToolError(exc.message) from None
         choice = data["choices"][0]
+        text = str((choice.get("message") or {}).get("content") or "")
+        parsed = None
+        if response_schema is not None:
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                raise ToolError(f"the structured answer is not complete JSON (finish_reason "
+                                f"{choice.get('finish_reason')!r}): raise max_tokens") from None
         answered = str(data.get("model") or model_id)
         try:
             engine = await cluster.engine_of(answered)
         except ClientError:
             engine = None  # the answer is more useful than a missing label
         return GenerateResult(
-            text=str((choice.get("message") or {}).get("content") or ""),
+            text=text,
+            data=parsed,
             finish_reason=choice.get("finish_reason"),
             model=answered,
             engine=engine,

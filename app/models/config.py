@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app.api.tool_parsers import check_parser_name
 from app.engines.base import EngineChoice, EngineSpec, ServingKnobs
 from app.engines.hf import HFEngineConfig, transformers_engine_config
 from app.engines.vllm import VLLM_DEFAULT_MAX_NUM_SEQS, vllm_engine_args
@@ -100,6 +101,11 @@ class ModelConfig(ServingKnobs, _Strict):
         description="Ray Serve: chunks a replica yields within this many ms travel to the ingress as one message "
                     "(none is held back longer); 0 sends each chunk alone.")
     source_file: str = Field(default="", exclude=True)
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _known_tool_call_parser(cls, v: str) -> str:
+        return check_parser_name(v)
 
     @property
     def model_id(self) -> str:

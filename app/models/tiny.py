@@ -21,12 +21,10 @@ import random
 from pathlib import Path
 from typing import cast
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from app.models.chat_templates import QWEN_TOOLS_TEMPLATE
+
+# the Qwen family's layout, tools included (`<tools>` in the system turn, `<tool_call>` blocks, tool responses)
+CHAT_TEMPLATE = QWEN_TOOLS_TEMPLATE
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 _WORDS = (
