@@ -47,7 +47,9 @@ def knob_option(name: str, prefix: str = "LLM_") -> Any:
 @cli.command()
 def serve(
     model: Annotated[str | None, typer.Option(help="Local folder or hub id of the model.")] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: --model).")] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="Model id clients send (default: the model folder's name, its path also accepted; a hub id as it is).")
+    ] = None,
     engine: Annotated[str | None, typer.Option(help="auto | vllm | transformers")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,

@@ -22,6 +22,19 @@ from app.engines.base import EngineChoice, ServingKnobs
 RENAMED_VARIABLES = {"LLM_MAX_RUNNING": "LLM_MAX_NUM_SEQS"}
 
 
+def default_model_id(model: str) -> str:
+    """The id a server gives `model` when no served name is set: a local folder's name (`--model
+    /models/qwen2.5` serves `qwen2.5`; the path stays accepted as an alias), a hub id as it is."""
+    if model and os.path.isdir(model):
+        return Path(model).resolve().name or model
+    return model
+
+
+def model_aliases(model: str, model_id: str) -> dict[str, str]:
+    """The names besides `model_id` a server accepts for it (the folder path it was loaded from)."""
+    return {model: model_id} if model and model != model_id else {}
+
+
 def retired_variables(env_file: str | Path | None = ".env") -> list[str]:
     """Retired variable names set in the environment or in `env_file`, as 'OLD was renamed: set NEW' lines."""
     present = {k.upper() for k in os.environ}

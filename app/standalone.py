@@ -25,7 +25,7 @@ from app.engines.base import EngineSpec, ServingKnobs
 from app.engines.select import SelectedEngine
 from app.http_guard import TransportLimits, server_config
 from app.metrics import MetricsSink, PrometheusSink
-from app.settings import Settings
+from app.settings import Settings, default_model_id, model_aliases
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,13 @@ class _DrainingServer(uvicorn.Server):
             compat.uvicorn_forget_signal(self, signal.SIGTERM)
 
 
-def build_backend(specs: list[EngineSpec], metrics: MetricsSink, backup: bool = False) -> LocalBackend:
+def build_backend(specs: list[EngineSpec], metrics: MetricsSink, backup: bool = False,
+                  aliases: dict[str, str] | None = None) -> LocalBackend:
     ids = [s.model_id for s in specs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate model ids: {ids}")
     return LocalBackend({s.model_id: SelectedEngine(s, metrics) for s in specs}, location="standalone",
-                        backup=backup)
+                        backup=backup, aliases=aliases)
 
 
 def spec_from_settings(settings: Settings) -> EngineSpec:
@@ -77,7 +78,7 @@ def spec_from_settings(settings: Settings) -> EngineSpec:
     if settings.max_num_seqs is not None:  # unset: each engine's own default
         kwargs["max_num_seqs"] = settings.max_num_seqs
     return EngineSpec(
-        model_id=settings.served_model_name or settings.model,
+        model_id=settings.served_model_name or default_model_id(settings.model),
         model_source=settings.model,
         engine=settings.engine,
         engine_kwargs=kwargs,
@@ -93,9 +94,12 @@ def transport_limits(settings: Settings) -> TransportLimits:
 
 
 def run(settings: Settings, specs: list[EngineSpec] | None = None) -> None:
-    specs = specs or [spec_from_settings(settings)]
+    aliases: dict[str, str] = {}
+    if not specs:
+        specs = [spec_from_settings(settings)]
+        aliases = model_aliases(settings.model, specs[0].model_id)
     sink = PrometheusSink()
-    backend = build_backend(specs, sink, backup=settings.backup)
+    backend = build_backend(specs, sink, backup=settings.backup, aliases=aliases)
     app = create_app(backend, metrics=sink, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes,
                      sse_keepalive_s=settings.sse_keepalive_s)
     config = server_config(app, host=settings.host, port=settings.port, limits=transport_limits(settings),

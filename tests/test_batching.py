@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.engines.base import EngineSpec, GenerationChunk, GenerationRequest
 from app.engines.batching import BatchScheduler, Sequence
+from app.engines.grammar import json_schema_grammar
 from app.engines.hf import TransformersEngine
 from app.engines.hf_runner import HFEngineConfig, HFModelRunner
 from app.engines.ragged import GRANULE_CANDIDATES, probe_row_granule
@@ -273,6 +275,32 @@ async def test_engine_greedy_output_is_the_same_alone_or_concurrent(engine: Tran
     assert await asyncio.gather(*(_text(engine, **r) for r in reqs)) == refs
     after = _batch_counts(engine)
     assert after[1.0] - before.get(1.0, 0) < after[float("inf")] - before.get(float("inf"), 0)  # steps of >1
+
+
+async def _chunks(engine: TransformersEngine, **kw: Any) -> tuple[str, list[Any]]:
+    chunks = [c async for c in engine.generate(GenerationRequest(**kw))]
+    return "".join(c.text for c in chunks), [e for c in chunks for e in c.logprobs or ()]
+
+
+async def test_grammar_and_logprobs_are_the_same_alone_or_batched(engine: TransformersEngine) -> None:
+    """The issue-14 primitives as batched-sampler hooks: a JSON-schema grammar and top-3 logprobs give the
+    same text and the same logprob entries whether the request ran alone or among plain and other
+    constrained requests."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "tag": {"enum": ["red", "green"]}},
+              "required": ["n", "tag"], "additionalProperties": False}
+    grammar = json_schema_grammar(schema, param="response_format", any_whitespace=False)
+    reqs: list[dict[str, Any]] = [
+        {"prompt": PROMPTS[0], "max_tokens": 160, "temperature": 1.0, "seed": 5, "grammar": grammar, "logprobs": 3},
+        {"prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0.0, "ignore_eos": True},
+        {"prompt": PROMPTS[2], "max_tokens": 160, "temperature": 1.0, "seed": 9, "grammar": grammar},
+        {"prompt": PROMPTS[3], "max_tokens": 20, "temperature": 0.0, "ignore_eos": True, "logprobs": 2},
+    ]
+    refs = [await _chunks(engine, **r) for r in reqs]
+    assert await asyncio.gather(*(_chunks(engine, **r) for r in reqs)) == refs
+    assert json.loads(refs[0][0]).keys() == {"n", "tag"} and json.loads(refs[2][0]).keys() == {"n", "tag"}
+    assert len(refs[0][1]) >= 1 and all(len(e.top) == 3 for e in refs[0][1])
+    assert len(refs[3][1]) == 20 and all(len(e.top) == 2 for e in refs[3][1])
+    assert refs[1][1] == [] and refs[2][1] == []
 
 
 async def test_engine_disconnect_stops_a_batched_sequence(engine: TransformersEngine) -> None:

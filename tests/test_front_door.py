@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -194,3 +195,50 @@ def test_per_model_failover_and_edge_exposure(start_server, front_door) -> None:
     conf = (door.prefix / "nginx.conf").read_text()
     assert re.search(rf"server 127\.0\.0\.1:{primary.port} max_fails=0 [^;]*;", conf)
     assert "down;" not in conf
+
+
+FEATURE_REQUESTS = {  # (issue 14) what agent and RAG clients send; the answers must not change on failover
+    "named-tool": {"model": "tiny", "messages": [{"role": "user", "content": "Weather in Oslo?"}], "max_tokens": 120,
+                   "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                       "type": "object", "properties": {"city": {"enum": ["Oslo", "Bergen"]}}, "required": ["city"]}}}],
+                   "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "temperature": 0},
+    "json-schema": {"model": "tiny", "messages": [{"role": "user", "content": "A flag"}], "max_tokens": 120,
+                    "seed": 3, "temperature": 1.0, "response_format": {"type": "json_schema", "json_schema": {
+                        "name": "flag", "strict": True, "schema": {"type": "object", "properties": {
+                            "ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}}}},
+    "logprobs": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                 "temperature": 0, "ignore_eos": True, "logprobs": True, "top_logprobs": 2},
+}
+
+
+def _answer(body: dict) -> dict:  # type: ignore[type-arg]
+    choice = body["choices"][0]
+    message = dict(choice["message"])
+    calls = message.pop("tool_calls", None) or []
+    assert all(c.pop("id").startswith("call_") for c in calls)  # fresh per answer; the rest must match
+    return {"message": message, "calls": calls, "finish": choice["finish_reason"], "logprobs": choice.get("logprobs")}
+
+
+def test_tools_structured_output_and_logprobs_answer_the_same_after_failover(  # type: ignore[no-untyped-def]
+        start_server, front_door) -> None:
+    """The same feature requests through the front door before and after the primary is SIGKILLed: the backup
+    (the transformers fallback, same model) serves every one of them, with the same answer."""
+    primary, backup = start_server(), start_server()
+    door = front_door(primary, backup)
+    p_addr, b_addr = f"127.0.0.1:{primary.port}", f"127.0.0.1:{backup.port}"
+    url = door.base_url + "/v1/chat/completions"
+    before = {}
+    for name, body in FEATURE_REQUESTS.items():
+        r = httpx.post(url, json=body, timeout=60)
+        assert r.status_code == 200 and r.headers["x-upstream"] == p_addr, (name, r.status_code, r.text[:300])
+        before[name] = _answer(r.json())
+    assert before["named-tool"]["finish"] == "tool_calls"
+    assert before["named-tool"]["calls"][0]["function"]["name"] == "get_weather"
+    assert set(json.loads(before["json-schema"]["message"]["content"])) == {"ok"}
+    assert len(before["logprobs"]["logprobs"]["content"]) == 6
+    primary.proc.send_signal(signal.SIGKILL)
+    primary.proc.wait(10)
+    for name, body in FEATURE_REQUESTS.items():
+        r = httpx.post(url, json=body, timeout=60)
+        assert r.status_code == 200 and r.headers["x-upstream"].endswith(b_addr), (name, r.status_code, r.text[:300])
+        assert _answer(r.json()) == before[name], name

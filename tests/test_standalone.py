@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import ROOT, STARTUP_S, spawn_server, wait_until
+from tests.conftest import ROOT, STARTUP_S, ServerProcess, spawn_server, wait_until
 from tests.test_api_errors import assert_openai_error
 
 GRACE_S = 20
@@ -178,3 +178,22 @@ def test_access_log_line_per_request_carries_the_client_request_id(core_server: 
     assert httpx.post(quiet.base_url + "/v1/completions", json=body, timeout=60).status_code == 200
     assert quiet.stop() == 0  # SIGTERM: drained and flushed
     assert "app.access" not in quiet.log_text() and "serving tiny" in quiet.log_text()
+
+
+def test_default_model_id_is_the_folder_name_and_the_path_still_works(tmp_path: Path, tiny_model: Path) -> None:
+    """`serve --model /some/dir/tiny` without --served-model-name: /v1/models lists `tiny` (as the Ray path names
+    models), requests may send `tiny` or the path; other names are a 404 listing `tiny`."""
+    srv = ServerProcess(["--model", str(tiny_model)], log_path=tmp_path / "server.log")
+    try:
+        srv.wait_ready()
+        ids = [m["id"] for m in httpx.get(srv.base_url + "/v1/models", timeout=10).json()["data"]]
+        assert ids == [tiny_model.name]
+        for name in (tiny_model.name, str(tiny_model)):
+            r = httpx.post(srv.base_url + "/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 2},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+        err = assert_openai_error(httpx.post(srv.base_url + "/v1/completions", json={
+            "model": "other", "prompt": "hi", "max_tokens": 2}, timeout=30), 404)
+        assert tiny_model.name in err["message"] and str(tiny_model) not in err["message"]
+    finally:
+        srv.stop()

@@ -70,8 +70,12 @@ class LocalBackend(ModelBackend):
     `location` names this server in `served_by` (`<engine>@<location>`, e.g. `transformers@standalone`).
     """
 
-    def __init__(self, engines: dict[str, Engine], location: str = "standalone", backup: bool = False):
+    def __init__(self, engines: dict[str, Engine], location: str = "standalone", backup: bool = False,
+                 aliases: dict[str, str] | None = None):
+        """`aliases`: other names clients may send for a model id (not listed by /v1/models), e.g. the model's
+        folder path for a server whose id defaults to the folder's name."""
         self.engines = engines
+        self.aliases = {a: mid for a, mid in (aliases or {}).items() if a not in engines}
         self.backup = backup
         self.location = location
         self._start_errors: dict[str, str] = {}
@@ -82,7 +86,7 @@ class LocalBackend(ModelBackend):
 
     def _engine(self, model_id: str) -> Engine:
         try:
-            return self.engines[model_id]
+            return self.engines[self.aliases.get(model_id, model_id)]
         except KeyError:
             raise self.not_found(model_id) from None
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 import math
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
@@ -54,16 +54,12 @@ class ChatLogprobsFields(RequestModel):
 class CompletionLogprobsFields(RequestModel):
     """Completions request field (mixed into `CompletionRequest` at integration)."""
 
-    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), INTEGRAL] | None = None
-
-    @field_validator("logprobs", mode="before")
-    @classmethod
-    def _false_is_off(cls, v: object) -> object:
-        return None if v is False else v  # some clients send `false` for "no logprobs"
+    # some clients send `false` for "no logprobs"
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), INTEGRAL] | Literal[False] | None = None
 
     @property
     def logprobs_k(self) -> int | None:
-        return self.logprobs
+        return None if self.logprobs is False else self.logprobs
 
 
 # ----------------------------------------------------------------------------- chat shapes

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    JsonValue,
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
@@ -32,6 +33,11 @@ from app.api.structured import ResponseFormatFields
 from app.api.tools import AssistantToolCall, DeltaToolCall, ToolCall, ToolFields
 
 MAX_STOP_SEQUENCES = 8
+# cross-field rules in the OpenAPI document (as the validators enforce them)
+STREAM_OPTIONS_RULE: list[JsonValue] = [{"properties": {"stream": {"const": True}}, "required": ["stream"]},
+                       {"properties": {"stream_options": {"type": "null"}}}]
+TOP_LOGPROBS_RULE: list[JsonValue] = [{"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+                     {"properties": {"top_logprobs": {"type": "null"}}}]
 
 
 _Request = RequestModel  # strict: OpenAI rejects "5" for an integer and "yes" for a boolean
@@ -46,12 +52,38 @@ class TextContentPart(_Request):
     text: Text
 
 
+def _json_type(v: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", dict: "an object",
+             list: "an array"}
+    return names.get(type(v), "null" if v is None else "a " + type(v).__name__)
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
     tool_calls: list[AssistantToolCall] | None = None  # assistant messages: the calls it made
     tool_call_id: Text | None = None  # tool messages: the call they answer
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, v: Any) -> Any:
+        """OpenAI's words for a content of the wrong shape (pydantic's union errors name every branch)."""
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise ValueError(f"Invalid type: expected a string or an array of content parts, got {_json_type(v)}")
+        for i, part in enumerate(v):
+            if not isinstance(part, dict):
+                raise ValueError(f"Invalid content part {i}: expected an object, got {_json_type(part)}")
+            kind = part.get("type")
+            if kind != "text":
+                shown = f"{kind!r}" if isinstance(kind, str) else "missing" if kind is None else _json_type(kind)
+                raise ValueError(f"Invalid content part {i} type: {shown}. Supported values are: 'text' "
+                                 "(this server serves text-only models)")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"Invalid content part {i}: a 'text' part needs a string 'text'")
+        return v
 
     def for_template(self) -> dict[str, Any]:
         """The message as the engine's chat template gets it (before `messages_for_template`)."""
@@ -90,10 +122,7 @@ class _SamplingFields(_Request):
     at their neutral values, stream_options only with stream), so schema-valid requests are accepted.
     """
 
-    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"anyOf": [
-        {"properties": {"stream": {"const": True}}, "required": ["stream"]},
-        {"properties": {"stream_options": {"type": "null"}}},
-    ]})
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"anyOf": STREAM_OPTIONS_RULE})
 
     model: Text = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
@@ -139,6 +168,9 @@ class _SamplingFields(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields, ToolFields, ResponseFormatFields, ChatLogprobsFields):
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"allOf": [
+        {"anyOf": STREAM_OPTIONS_RULE}, {"anyOf": TOP_LOGPROBS_RULE}]})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
 

@@ -9,6 +9,7 @@ in OpenAPI are added by `app.api.schema`.
 Health: `/healthz` is liveness (the process answers), `/health` is the front door's readiness probe
 (200 while the server takes requests, 503 once it drains; it touches no engine, so it answers at once
 even while models load), `/readyz` is per-model readiness (details only with a valid key when keys are set).
+All three answer HEAD too (load balancers and vLLM tools probe with it).
 """
 
 from __future__ import annotations
@@ -41,19 +42,19 @@ def _backend(request: Request) -> ModelBackend:
     return backend
 
 
-@router.get("/healthz", include_in_schema=False)
+@router.api_route("/healthz", methods=["GET", "HEAD"], include_in_schema=False)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/health", include_in_schema=False)
+@router.api_route("/health", methods=["GET", "HEAD"], include_in_schema=False)
 async def health(request: Request) -> JSONResponse:
     if getattr(request.app.state, "draining", False):
         return JSONResponse({"status": "draining"}, status_code=503)
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", include_in_schema=False)
+@router.api_route("/readyz", methods=["GET", "HEAD"], include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
     if getattr(request.app.state, "draining", False):
         return JSONResponse({"status": "draining", "models": {}}, status_code=503)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 INVALID_UNICODE = "invalid_unicode"
@@ -42,7 +42,8 @@ def _integral(value: Any) -> Any:
 INTEGRAL = BeforeValidator(_integral)
 Int = Annotated[int, INTEGRAL]
 
-_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+_NAME = re.compile(NAME_PATTERN)
 
 
 class RequestModel(BaseModel):
@@ -56,4 +57,4 @@ def _check_name(v: str) -> str:
 
 
 # OpenAI's rule for function names and response_format json_schema names
-Name = Annotated[str, AfterValidator(_check_name)]  # ASCII by its pattern
+Name = Annotated[str, AfterValidator(_check_name), Field(json_schema_extra={"pattern": NAME_PATTERN})]

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.api.tool_parsers import check_parser_name
 from app.engines.base import ServingKnobs
 from app.engines.hf_runner import HFEngineConfig
+from app.settings import default_model_id
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class DSSettings(ServingKnobs, BaseSettings):
 
     @property
     def model_id(self) -> str:
-        return self.served_model_name or self.model
+        return self.served_model_name or default_model_id(self.model)
 
     @property
     def api_key_list(self) -> list[str]:

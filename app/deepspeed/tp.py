@@ -54,6 +54,7 @@ from app.engines.batching import BatchScheduler, stream_sequence
 from app.engines.hf_runner import HFEngineConfig, HFModelRunner
 from app.engines.ragged import RaggedModel
 from app.metrics import MetricsSink, PrometheusSink
+from app.settings import model_aliases
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +486,8 @@ def serve_rank0(settings: DSSettings, info: RankInfo) -> int:
 
     sink = PrometheusSink()
     engine = TPEngine(settings, info, on_dead=on_dead, metrics=sink)
-    backend = LocalBackend({settings.model_id: engine}, location=f"rank{info.rank}")
+    backend = LocalBackend({settings.model_id: engine}, location=f"rank{info.rank}",
+                           aliases=model_aliases(settings.model, settings.model_id))
     app = create_app(backend, metrics=sink, api_keys=settings.api_key_list)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=5, access_log=False)

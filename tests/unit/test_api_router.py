@@ -145,6 +145,25 @@ async def test_models_readyz_and_health(http: httpx.AsyncClient) -> None:
     detail = ready.json()["models"]["fake"]
     assert detail["ready"] is True and detail["max_parallel"] == 4 and detail["running"] == 0
     assert (await http.get("/healthz")).json() == {"status": "ok"}
+    for path in ("/healthz", "/health", "/readyz"):  # load balancers and vLLM tools probe with HEAD
+        head = await http.head(path)
+        assert head.status_code == 200 and head.content == b""
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ([{"type": "image_url", "image_url": {"url": "http://x"}}], "Invalid content part 0 type: 'image_url'. Supported "
+                                                                 "values are: 'text'"),
+    ([{"type": "text", "text": "ok"}, {"text": "no type"}], "Invalid content part 1 type: missing"),
+    ([{"type": "text"}], "Invalid content part 0: a 'text' part needs a string 'text'"),
+    (["just a string"], "Invalid content part 0: expected an object, got a string"),
+    (5, "Invalid type: expected a string or an array of content parts, got a number"),
+], ids=["image", "no-type", "no-text", "string-part", "number"])
+async def test_content_part_errors_say_what_is_wrong_in_openai_words(http: httpx.AsyncClient, content: Any,
+                                                                     words: str) -> None:
+    r = await http.post(CHAT, json={"model": "fake", "messages": [{"role": "user", "content": content}]})
+    err = openai_error(r, 400)
+    assert err["param"] == "messages.0.content" and words in err["message"]
+    assert "Input should be" not in err["message"]  # no pydantic wording
 
 
 # ----------------------------------------------------------------------------- refused before the engine
