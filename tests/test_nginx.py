@@ -229,10 +229,18 @@ def test_failover_on_sigkill_and_return_of_primary(start_server, nginx_factory, 
 
     results = _request_loop(ngx.base_url + "/v1/completions", 240, 4,
                             {60: lambda: primary.stop(signal.SIGKILL)})
-    statuses = Counter(code for code, _ in results)
     assert len(results) == 240
-    assert statuses == {200: 240}, f"failed requests during the primary kill: {[r for r in results if r[0] != 200]}"
-    served = Counter(up.split(", ")[-1] for _, up in results)  # who answered (max_fails=0: the dead one is tried)
+    # A response the primary had begun to send when it died cannot be moved (nginx never replays bytes it has
+    # passed on): that request fails at the client, and nginx logs the primary's 200 cut short. At most the
+    # requests in flight at the kill (3: the fourth thread is the one killing); every other one must succeed.
+    failed = [r for r in results if r[0] != 200]
+    cut = len(re.findall(r"(upstream prematurely closed connection|reset by peer\)) while reading upstream,",
+                         ngx.error_log()))
+    assert len(failed) <= min(cut, 3), (f"failed requests during the primary kill: {failed}; responses cut by "
+                                        f"the kill (nginx error log): {cut}")
+    assert all(r == (-1, "RemoteProtocolError") for r in failed), failed
+    # who answered (max_fails=0: the dead one is tried first)
+    served = Counter(up.split(", ")[-1] for code, up in results if code == 200)
     assert served[_addr(primary)] >= 50 and served[_addr(backup)] >= 150, served
     log = ngx.access_log()
     # the log names the upstreams tried, in order (max_fails=0: the dead primary first, then the backup)
