@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -23,10 +24,32 @@ def run_isolated(script: Path, env: dict[str, str], cwd: Path, timeout: float) -
     Nothing it starts (processes, namespaces, links) can outlive it; its output is printed, and a non-zero
     exit fails the calling test with the tails of stdout and stderr.
     """
-    proc = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--net", sys.executable,
-                           str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    before = _netns_names()
+    try:
+        proc = subprocess.run(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--net", sys.executable,
+                               str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        _remove_leftovers(before)
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, f"scenario failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+
+NETNS_DIR = Path("/run/netns")
+_OURS = re.compile(r"^[a-z]{2}[0-9a-f]{6}-\d+$")  # NetnsVMs names: prefix, random suffix, VM index
+
+
+def _netns_names() -> set[str]:
+    return set(os.listdir(NETNS_DIR)) if NETNS_DIR.is_dir() else set()
+
+
+def _remove_leftovers(before: set[str]) -> None:
+    """Namespaces a scenario made and could not delete: its private mount namespace holds the bind mounts
+    `ip netns add` makes, so a scenario killed (timeout, crash) before `close()` leaves their empty files
+    in /run/netns, and `ip netns list` keeps showing them. Only names of ours that are new are removed."""
+    for name in sorted(_netns_names() - before):
+        if _OURS.match(name):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+            (NETNS_DIR / name).unlink(missing_ok=True)
 
 
 def _ip(*args: str) -> None:
