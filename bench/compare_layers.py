@@ -44,6 +44,7 @@ import httpx
 
 from app.client.bench import bench_endpoint, engine_target, machine_info, run_bench, to_markdown, write_report
 from app.client.stats import fmt_s
+from bench.cpu_share import CPUShare
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("engine", "standalone", "ray", "nginx")
@@ -142,7 +143,8 @@ class Comparison:
                 "prompt_words": a.prompt_words, "warmup": a.warmup}
 
     def http(self, layer: str, url: str) -> None:
-        report = asyncio.run(bench_endpoint(url, model="tiny", api_key=None, chat=False, log=log, **self.bench_kw()))
+        report = asyncio.run(bench_endpoint(url, model="tiny", api_key=None, chat=False, log=log, probe=CPUShare,
+                                            **self.bench_kw()))
         report["target"]["layer"] = layer
         self.reports[layer] = report
 
@@ -159,7 +161,7 @@ class Comparison:
                               max_waiting=self.args.max_waiting)
             engine = await start_engine(spec, PrometheusSink())
             try:
-                return await run_bench(engine_target(engine), log=log, describe={
+                return await run_bench(engine_target(engine), log=log, probe=CPUShare, describe={
                     "kind": "engine", "endpoint": "in-process", "model": "tiny", "layer": "engine",
                     "engine": engine.info.engine}, **self.bench_kw())
             finally:
@@ -264,7 +266,7 @@ def ratios(reports: dict[str, dict[str, Any]], layers: list[str]) -> list[dict[s
                 "itl_p50_s": lv["itl_s"]["p50"], "e2e_p50_s": lv["e2e_s"]["p50"], "e2e_p95_s": lv["e2e_s"]["p95"],
                 "e2e_p99_s": lv["e2e_s"]["p99"], "ok": lv["ok"], "failed": lv["failed"], "below": below,
                 "req_per_s_vs_below": None, "e2e_p50_vs_below": None, "added_p50_ms": None,
-                "loadavg_1m": reports[layer]["machine"].get("loadavg_1m"),
+                "loadavg_1m": reports[layer]["machine"].get("loadavg_1m"), "cpu_share": lv.get("cpu_share"),
             }
             if below:
                 ref = next((x for x in reports[below]["levels"] if x["concurrency"] == lv["concurrency"]), None)
@@ -295,6 +297,13 @@ def markdown(result: dict[str, Any]) -> str:
                    f"| {fmt_s(r['ttft_p50_s'])} | {fmt_s(r['itl_p50_s'])} | {fmt_s(r['e2e_p50_s'])} "
                    f"| {fmt_s(r['e2e_p95_s'])} | {fmt_s(r['e2e_p99_s'])} | {r['ok']}/{r['failed']} | {vs} | {vp} "
                    f"| {add} | {r['loadavg_1m']} |")
+    out += ["", f"CPU by process while each level ran (cores busy on average, of {m.get('cpus')}; "
+            "bench/cpu_share.py):", "", "| layer | c | CPU by process |", "|---|---:|---|"]
+    for r in result["rows"]:
+        share = r.get("cpu_share") or {}
+        name = f"nginx → {result.get('nginx_upstream')}" if r["layer"] == "nginx" else r["layer"]
+        out.append(f"| {name} | {r['concurrency']} | "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in share.items()) + " |")
     out.append("")
     out.append("- load 1m: the machine's 1-minute load average when the layer finished (2 cores: above ~2 means "
                "other work competed with the benchmark and the figures are noisy)")

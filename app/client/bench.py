@@ -22,6 +22,7 @@ evaluated in the report (`seed_targets`), not asserted by a test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -199,14 +200,20 @@ def seed_targets(levels: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def run_bench(target: Target, *, levels: list[int], duration_s: float, max_tokens: int, prompt_words: int,
                     warmup: int | None, describe: dict[str, Any], seed: int = 0,
-                    max_requests: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """All levels in order; returns the report (schema `llm-kit-bench/1`)."""
+                    max_requests: int | None = None, log: Callable[[str], None] | None = None,
+                    probe: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """All levels in order; returns the report (schema `llm-kit-bench/1`). `probe()`: a context manager around
+    each level whose `result()` is stored in the level as `cpu_share` (bench/cpu_share.py)."""
     nonce = secrets.token_hex(4)
     results = []
     for c in levels:
-        lv = await run_level(target, c, duration_s=duration_s, max_tokens=max_tokens, prompt_words=prompt_words,
-                             warmup=c if warmup is None else warmup, nonce=nonce, seed=seed,
-                             max_requests=max_requests)
+        sampler = probe() if probe is not None else None
+        with sampler if sampler is not None else contextlib.nullcontext():
+            lv = await run_level(target, c, duration_s=duration_s, max_tokens=max_tokens, prompt_words=prompt_words,
+                                 warmup=c if warmup is None else warmup, nonce=nonce, seed=seed,
+                                 max_requests=max_requests)
+        if sampler is not None:
+            lv["cpu_share"] = sampler.result()
         results.append(lv)
         if log:
             log(f"c={c}: {lv['req_per_s']:.2f} req/s, e2e p50 {fmt_s(lv['e2e_s']['p50'])} "
@@ -261,7 +268,8 @@ def write_report(report: dict[str, Any], out_dir: Path, name: str = "bench") -> 
 async def bench_endpoint(endpoint: str, *, model: str | None, api_key: str | None, chat: bool, levels: list[int],
                          duration_s: float, max_tokens: int, prompt_words: int, warmup: int | None,
                          timeout_s: float = 120.0, max_requests: int | None = None,
-                         log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                         log: Callable[[str], None] | None = None, probe: Callable[[], Any] | None = None
+                         ) -> dict[str, Any]:
     """Benchmark one HTTP endpoint (model discovered from /v1/models when not given)."""
     from app.client.batch import discover_model
 
@@ -271,5 +279,6 @@ async def bench_endpoint(endpoint: str, *, model: str | None, api_key: str | Non
         target = http_target(client, endpoint, model, api_key=api_key, chat=chat)
         return await run_bench(target, levels=levels, duration_s=duration_s, max_tokens=max_tokens,
                                prompt_words=prompt_words, warmup=warmup, max_requests=max_requests, log=log,
+                               probe=probe,
                                describe={"kind": "http", "endpoint": endpoint, "model": model,
                                          "api": "chat" if chat else "completions"})
