@@ -11,10 +11,11 @@ from app.engines.hf_runner import HFEngineConfig
 def test_used_keys_fill_the_engine_config() -> None:
     cfg, notes = transformers_engine_config({
         "dtype": "bfloat16", "device": "cpu", "max_model_len": 512, "max_num_seqs": 3, "trust_remote_code": True,
-        "revision": "abc", "tokenizer": "org/tok", "seed": 5, "tensor_parallel_size": 1, "prefill_chunk_tokens": 64})
+        "revision": "abc", "tokenizer": "org/tok", "seed": 5, "tensor_parallel_size": 1, "prefill_chunk_tokens": 64,
+        "cpu_threads": 3})
     assert cfg == HFEngineConfig(device="cpu", dtype="bfloat16", max_model_len=512, max_num_seqs=3,
                                  trust_remote_code=True, revision="abc", tokenizer="org/tok", seed=5,
-                                 prefill_chunk_tokens=64)
+                                 prefill_chunk_tokens=64, cpu_threads=3)
     assert notes == []
     # a batch of 16 sequences, prompts prefilled 512 tokens per step, auto device and dtype
     assert transformers_engine_config({}) == (HFEngineConfig(), [])
@@ -33,6 +34,7 @@ def test_vllm_tuning_keys_are_ignored_and_named() -> None:
     ({"max_num_seqs": "4"}, "engine_kwargs.max_num_seqs='4': must be an integer >= 1"),
     ({"prefill_chunk_tokens": 0}, "engine_kwargs.prefill_chunk_tokens=0: must be an integer >= 1"),
     ({"max_num_seqs": 0}, "engine_kwargs.max_num_seqs=0: must be an integer >= 1"),
+    ({"cpu_threads": 0}, "engine_kwargs.cpu_threads=0: must be an integer >= 1"),
     ({"max_model_len": 8}, "engine_kwargs.max_model_len=8: must be an integer >= 16"),
     ({"dtype": "float64"}, "engine_kwargs.dtype='float64'"),
     ({"trust_remote_code": "yes"}, "engine_kwargs.trust_remote_code='yes': must be true or false"),
