@@ -1,10 +1,11 @@
 """Coalescing of a replica's chunk stream: what arrives within a short window crosses Ray as one message.
 
 Every item a Serve streaming generator yields is its own pickled object on its own trip replica -> ingress,
-so a stream of one chunk per token costs one Ray message per token. `coalesce(chunks, window_s)` yields the
-first chunk of a message as soon as the window that opened with it closes: everything that arrived
-meanwhile is merged into it (`merge_chunks`: texts joined in order, the last counts and finish reason), and
-a chunk is never held back longer than `window_s` (the source is not waited on beyond it). A source that
+so a stream of one chunk per token costs one Ray message per token. `coalesce(chunks, window_s)` sends the
+stream's first chunk at once (time to first token pays no window), then yields the first chunk of each later
+message as soon as the window that opened with it closes: everything that arrived meanwhile is merged into
+it (`merge_chunks`: texts joined in order, the last counts and finish reason, logprobs joined), and a chunk
+is never held back longer than `window_s` (the source is not waited on beyond it). A source that
 ends or fails sends what it produced first, then ends or raises. Closing the coalesced stream closes the
 source (the engine's generation stops as if the client went away).
 """
@@ -27,6 +28,7 @@ async def coalesce(chunks: AsyncIterator[GenerationChunk], window_s: float
         return
     loop = asyncio.get_running_loop()
     pending: asyncio.Future[GenerationChunk] | None = None
+    leading = True
     try:
         while True:
             pending = pending or asyncio.ensure_future(anext(chunks))
@@ -35,6 +37,10 @@ async def coalesce(chunks: AsyncIterator[GenerationChunk], window_s: float
             except StopAsyncIteration:
                 return
             pending = None
+            if leading:  # the first token goes out alone, now
+                leading = False
+                yield first
+                continue
             batch: list[GenerationChunk] = [first]
             failure: BaseException | None = None
             deadline = loop.time() + window_s

@@ -53,30 +53,34 @@ async def test_a_burst_travels_as_one_message_with_order_and_counts_kept() -> No
     burst = [chunk(i) for i in range(6)] + [chunk(6, "length")]
     src = Source([burst])
     out = [c async for c in coalesce(src.stream(), 30.0)]  # the source ends: no need to wait out the window
-    assert len(out) == 1
-    assert out[0].text == text_of(burst) and out[0].completion_tokens == 7 and out[0].finish_reason == "length"
-    assert out[0].prompt_tokens == 3 and src.closed
+    assert len(out) == 2  # the stream's first token alone (TTFT pays no window), then the rest as one
+    assert out[0] == burst[0]
+    assert out[1].text == text_of(burst[1:]) and out[1].completion_tokens == 7 and out[1].finish_reason == "length"
+    assert out[1].prompt_tokens == 3 and src.closed
 
 
 async def test_a_chunk_is_not_held_while_the_source_is_stuck() -> None:
     """The window (50 ms) closes while the source waits for the next burst: the first message goes out alone."""
-    src = Source([[chunk(0), chunk(1)], [chunk(2)], [chunk(3, "stop")]])
+    src = Source([[chunk(0), chunk(1), chunk(2)], [chunk(3)], [chunk(4, "stop")]])
     stream = coalesce(src.stream(), 0.05)
-    first = await asyncio.wait_for(anext(stream), 30)  # only burst 0 can exist: it arrives although stuck
-    assert first.text == "t0 t1 " and not src.go[1].is_set() and not src.closed
+    lead = await asyncio.wait_for(anext(stream), 30)
+    assert lead.text == "t0 "  # the stream's first token, sent at once
+    first = await asyncio.wait_for(anext(stream), 30)  # only the rest of burst 0 can exist: it arrives although stuck
+    assert first.text == "t1 t2 " and not src.go[1].is_set() and not src.closed
     src.go[1].set()
     second = await asyncio.wait_for(anext(stream), 30)
-    assert second.text == "t2 " and second.completion_tokens == 3
+    assert second.text == "t3 " and second.completion_tokens == 4
     src.go[2].set()
     rest = [c async for c in stream]
-    assert text_of([first, second, *rest]) == "t0 t1 t2 t3 " and rest[-1].finish_reason == "stop"
+    assert text_of([lead, first, second, *rest]) == "t0 t1 t2 t3 t4 " and rest[-1].finish_reason == "stop"
 
 
 async def test_an_error_comes_after_everything_the_source_produced() -> None:
-    src = Source([[chunk(0), chunk(1)]], fail=EngineError("engine broke"))
+    src = Source([[chunk(0), chunk(1), chunk(2)]], fail=EngineError("engine broke"))
     stream = coalesce(src.stream(), 30.0)
+    assert (await anext(stream)).text == "t0 "
     got = await anext(stream)
-    assert got.text == "t0 t1 "
+    assert got.text == "t1 t2 "
     with pytest.raises(EngineError, match="engine broke"):
         await anext(stream)
 
