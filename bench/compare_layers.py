@@ -98,9 +98,10 @@ def ensure_model(model: str | None, work: Path) -> Path:
     return out
 
 
-def ray_config(model: Path, max_num_seqs: int, max_waiting: int, engine: str = "transformers") -> str:
+def ray_config(model: Path, max_num_seqs: int, max_waiting: int, engine: str = "transformers",
+               coalesce_ms: float | None = None) -> str:
     """Model config for the Ray layer: one fixed replica, same engine settings as the other layers."""
-    return f"""model_loading_config:
+    text = f"""model_loading_config:
   model_id: tiny
   model_source: {model}
 engine: {engine}
@@ -122,6 +123,7 @@ engine_kwargs:
 max_waiting: {max_waiting}
 default_max_tokens: 64
 """
+    return text if coalesce_ms is None else text + f"stream_coalesce_ms: {coalesce_ms:g}\n"
 
 
 class Comparison:
@@ -192,7 +194,8 @@ class Comparison:
         self.ray_dir = self.work / "r"
         self.ray_dir.mkdir(exist_ok=True)
         cfg = self.ray_dir / "bench-tiny.yaml"
-        cfg.write_text(ray_config(self.model, self.args.max_num_seqs, self.args.max_waiting, self.args.engine))
+        cfg.write_text(ray_config(self.model, self.args.max_num_seqs, self.args.max_waiting, self.args.engine,
+                                  self.args.stream_coalesce_ms))
         self.ray_port = free_port()
         cmd = [sys.executable, "-m", "app", "cluster", "local-up", "--config", str(cfg), "--gcs-port",
                str(free_port()), "--serve-port", str(self.ray_port), "--metrics-export-port", str(free_port()),
@@ -373,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="model folder (default: the tiny model)")
     ap.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
                     help="engine of every layer (vllm: run from .venv-vllm)")
+    ap.add_argument("--stream-coalesce-ms", type=float, default=None,
+                    help="the Ray layer's stream_coalesce_ms (default: the model config's default)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--median-of", type=Path, nargs="+", default=None, metavar="COMPARE_JSON",
                     help="measure nothing: merge earlier compare.json runs (median per cell) into OUT/median.*")
