@@ -142,7 +142,9 @@ class Comparison:
         self.ray_env = {**os.environ, "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
         if args.engine == "vllm":  # vLLM-CPU pins OpenMP threads to cores by default: not on a shared 2-core box
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-            self.ray_env.setdefault("VLLM_CPU_OMP_THREADS_BIND", os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB (unset, vLLM-CPU reserves most of the RAM)
+            for key in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE"):
+                self.ray_env.setdefault(key, os.environ[key])
 
     def bench_kw(self) -> dict[str, Any]:
         a = self.args

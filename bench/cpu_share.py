@@ -7,7 +7,8 @@
 Values are cores busy on average over the interval (CPU seconds / wall seconds; the machine has
 `os.cpu_count()`). Roles come from the process title or command line: Ray's workers set their titles
 (`ray::ServeReplica:<app>:<deployment>`, `ray::ProxyActor`), its daemons are `raylet`, `gcs_server` and the
-dashboard; `python -m app serve`, `nginx`, and this process ("load generator") are named too; the rest is
+dashboard; vLLM's processes are `VLLM::EngineCore` and `VLLM::Worker`; `python -m app serve`, `nginx`, and this
+process ("load generator") are named too; the rest is
 "other". Processes that started or ended during the interval count from their first or to their last sample.
 """
 
@@ -25,6 +26,8 @@ ROLE_RULES: tuple[tuple[str, str], ...] = (
     ("gcs_server", "ray gcs"),
     ("dashboard", "ray dashboard"),
     ("ray::", "ray worker (other)"),
+    ("VLLM::EngineCore", "vllm engine core"),
+    ("VLLM::Worker", "vllm worker"),
     ("app serve", "standalone server"),
     ("nginx", "nginx"),
 )
