@@ -28,13 +28,15 @@ def check_distribution(d: dict[str, Any]) -> None:
     assert d["p50"] <= d["p95"] <= d["p99"] <= d["max"]
 
 
-def check_report(report: dict[str, Any], levels: list[int], max_tokens: int) -> None:
+def check_report(report: dict[str, Any], levels: list[int], max_tokens: int, cpu_share: bool = False) -> None:
     assert report["schema"] == SCHEMA
     assert {"date", "machine", "target", "config", "levels", "seed_targets"} <= set(report)
     assert report["config"]["max_tokens"] == max_tokens and report["config"]["ignore_eos"] is True
     assert [lv["concurrency"] for lv in report["levels"]] == levels
     for lv in report["levels"]:
-        assert set(lv) == LEVEL_KEYS
+        assert set(lv) == LEVEL_KEYS | ({"cpu_share"} if cpu_share else set())
+        if cpu_share:  # bench/cpu_share.py: cores busy per process role; this process drives the load
+            assert lv["cpu_share"]["load generator"] > 0
         assert lv["ok"] >= 1 and lv["failed"] == 0 and lv["requests"] == lv["ok"]
         assert lv["mean_output_tokens"] == max_tokens  # fixed length through ignore_eos + min_tokens
         assert lv["req_per_s"] > 0 and lv["output_tokens_per_s"] > 0
@@ -77,7 +79,8 @@ def test_compare_layers_smoke(tmp_path: Path, tiny_model: Path) -> None:
     assert rows["engine"]["below"] is None and rows["standalone"]["below"] == "engine"
     assert rows["standalone"]["req_per_s_vs_below"] > 0 and rows["standalone"]["e2e_p50_vs_below"] > 0
     for layer in ("engine", "standalone"):
-        check_report(json.loads((tmp_path / f"layer-{layer}.json").read_text()), [2], 8)
+        check_report(json.loads((tmp_path / f"layer-{layer}.json").read_text()), [2], 8, cpu_share=True)
+    assert rows["standalone"]["cpu_share"]["standalone server"] > 0
     assert "| standalone | 2 |" in (tmp_path / "compare.md").read_text()
 
 
