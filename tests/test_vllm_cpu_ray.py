@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -124,8 +125,7 @@ def _scenario() -> None:
     (work / "prom_check.py").write_text(PROM_CHECK)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(VLLM_ENV, HOME=str(work), HF_HUB_OFFLINE="1", RAY_AUTH_TOKEN=os.urandom(32).hex(),
-               PYTHONUNBUFFERED="1", RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000",
-               RAY_health_check_failure_threshold="3", RAY_USAGE_STATS_ENABLED="0")
+               PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0")  # node health checks: the head's defaults
     short = Path(tempfile.mkdtemp(prefix="rv"))  # Ray's socket paths must stay under 107 bytes
     try:
         _run(work, short, env, time.monotonic())
@@ -133,12 +133,26 @@ def _scenario() -> None:
         shutil.rmtree(short, ignore_errors=True)
 
 
-def _engine_core_pid(replica_pid: int) -> int:
-    from tests.vllm_cpu import vllm_processes
+def _engine_core_pid(replica_pid: int, why: Callable[[], str]) -> int:
+    from tests.vllm_cpu import process_tree, vllm_processes
 
     cores = [pid for pid, cmd in vllm_processes(replica_pid).items() if cmd.startswith("VLLM::EngineCore")]
-    assert len(cores) == 1, f"expected one VLLM::EngineCore below the replica (pid {replica_pid}): {cores}"
+    assert len(cores) == 1, (f"expected one VLLM::EngineCore below the replica (pid {replica_pid}, "
+                             f"{'alive' if Path(f'/proc/{replica_pid}').exists() else 'gone'}): {cores}; its "
+                             f"processes: {process_tree(replica_pid)}\n{why()}")
     return cores[0]
+
+
+def _serve_log_tail(short: Path, replica_id: str) -> str:
+    """What Serve and the GCS logged about `replica_id` and dead nodes (the evidence when it was replaced)."""
+    lines: list[str] = []
+    logs = [*short.glob("*/session_latest/logs/serve/*.log"), *short.glob("*/session_latest/logs/gcs_server.*")]
+    for log in sorted(logs):
+        hits = [ln for ln in log.read_text(errors="replace").splitlines()
+                if replica_id in ln or any(w in ln.lower() for w in ("health", "error", "dead"))]
+        if hits:
+            lines += [f"--- {log.name}", *hits[-15:]]
+    return "\n".join(lines[-80:])
 
 
 def _run(work: Path, short: Path, env: dict[str, str], t_all: float) -> None:
@@ -227,7 +241,11 @@ def _run(work: Path, short: Path, env: dict[str, str], t_all: float) -> None:
             "expressions return data")
 
         # fault: SIGKILL the EngineCore of the serving replica, under load
-        core = _engine_core_pid(int(rep["pid"]))
+        now = replicas()
+        assert [r["replica_id"] for r in now] == [rep["replica_id"]], (
+            f"Serve replaced replica {rep['replica_id']} before any fault was injected: {now}\n"
+            + _serve_log_tail(short, rep["replica_id"]))
+        core = _engine_core_pid(int(rep["pid"]), lambda: _serve_log_tail(short, rep["replica_id"]))
         threads = 4
         running = load(300, threads)  # until the test has seen the replacement serve (stop file)
         wait_until(lambda: running[1].exists() and running[1].read_text().count("ok\n") >= 2 * threads, 60, 0.2,
