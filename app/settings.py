@@ -17,7 +17,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.api.tool_parsers import check_parser_name
-from app.engines.base import EngineChoice, ServingKnobs
+from app.engines.base import EngineChoice, ServingKnobs, missing_local_model
 
 RENAMED_VARIABLES = {"LLM_MAX_RUNNING": "LLM_MAX_NUM_SEQS"}
 
@@ -95,6 +95,14 @@ class Settings(ServingKnobs, BaseSettings):
     @classmethod
     def _known_tool_call_parser(cls, v: str) -> str:
         return check_parser_name(v)
+
+    @field_validator("model")
+    @classmethod
+    def _local_model_exists(cls, v: str) -> str:
+        problem = missing_local_model(v) if v else None
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="before")
     @classmethod

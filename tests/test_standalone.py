@@ -154,6 +154,19 @@ def test_serve_rejects_bad_options_with_one_line_errors(tiny_model: Path) -> Non
     assert "--model" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_serve_names_a_missing_model_folder_and_the_fix(tmp_path: Path) -> None:
+    """A plainly local model path that is not there fails at once, naming the folder (not the hub's repo-id
+    wording), instead of a server that stays not-ready; the relative form is resolved against the cwd."""
+    for given, resolved in ((".cache/tiny-model", tmp_path / ".cache" / "tiny-model"),
+                            (str(tmp_path / "gone" / "model"), tmp_path / "gone" / "model")):
+        out = subprocess.run([sys.executable, "-m", "app", "serve", "--model", given, "--port", "18999"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 2, out.stderr
+        assert f"{given!r} is a local path" in out.stderr and f"resolved: {resolved}" in out.stderr, out.stderr
+        assert "make-tiny-model" in out.stderr and "Traceback" not in out.stderr and "Repo id" not in out.stderr
+
+
 
 def test_access_log_line_per_request_carries_the_client_request_id(core_server: Any, start_server: Any) -> None:
     srv = core_server

@@ -154,10 +154,15 @@ def _fan_out(base: GenerationRequest, n: int, offset: int = 0) -> list[tuple[int
     return out
 
 
+_KEEPALIVE, _CUT = -1, -2  # pseudo choice indexes the pacing puts into the fan-in queue
+
+
 async def _primed_fan_in(
     streams: dict[int, AsyncGenerator[GenerationChunk, None]],
     on_first: Callable[[GenerationChunk], None],
-) -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+    cut: asyncio.Event | None = None,
+    keepalive_s: float = 0.0,
+) -> AsyncGenerator[tuple[int, GenerationChunk] | None, None]:
     """Start every stream at once and return when each has produced its first chunk (passed to `on_first`).
 
     Errors before that (429, 400, 503) are raised here, before any header is sent. The
@@ -165,6 +170,8 @@ async def _primed_fan_in(
     waited for the others while holding its engine slot would deadlock `n` (or several
     prompts) beyond the engine's free slots. The returned iterator tags chunks with
     their choice index; closing it cancels the pumps, which closes (aborts) the streams.
+    Pacing rides on the same queue, so a token costs one wake-up of the consumer: None is yielded after
+    each `keepalive_s` without a chunk (0: never), and ServerShuttingDown is raised once `cut` is set.
     """
     queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
 
@@ -203,8 +210,29 @@ async def _primed_fan_in(
         await stop_all()
         raise
 
-    async def rest() -> AsyncGenerator[tuple[int, GenerationChunk], None]:
+    async def rest() -> AsyncGenerator[tuple[int, GenerationChunk] | None, None]:
+        loop = asyncio.get_running_loop()
         remaining = len(tasks)
+        last = loop.time()
+        timer: asyncio.TimerHandle | None = None
+
+        def tick() -> None:  # one timer per keep-alive period, not one per chunk
+            nonlocal timer
+            silent = loop.time() - last
+            if silent >= keepalive_s:
+                queue.put_nowait((_KEEPALIVE, None))
+            timer = loop.call_later(keepalive_s - silent % keepalive_s, tick)
+
+        if keepalive_s > 0:
+            timer = loop.call_later(keepalive_s, tick)
+        def on_cut(waiter: asyncio.Future[Any]) -> None:
+            if not waiter.cancelled():
+                queue.put_nowait((_CUT, None))
+
+        cut_waiter: asyncio.Future[Any] | None = None
+        if cut is not None:
+            cut_waiter = asyncio.ensure_future(cut.wait())
+            cut_waiter.add_done_callback(on_cut)
         try:
             for idx, first in buffered:
                 if first is None:
@@ -213,6 +241,12 @@ async def _primed_fan_in(
                     yield idx, first
             while remaining:
                 idx, item = await queue.get()
+                if idx == _KEEPALIVE:
+                    yield None
+                    continue
+                if idx == _CUT:
+                    raise ServerShuttingDown()
+                last = loop.time()
                 if item is None:
                     remaining -= 1
                 elif isinstance(item, BaseException):
@@ -220,6 +254,10 @@ async def _primed_fan_in(
                 else:
                     yield idx, item
         finally:
+            if timer is not None:
+                timer.cancel()
+            if cut_waiter is not None:
+                cut_waiter.cancel()
             await stop_all()
 
     return rest()
@@ -270,38 +308,6 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
             task.cancel()
 
 
-async def _paced(
-    merged: AsyncGenerator[tuple[int, GenerationChunk], None], cut: asyncio.Event, keepalive_s: float
-) -> AsyncGenerator[tuple[int, GenerationChunk] | None, None]:
-    """`merged`'s chunks, None after each `keepalive_s` of silence; ServerShuttingDown once `cut` is set."""
-
-    async def following() -> tuple[int, GenerationChunk]:
-        return await merged.__anext__()
-
-    nxt = asyncio.ensure_future(following())
-    stop = asyncio.ensure_future(cut.wait())
-    try:
-        while True:
-            done, _ = await asyncio.wait({nxt, stop}, timeout=keepalive_s or None,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if nxt in done:
-                try:
-                    item = nxt.result()
-                except StopAsyncIteration:
-                    return
-                yield item
-                nxt = asyncio.ensure_future(following())
-            elif stop in done:
-                raise ServerShuttingDown()
-            else:
-                yield None
-    finally:
-        stop.cancel()
-        nxt.cancel()
-        with contextlib.suppress(BaseException):
-            await nxt
-
-
 def _sse(obj: dict[str, Any]) -> str:
     return f"data: {dumps_line(obj, compact=True)}\n\n"
 
@@ -339,13 +345,13 @@ class OpenAIServing:
             if req.stream:
                 # (a request waiting for a slot leaves the queue when its client goes away)
                 streams = {idx: self.backend.generate(model, greq) for idx, greq in items}
-                merged = await _until_disconnect(request, _primed_fan_in(streams, obs.note_served_by))
-                if merged is None:
+                paced = await _until_disconnect(request, _primed_fan_in(
+                    streams, obs.note_served_by, _cut_event(request), request.app.state.sse_keepalive_s))
+                if paced is None:
                     obs.finish(499, "client_disconnected")
                     return Response(status_code=499)
-                paced = _paced(merged, _cut_event(request), request.app.state.sse_keepalive_s)
                 return StreamingResponse(
-                    self._stream_body(merged, paced, obs, stream_chunks, usage_chunk if req.include_usage else None, n),
+                    self._stream_body(paced, obs, stream_chunks, usage_chunk if req.include_usage else None, n),
                     media_type="text/event-stream", headers={**SSE_HEADERS, **obs.headers}
                 )
             result = await _until_disconnect(request, self._collect(model, items, obs, n))
@@ -388,7 +394,6 @@ class OpenAIServing:
 
     async def _stream_body(
         self,
-        merged: AsyncGenerator[tuple[int, GenerationChunk], None],
         paced: AsyncGenerator[tuple[int, GenerationChunk] | None, None],
         obs: _Observation,
         stream_chunks: Callable[[int, GenerationChunk, bool], list[dict[str, Any]]],
@@ -433,7 +438,6 @@ class OpenAIServing:
             # or the scope's repeated cancellation would skip them (and the request's metrics below)
             with anyio.CancelScope(shield=True):
                 await paced.aclose()
-                await merged.aclose()
             if not obs.output_tokens:
                 partial = _usage(prompt, completion, n)
                 obs.prompt_tokens, obs.output_tokens = partial.prompt_tokens, partial.completion_tokens

@@ -15,6 +15,7 @@ config files, `DS_*` settings, `EngineSpec`).
 from __future__ import annotations
 
 import abc
+import os
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -35,6 +36,22 @@ class ServingKnobs(BaseModel):
     retry_after_s: float = Field(default=1.0, ge=0, description="Retry-After (seconds) sent with a 429.")
     tool_call_parser: str = Field(default="hermes", min_length=1, description="How the model writes tool calls, "
                                   "by vLLM's parser names (hermes: Qwen2.5, Qwen3, Hermes 2 Pro).")
+
+
+def missing_local_model(source: str) -> str | None:
+    """Why `source` cannot load, when it is plainly a local folder that is not there; None otherwise.
+
+    A hub id is `name` or `org/name` and never starts with '.', '/' or '~' (huggingface_hub's rule), so such a
+    source, or one with more than one '/', is a path: without this check a missing folder reaches the hub client
+    and fails with "Repo id must use alphanumeric chars", which names neither the folder nor the fix.
+    """
+    expanded = os.path.expanduser(source)
+    if os.path.isdir(expanded) or not (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        return None
+    what = "is a file, not a model folder" if os.path.exists(expanded) else "does not exist"
+    return (f"{source!r} is a local path (a hub id is 'name' or 'org/name') and {what} "
+            f"(resolved: {os.path.abspath(expanded)}); build the tiny one with `python -m app make-tiny-model "
+            "DIR` or pass an existing folder or a hub id")
 
 
 class EngineSpec(ServingKnobs):

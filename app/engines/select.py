@@ -44,6 +44,7 @@ from app.engines.base import (
     EngineStats,
     GenerationChunk,
     GenerationRequest,
+    missing_local_model,
 )
 from app.metrics import MetricsSink
 
@@ -107,6 +108,9 @@ def _vllm(spec: EngineSpec, sink: MetricsSink, reason: str) -> Engine:
 
 async def start_engine(spec: EngineSpec, metrics: MetricsSink) -> Engine:
     """Build and start the engine for `spec`, recording into `metrics`; falls back from vLLM when `auto` allows."""
+    problem = missing_local_model(spec.model_source)
+    if problem:
+        raise ValueError(f"model {spec.model_id}: {problem}")  # no engine can load it: no reason to fall back
     if spec.engine == "transformers":
         engine = _transformers(spec, metrics, "configured: engine=transformers", fallback=False)
         await engine.start()

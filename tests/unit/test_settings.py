@@ -82,3 +82,26 @@ def test_engine_spec_pickles_and_validates() -> None:
     assert pickle.loads(pickle.dumps(spec)) == spec
     with pytest.raises(ValidationError):
         EngineSpec(model_id="m", model_source="/x", engine="tensorrt")  # type: ignore[arg-type]
+
+
+def test_missing_local_model_tells_paths_from_hub_ids(tmp_path: Path) -> None:
+    from app.engines.base import missing_local_model
+
+    (tmp_path / "weights.bin").write_text("x")
+    for hub_id in ("gpt2", "Qwen/Qwen2.5-0.5B-Instruct", str(tmp_path)):
+        assert missing_local_model(hub_id) is None, hub_id
+    for path in ("./m", ".cache/tiny-model", "/models/qwen", "~/m", "a/b/c"):
+        assert "does not exist" in (missing_local_model(path) or ""), path
+    assert "is a file, not a model folder" in (missing_local_model(str(tmp_path / "weights.bin")) or "")
+
+
+def test_engine_start_refuses_a_missing_folder_before_any_engine(tmp_path: Path) -> None:
+    """Ray replicas and DeepSpeed start engines from specs: the same message, and no fallback tried."""
+    import asyncio
+
+    from app.engines.select import start_engine
+    from app.metrics import PrometheusSink
+
+    spec = EngineSpec(model_id="tiny", model_source=str(tmp_path / "missing"), engine="auto")
+    with pytest.raises(ValueError, match=r"model tiny: '.*missing' is a local path .* does not exist"):
+        asyncio.run(start_engine(spec, PrometheusSink()))
