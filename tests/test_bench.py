@@ -121,3 +121,13 @@ def test_compare_engines_gives_both_engines_the_same_settings(tmp_path: Path, ti
         assert specs["transformers"].engine_kwargs[key] == specs["vllm"].engine_kwargs[key], key
     assert {s.model_source for s in specs.values()} == {str(tiny_model)}
     assert {s.max_waiting for s in specs.values()} == {64}
+
+
+def test_api_overhead_reports_cpu_per_streamed_token() -> None:
+    """bench/api_overhead.py streams through the real API app (FakeEngine underneath) and counts every event."""
+    res = subprocess.run([sys.executable, "-m", "bench.api_overhead", "--streams", "3", "--tokens", "20",
+                          "--repeats", "2", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["events_per_round"] == 3 * 21  # 20 token events + the finish event per stream
+    assert out["cpu_us_per_token"] > 0
