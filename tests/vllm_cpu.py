@@ -12,6 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+from bench.pinning import descendants
 from tests.conftest import need
 
 # the vLLM stage exports these too; set here so a single module run from .venv-vllm behaves the same
@@ -24,22 +25,10 @@ def need_vllm() -> None:
          "needs vLLM's CPU build: tests/vllm_venv.sh builds .venv-vllm and tests/run.sh runs these suites from it")
 
 
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
 def process_tree(pid: int) -> dict[int, str]:
     """PID -> command line of every live descendant of `pid` (not `pid` itself)."""
     found: dict[int, str] = {}
-    todo = _children(pid)
-    while todo:
-        child = todo.pop()
+    for child in descendants(pid)[1:]:
         try:
             cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
             state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -47,7 +36,6 @@ def process_tree(pid: int) -> dict[int, str]:
             continue
         if state != "Z":
             found[child] = cmd
-        todo += _children(child)
     return found
 
 

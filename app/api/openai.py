@@ -225,6 +225,7 @@ async def _primed_fan_in(
 
         if keepalive_s > 0:
             timer = loop.call_later(keepalive_s, tick)
+
         def on_cut(waiter: asyncio.Future[Any]) -> None:
             if not waiter.cancelled():
                 queue.put_nowait((_CUT, None))
