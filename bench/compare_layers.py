@@ -9,7 +9,8 @@ Layers, bottom to top, all serving the same model with the same engine settings
 process role used during each level is reported beside it (bench/cpu_share.py), and for the Ray layers where a
 request's time went inside Serve (bench/serve_hops.py: model replica, ingress, proxy, from Serve's access logs):
 
-1. `engine`     - the engine protocol called in-process (`app.engines.select.start_engine`, no HTTP);
+1. `engine`     - the engine protocol called in-process (`app.engines.select.start_engine`, no HTTP; the
+                  transformers engine with `engine_process: false`, its decode loop in this process);
 2. `standalone` - `python -m app serve` (uvicorn + the one API router) on 127.0.0.1;
 3. `ray`        - Ray Serve on a local one-node cluster (`python -m app cluster local-up`, run in a private
                   temp dir so its `.run/` state is its own), one replica, proxy on 127.0.0.1;
@@ -105,8 +106,9 @@ def ensure_model(model: str | None, work: Path) -> Path:
 
 
 def ray_config(model: Path, max_num_seqs: int, max_waiting: int, engine: str = "transformers",
-               coalesce_ms: float | None = None) -> str:
-    """Model config for the Ray layer: one fixed replica, same engine settings as the other layers."""
+               coalesce_ms: float | None = None, engine_process: bool = True) -> str:
+    """Model config for the Ray layer (and the standalone one with `engine_process` false): one fixed replica,
+    same engine settings as the other layers."""
     text = f"""model_loading_config:
   model_id: tiny
   model_source: {model}
@@ -125,7 +127,7 @@ engine_kwargs:
   dtype: float32
   device: cpu
   max_model_len: 1024
-  max_num_seqs: {max_num_seqs}
+  max_num_seqs: {max_num_seqs}{"" if engine_process else chr(10) + "  engine_process: false"}
 max_waiting: {max_waiting}
 default_max_tokens: 64
 """
@@ -217,9 +219,12 @@ class Comparison:
         from app.metrics import PrometheusSink
 
         async def go() -> dict[str, Any]:
+            kwargs: dict[str, Any] = {"dtype": "float32", "device": "cpu", "max_model_len": 1024,
+                                      "max_num_seqs": self.args.max_num_seqs}
+            if self.args.engine == "transformers":  # the bottom layer: the engine itself, no process hop
+                kwargs["engine_process"] = False
             spec = EngineSpec(model_id="tiny", model_source=str(self.model), engine=self.args.engine,
-                              engine_kwargs={"dtype": "float32", "device": "cpu", "max_model_len": 1024,
-                                             "max_num_seqs": self.args.max_num_seqs},
+                              engine_kwargs=kwargs,
                               max_waiting=self.args.max_waiting)
             engine = await start_engine(spec, PrometheusSink())
             try:
@@ -234,11 +239,16 @@ class Comparison:
 
     def standalone(self) -> None:
         port = free_port()
+        what = ["--model", str(self.model), "--served-model-name", "tiny", "--max-num-seqs",
+                str(self.args.max_num_seqs), "--max-waiting", str(self.args.max_waiting), "--engine", self.args.engine]
+        if self.args.in_process_engine:  # the same engine settings as a model config (engine_kwargs carry the key)
+            cfg = self.work / "standalone-tiny.yaml"
+            cfg.write_text(ray_config(self.model, self.args.max_num_seqs, self.args.max_waiting, self.args.engine,
+                                      engine_process=False))
+            what = ["--config", str(cfg)]
         with open(self.work / "standalone.log", "wb") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "app", "serve", "--model", str(self.model), "--served-model-name", "tiny",
-                 "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(self.args.max_num_seqs),
-                 "--max-waiting", str(self.args.max_waiting), "--engine", self.args.engine],
+                [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), *what],
                 cwd=self.work, stdout=logf, stderr=subprocess.STDOUT)
         self.procs.append(proc)  # kept (idle) until the end: nginx fronts it when the Ray layer is missing
         wait_http(f"http://127.0.0.1:{port}/readyz", 300, proc, "standalone server")
@@ -251,7 +261,7 @@ class Comparison:
         self.ray_dir.mkdir(exist_ok=True)
         cfg = self.ray_dir / "bench-tiny.yaml"
         cfg.write_text(ray_config(self.model, self.args.max_num_seqs, self.args.max_waiting, self.args.engine,
-                                  self.args.stream_coalesce_ms))
+                                  self.args.stream_coalesce_ms, engine_process=not self.args.in_process_engine))
         self.ray_port = free_port()
         cmd = [sys.executable, "-m", "app", "cluster", "local-up", "--config", str(cfg), "--gcs-port",
                str(free_port()), "--serve-port", str(self.ray_port), "--metrics-export-port", str(free_port()),
@@ -360,7 +370,8 @@ def markdown(result: dict[str, Any]) -> str:
            f"{m.get('mem_gib', '?')} GiB, load average {result['loadavg_before']} before / "
            f"{result['loadavg_after']} after · model: {result['model']} · {c['max_tokens']} output tokens "
            f"(ignore_eos), {c['duration_s']:g} s per level, max_num_seqs {c['max_num_seqs']}, engine "
-           f"{c.get('engine', 'transformers')}",
+           f"{c.get('engine', 'transformers')}"
+           + (" (standalone and Ray: in a process of its own)" if c.get("engine_process") else ""),
            f"Command: `{result['command']}`", "",
            "| layer | c | req/s | out tok/s | TTFT p50 | ITL p50 | e2e p50 | e2e p95 | e2e p99 | ok/failed "
            "| req/s ÷ below | e2e p50 ÷ below | added p50 | load 1m |",
@@ -460,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine of every layer (vllm: run from .venv-vllm)")
     ap.add_argument("--stream-coalesce-ms", type=float, default=None,
                     help="the Ray layer's stream_coalesce_ms (default: the model config's default)")
+    ap.add_argument("--in-process-engine", action="store_true",
+                    help="standalone and Ray layers: the transformers engine in the server's (replica's) process "
+                         "(engine_kwargs.engine_process: false) instead of a process of its own")
     ap.add_argument("--split-cores", action="store_true",
                     help="stand in for the kit's two VMs: the model's process on the upper half of the cores, "
                          "everything else on the rest (bench/pinning.py)")
@@ -479,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [x for x in layers if x not in LAYERS]
     if unknown:
         ap.error(f"unknown layers {unknown}; choose from {LAYERS}")
+    if args.in_process_engine and args.engine != "transformers":
+        ap.error("--in-process-engine is the transformers engine's (vLLM always runs its EngineCore apart)")
     layers = [x for x in LAYERS if x in layers]  # always bottom to top
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     load_before = round(os.getloadavg()[0], 2)
@@ -497,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"layers": layers, "levels": cmp.levels, "duration_s": args.duration, "max_tokens": args.max_tokens,
                    "prompt_words": args.prompt_words, "max_num_seqs": args.max_num_seqs,
                    "max_waiting": args.max_waiting, "engine": args.engine,
+                   "engine_process": args.engine == "transformers" and not args.in_process_engine,
                    "split_cores": None if cmp.cores is None else {"head": sorted(cmp.cores[0]),
                                                                   "worker": sorted(cmp.cores[1])}},
         "rows": ratios(cmp.reports, layers),

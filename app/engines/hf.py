@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_NAME = "transformers"
 USED_KWARGS = frozenset({"dtype", "device", "max_model_len", "max_num_seqs", "trust_remote_code", "revision",
-                         "tokenizer", "seed", "prefill_chunk_tokens", "cpu_threads"})
+                         "tokenizer", "seed", "prefill_chunk_tokens", "cpu_threads", "engine_process"})
 # vLLM performance knobs with no effect on what is generated: the transformers engine has no use for them
 IGNORED_VLLM_KWARGS = frozenset({
     "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "kv_cache_dtype", "max_num_batched_tokens",
@@ -104,6 +104,9 @@ def transformers_engine_config(engine_kwargs: dict[str, Any], *, fallback: bool 
     trust = kw.get("trust_remote_code", False)
     if not isinstance(trust, bool):
         raise ValueError(f"engine_kwargs.trust_remote_code={trust!r}: must be true or false")
+    own_process = kw.get("engine_process", True)
+    if not isinstance(own_process, bool):
+        raise ValueError(f"engine_kwargs.engine_process={own_process!r}: must be true or false")
     seed = kw.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"engine_kwargs.seed={seed!r}: must be an integer")
@@ -112,7 +115,7 @@ def transformers_engine_config(engine_kwargs: dict[str, Any], *, fallback: bool 
         max_num_seqs=_int(kw, "max_num_seqs", 1) or HFEngineConfig.max_num_seqs, trust_remote_code=trust,
         revision=_str(kw, "revision"), tokenizer=_str(kw, "tokenizer"), seed=seed,
         prefill_chunk_tokens=_int(kw, "prefill_chunk_tokens", 1) or HFEngineConfig.prefill_chunk_tokens,
-        cpu_threads=_int(kw, "cpu_threads", 1),
+        cpu_threads=_int(kw, "cpu_threads", 1), engine_process=own_process,
     )
     notes = []
     if ignored:
@@ -122,6 +125,14 @@ def transformers_engine_config(engine_kwargs: dict[str, Any], *, fallback: bool 
     if unknown:
         notes.append(f"dropped engine_kwargs {', '.join(unknown)} (unknown to the transformers engine)")
     return config, notes
+
+
+def engine_config(spec: EngineSpec, *, fallback: bool = False) -> tuple[HFEngineConfig, list[str]]:
+    """`transformers_engine_config` of the spec's engine_kwargs, its errors prefixed with the spec's source."""
+    try:
+        return transformers_engine_config(spec.engine_kwargs, fallback=fallback)
+    except ValueError as exc:
+        raise ValueError(f"{spec.source}: {exc}" if spec.source else str(exc)) from None
 
 
 def _harmless(key: str, value: Any) -> bool:
@@ -138,10 +149,7 @@ class TransformersEngine(Engine):
                  fallback: bool = False):
         """`fallback`: vLLM was wanted and could not start; engine_kwargs this engine cannot honour are dropped
         (and named in the reason) instead of refused. Raises ValueError naming the spec's source and key."""
-        try:
-            self.cfg, notes = transformers_engine_config(spec.engine_kwargs, fallback=fallback)
-        except ValueError as exc:
-            raise ValueError(f"{spec.source}: {exc}" if spec.source else str(exc)) from None
+        self.cfg, notes = engine_config(spec, fallback=fallback)
         self.spec = spec
         self.metrics = metrics or PrometheusSink()
         for note in notes:

@@ -55,6 +55,7 @@ class HFEngineConfig:
     tokenizer: str | None = None
     seed: int | None = None
     cpu_threads: int | None = None  # torch threads for the forwards on CPU (None: measured at load)
+    engine_process: bool = True  # serve from a process of its own (app.engines.engine_process)
 
 
 def resolve_device(device: str) -> str:
