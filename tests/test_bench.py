@@ -131,3 +131,17 @@ def test_api_overhead_reports_cpu_per_streamed_token() -> None:
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["events_per_round"] == 3 * 21  # 20 token events + the finish event per stream
     assert out["cpu_us_per_token"] > 0
+
+
+def test_ray_floor_serves_both_ways(tmp_path: Path) -> None:
+    """bench/ray_floor.py: the bare server and the model-less Ray Serve app both answer every request."""
+    res = subprocess.run([sys.executable, "-m", "bench.ray_floor", "--levels", "2", "--duration", "1", "--messages",
+                          "3", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    result = json.loads((tmp_path / "ray-floor.json").read_text())
+    assert set(result["servers"]) == {"bare", "ray"}
+    for kind, (level,) in result["servers"].items():
+        assert level["c"] == 2 and level["ok"] > 0 and level["failed"] == 0, (kind, level)
+    ray_cpu = result["servers"]["ray"][0]["cpu"]
+    assert any(role.startswith("ray replica ") for role in ray_cpu) and "ray proxy" in ray_cpu, ray_cpu
+    assert "| ray | 2 |" in (tmp_path / "ray-floor.md").read_text()

@@ -83,3 +83,14 @@ def test_serve_without_launcher_env_fails_cleanly(tmp_path: Path) -> None:
     assert res.returncode == 2 and "DS_MODEL is empty" in res.stderr, res.stderr
     res = _cli("serve", "--model", "/m", cwd=tmp_path)
     assert res.returncode == 2 and "started by `python -m app deepspeed launch`" in res.stderr, res.stderr
+
+
+def test_rank_names_a_missing_model_folder(tmp_path: Path) -> None:
+    from app.deepspeed.tp import RankInfo, load_sharded
+
+    missing = tmp_path / "models" / "qwen"
+    with pytest.raises(RuntimeError) as err:
+        load_sharded(DSSettings(model=str(missing)), RankInfo(rank=1, world_size=2, local_rank=0, local_size=1), None)
+    message = str(err.value)
+    assert message.startswith("rank 1 (") and "DS_MODEL" in message
+    assert str(missing) in message and "does not exist" in message and "make-tiny-model" in message

@@ -8,7 +8,9 @@ and stops the backend.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -122,6 +124,13 @@ class RequestIdMiddleware:
         await self.app(scope, receive, with_id)
 
 
+def _preload(module: str) -> None:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # the requests that need it report it
+        log.warning("could not import %s: %s", module, exc)
+
+
 def create_app(
     backend: ModelBackend,
     *,
@@ -142,6 +151,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # xgrammar (tools, response_format) takes seconds to import (it loads torch): in the background from the
+        # start, so that the first such request does not wait for it
+        threading.Thread(target=_preload, args=("xgrammar",), name="preload-xgrammar", daemon=True).start()
         if manage_backend:
             await backend.start()
         try:

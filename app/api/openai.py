@@ -460,9 +460,10 @@ class OpenAIServing:
                 raise InvalidRequestError("response_format: a JSON response format cannot be combined with tool "
                                           "calls; set tool_choice to none or drop response_format",
                                           param="response_format")
-            base.grammar = tool_grammar(plan, parser)
-        else:
-            base.grammar = req.response_grammar()
+            base.grammar = await asyncio.to_thread(tool_grammar, plan, parser)  # xgrammar: off the loop
+        elif req.response_format is not None and req.response_format.type != "text":
+            # xgrammar builds it (the first one imports the library): off the event loop, like tokenization
+            base.grammar = await asyncio.to_thread(req.response_grammar)
         items = _fan_out(base, req.n)
         rid, created = new_id("chatcmpl"), int(time.time())
         top_k = req.logprobs_k

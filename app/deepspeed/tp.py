@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -49,6 +50,7 @@ from app.engines.base import (
     EngineStats,
     GenerationChunk,
     GenerationRequest,
+    missing_local_model,
 )
 from app.engines.batching import BatchScheduler, stream_sequence
 from app.engines.hf_runner import HFEngineConfig, HFModelRunner
@@ -125,6 +127,9 @@ def _torch_dtype(name: str) -> Any:
 
 def load_sharded(settings: DSSettings, info: RankInfo, load_group: Any) -> HFModelRunner:
     """Load the model on this rank with the transformers model runner and shard it with AutoTP."""
+    problem = missing_local_model(settings.model)
+    if problem:  # DS_MODEL is the same path on every VM: say which rank's VM lacks it, not the hub client's error
+        raise RuntimeError(f"rank {info.rank} ({socket.gethostname()}): DS_MODEL {problem}")
     import deepspeed
     import torch.distributed as dist
 

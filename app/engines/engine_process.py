@@ -14,9 +14,9 @@ event-loop turn: (events, stats, ready), where an event is ("chunk", rid, Genera
 or ("start_failed", exception). Chunks of a decode step for every running sequence travel as one message.
 
 Lifetimes: the child exits when its socket closes (the server exited or was killed: the kernel closes the
-socket, the child reads EOF); a child that exits or stops answering makes the engine dead (`EngineDeadError`
-for streams in flight, health checks and new requests), which takes the server out of rotation (nginx, Ray
-Serve health checks) as a dead scheduler thread does in-process.
+socket, the child reads EOF). A child that exits, or answers no health check for 30 s (then it is killed),
+makes the engine dead (`EngineDeadError` for streams in flight, health checks and new requests), which takes
+the server out of rotation (nginx, Ray Serve health checks) as a dead scheduler thread does in-process.
 """
 
 from __future__ import annotations
@@ -227,8 +227,11 @@ class ProcessEngine(Engine):
             async with asyncio.timeout(HEALTH_TIMEOUT_S):
                 await self._call("health")
         except TimeoutError:
-            raise EngineDeadError(f"model {self.spec.model_id}: the engine process answered no health check in "
-                                  f"{HEALTH_TIMEOUT_S:.0f} s") from None
+            # hung: end it, so that its streams fail now (the reader sees EOF) instead of waiting on it forever
+            self._dead = f"the engine process answered no health check in {HEALTH_TIMEOUT_S:.0f} s"
+            if self._proc is not None:
+                self._proc.kill()
+            raise EngineDeadError(f"model {self.spec.model_id}: {self._dead}") from None
 
     def stats(self) -> EngineStats:
         return self._stats

@@ -7,6 +7,8 @@ disconnect) leaves within one step, and a request's tokens are identical alone o
 matched on the decoded text, on the event loop. Prompts are rendered and tokenized in a worker thread (a
 multi-megabyte prompt never stalls the loop). Concurrency is bounded by an `AdmissionController`:
 `max_num_seqs` running (the batch size, default 16) plus `max_waiting` queued; a full queue turns into HTTP 429.
+Servers run this engine in a process of its own (`app.engines.engine_process`) unless
+`engine_kwargs.engine_process` is false.
 
 `engine_kwargs` are validated here and nowhere else (`transformers_engine_config`): the keys it uses
 (`USED_KWARGS`), vLLM-only tuning keys it knowingly ignores (`IGNORED_VLLM_KWARGS`: warned once and named
