@@ -28,6 +28,7 @@ collective) end the scheduler, which then answers every request with `EngineDead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import queue
@@ -68,6 +69,7 @@ class Sequence:
     queue: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
     left: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False  # set from the event loop; read at step boundaries
+    tag: int = -1  # the engine process's number for it (app.engines.engine_process)
     slot: int = -1
     cache: Any = None
     prefilled: int = 0
@@ -304,6 +306,13 @@ class BatchScheduler:
         outbox.event(seq, "left")
 
 
+class EventStream(Protocol):
+    """The request side of a sequence: its events arrive on `queue`, `left` is set once it left the batch."""
+
+    queue: asyncio.Queue[tuple[Any, ...]]
+    left: asyncio.Event
+
+
 async def stream_sequence(scheduler: BatchScheduler, tokenizer: Any, prompt_ids: list[int], req: GenerationRequest,
                           sampler: Sampler, on_abort: Callable[[], None] | None = None
                           ) -> AsyncGenerator[GenerationChunk, None]:
@@ -312,8 +321,18 @@ async def stream_sequence(scheduler: BatchScheduler, tokenizer: Any, prompt_ids:
     `on_abort` is called when the stream ends before the request finished (client gone, error).
     """
     seq = Sequence(prompt_ids, sampler, asyncio.get_running_loop())
-    chunks = ChunkAssembler(tokenizer, req.stop, len(prompt_ids))
     scheduler.submit(seq)
+    async with contextlib.aclosing(stream_events(seq, lambda: scheduler.cancel(seq),
+                                                 ChunkAssembler(tokenizer, req.stop, len(prompt_ids)),
+                                                 on_abort)) as chunks:
+        async for chunk in chunks:
+            yield chunk
+
+
+async def stream_events(seq: EventStream, cancel: Callable[[], None], chunks: ChunkAssembler,
+                        on_abort: Callable[[], None] | None = None) -> AsyncGenerator[GenerationChunk, None]:
+    """A submitted sequence's events as chunks; on close `cancel()`, then wait until it has left the batch.
+    (The scheduler may run in this process, `stream_sequence`, or in the engine process.)"""
     finished = False
     try:
         while True:
@@ -339,9 +358,8 @@ async def stream_sequence(scheduler: BatchScheduler, tokenizer: Any, prompt_ids:
                 finished = True
                 return
     finally:
-        scheduler.cancel(seq)
+        cancel()
         if not finished and on_abort is not None:
             on_abort()
         # hold the caller's admission slot until the sequence has really left the batch
         await asyncio.shield(seq.left.wait())
-

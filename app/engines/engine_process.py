@@ -1,22 +1,25 @@
-"""The transformers engine in a process of its own, as vLLM runs its EngineCore: `ProcessEngine`.
+"""The transformers engine's model in a process of its own, as vLLM runs its EngineCore: `RemoteScheduler`.
 
-In one process the server's event loop (HTTP, SSE, JSON) and the engine's decode loop share one GIL: at a
-full batch each waits for the other, and the server cannot use a second core however many the machine has.
-`ProcessEngine` implements the engine protocol in the server's process and runs a `TransformersEngine` in a
-child (`python -m app.engines.engine_process FD`), talking over a socket pair with pickled tuples through
-`multiprocessing.connection.Connection`. Everything the engine does stays in the child, unchanged:
-admission (429s), tokenization, batching, stop strings, grammar, logprobs; the parent only forwards.
+In one process the server's event loop (HTTP, SSE, JSON, detokenization) and the decode loop share one GIL: at
+a full batch each waits for the other and the server cannot use a second core. So by default
+(`engine_kwargs.engine_process`) `TransformersEngine` keeps the request side in the server's process
+(tokenization, admission, detokenization and stop strings, `stream_events`) and runs the model, the samplers
+and the `BatchScheduler` in a child, `python -m app.engines.engine_process FD`, which does nothing else: no
+event loop, one thread reading the server's messages, the scheduler thread sending each step's events.
 
-Wire, parent to child: ("start", spec, reason, fallback, through_ray, log_level), ("generate", rid, request),
-("abort", rid), ("count", rid, request), ("health", rid), ("shutdown",). Child to parent, one message per
-event-loop turn: (events, stats, ready), where an event is ("chunk", rid, GenerationChunk), ("end", rid),
-("error", rid, exception), ("reply", rid, value), ("metric", method, name, labels, value), ("started", info)
-or ("start_failed", exception). Chunks of a decode step for every running sequence travel as one message.
+Wire: pickled tuples over a socket pair (`multiprocessing.connection.Connection`). Server to child:
+("start", spec, fallback, log_level), ("submit", rid, prompt_ids, request, max_new), ("cancel", rid),
+("ping", rid), ("shutdown",). Child to server: ("started", facts) | ("start_failed", exception), one
+("events", [(rid, event), ...], decode_batch) per scheduler step with every sequence's token (the events of
+`app.engines.batching`: token, error, dead, left), ("pong", rid, dead_reason), ("dead", reason) when the
+scheduler stopped. A request's sampler (its generator, penalties, grammar and logprobs hooks) is built in the
+child, in submission order.
 
-Lifetimes: the child exits when its socket closes (the server exited or was killed: the kernel closes the
-socket, the child reads EOF). A child that exits, or answers no health check for 30 s (then it is killed),
-makes the engine dead (`EngineDeadError` for streams in flight, health checks and new requests), which takes
-the server out of rotation (nginx, Ray Serve health checks) as a dead scheduler thread does in-process.
+Lifetimes: the child exits when its socket closes (the server exited or was killed: the kernel closes it and
+the child reads EOF) and ignores SIGINT/SIGTERM meant for its server (a graceful drain still needs it). A
+child that exits, or answers no ping for 30 s (then it is killed), makes the engine dead: streams in flight
+end with `EngineDeadError`, health checks fail and the server leaves rotation, as when the scheduler thread
+dies in-process.
 """
 
 from __future__ import annotations
@@ -32,33 +35,22 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from app import metrics as metric_specs
-from app.engines.base import (
-    Engine,
-    EngineDeadError,
-    EngineError,
-    EngineInfo,
-    EngineNotReadyError,
-    EngineSpec,
-    EngineStats,
-    GenerationChunk,
-    GenerationRequest,
-)
-from app.metrics import MetricsSink
+from app.engines.base import EngineDeadError, EngineSpec, GenerationChunk, GenerationRequest
+from app.engines.text import ChunkAssembler
 
 log = logging.getLogger(__name__)
 
-HEALTH_TIMEOUT_S = 30.0  # a child that answers no health check in this long is dead (it is hung)
+PING_TIMEOUT_S = 30.0  # a child that answers no ping in this long is hung: it is killed
 SHUTDOWN_GRACE_S = 10.0
-_SPECS = {spec.name: spec for spec in metric_specs.SPECS}
 
 
 def _picklable(exc: BaseException) -> BaseException:
-    """`exc` if it survives pickling, else a RuntimeError with its type and message (what the parent raises)."""
+    """`exc` if it survives pickling, else a RuntimeError with its type and message (what the server raises)."""
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
@@ -80,171 +72,77 @@ def _spawn() -> tuple[subprocess.Popen[bytes], Connection]:
     return proc, Connection(ours.detach())
 
 
-class ProcessEngine(Engine):
-    """The engine protocol in the server's process; a `TransformersEngine` in a child process does the work."""
+@dataclass(eq=False)
+class _Remote:
+    """A sequence the child runs, as `stream_events` consumes it (on `loop`)."""
 
-    def __init__(self, spec: EngineSpec, metrics: MetricsSink, *, reason: str = "", fallback: bool = False):
-        from app.engines.hf import ENGINE_NAME, engine_config  # validates engine_kwargs here, before any child
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
+    left: asyncio.Event = field(default_factory=asyncio.Event)
 
-        cfg, _ = engine_config(spec, fallback=fallback)
+
+class RemoteScheduler:
+    """The server's side of the engine process: starts it, submits sequences, routes their events back."""
+
+    def __init__(self, spec: EngineSpec, *, fallback: bool, on_decode: Callable[[int], None]):
         self.spec = spec
-        self.metrics = metrics
-        self._reason = reason
-        self._fallback = fallback
-        self.info = EngineInfo(model_id=spec.model_id, engine=ENGINE_NAME, model_source=spec.model_source,
-                               max_context=cfg.max_model_len or 0, reason="loading",
-                               max_parallel=cfg.max_num_seqs + spec.max_waiting,
-                               tool_call_parser=spec.tool_call_parser)
+        self.fallback = fallback
+        self.on_decode = on_decode
+        self.pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
-        self._streams: dict[int, asyncio.Queue[tuple[Any, ...]]] = {}
-        self._calls: dict[int, asyncio.Future[Any]] = {}
-        self._started: asyncio.Future[EngineInfo] | None = None
-        self._stats = EngineStats()
-        self._child_ready = False
+        self._seqs: dict[int, _Remote] = {}
+        self._pings: dict[int, asyncio.Future[str | None]] = {}
+        self._started: asyncio.Future[dict[str, Any]] | None = None
         self._dead: str | None = None
         self._stopping = False
 
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
+
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        proc, self._conn = await asyncio.to_thread(_spawn)
-        self._proc = proc
-        self._started = self._loop.create_future()
+    async def start(self) -> dict[str, Any]:
+        """Spawn the child and load the model there; returns what it measured (max_context, device, dtype)."""
+        proc, conn = await asyncio.to_thread(_spawn)
+        self._proc, self._conn, self.pid = proc, conn, proc.pid
+        self._started = asyncio.get_running_loop().create_future()
         for target, name in ((self._read, "engine-process-reader"), (self._write, "engine-process-writer")):
-            threading.Thread(target=target, args=(self._conn, self._loop), name=name, daemon=True).start()
+            threading.Thread(target=target, args=(conn,), name=name, daemon=True).start()
         log.info("model %s: engine process %d started", self.spec.model_id, proc.pid)
-        self._send(("start", self.spec, self._reason, self._fallback, self.metrics.exports_through_ray,
-                    logging.getLogger().getEffectiveLevel()))
+        self._send(("start", self.spec, self.fallback, logging.getLogger().getEffectiveLevel()))
         try:
-            self.info = await self._started
+            return await self._started
         except BaseException:
             await self.shutdown()
             raise
 
-    def _read(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
-        """Reader thread: every message from the child, handed to the event loop as it arrives."""
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception as exc:  # a message that does not unpickle: the wire is broken
-                log.error("engine process sent an unreadable message: %s", exc)
-                break
-            try:
-                loop.call_soon_threadsafe(self._dispatch, message)
-            except RuntimeError:  # the loop is closed: nobody is listening
-                return
-        if self._proc is not None:  # EOF comes as the process exits: wait (here, off the loop) for its code
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(5)
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._child_gone)
-
-    def _dispatch(self, message: tuple[list[tuple[Any, ...]], EngineStats, bool]) -> None:
-        events, self._stats, self._child_ready = message
-        for event in events:
-            kind = event[0]
-            if kind in ("chunk", "end", "error"):
-                stream = self._streams.get(event[1])
-                if stream is not None:
-                    stream.put_nowait(event)
-            elif kind == "metric":
-                _, method, name, labels, value = event
-                getattr(self.metrics, method)(_SPECS[name], labels, value)
-            elif kind == "reply":
-                future = self._calls.pop(event[1], None)
-                if future is not None and not future.done():
-                    if isinstance(event[2], BaseException):
-                        future.set_exception(event[2])
-                    else:
-                        future.set_result(event[2])
-            elif kind == "started" and self._started is not None and not self._started.done():
-                self._started.set_result(event[1])
-            elif kind == "start_failed" and self._started is not None and not self._started.done():
-                self._started.set_exception(event[1])
-
-    def _child_gone(self) -> None:
-        code = self._proc.poll() if self._proc is not None else None
-        self._dead = self._dead or (f"the engine process exited (code {code})" if code is not None
-                                    else "the engine process closed its connection")
-        self._stats = EngineStats()
-        if not self._stopping:
-            log.error("model %s: %s", self.spec.model_id, self._dead)
-        error = EngineDeadError(f"model {self.spec.model_id}: {self._dead}", retry_after=10)
-        for stream in self._streams.values():
-            stream.put_nowait(("error", None, error))
-        for future in self._calls.values():
-            if not future.done():
-                future.set_exception(error)
-        self._calls.clear()
-        if self._started is not None and not self._started.done():
-            self._started.set_exception(RuntimeError(f"model {self.spec.model_id}: {self._dead} while loading"))
-
-    def _send(self, message: tuple[Any, ...]) -> None:
-        """Queue a message for the writer thread: the event loop never waits on the socket (a multi-MB prompt
-        takes a while to cross), and messages still arrive in the order they were sent."""
-        if self._dead is not None or self._conn is None:
-            raise EngineDeadError(f"model {self.spec.model_id}: {self._dead or 'the engine process is not running'}",
-                                  retry_after=10)
-        self._outbox.put(message)
-
-    def _write(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
-        """Writer thread: sends queued messages in order until `None` (shutdown) or a broken connection."""
-        while (message := self._outbox.get()) is not None:
-            try:
-                conn.send(message)
-            except OSError as exc:
-                log.debug("engine process connection broke: %s", exc)
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(self._child_gone)
-                return
-
-    async def _call(self, kind: str, *args: Any) -> Any:
-        assert self._loop is not None
+    async def ping(self) -> None:
+        """Raise EngineDeadError unless the child answers and its scheduler runs (a hung child is killed)."""
         rid = next(self._ids)
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._calls[rid] = future
+        self._pings[rid] = future = asyncio.get_running_loop().create_future()
         try:
-            self._send((kind, rid, *args))
-            return await future
-        finally:
-            self._calls.pop(rid, None)
-
-    def is_ready(self) -> bool:
-        return self._dead is None and self._child_ready
-
-    async def check_health(self) -> None:
-        if self._dead is not None:
-            raise EngineDeadError(f"model {self.spec.model_id}: {self._dead}")
-        if self._conn is None:
-            raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
-        try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_S):
-                await self._call("health")
+            self._send(("ping", rid))
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                dead = await future
         except TimeoutError:
-            # hung: end it, so that its streams fail now (the reader sees EOF) instead of waiting on it forever
-            self._dead = f"the engine process answered no health check in {HEALTH_TIMEOUT_S:.0f} s"
+            self._dead = f"the engine process answered no health check in {PING_TIMEOUT_S:.0f} s"
             if self._proc is not None:
-                self._proc.kill()
+                self._proc.kill()  # its streams fail now (the reader sees EOF) instead of waiting forever
             raise EngineDeadError(f"model {self.spec.model_id}: {self._dead}") from None
-
-    def stats(self) -> EngineStats:
-        return self._stats
-
-    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return int(await self._call("count", request))
+        finally:
+            self._pings.pop(rid, None)
+        if dead is not None:
+            self._dead = self._dead or dead
+            raise EngineDeadError(f"model {self.spec.model_id}: {self._dead}")
 
     async def shutdown(self) -> None:
         self._stopping = True
-        self._child_ready = False
         if self._proc is None:
             return
-        with contextlib.suppress(EngineError):
+        with contextlib.suppress(EngineDeadError):
             self._send(("shutdown",))
         self._outbox.put(None)
         try:
@@ -254,169 +152,257 @@ class ProcessEngine(Engine):
                         self._proc.pid, SHUTDOWN_GRACE_S)
             self._proc.kill()
             await asyncio.to_thread(self._proc.wait)
-        if self._conn is not None:
-            self._conn.close()
 
     # ------------------------------------------------------------------ requests
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+    def stream(self, tokenizer: Any, prompt_ids: list[int], req: GenerationRequest, max_new: int,
+               on_abort: Callable[[], None] | None = None) -> AsyncGenerator[GenerationChunk, None]:
+        """`stream_sequence` with the scheduler in the child: detokenization and stop strings run here."""
+        from app.engines.batching import stream_events
+
         rid = next(self._ids)
-        stream: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        self._streams[rid] = stream
-        ended = False
-        try:
-            self._send(("generate", rid, request))
-            while True:
-                event = await stream.get()
-                if event[0] == "chunk":
-                    yield event[2]
-                    continue
-                ended = True
-                if event[0] == "error":
-                    raise event[2]
+        seq = _Remote(asyncio.get_running_loop())
+        self._send(("submit", rid, prompt_ids, req, max_new))
+        self._seqs[rid] = seq
+
+        def cancel() -> None:
+            if not seq.left.is_set():
+                with contextlib.suppress(EngineDeadError):
+                    self._send(("cancel", rid))
+
+        return stream_events(seq, cancel, ChunkAssembler(tokenizer, req.stop, len(prompt_ids)), on_abort)
+
+    # ------------------------------------------------------------------ wire
+    def _send(self, message: tuple[Any, ...]) -> None:
+        """Queue a message for the writer thread: the event loop never waits on the socket (a multi-MB prompt
+        takes a while to cross), and messages still arrive in the order they were sent."""
+        if self._dead is not None or self._conn is None:
+            raise EngineDeadError(f"model {self.spec.model_id}: {self._dead or 'the engine process is not running'}",
+                                  retry_after=10)
+        self._outbox.put(message)
+
+    def _write(self, conn: Connection) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                conn.send(message)
+            except OSError as exc:
+                log.debug("engine process connection broke: %s", exc)
                 return
-        finally:
-            del self._streams[rid]
-            if not ended and self._dead is None:
-                with contextlib.suppress(EngineError):
-                    self._send(("abort", rid))
+
+    def _read(self, conn: Connection) -> None:
+        """Reader thread: every message from the child, routed to the event loop of whoever waits for it (an
+        engine may serve requests from several loops, as the in-process scheduler does)."""
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception as exc:  # a message that does not unpickle: the wire is broken
+                log.error("engine process sent an unreadable message: %s", exc)
+                break
+            self._route(message)
+        if self._proc is not None:  # EOF comes as the process exits: wait for its code
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(5)
+        conn.close()
+        self._child_gone()
+
+    def _route(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "events":
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[int, _Remote, tuple[Any, ...]]]] = {}
+            for rid, event in message[1]:
+                seq = self._seqs.get(rid)
+                if seq is not None:
+                    by_loop.setdefault(seq.loop, []).append((rid, seq, event))
+            batch = message[2]
+            for seq_loop, items in by_loop.items():
+                if not _post(seq_loop, self._deliver, items, batch):  # that loop is closed: nobody listens
+                    for rid, _, _ in items:
+                        self._seqs.pop(rid, None)
+                        self._outbox.put(("cancel", rid))
+                batch = 0
+        elif kind == "pong":
+            future = self._pings.get(message[1])
+            if future is not None:
+                _post(future.get_loop(), _resolve, future, message[2], None)
+        elif kind == "dead":
+            self._dead = self._dead or f"its scheduler stopped: {message[1]}"
+        elif kind in ("started", "start_failed") and self._started is not None:
+            result, error = (message[1], None) if kind == "started" else (None, message[1])
+            _post(self._started.get_loop(), _resolve, self._started, result, error)
+
+    def _deliver(self, items: list[tuple[int, _Remote, tuple[Any, ...]]], batch: int) -> None:
+        """On a sequence's loop: its events of one step."""
+        for rid, seq, event in items:
+            if event[0] == "left":
+                self._seqs.pop(rid, None)
+                seq.left.set()
+            else:
+                seq.queue.put_nowait(event)
+        if batch:
+            self.on_decode(batch)
+
+    def _child_gone(self) -> None:
+        """Reader thread, after EOF: the engine is dead; everyone waiting is told on their own loop."""
+        code = self._proc.poll() if self._proc is not None else None
+        self._dead = self._dead or (f"the engine process exited (code {code})" if code is not None
+                                    else "the engine process closed its connection")
+        if not self._stopping:
+            log.error("model %s: %s", self.spec.model_id, self._dead)
+        for rid, seq in list(self._seqs.items()):
+            _post(seq.loop, self._deliver, [(rid, seq, ("dead", self._dead)), (rid, seq, ("left",))], 0)
+        error = EngineDeadError(f"model {self.spec.model_id}: {self._dead}", retry_after=10)
+        for future in list(self._pings.values()):
+            _post(future.get_loop(), _resolve, future, None, error)
+        if self._started is not None:
+            _post(self._started.get_loop(), _resolve, self._started, None,
+                  RuntimeError(f"model {self.spec.model_id}: {self._dead} while loading"))
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> bool:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:  # closed loop
+        return False
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if not future.done():
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 # ----------------------------------------------------------------------------- the child
 
 
-class _ForwardSink:
-    """The child's metrics sink: every call travels to the parent's sink with the next message."""
+class _ServerLink:
+    """Stands in for an event loop in the child's sequences: a step's events go to the server as one message."""
 
-    def __init__(self, child: _Child, exports_through_ray: bool):
-        self._child = child
-        self.exports_through_ray = exports_through_ray
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.lock = threading.Lock()  # the scheduler thread and the reader thread both send
+        self.seqs: dict[int, Any] = {}  # the live sequences by the server's number (for cancel)
+        self._batch = 0
 
-    def inc(self, spec: metric_specs.MetricSpec, labels: dict[str, str], value: float = 1.0) -> None:
-        self._child.emit(("metric", "inc", spec.name, labels, value))
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.lock:
+            try:
+                self.conn.send(message)
+            except OSError:  # the server is gone: EOF ends the child
+                pass
 
-    def set_gauge(self, spec: metric_specs.MetricSpec, labels: dict[str, str], value: float) -> None:
-        self._child.emit(("metric", "set_gauge", spec.name, labels, value))
+    def note_decode(self, rows: int) -> None:  # BatchScheduler.on_decode, run inside call_soon_threadsafe
+        self._batch = rows
 
-    def observe(self, spec: metric_specs.MetricSpec, labels: dict[str, str], value: float) -> None:
-        self._child.emit(("metric", "observe", spec.name, labels, value))
+    def call_soon_threadsafe(self, fn: Callable[..., None], calls: list[tuple[Callable[..., None], tuple[Any, ...]]]
+                             ) -> None:
+        """What `_Outbox.flush` calls once per step: `_deliver(seq, event)` calls become (rid, event) pairs."""
+        from app.engines.batching import _deliver
 
-    def render(self) -> tuple[bytes, str]:  # pragma: no cover - the parent renders
-        raise NotImplementedError
+        events = []
+        for f, args in calls:
+            if f is _deliver:
+                seq, event = args
+                events.append((seq.tag, event))
+                if event[0] == "left":
+                    self.seqs.pop(seq.tag, None)
+            else:
+                f(*args)
+        batch, self._batch = self._batch, 0
+        self.send(("events", events, batch))
 
 
 class _Child:
-    """The engine's side: serves the parent's messages on an event loop until the connection closes."""
-
-    def __init__(self, conn: Connection, loop: asyncio.AbstractEventLoop):
+    def __init__(self, conn: Connection):
+        self.link = _ServerLink(conn)
         self.conn = conn
-        self.loop = loop
-        self.engine: Engine | None = None
-        self.tasks: dict[int, asyncio.Task[None]] = {}
-        self._out: list[tuple[Any, ...]] = []
-        self._lock = threading.Lock()
-        self._flush_due = False
-        self._loop_thread = threading.get_ident()
-        self.closed = asyncio.Event()
+        self.runner: Any = None
+        self.scheduler: Any = None
+        self.thread: threading.Thread | None = None
+        self.seqs = self.link.seqs
 
-    def emit(self, event: tuple[Any, ...]) -> None:
-        """Queue an event for the parent (any thread); everything queued in one loop turn is one message."""
-        with self._lock:
-            self._out.append(event)
-            if self._flush_due:
-                return
-            self._flush_due = True
-        if threading.get_ident() == self._loop_thread:
-            self.loop.call_soon(self._flush)
-        else:
-            self.loop.call_soon_threadsafe(self._flush)
-
-    def _flush(self) -> None:
-        with self._lock:
-            events, self._out, self._flush_due = self._out, [], False
-        engine = self.engine
-        stats = engine.stats() if engine is not None else EngineStats()
-        ready = engine is not None and engine.is_ready()
-        try:
-            self.conn.send((events, stats, ready))
-        except OSError:
-            self.closed.set()
-
-    def read(self) -> None:
-        """Reader thread: the parent's messages, onto the loop; EOF (the parent is gone) ends the child."""
+    def serve(self) -> None:
+        """Handle the server's messages until EOF or shutdown (this thread); the scheduler has its own."""
         while True:
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
                 break
-            self.loop.call_soon_threadsafe(self.handle, message)
-        self.loop.call_soon_threadsafe(self.closed.set)
+            if message[0] == "shutdown":
+                break
+            self.handle(message)
         # an engine whose shutdown hangs must not outlive its server
         threading.Timer(SHUTDOWN_GRACE_S, os._exit, args=(0,)).start()
+        if self.scheduler is not None:
+            self.scheduler.stop()
+        if self.thread is not None:
+            self.thread.join(SHUTDOWN_GRACE_S)
 
     def handle(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "generate":
-            self.tasks[message[1]] = self.loop.create_task(self._generate(message[1], message[2]))
-        elif kind == "abort":
-            task = self.tasks.get(message[1])
-            if task is not None:
-                task.cancel()
-        elif kind == "start":
-            self.loop.create_task(self._start(*message[1:]))
-        elif kind in ("count", "health"):
-            self.loop.create_task(self._reply(kind, message[1], *message[2:]))
-        elif kind == "shutdown":
-            self.closed.set()
+        from app.engines.base import EngineError
+        from app.engines.batching import Sequence
+        from app.engines.sequence_constraints import needs_hooks
 
-    async def _start(self, spec: EngineSpec, reason: str, fallback: bool, through_ray: bool, level: int) -> None:
-        from app.engines.hf import TransformersEngine
+        kind = message[0]
+        if kind == "submit":
+            _, rid, prompt_ids, req, max_new = message
+            try:
+                hooks = self.runner.sequence_hooks(req) if needs_hooks(req) else []
+                sampler = self.runner.sampler(req, max_new, hooks)
+                seq = Sequence(prompt_ids, sampler, self.link, tag=rid)  # type: ignore[arg-type]
+                self.seqs[rid] = seq
+                self.scheduler.submit(seq)
+            except EngineError as exc:
+                self.seqs.pop(rid, None)
+                self.link.send(("events", [(rid, ("dead", exc.message)), (rid, ("left",))], 0))
+            except Exception as exc:
+                self.seqs.pop(rid, None)
+                log.exception("request %s could not start", req.request_id)
+                self.link.send(("events", [(rid, ("error", f"{type(exc).__name__}: {exc}")), (rid, ("left",))],
+                                0))
+        elif kind == "cancel":
+            live = self.seqs.get(message[1])
+            if live is not None:
+                self.scheduler.cancel(live)
+        elif kind == "ping":
+            dead = self.scheduler.dead_reason if self.scheduler is not None else None
+            self.link.send(("pong", message[1], dead))
+        elif kind == "start":
+            self.start(*message[1:])
+
+    def start(self, spec: EngineSpec, fallback: bool, level: int) -> None:
+        from app.engines.batching import BatchScheduler
+        from app.engines.hf import engine_config
+        from app.engines.hf_runner import HFModelRunner
 
         logging.getLogger().setLevel(level)
         try:
-            engine = TransformersEngine(spec, _ForwardSink(self, through_ray), reason=reason, fallback=fallback)
-            await engine.start()
+            cfg, _ = engine_config(spec, fallback=fallback)
+            runner = HFModelRunner(spec.model_source, cfg, model_id=spec.model_id)
+            runner.load()
+            model = runner.step_model()
+            runner.warmup(model)
+            scheduler = BatchScheduler(model, max_num_seqs=cfg.max_num_seqs, prefill_chunk=cfg.prefill_chunk_tokens,
+                                       on_decode=self.link.note_decode)
         except Exception as exc:
             log.debug("engine start failed", exc_info=True)
-            self.emit(("start_failed", _picklable(exc)))
+            self.link.send(("start_failed", _picklable(exc)))
             return
-        self.engine = engine
-        self.emit(("started", engine.info))
+        self.runner, self.scheduler = runner, scheduler
+        self.thread = threading.Thread(target=self._run, name="hf-scheduler", daemon=True)
+        self.thread.start()
+        self.link.send(("started", {"max_context": runner.max_context, "device": runner.device,
+                                    "dtype": runner.dtype}))
 
-    async def _reply(self, kind: str, rid: int, *args: Any) -> None:
+    def _run(self) -> None:
         try:
-            if self.engine is None:
-                raise EngineNotReadyError("the engine is still loading", retry_after=5)
-            if kind == "count":
-                value: Any = await self.engine.count_prompt_tokens(args[0])
-            else:
-                await self.engine.check_health()
-                value = None
-        except Exception as exc:
-            value = _picklable(exc)
-        self.emit(("reply", rid, value))
-
-    async def _generate(self, rid: int, request: GenerationRequest) -> None:
-        try:
-            if self.engine is None:
-                raise EngineNotReadyError("the engine is still loading", retry_after=5)
-            async with contextlib.aclosing(self.engine.generate(request)) as chunks:
-                async for chunk in chunks:
-                    self.emit(("chunk", rid, chunk))
-            self.emit(("end", rid))
-        except asyncio.CancelledError:  # the parent aborted: it listens no more; stats refresh with the flush
-            self.emit(("aborted", rid))
-        except Exception as exc:
-            self.emit(("error", rid, _picklable(exc)))
-        finally:
-            self.tasks.pop(rid, None)
-
-    async def serve(self) -> None:
-        threading.Thread(target=self.read, name="engine-process-reader", daemon=True).start()
-        await self.closed.wait()
-        for task in list(self.tasks.values()):
-            task.cancel()
-        if self.engine is not None:
-            await self.engine.shutdown()
+            self.scheduler.run()
+        except BaseException as exc:  # every request was told (dead events); the server's health turns dead
+            log.exception("the scheduler of the engine process stopped")
+            self.link.send(("dead", f"{type(exc).__name__}: {exc}"))
 
 
 def main(fd: int) -> None:
@@ -430,16 +416,7 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     setup_logging()
     conn = Connection(fd)
-
-    async def run() -> None:
-        await _Child(conn, asyncio.get_running_loop()).serve()
-
-    try:
-        import uvloop  # uvicorn[standard]'s loop, as the server's own
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        asyncio.run(run())
-    else:
-        uvloop.run(run())
+    _Child(conn).serve()
     conn.close()
 
 

@@ -7,8 +7,9 @@ disconnect) leaves within one step, and a request's tokens are identical alone o
 matched on the decoded text, on the event loop. Prompts are rendered and tokenized in a worker thread (a
 multi-megabyte prompt never stalls the loop). Concurrency is bounded by an `AdmissionController`:
 `max_num_seqs` running (the batch size, default 16) plus `max_waiting` queued; a full queue turns into HTTP 429.
-Servers run this engine in a process of its own (`app.engines.engine_process`) unless
-`engine_kwargs.engine_process` is false.
+By default the model, the samplers and the scheduler run in a process of their own (`app.engines.engine_process`,
+as vLLM runs its EngineCore) while tokenization, admission, detokenization and stop strings stay here;
+`engine_kwargs.engine_process: false` keeps everything in this process.
 
 `engine_kwargs` are validated here and nowhere else (`transformers_engine_config`): the keys it uses
 (`USED_KWARGS`), vLLM-only tuning keys it knowingly ignores (`IGNORED_VLLM_KWARGS`: warned once and named
@@ -39,6 +40,7 @@ from app.engines.base import (
     GenerationRequest,
 )
 from app.engines.batching import BatchScheduler, stream_sequence
+from app.engines.engine_process import RemoteScheduler
 from app.engines.hf_runner import HFEngineConfig, HFModelRunner
 from app.metrics import MetricsSink, PrometheusSink
 
@@ -169,23 +171,22 @@ class TransformersEngine(Engine):
                                               metrics=self.metrics, metric_labels=self._labels)
         self.info.max_parallel = self._admission.capacity
         self._scheduler: BatchScheduler | None = None
+        self._remote: RemoteScheduler | None = None  # the model in the engine process
         self._thread: threading.Thread | None = None
         self._ready = False
+
+    @property
+    def process_pid(self) -> int | None:
+        """The engine process's pid (None: the model runs in this process)."""
+        return self._remote.pid if self._remote is not None else None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
-        await asyncio.to_thread(self.runner.load)
-        self.info.max_context = self.runner.max_context
-        self.info.device = self.runner.device
-        self.info.dtype = self.runner.dtype
-        model = self.runner.step_model()
-        await asyncio.to_thread(self.runner.warmup, model)
-        self._scheduler = BatchScheduler(model, max_num_seqs=self.cfg.max_num_seqs,
-                                         prefill_chunk=self.cfg.prefill_chunk_tokens, on_decode=self._observe_batch)
-        self._thread = threading.Thread(target=self._serve, args=(self._scheduler,), name="hf-scheduler",
-                                        daemon=True)
-        self._thread.start()
+        if self.cfg.engine_process:
+            await self._start_remote()
+        else:
+            await self._start_here()
         self._ready = True
         self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
         self.metrics.set_gauge(
@@ -197,6 +198,35 @@ class TransformersEngine(Engine):
         log.info("model %s ready on %s (%s), batch of up to %d sequences", self.spec.model_id, self.info.device,
                  self.info.dtype, self.cfg.max_num_seqs)
 
+    async def _start_here(self) -> None:
+        await asyncio.to_thread(self.runner.load)
+        self.info.max_context = self.runner.max_context
+        self.info.device = self.runner.device
+        self.info.dtype = self.runner.dtype
+        model = self.runner.step_model()
+        await asyncio.to_thread(self.runner.warmup, model)
+        self._scheduler = BatchScheduler(model, max_num_seqs=self.cfg.max_num_seqs,
+                                         prefill_chunk=self.cfg.prefill_chunk_tokens, on_decode=self._observe_batch)
+        self._thread = threading.Thread(target=self._serve, args=(self._scheduler,), name="hf-scheduler",
+                                        daemon=True)
+        self._thread.start()
+
+    async def _start_remote(self) -> None:
+        """This process keeps the tokenizer (prompts, detokenization, stop strings); the model loads in the
+        engine process (`app.engines.engine_process`)."""
+        self._remote = RemoteScheduler(self.spec, fallback=self.fallback, on_decode=self._observe_batch)
+        tokenizer = asyncio.create_task(asyncio.to_thread(self.runner.load_tokenizer))
+        try:
+            facts = await self._remote.start()
+        finally:
+            await tokenizer
+        self.runner.max_context = self.info.max_context = facts["max_context"]
+        self.info.device, self.info.dtype = facts["device"], facts["dtype"]
+
+    def _dead_reason(self) -> str | None:
+        where = self._remote if self._remote is not None else self._scheduler
+        return where.dead_reason if where is not None else None
+
     def _serve(self, scheduler: BatchScheduler) -> None:
         try:
             scheduler.run()
@@ -207,19 +237,25 @@ class TransformersEngine(Engine):
         self.metrics.observe(metrics.DECODE_BATCH, self._labels, rows)
 
     def is_ready(self) -> bool:
-        return self._ready and (self._scheduler is None or self._scheduler.dead_reason is None)
+        return self._ready and self._dead_reason() is None
 
     async def check_health(self) -> None:
-        if self._scheduler is not None and self._scheduler.dead_reason is not None:
-            raise EngineDeadError(f"model {self.spec.model_id}: scheduler died: {self._scheduler.dead_reason}")
+        dead = self._dead_reason()
+        if dead is not None:
+            what = "" if self._remote is not None else "scheduler died: "
+            raise EngineDeadError(f"model {self.spec.model_id}: {what}{dead}")
         if not self._ready:
             raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
+        if self._remote is not None:
+            await self._remote.ping()
 
     def stats(self) -> EngineStats:
         return self._admission.stats()
 
     async def shutdown(self) -> None:
         self._ready = False
+        if self._remote is not None:
+            await self._remote.shutdown()
         if self._scheduler is not None:
             self._scheduler.stop()
         if self._thread is not None:
@@ -230,7 +266,9 @@ class TransformersEngine(Engine):
         return len(await asyncio.to_thread(self.runner.prompt_ids, request))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        await self.check_health()
+        dead = self._dead_reason()
+        if dead is not None or not self._ready:
+            await self.check_health()  # raises: dead, or still loading
         prompt_ids = await asyncio.to_thread(self.runner.prompt_ids, request)  # CPU-heavy for large prompts
         max_new = self.runner.max_new_tokens(len(prompt_ids), request, self.spec.default_max_tokens)
         async with self._admission.admitted(self._generate_admitted(prompt_ids, request, max_new)) as chunks:
@@ -240,11 +278,20 @@ class TransformersEngine(Engine):
     async def _generate_admitted(
         self, prompt_ids: list[int], req: GenerationRequest, max_new: int
     ) -> AsyncGenerator[GenerationChunk, None]:
-        await self.check_health()
-        assert self._scheduler is not None  # set before the engine reports ready
-        sampler = await self.runner.sampler_off_loop(req, max_new)
-        stream = stream_sequence(self._scheduler, self.runner.tokenizer, prompt_ids, req, sampler,
-                                 on_abort=lambda: self.metrics.inc(metrics.ABORTED, self._labels))
+        dead = self._dead_reason()
+        if dead is not None:
+            raise EngineDeadError(f"model {self.spec.model_id}: {dead}", retry_after=10)
+
+        def aborted() -> None:
+            self.metrics.inc(metrics.ABORTED, self._labels)
+
+        if self._remote is not None:
+            stream = self._remote.stream(self.runner.tokenizer, prompt_ids, req, max_new, on_abort=aborted)
+        else:
+            assert self._scheduler is not None  # set before the engine reports ready
+            sampler = await self.runner.sampler_off_loop(req, max_new)
+            stream = stream_sequence(self._scheduler, self.runner.tokenizer, prompt_ids, req, sampler,
+                                     on_abort=aborted)
         async with contextlib.aclosing(stream) as chunks:
             async for chunk in chunks:
                 yield chunk

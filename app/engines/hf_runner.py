@@ -112,25 +112,35 @@ class HFModelRunner:
         """Replace the model by `wrap(model)` (DeepSpeed AutoTP sharding, rank 0's broadcasting mirror)."""
         self._model = wrap(self._model)
 
+    def load_tokenizer(self) -> None:
+        """The tokenizer alone (a server whose model runs in the engine process renders and detokenizes)."""
+        with _IMPORT_LOCK:  # transformers' lazy imports race when two models load in parallel threads
+            from transformers import AutoTokenizer
+
+        cfg = self.config
+        # `revision` names a revision of the model; a separate `tokenizer` source is taken at its default
+        self._tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or self.model_source,
+                                                        revision=None if cfg.tokenizer else cfg.revision,
+                                                        trust_remote_code=cfg.trust_remote_code)
+        self._max_token_chars = max_token_chars(self._tokenizer)
+
     def load(self) -> None:
         import torch
 
-        with _IMPORT_LOCK:  # transformers' lazy imports race when two models load in parallel threads
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+        with _IMPORT_LOCK:
+            from transformers import AutoModelForCausalLM
 
         cfg = self.config
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         t0 = time.monotonic()
-        # `revision` names a revision of the model; a separate `tokenizer` source is taken at its default
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer or self.model_source,
-                                            revision=None if cfg.tokenizer else cfg.revision,
-                                            trust_remote_code=cfg.trust_remote_code)
+        self.load_tokenizer()
+        tok = self._tokenizer
         model: Any = AutoModelForCausalLM.from_pretrained(self.model_source, dtype=dtype, revision=cfg.revision,
                                                      trust_remote_code=cfg.trust_remote_code)
         model.to(device)
         model.eval()
-        self._model, self._tokenizer = model, tok
+        self._model = model
         eos: set[int] = set()
         for src in (model.generation_config.eos_token_id if model.generation_config else None,
                     model.config.eos_token_id, tok.eos_token_id):
@@ -143,7 +153,6 @@ class HFModelRunner:
         if cfg.max_model_len:
             ctx = min(ctx, cfg.max_model_len)
         self.max_context = ctx
-        self._max_token_chars = max_token_chars(tok)
         self.batched = ragged.install(model)
         if device == "cpu":  # before the granule probe: the GEMM kernels depend on the thread count
             if cfg.cpu_threads is not None:

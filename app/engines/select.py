@@ -95,13 +95,8 @@ def vllm_installed() -> tuple[bool, str]:
 
 
 def _transformers(spec: EngineSpec, sink: MetricsSink, reason: str, fallback: bool) -> Engine:
-    """The transformers engine, in a process of its own unless `engine_kwargs.engine_process` is false."""
-    from app.engines.hf import TransformersEngine, engine_config
+    from app.engines.hf import TransformersEngine
 
-    if engine_config(spec, fallback=fallback)[0].engine_process:
-        from app.engines.engine_process import ProcessEngine
-
-        return ProcessEngine(spec, sink, reason=reason, fallback=fallback)
     return TransformersEngine(spec, sink, reason=reason, fallback=fallback)
 
 
