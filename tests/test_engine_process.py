@@ -1,8 +1,8 @@
-"""The transformers engine in a process of its own (app/engines/engine_process.py), as the server runs it.
+"""The transformers engine's model in a process of its own (app/engines/engine_process.py), as the server runs it.
 
-- `python -m app serve` runs its transformers engine in a child `python -m app.engines.engine_process`:
-  answers, the engine's own metrics and /readyz come through it; `engine_kwargs.engine_process: false`
-  keeps the engine in the server's process;
+- `python -m app serve` runs the model and its batch scheduler in a child `python -m app.engines.engine_process`:
+  answers, the decode-batch metric observed there and /readyz come through it; `engine_kwargs.engine_process:
+  false` keeps the model in the server's process;
 - the same requests (greedy with logprobs, seeded sampling, a stop string) give identical output from a
   child and in-process;
 - the child killed: a stream in flight ends with an `engine_dead` error event and [DONE], /readyz turns 503
@@ -69,7 +69,7 @@ def test_server_engine_runs_in_its_own_process_until_it_dies(tmp_path: Path, tin
         assert body["usage"]["completion_tokens"] == 5
         assert len(body["choices"][0]["logprobs"]["content"]) == 5
         metrics = httpx.get(srv.base_url + "/metrics", timeout=10).text
-        # observed by the scheduler in the child, exported by the server
+        # the batch size each decode step had in the child, exported by the server
         assert _metric(metrics, "llm_decode_batch_size_count") >= 4
         assert _metric(metrics, 'llm_model_ready{engine="transformers",model="tiny"}') == 1
 
