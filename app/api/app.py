@@ -8,9 +8,7 @@ and stops the backend.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
-import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +22,7 @@ from app.api.backend import ModelBackend
 from app.api.errors import count_rejection, install_error_handlers, send_error
 from app.api.routes import router
 from app.api.schema import document
+from app.engines.imports import preload
 from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
@@ -124,13 +123,6 @@ class RequestIdMiddleware:
         await self.app(scope, receive, with_id)
 
 
-def _preload(module: str) -> None:
-    try:
-        importlib.import_module(module)
-    except Exception as exc:  # the requests that need it report it
-        log.warning("could not import %s: %s", module, exc)
-
-
 def create_app(
     backend: ModelBackend,
     *,
@@ -153,7 +145,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # xgrammar (tools, response_format) takes seconds to import (it loads torch): in the background from the
         # start, so that the first such request does not wait for it
-        threading.Thread(target=_preload, args=("xgrammar",), name="preload-xgrammar", daemon=True).start()
+        preload("xgrammar")
         if manage_backend:
             await backend.start()
         try:

@@ -8,7 +8,7 @@ and the `BatchScheduler` in a child, `python -m app.engines.engine_process FD`, 
 event loop, one thread reading the server's messages, the scheduler thread sending each step's events.
 
 Wire: pickled tuples over a socket pair (`multiprocessing.connection.Connection`). Server to child:
-("start", spec, fallback, log_level), ("submit", rid, prompt_ids, request, max_new), ("cancel", rid),
+("start", spec, config, log_level), ("submit", rid, prompt_ids, request, max_new), ("cancel", rid),
 ("ping", rid), ("shutdown",). Child to server: ("started", facts) | ("start_failed", exception), one
 ("events", [(rid, event), ...], decode_batch) per scheduler step with every sequence's token (the events of
 `app.engines.batching`: token, error, dead, left), ("pong", rid, dead_reason), ("dead", reason) when the
@@ -41,6 +41,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from app.engines.base import EngineDeadError, EngineSpec, GenerationChunk, GenerationRequest
+from app.engines.hf_runner import HFEngineConfig
 from app.engines.text import ChunkAssembler
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ class _Remote:
 class RemoteScheduler:
     """The server's side of the engine process: starts it, submits sequences, routes their events back."""
 
-    def __init__(self, spec: EngineSpec, *, fallback: bool, on_decode: Callable[[int], None]):
+    def __init__(self, spec: EngineSpec, config: HFEngineConfig, *, on_decode: Callable[[int], None]):
         self.spec = spec
-        self.fallback = fallback
+        self.config = config
         self.on_decode = on_decode
         self.pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -112,7 +113,7 @@ class RemoteScheduler:
         for target, name in ((self._read, "engine-process-reader"), (self._write, "engine-process-writer")):
             threading.Thread(target=target, args=(conn,), name=name, daemon=True).start()
         log.info("model %s: engine process %d started", self.spec.model_id, proc.pid)
-        self._send(("start", self.spec, self.fallback, logging.getLogger().getEffectiveLevel()))
+        self._send(("start", self.spec, self.config, logging.getLogger().getEffectiveLevel()))
         try:
             return await self._started
         except BaseException:
@@ -373,14 +374,12 @@ class _Child:
         elif kind == "start":
             self.start(*message[1:])
 
-    def start(self, spec: EngineSpec, fallback: bool, level: int) -> None:
+    def start(self, spec: EngineSpec, cfg: HFEngineConfig, level: int) -> None:
         from app.engines.batching import BatchScheduler
-        from app.engines.hf import engine_config
         from app.engines.hf_runner import HFModelRunner
 
         logging.getLogger().setLevel(level)
         try:
-            cfg, _ = engine_config(spec, fallback=fallback)
             runner = HFModelRunner(spec.model_source, cfg, model_id=spec.model_id)
             runner.load()
             model = runner.step_model()

@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from app.engines.base import GrammarKind, GrammarSpec, InvalidRequestError
+from app.engines.imports import IMPORT_LOCK
 from app.engines.json_schema_support import UnsupportedSchemaError, check_schema
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}  # vLLM 0.32 compiles json_object from this schema too
@@ -32,7 +33,8 @@ _LOG_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
 
 
 def _xgr() -> Any:
-    import xgrammar  # imported where used: a native library the API models need not load
+    with IMPORT_LOCK:  # imported where used (a native library the API models need not load), never racing transformers
+        import xgrammar
 
     return xgrammar
 

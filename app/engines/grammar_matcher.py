@@ -18,6 +18,7 @@ from collections import OrderedDict
 from typing import Any
 
 from app.engines.grammar import GrammarSpec
+from app.engines.imports import IMPORT_LOCK
 from app.engines.logprobs import TokenTexts
 
 _COMPILERS: weakref.WeakKeyDictionary[Any, dict[int, GrammarCompiler]] = weakref.WeakKeyDictionary()
@@ -28,7 +29,8 @@ class GrammarCompiler:
     """xgrammar's compiler for one tokenizer, with an LRU cache of compiled grammars keyed by `GrammarSpec`."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, *, cache_size: int = 256):
-        import xgrammar as xgr
+        with IMPORT_LOCK:
+            import xgrammar as xgr
 
         self.vocab_size = vocab_size
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)

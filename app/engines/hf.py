@@ -214,7 +214,7 @@ class TransformersEngine(Engine):
     async def _start_remote(self) -> None:
         """This process keeps the tokenizer (prompts, detokenization, stop strings); the model loads in the
         engine process (`app.engines.engine_process`)."""
-        self._remote = RemoteScheduler(self.spec, fallback=self.fallback, on_decode=self._observe_batch)
+        self._remote = RemoteScheduler(self.spec, self.cfg, on_decode=self._observe_batch)
         tokenizer = asyncio.create_task(asyncio.to_thread(self.runner.load_tokenizer))
         try:
             facts = await self._remote.start()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 from app.engines import cpu_threads, ragged
 from app.engines.base import GenerationRequest
 from app.engines.batching import DEFAULT_PREFILL_CHUNK
+from app.engines.imports import IMPORT_LOCK
 from app.engines.sampling import Sampler, SequenceHook
 from app.engines.sequence_constraints import needs_hooks, sequence_hooks
 from app.engines.text import max_token_chars, render_prompt, token_budget
@@ -38,7 +38,6 @@ from app.engines.text import max_token_chars, render_prompt, token_budget
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 2048  # when the model config names no max_position_embeddings
-_IMPORT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ class HFModelRunner:
 
     def load_tokenizer(self) -> None:
         """The tokenizer alone (a server whose model runs in the engine process renders and detokenizes)."""
-        with _IMPORT_LOCK:  # transformers' lazy imports race when two models load in parallel threads
+        with IMPORT_LOCK:  # transformers' lazy imports race when two threads import at once
             from transformers import AutoTokenizer
 
         cfg = self.config
@@ -127,7 +126,7 @@ class HFModelRunner:
     def load(self) -> None:
         import torch
 
-        with _IMPORT_LOCK:
+        with IMPORT_LOCK:
             from transformers import AutoModelForCausalLM
 
         cfg = self.config
