@@ -253,7 +253,7 @@ preflight() {  # preflight ROLE: head | worker | any
       check_nginx_bind
       check_hf_cache
       check_ports_free "ray-head:${RAY_GCS_PORT:-6379}" "ray-head:${SERVE_PORT:-8000}" "fallback:${FALLBACK_PORT:-8001}" \
-        "nginx:${NGINX_PORT:-8080}" "ray-head:${RAY_DASHBOARD_PORT:-8265}"
+        "nginx:${NGINX_PORT:-8080}" "ray-head:${RAY_DASHBOARD_PORT:-8265}" "ray-head:${SERVE_PROXY_PORT:-8004}"
       ;;
     worker)
       require_vars NUM_GPUS

@@ -1,8 +1,8 @@
 """Every use of a private upstream API, in one place, each checked against the version we pin.
 
 Ray, uvicorn, DeepSpeed and vLLM offer no public way to do a few things the kit needs (keep Ray on 127.0.0.1,
-a small key-value record in the GCS, exit 0 after a drained SIGTERM, two DeepSpeed #7625 workarounds, vLLM's
-platform, its CPU attention kernel's head sizes and its EngineCore processes).
+a small key-value record in the GCS, Serve's direct ingress flags, exit 0 after a drained SIGTERM, two DeepSpeed
+#7625 workarounds, vLLM's platform, its CPU attention kernel's head sizes and its EngineCore processes).
 Each helper below reaches the private attribute it needs; when an upgrade removed it, the helper raises
 `CompatError` naming the attribute, the installed version and the pin (pyproject.toml), instead of an
 AttributeError deep inside a replica. Nothing here imports Ray, uvicorn, DeepSpeed or vLLM at module level.
@@ -102,6 +102,50 @@ def serve_run_nonblocking(application: Any, *, name: str, route_prefix: str) -> 
     run(application, name=name, route_prefix=route_prefix, _blocking=False)
 
 
+# Serve's direct ingress (ray.serve._private.constants, read at import in every Serve process): the ingress replica
+# serves HTTP on a port of its own, so a request skips the proxy actor (one Python hop and ~a third of Serve's
+# CPU per request). The port comes from an allocator in the controller: a one-port range makes it SERVE_PORT.
+DIRECT_INGRESS_VARS = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
+                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_PORT_QUARANTINE_S",
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
+# Every replica's flags (the ingress's and each model server's runtime_env; Ray Serve LLM sets the same two on its
+# router): user code and the handle's router on the replica's one event loop instead of a loop per thread (a
+# cross-thread hop per message and per chunk). Nothing CPU-heavy runs on our replicas' loops (issue 17).
+SERVE_ONE_LOOP_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                       "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def serve_direct_ingress_env(port: int) -> dict[str, str]:
+    """Variables for the head's Ray processes (the controller allocates the port) that make the ingress replica
+    listen on `port` itself. A released port is reusable at once (no quarantine: nginx, not HAProxy, sits in
+    front) and a stopping ingress drains 1 s instead of Serve's 30 s (meant for cloud load balancers)."""
+    values = ("1", str(port), str(port + 1), "0", "1")  # the allocator's range is [min, max): exactly `port`
+    return dict(zip(DIRECT_INGRESS_VARS, values, strict=True))
+
+
+def serve_direct_ingress_reuse_port() -> None:
+    """Make this ingress replica bind its direct-ingress port with SO_REUSEPORT, as Serve's proxy binds its own.
+
+    Ray 2.60's replica binds it with neither SO_REUSEADDR nor SO_REUSEPORT (`enable_so_reuseport=False` in
+    `replica.py`), so after the ingress restarted (a head crash, a replaced replica) the connections the old one
+    left in TIME_WAIT hold SERVE_PORT for up to a minute: every bind fails, Serve gives up after three replica
+    starts and the app is DEPLOY_FAILED (seen in tests/test_compose_e2e.py's head crash). Call it in the replica
+    before Serve starts the server (the deployment's constructor)."""
+    replica = importlib.import_module("ray.serve._private.replica")
+    original = getattr(replica, "start_asgi_http_server", None)
+    if original is None:
+        raise _missing("ray.serve._private.replica.start_asgi_http_server", "ray", RAY_PIN)
+    if getattr(original, "reuse_port_forced", False):
+        return
+
+    async def start_with_reuse_port(app: Any, http_options: Any, *, event_loop: Any,
+                                    enable_so_reuseport: bool = False) -> Any:
+        return await original(app, http_options, event_loop=event_loop, enable_so_reuseport=True)
+
+    start_with_reuse_port.reuse_port_forced = True  # type: ignore[attr-defined]
+    setattr(replica, "start_asgi_http_server", start_with_reuse_port)  # noqa: B010 - the one patch of it
+
+
 # ----------------------------------------------------------------------------- uvicorn
 
 
@@ -193,6 +237,8 @@ def private_api_problems() -> list[str]:
     checks: list[tuple[str, str, str]] = [
         ("ray", "ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),
         ("ray", "ray.serve", "_run"),
+        ("ray", "ray.serve._private.replica", "start_asgi_http_server"),
+        *[("ray", "ray.serve._private.constants", name) for name in (*DIRECT_INGRESS_VARS, *SERVE_ONE_LOOP_VARS)],
         *[("ray", "ray.experimental.internal_kv", f"_internal_kv_{op}") for op in ("put", "get", "del", "list")],
         ("deepspeed", "deepspeed.comm.torch", "TorchBackend"),
         ("deepspeed", "deepspeed.comm.comm", "cdb"),
@@ -209,6 +255,12 @@ def private_api_problems() -> list[str]:
             getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as exc:
             problems.append(f"{module}.{name}: {exc}")
+    if _version("ray") != "not installed":
+        import inspect
+
+        start = importlib.import_module("ray.serve._private.http_util").start_asgi_http_server
+        if "enable_so_reuseport" not in inspect.signature(start).parameters:
+            problems.append("ray.serve._private.http_util.start_asgi_http_server(enable_so_reuseport=...)")
     if _version("uvicorn") != "not installed":
         import inspect
 

@@ -400,8 +400,8 @@ def markdown(result: dict[str, Any]) -> str:
             h = r["serve_hops"]
             name = f"nginx → {result.get('nginx_upstream')}" if r["layer"] == "nginx" else r["layer"]
             ing = f"{h['ingress_added_ms']:.1f}" if "ingress_added_ms" in h else "-"
-            out.append(f"| {name} | {r['concurrency']} | {h['requests']} | {h['replica_ms']:.1f} | {ing} "
-                       f"| {h['proxy_added_ms']:.1f} |")
+            proxy = f"{h['proxy_added_ms']:.1f}" if "proxy_added_ms" in h else "- (direct ingress)"
+            out.append(f"| {name} | {r['concurrency']} | {h['requests']} | {h['replica_ms']:.1f} | {ing} | {proxy} |")
     out.append("")
     if c.get("split_cores"):
         sc = c["split_cores"]

@@ -2,14 +2,16 @@
 
     python -m bench.ray_floor --levels 1,8 --duration 10 --messages 3
 
-Serves the same streamed response two ways and drives both with one closed-loop load generator (`c` workers,
-each POSTs and reads the whole SSE stream, back to back):
+Serves the same streamed response up to three ways (`--servers`) and drives each with one closed-loop load
+generator (`c` workers, each POSTs and reads the whole SSE stream, back to back):
 
 - `bare`: a Starlette app on uvicorn (uvloop, httptools) that writes `--messages` SSE events at once;
 - `ray`: a local one-node Ray cluster (`ray.init(address="local")`, its own temp dir) with Serve's proxy on
   127.0.0.1, an ingress deployment (FastAPI, `@serve.ingress`) streaming from a handle to a replica
-  deployment that yields `--messages` messages: the shape of this project's Ray path (proxy, ingress, model
-  replica; the replica's stream coalesced into a few messages), without any model or API code.
+  deployment that yields `--messages` messages: the shape of this project's Ray path before direct ingress
+  (proxy, ingress, model replica; the replica's stream coalesced into a few messages), without model or API code;
+- `ray-direct`: the same app with Serve's settings of this kit (app/compat.py: direct ingress, the load goes to
+  the ingress replica's own port, no proxy; user code and router on each replica's one event loop).
 
 Reports per level req/s, e2e p50 and the CPU of every process role (bench/cpu_share.py). What Ray adds here is
 the least it can add to any model on this box: compare it with the "+ ingress" and "+ proxy" columns of
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app import compat
 from app.client.bench import machine_info
 from bench.compare_layers import free_port, stop, wait_http
 from bench.cpu_share import CPUShare
@@ -139,20 +142,39 @@ async def load(url: str, concurrency: int, duration: float) -> dict[str, Any]:
             "cpu": share.result()}
 
 
+SERVERS = ("bare", "ray", "ray-direct")
+
+
+def server_env(kind: str, extra: list[str]) -> tuple[dict[str, str], int, int]:
+    """The environment a server kind runs with, the port it is started on and the port the load goes to.
+
+    `ray-direct` runs Serve as the kit does (app/compat.py): direct ingress, the ingress replica serving HTTP on a
+    port of its own (one free port) so the load skips the proxy, and every replica on one event loop."""
+    env = {**os.environ, "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
+    if kind.startswith("ray"):
+        env.update(kv.split("=", 1) for kv in extra)
+    port = free_port()
+    if kind != "ray-direct":
+        return env, port, port
+    direct = free_port()
+    env.update({**compat.serve_direct_ingress_env(direct), **compat.SERVE_ONE_LOOP_VARS})
+    return env, port, direct
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    env = {**os.environ, "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
     with tempfile.TemporaryDirectory(prefix="ray-floor-") as tmp:
-        for kind in ("bare", "ray"):
-            port = free_port()
-            cmd = [sys.executable, "-m", "bench.ray_floor", f"--serve-{kind}", str(port), "--messages",
+        for kind in args.servers:
+            env, port, target = server_env(kind, args.ray_env)
+            serve_as = "bare" if kind == "bare" else "ray"
+            cmd = [sys.executable, "-m", "bench.ray_floor", f"--serve-{serve_as}", str(port), "--messages",
                    str(args.messages), "--ray-temp-dir", tmp]
             with open(Path(tmp) / f"{kind}.log", "wb") as logf:
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                         start_new_session=True)
             try:
-                wait_http(f"http://127.0.0.1:{port}/healthz", 300, proc, kind)
-                results[kind] = [asyncio.run(load(f"http://127.0.0.1:{port}", c, args.duration))
+                wait_http(f"http://127.0.0.1:{target}/healthz", 300, proc, kind)
+                results[kind] = [asyncio.run(load(f"http://127.0.0.1:{target}", c, args.duration))
                                  for c in args.levels]
             finally:
                 stop(proc)
@@ -162,7 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     out = [f"Ray Serve's floor, {result['date']} · {result['machine'].get('cpus')} CPUs · load average "
            f"{result['loadavg_before']} before / {result['loadavg_after']} after · {result['messages']} messages "
-           "per response", f"Command: `{result['command']}`", "",
+           "per response" + (f" · Ray env {' '.join(result['ray_env'])}" if result.get("ray_env") else ""),
+           f"Command: `{result['command']}`", "",
            "| server | c | req/s | e2e p50 | ok/failed | CPU by process |", "|---|---:|---:|---:|---:|---|"]
     for kind, levels in result["servers"].items():
         for lv in levels:
@@ -178,10 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per level")
     ap.add_argument("--messages", type=int, default=3, help="SSE events (Ray: replica messages) per response")
     ap.add_argument("--out", type=Path, default=None, help="folder for ray-floor.json and ray-floor.md")
+    ap.add_argument("--servers", type=lambda s: s.split(","), default=["bare", "ray"],
+                    help=f"which of {','.join(SERVERS)} to measure, in this order")
+    ap.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for the Ray servers (repeatable), e.g. Serve's flags")
     ap.add_argument("--serve-bare", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--serve-ray", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ray-temp-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    unknown = [k for k in args.servers if k not in SERVERS] + [kv for kv in args.ray_env if "=" not in kv]
+    if unknown:
+        ap.error(f"unknown server kind or KEY=VALUE: {', '.join(unknown)}")
     if args.serve_bare is not None:
         serve_bare(args.serve_bare, args.messages)
         return 0
@@ -193,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"schema": "llm-kit-ray-floor/1", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m bench.ray_floor " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine_info(), "loadavg_before": before, "loadavg_after": round(os.getloadavg()[0], 2),
-              "messages": args.messages, "servers": servers}
+              "messages": args.messages, "ray_env": args.ray_env, "servers": servers}
     md = markdown(result)
     print(md)
     if args.out:

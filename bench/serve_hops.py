@@ -7,7 +7,8 @@ its own duration (`logs/serve/proxy_<ip>.log`: `POST /v1/completions 200 48.2ms`
 time (the engine's generation plus the replica's own streaming), what the ingress added on top (the API
 router, the handle call and the stream's trip back) and what the proxy added (HTTP, routing, the trip to the
 client). `hops(log_dir, since, until)` returns the medians of these over the requests that ended in the
-window (wall-clock seconds), in ms.
+window (wall-clock seconds), in ms. Under Serve's direct ingress (the kit's default) the ingress replica serves
+HTTP itself: there is no proxy line, and no `proxy_added_ms`.
 """
 
 from __future__ import annotations
@@ -39,9 +40,17 @@ def hops(log_dir: Path, since: float, until: float, ingress: str = "ingress") ->
     proxy = _access(sorted(log_dir.glob("proxy_*.log")))
     ing = _access(sorted(log_dir.glob(f"replica_*_{ingress}_*.log")))
     model = _access([p for p in sorted(log_dir.glob("replica_*.log")) if f"_{ingress}_" not in p.name])
-    ids = [rid for rid, (end, _) in proxy.items() if since <= end <= until and rid in model]
-    if not ids:
-        return None
+
+    def ended(lines: dict[str, tuple[float, float]]) -> list[str]:
+        return [rid for rid, (end, _) in lines.items() if since <= end <= until and rid in model]
+
+    ids = ended(proxy)
+    if not ids:  # direct ingress: the ingress is the outer hop
+        ids = ended(ing)
+        if not ids:
+            return None
+        return {"requests": len(ids), "replica_ms": round(statistics.median(model[r][1] for r in ids), 1),
+                "ingress_added_ms": round(statistics.median(ing[r][1] - model[r][1] for r in ids), 1)}
     out: dict[str, Any] = {"requests": len(ids), "replica_ms": round(statistics.median(model[r][1] for r in ids), 1)}
     with_ing = [r for r in ids if r in ing]
     if with_ing:

@@ -241,6 +241,7 @@ real_env() {
   sed -e 's/^HEAD_IP=.*/HEAD_IP=127.0.0.1/; s/^NODE_IP=.*/NODE_IP=127.0.0.1/' \
       -e "s|^HF_CACHE_DIR=.*|HF_CACHE_DIR=$T/hf|; s|^DS_SSH_KEY_FILE=.*|DS_SSH_KEY_FILE=$T/ds_key|" \
       -e 's/^RAY_GCS_PORT=.*/RAY_GCS_PORT=46379/; s/^SERVE_PORT=.*/SERVE_PORT=48000/; s/^FALLBACK_PORT=.*/FALLBACK_PORT=48001/' \
+      -e 's/^SERVE_PROXY_PORT=.*/SERVE_PROXY_PORT=48004/' \
       -e 's/^NGINX_PORT=.*/NGINX_PORT=48080/; s/^RAY_DASHBOARD_PORT=.*/RAY_DASHBOARD_PORT=48265/' "$T/head.env" > "$T/real.env"
 }
 

@@ -117,6 +117,41 @@ def test_local_up_says_where_to_send_requests(local: Local) -> None:
     assert httpx.get(local.base + "/readyz", timeout=30).status_code == 200
 
 
+def _listener(port: int) -> int | None:
+    """PID of the process holding the TCP socket that listens on `port` (from /proc: no `ss` needed)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(f"socket:[{f[9]}]")
+    for pid in Path("/proc").iterdir():
+        if not pid.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (pid / "fd").iterdir()):
+                return int(pid.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_the_ingress_replica_serves_the_serve_port_itself(local: Local) -> None:
+    """Direct ingress (the default): SERVE_PORT is the ingress replica's own socket, so a request does not cross
+    Serve's proxy actor; the proxy Serve always starts listens on the recorded proxy port and serves the same app."""
+    pid = _listener(local.serve)
+    assert pid is not None
+    assert Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ServeReplica:llm:ingress"), pid
+    proxy_port = json.loads((local.cwd / ".run" / "local.json").read_text())["proxy_port"]
+    proxy_pid = _listener(proxy_port)
+    assert proxy_pid is not None and Path(f"/proc/{proxy_pid}/cmdline").read_bytes().startswith(b"ray::ProxyActor")
+    for port in (local.serve, proxy_port):
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, (port, r.text)
+    assert httpx.get(local.base + "/-/routes", timeout=30).json() == {"/": "llm"}  # the head's health check reads it
+
+
 def test_routes_by_model_and_404_lists_ids(local: Local) -> None:
     c = local.client()
     for model in ("tiny", "tiny-b"):
@@ -328,8 +363,9 @@ def test_autoscaling_up_under_load_and_back_down(local: Local) -> None:
 
 
 def test_serve_hops_reads_this_ray_versions_access_logs(local: Local) -> None:
-    """bench/serve_hops.py matches the proxy's, the ingress's and the model replica's access lines of the same
-    requests in the logs of the pinned Ray version (the benchmark's "Inside Ray Serve" table)."""
+    """bench/serve_hops.py matches the ingress's and the model replica's access lines of the same requests in the
+    logs of the pinned Ray version (the benchmark's "Inside Ray Serve" table); under direct ingress no proxy
+    handled them, so there is no proxy hop."""
     from bench.serve_hops import hops
 
     t0 = time.time()
@@ -343,4 +379,27 @@ def test_serve_hops_reads_this_ray_versions_access_logs(local: Local) -> None:
         return found.get("requests", 0) >= 4
 
     wait_until(counted, 30, 0.5, "Serve's access lines of the 4 requests")
-    assert found["replica_ms"] > 0 and found["ingress_added_ms"] > 0 and found["proxy_added_ms"] > 0, found
+    assert found["replica_ms"] > 0 and found["ingress_added_ms"] > 0, found
+    assert "proxy_added_ms" not in found, found
+
+
+def test_a_killed_ingress_replica_is_replaced_and_serves_the_port_again(local: Local) -> None:
+    """The ingress replica SIGKILLed with keep-alive connections open (they leave SERVE_PORT in TIME_WAIT): Serve
+    starts a new one, which binds SERVE_PORT again (compat.serve_direct_ingress_reuse_port) and serves."""
+    old = _listener(local.serve)
+    assert old is not None
+    with httpx.Client(base_url=local.base, timeout=60) as client:
+        for i in range(3):
+            assert client.post("/v1/completions", json={"model": "tiny", "prompt": f"k{i}", "max_tokens": 2}
+                               ).status_code == 200
+        os.kill(old, 9)
+        wait_until(lambda: _listener(local.serve) != old, 30, 0.2, "the killed ingress's socket gone")
+
+    def served() -> bool:
+        pid = _listener(local.serve)
+        return pid not in (None, old) and httpx.post(
+            local.base + "/v1/completions", json={"model": "tiny", "prompt": "back", "max_tokens": 2},
+            timeout=30).status_code == 200
+
+    wait_until(served, 180, 1.0, "a new ingress replica serving SERVE_PORT")
+    assert Path(f"/proc/{_listener(local.serve)}/cmdline").read_bytes().startswith(b"ray::ServeReplica:llm:ingress")

@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from app import compat
 from app.cluster.node import DEFAULT_SERVE_HOST
 from app.console import fail
 
@@ -39,6 +40,12 @@ AgentPort = Annotated[Port, typer.Option(envvar="RAY_DASHBOARD_AGENT_LISTEN_PORT
 AgentGrpcPort = Annotated[Port, typer.Option(envvar="RAY_DASHBOARD_AGENT_GRPC_PORT", help="Dashboard agent gRPC.")]
 RuntimeEnvAgentPort = Annotated[Port, typer.Option(envvar="RAY_RUNTIME_ENV_AGENT_PORT", help="Runtime env agent.")]
 Block = Annotated[bool, typer.Option("--block/--no-block", help="Stay in the foreground (containers).")]
+ServePort = Annotated[Port, typer.Option(envvar="SERVE_PORT", help="Where the Serve app answers HTTP on the head.")]
+DirectIngress = Annotated[bool, typer.Option(
+    envvar="SERVE_DIRECT_INGRESS", help="The ingress replica serves SERVE_PORT itself (Serve's direct ingress, no "
+    "proxy hop); --no-direct-ingress puts Serve's proxy there. The head and `deploy` must agree (one .env).")]
+ProxyPort = Annotated[Port, typer.Option(envvar="SERVE_PROXY_PORT", help="Serve's proxy on the head when the "
+                                         "ingress serves SERVE_PORT itself (Serve always starts one).")]
 Timeout = Annotated[float, typer.Option(help="Seconds to wait for the node to come up.")]
 
 
@@ -79,6 +86,8 @@ def head(
     agent_grpc_port: AgentGrpcPort = 8078,
     runtime_env_agent_port: RuntimeEnvAgentPort = 8079,
     temp_dir: TempDir = None,
+    serve_port: ServePort = 8000,
+    direct_ingress: DirectIngress = True,
     block: Block = False,
     redeploy: Annotated[bool, typer.Option(help="With --block: once up, redeploy the Serve app `cluster deploy` "
                                            "last applied (its record in LLM_STATE_DIR).")] = True,
@@ -109,6 +118,8 @@ def head(
 
     def start() -> int:
         env = ray_env(node_ip)
+        if direct_ingress:  # the controller on this node allocates the ingress replica's port
+            env.update(compat.serve_direct_ingress_env(serve_port))
         # detect dead worker nodes in ~6 s instead of ~30 s (override with the same variables)
         env.setdefault("RAY_health_check_period_ms", "2000")
         env.setdefault("RAY_health_check_timeout_ms", "2000")
@@ -187,7 +198,9 @@ def deploy(
     address: Annotated[str, typer.Option(help="HEAD_IP:GCS_PORT (default from HEAD_IP, RAY_GCS_PORT).")] = "",
     http_host: Annotated[str, typer.Option(envvar="SERVE_HOST", help="Serve proxy bind address.")]
     = DEFAULT_SERVE_HOST,
-    serve_port: Annotated[Port, typer.Option(envvar="SERVE_PORT")] = 8000,
+    serve_port: ServePort = 8000,
+    proxy_port: ProxyPort = 8004,
+    direct_ingress: DirectIngress = True,
     request_timeout: Annotated[float, typer.Option(envvar="SERVE_REQUEST_TIMEOUT_S", help="Per-request limit (s).")]
     = 300.0,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the workers and for every deployment.")] = 900.0,
@@ -217,7 +230,8 @@ def deploy(
         paths = _run(resolve_configs, raw)  # type: ignore[assignment]
     settings = Settings()
     opts = DeployOptions(address=address or _default_address(), http_host=http_host, http_port=serve_port,
-                         request_timeout_s=request_timeout, wait_s=wait, api_keys=settings.api_key_list,
+                         proxy_port=proxy_port if direct_ingress else None, request_timeout_s=request_timeout,
+                         wait_s=wait, api_keys=settings.api_key_list,
                          max_body_bytes=settings.max_body_bytes, expected_workers=expected_workers)
     _run(do_deploy, paths, opts)
     where = record.save(record.DeployRecord(configs=[str(p.resolve()) for p in paths], http_host=http_host,
@@ -264,7 +278,11 @@ def local_up(
     config: Annotated[list[Path] | None, typer.Option("--config", help="Model config YAML; repeatable "
                                                       "(default: the tiny offline model).")] = None,
     gcs_port: GcsPort = 6379,
-    serve_port: Annotated[Port, typer.Option(envvar="SERVE_PORT")] = 8000,
+    serve_port: ServePort = 8000,
+    proxy_port: Annotated[Port | None, typer.Option(envvar="SERVE_PROXY_PORT", help="Serve's proxy (default: a "
+                                                    "free port; with --no-direct-ingress it is SERVE_PORT).")]
+    = None,
+    direct_ingress: DirectIngress = True,
     metrics_export_port: MetricsPort = 8090,
     worker_tier: Annotated[str, typer.Option(envvar="WORKER_TIER")] = "small-model-workers",
     tier_slots: Annotated[float, typer.Option(help="Tier resource the local node carries.")] = 4.0,
@@ -278,6 +296,7 @@ def local_up(
 
     settings = Settings()
     state = _run(local.local_up, list(config or []), gcs_port=gcs_port, serve_port=serve_port,
+                 proxy_port=(proxy_port or _free_port()) if direct_ingress else None,
                  metrics_export_port=metrics_export_port, tier=worker_tier, tier_slots=tier_slots,
                  num_cpus=num_cpus, object_store_mb=object_store_mb, wait_s=wait, api_keys=settings.api_key_list)
     model = state.models[0]  # type: ignore[attr-defined]

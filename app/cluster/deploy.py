@@ -5,6 +5,12 @@ connects with the cluster token, starts Serve's HTTP proxy on the head only,
 submits the app without blocking, then polls `serve.status()` until every
 deployment is RUNNING, failing with Serve's message on DEPLOY_FAILED or after
 the deadline. The app keeps running after the driver exits.
+
+With direct ingress (the default, `proxy_port` set) the ingress replica, pinned
+to the head, serves `http_port` itself and Serve's proxy moves to `proxy_port`;
+the head's Ray processes carry the port (`cluster head` exports
+`compat.serve_direct_ingress_env`), so once RUNNING the driver checks that the
+ingress answers there and otherwise names the mismatch.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class DeployOptions:
     address: str  # HEAD_IP:GCS_PORT
     http_host: str
     http_port: int = 8000
+    proxy_port: int | None = None  # None: Serve's proxy serves http_port; else the ingress does (direct ingress)
     request_timeout_s: float = 300.0
     wait_s: float = 900.0
     api_keys: list[str] | None = None
@@ -127,8 +134,8 @@ def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: l
 
     from app.ray_serve.ingress import build_app
 
-    serve.start(http_options={"host": opts.http_host, "port": opts.http_port, "location": "HeadOnly",
-                              "request_timeout_s": opts.request_timeout_s})
+    serve.start(http_options={"host": opts.http_host, "port": opts.proxy_port or opts.http_port,
+                              "location": "HeadOnly", "request_timeout_s": opts.request_timeout_s})
     application = build_app(configs, api_keys=opts.api_keys, max_body_bytes=opts.max_body_bytes)
     compat.serve_run_nonblocking(application, name=APP_NAME, route_prefix="/")
     print(f"deploying {', '.join(c.model_id for c in configs)} ...", flush=True)
@@ -148,5 +155,30 @@ def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: l
         if time.monotonic() > deadline:
             raise ClusterError(f"the application was not RUNNING within {opts.wait_s:g}s: {line}")
         time.sleep(1.0)
+    if opts.proxy_port is not None:
+        wait_ingress(opts.http_host, opts.http_port, min(60.0, opts.wait_s))
     print(f"serving {', '.join(c.model_id for c in configs)} at http://{opts.http_host}:{opts.http_port}/v1",
           flush=True)
+
+
+def wait_ingress(host: str, port: int, timeout_s: float) -> None:
+    """Return once the ingress replica lists the app's route on host:port (Serve's `/-/routes`, which the ingress
+    itself answers under direct ingress); ClusterError naming the likely cause after `timeout_s`."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{LOOPBACK[0] if host in ('0.0.0.0', '::') else host}:{port}/-/routes"
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as resp:
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except (OSError, urllib.error.URLError) as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise ClusterError(f"the app is RUNNING but its ingress does not answer {url} ({last}): the head's Ray processes "
+                       f"get the ingress port at start, so start the head with the same SERVE_PORT={port} and "
+                       "SERVE_DIRECT_INGRESS as this deploy (one .env), or deploy with --no-direct-ingress")

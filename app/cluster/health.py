@@ -1,8 +1,8 @@
 """`cluster health`: the head container's healthcheck (standard library only: it runs every few seconds).
 
-Healthy = the GCS port answers on NODE_IP and, when a Serve app was deployed (a deploy record exists), the Serve
-proxy lists the app's route on SERVE_HOST:SERVE_PORT. A head restarted without its app is unhealthy until the
-redeploy finishes.
+Healthy = the GCS port answers on NODE_IP and, when a Serve app was deployed (a deploy record exists), Serve
+lists the app's route on SERVE_HOST:SERVE_PORT (`/-/routes`: the ingress replica answers it under direct ingress,
+the proxy otherwise). A head restarted without its app is unhealthy until the redeploy finishes.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ class LocalState:
     metrics_export_port: int
     log: str
     models: list[str]
+    proxy_port: int | None = None  # Serve's proxy when the ingress serves serve_port itself (direct ingress)
 
 
 def _alive(pid: int) -> bool:
@@ -80,9 +81,10 @@ def ensure_tiny_model() -> None:
     build_tiny_model(TINY_DIR)
 
 
-def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, metrics_export_port: int, tier: str,
-             tier_slots: float, num_cpus: int | None, object_store_mb: int, wait_s: float,
-             api_keys: list[str]) -> LocalState:
+def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, proxy_port: int | None,
+             metrics_export_port: int, tier: str, tier_slots: float, num_cpus: int | None, object_store_mb: int,
+             wait_s: float, api_keys: list[str]) -> LocalState:
+    """`proxy_port` None: Serve's proxy serves `serve_port`; else the ingress replica does (direct ingress)."""
     from app.cluster.deploy import DeployOptions, deploy
     from app.models.config import load_model_configs
 
@@ -104,14 +106,15 @@ def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, metrics_exp
     cmd = [sys.executable, "-m", "app", "cluster", "head", "--block", "--node-ip", "127.0.0.1",
            "--gcs-port", str(gcs_port), "--metrics-export-port", str(metrics_export_port),
            "--any-ports", "--temp-dir", temp_dir, "--object-store-mb", str(object_store_mb),
-           "--resources", json.dumps({tier: tier_slots})]
+           "--resources", json.dumps({tier: tier_slots}), "--serve-port", str(serve_port),
+           "--direct-ingress" if proxy_port is not None else "--no-direct-ingress"]
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     state = LocalState(pid=proc.pid, temp_dir=temp_dir, gcs_port=gcs_port, serve_port=serve_port,
                        metrics_export_port=metrics_export_port, log=str(log_path),
-                       models=[c.model_id for c in parsed])
+                       models=[c.model_id for c in parsed], proxy_port=proxy_port)
     STATE.write_text(json.dumps(asdict(state), indent=2))
     deadline = time.monotonic() + 120
     while "node is up" not in log_path.read_text(errors="replace"):
@@ -122,7 +125,7 @@ def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, metrics_exp
         time.sleep(0.3)
     try:
         deploy(configs, DeployOptions(address=f"127.0.0.1:{gcs_port}", http_host="127.0.0.1", http_port=serve_port,
-                                      wait_s=wait_s, api_keys=api_keys), configs=parsed)
+                                      proxy_port=proxy_port, wait_s=wait_s, api_keys=api_keys), configs=parsed)
     except BaseException:
         local_down(quiet=True)
         raise

@@ -27,7 +27,7 @@ from pathlib import Path
 
 READY_MARKER = "Ray runtime started"
 LOOPBACK = ("127.0.0.1", "localhost")
-# Where the head's Serve proxy listens unless SERVE_HOST says otherwise; nginx's primary upstream and
+# Where the head's Serve ingress (or proxy) listens unless SERVE_HOST says otherwise; nginx's primary upstream and
 # `deploy-ray.sh test` read the same variable (one source for the address).
 DEFAULT_SERVE_HOST = "127.0.0.1"
 

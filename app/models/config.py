@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from app import compat
 from app.api.tool_parsers import check_parser_name
 from app.engines.base import EngineChoice, EngineSpec, ServingKnobs
 from app.engines.hf import HFEngineConfig, transformers_engine_config
@@ -130,8 +131,9 @@ class ModelConfig(ServingKnobs, _Strict):
         actor = {**ACTOR_DEFAULTS, **dc.pop("ray_actor_options", {})}
         if not actor.get("resources"):
             actor.pop("resources", None)
-        if self.runtime_env:
-            actor["runtime_env"] = self.runtime_env
+        # Serve's user code and handle router on the replica's one event loop (the file's env_vars win)
+        env_vars = {**compat.SERVE_ONE_LOOP_VARS, **(self.runtime_env.get("env_vars") or {})}
+        actor["runtime_env"] = {**self.runtime_env, "env_vars": env_vars}
         opts = {"name": self.deployment_name, **DEPLOYMENT_DEFAULTS,
                 "max_ongoing_requests": self.engine_capacity(), "ray_actor_options": actor, **dc}
         if "autoscaling_config" not in opts:

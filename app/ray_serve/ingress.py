@@ -5,7 +5,9 @@ actor options, autoscaling, max_ongoing_requests / max_queued_requests, from
 `ModelConfig.deployment_options()`) and an ingress that routes by the request's
 `model`. The ingress exposes no routes of its own: it mounts
 `create_app(RayServeBackend(handles), metrics=RaySink())`, so the wire format,
-auth, errors and metrics are exactly the standalone server's.
+auth, errors and metrics are exactly the standalone server's. The ingress runs on
+the head (under direct ingress it serves SERVE_PORT there itself) with Serve's
+user code and handle router on the replica's one event loop.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 from typing import Any
 
+from app import compat
 from app.api.app import create_app
 from app.metrics import RaySink
 from app.models.config import ModelConfig
@@ -21,6 +24,7 @@ from app.ray_serve.backend import RayServeBackend
 
 APP_NAME = "llm"
 INGRESS_NAME = "ingress"
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource on the head node only
 
 
 def route_access_log_to_serve() -> None:
@@ -45,6 +49,7 @@ class Ingress:
     """Deployment class; `__serve_build_asgi_app__` hands Serve the API app at replica start."""
 
     def __init__(self, handles: dict[str, Any], api_keys: list[str], max_body_bytes: int) -> None:
+        compat.serve_direct_ingress_reuse_port()  # a restarted ingress binds SERVE_PORT despite TIME_WAIT
         route_access_log_to_serve()
         self._metrics = RaySink()
         self._backend = RayServeBackend(handles)
@@ -81,6 +86,8 @@ def build_app(
         name=INGRESS_NAME,
         num_replicas=ingress_replicas,
         max_ongoing_requests=ingress_max_ongoing,
-        ray_actor_options={"num_cpus": 0.1},
+        # on the head: under direct ingress it serves SERVE_HOST:SERVE_PORT there itself (nginx's primary upstream)
+        ray_actor_options={"num_cpus": 0.1, "resources": {HEAD_RESOURCE: 0.001},
+                           "runtime_env": {"env_vars": dict(compat.SERVE_ONE_LOOP_VARS)}},
     )
     return ingress.bind(handles, list(api_keys or []), max_body_bytes)

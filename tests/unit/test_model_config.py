@@ -136,6 +136,30 @@ def test_max_ongoing_requests_defaults_to_the_engine_capacity(tmp_path: Path) ->
     assert cfg.deployment_options()["max_ongoing_requests"] == 8  # an explicit value wins
 
 
+def test_replicas_run_serve_on_one_event_loop_unless_the_file_says_otherwise(tmp_path: Path) -> None:
+    """Every model replica gets Serve's one-loop flags in its runtime_env; the file's env_vars and keys win."""
+    from app import compat
+
+    (cfg,) = load_model_configs([write(tmp_path, GOOD)])
+    assert cfg.deployment_options()["ray_actor_options"]["runtime_env"] == {"env_vars": compat.SERVE_ONE_LOOP_VARS}
+    own = GOOD + "runtime_env: {pip: [x], env_vars: {RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD: '1', A: b}}\n"
+    (cfg,) = load_model_configs([write(tmp_path, own, "o.yaml")])
+    env = cfg.deployment_options()["ray_actor_options"]["runtime_env"]
+    assert env["pip"] == ["x"] and env["env_vars"] == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1", "A": "b",
+                                                      "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def test_direct_ingress_pins_the_ingress_to_exactly_serve_port() -> None:
+    """The controller hands ingress replicas ports from [MIN, MAX): a one-port range makes it SERVE_PORT."""
+    from app import compat
+
+    env = compat.serve_direct_ingress_env(8123)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert range(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]),
+                 int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])) == range(8123, 8124)
+    assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"  # a restarted ingress gets SERVE_PORT back at once
+
+
 def test_without_ray_only_key_names_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray.serve.schema", None)  # import fails as on a standalone box
     path = write(tmp_path, GOOD.replace("max_ongoing_requests: 8", "max_ongoing_requests: 0"))
