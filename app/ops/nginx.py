@@ -1,7 +1,7 @@
 """Render `nginx/nginx.conf.template` (and the `proxy.conf` it includes) from the environment / `.env`
 into a private nginx prefix.
 
-Upstreams follow the shared contract: primary = Ray Serve proxy at
+Upstreams follow the shared contract: primary = Ray Serve (its ingress, or its proxy) at
 SERVE_HOST:SERVE_PORT (the address `cluster deploy` binds; default 127.0.0.1),
 backup = the standalone fallback server(s) at 127.0.0.1:FALLBACK_PORT
 (a comma list of ports, or full `host:port` lists in
@@ -34,7 +34,7 @@ class NginxSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
-    serve_host: str = Field(default=DEFAULT_SERVE_HOST, description="Address the Serve proxy binds (SERVE_HOST).")
+    serve_host: str = Field(default=DEFAULT_SERVE_HOST, description="Address Ray Serve binds (SERVE_HOST).")
     serve_port: int = Field(default=8000, ge=1, le=65535, description="Ray Serve HTTP proxy port (primary).")
     fallback_port: str = Field(default="8001", description="Fallback server port(s), comma list (backups).")
     nginx_primary: str = Field(default="", description="host:port list overriding 127.0.0.1:SERVE_PORT.")
