@@ -196,7 +196,7 @@ def deploy(
     configs: Annotated[list[Path] | None, typer.Argument(help="Model config YAML files (default: MODEL_CONFIGS).")]
     = None,
     address: Annotated[str, typer.Option(help="HEAD_IP:GCS_PORT (default from HEAD_IP, RAY_GCS_PORT).")] = "",
-    http_host: Annotated[str, typer.Option(envvar="SERVE_HOST", help="Serve proxy bind address.")]
+    http_host: Annotated[str, typer.Option(envvar="SERVE_HOST", help="Where Ray Serve binds (ingress and proxy).")]
     = DEFAULT_SERVE_HOST,
     serve_port: ServePort = 8000,
     proxy_port: ProxyPort = 8004,

@@ -35,7 +35,7 @@ class NginxSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     serve_host: str = Field(default=DEFAULT_SERVE_HOST, description="Address Ray Serve binds (SERVE_HOST).")
-    serve_port: int = Field(default=8000, ge=1, le=65535, description="Ray Serve HTTP proxy port (primary).")
+    serve_port: int = Field(default=8000, ge=1, le=65535, description="Ray Serve HTTP port (primary).")
     fallback_port: str = Field(default="8001", description="Fallback server port(s), comma list (backups).")
     nginx_primary: str = Field(default="", description="host:port list overriding 127.0.0.1:SERVE_PORT.")
     nginx_backups: str = Field(default="", description="host:port list overriding 127.0.0.1:FALLBACK_PORT.")
