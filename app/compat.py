@@ -105,9 +105,7 @@ def serve_run_nonblocking(application: Any, *, name: str, route_prefix: str) -> 
 # Serve's direct ingress (ray.serve._private.constants, read at import in every Serve process): the ingress replica
 # serves HTTP on a port of its own, so a request skips the proxy actor (one Python hop and ~a third of Serve's
 # CPU per request). The port comes from an allocator in the controller: a one-port range makes it SERVE_PORT.
-DIRECT_INGRESS_VARS = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
-                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_PORT_QUARANTINE_S",
-                       "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S")
+
 # Every replica's flags (the ingress's and each model server's runtime_env; Ray Serve LLM sets the same two on its
 # router): user code and the handle's router on the replica's one event loop instead of a loop per thread (a
 # cross-thread hop per message and per chunk). Nothing CPU-heavy runs on our replicas' loops (issue 17).
@@ -119,8 +117,11 @@ def serve_direct_ingress_env(port: int) -> dict[str, str]:
     """Variables for the head's Ray processes (the controller allocates the port) that make the ingress replica
     listen on `port` itself. A released port is reusable at once (no quarantine: nginx, not HAProxy, sits in
     front) and a stopping ingress drains 1 s instead of Serve's 30 s (meant for cloud load balancers)."""
-    values = ("1", str(port), str(port + 1), "0", "1")  # the allocator's range is [min, max): exactly `port`
-    return dict(zip(DIRECT_INGRESS_VARS, values, strict=True))
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # the allocator's range is [min, max)
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 
 def serve_direct_ingress_reuse_port() -> None:
@@ -238,7 +239,8 @@ def private_api_problems() -> list[str]:
         ("ray", "ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),
         ("ray", "ray.serve", "_run"),
         ("ray", "ray.serve._private.replica", "start_asgi_http_server"),
-        *[("ray", "ray.serve._private.constants", name) for name in (*DIRECT_INGRESS_VARS, *SERVE_ONE_LOOP_VARS)],
+        *[("ray", "ray.serve._private.constants", name)
+          for name in (*serve_direct_ingress_env(0), *SERVE_ONE_LOOP_VARS)],
         *[("ray", "ray.experimental.internal_kv", f"_internal_kv_{op}") for op in ("put", "get", "del", "list")],
         ("deepspeed", "deepspeed.comm.torch", "TorchBackend"),
         ("deepspeed", "deepspeed.comm.comm", "cdb"),

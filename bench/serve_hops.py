@@ -36,7 +36,8 @@ def _access(paths: list[Path]) -> dict[str, tuple[float, float]]:
 
 
 def hops(log_dir: Path, since: float, until: float, ingress: str = "ingress") -> dict[str, Any] | None:
-    """Median ms per hop of the requests the proxy finished in [since, until]; None without matching lines."""
+    """Median ms per hop of the requests the outer hop (the proxy; the ingress under direct ingress) finished in
+    [since, until]; None without matching lines."""
     proxy = _access(sorted(log_dir.glob("proxy_*.log")))
     ing = _access(sorted(log_dir.glob(f"replica_*_{ingress}_*.log")))
     model = _access([p for p in sorted(log_dir.glob("replica_*.log")) if f"_{ingress}_" not in p.name])
@@ -45,17 +46,16 @@ def hops(log_dir: Path, since: float, until: float, ingress: str = "ingress") ->
         return [rid for rid, (end, _) in lines.items() if since <= end <= until and rid in model]
 
     ids = ended(proxy)
-    if not ids:  # direct ingress: the ingress is the outer hop
-        ids = ended(ing)
-        if not ids:
-            return None
-        return {"requests": len(ids), "replica_ms": round(statistics.median(model[r][1] for r in ids), 1),
-                "ingress_added_ms": round(statistics.median(ing[r][1] - model[r][1] for r in ids), 1)}
+    outer = proxy
+    if not ids:  # direct ingress: no proxy line, the ingress is the outer hop
+        ids, outer = ended(ing), {}
+    if not ids:
+        return None
     out: dict[str, Any] = {"requests": len(ids), "replica_ms": round(statistics.median(model[r][1] for r in ids), 1)}
     with_ing = [r for r in ids if r in ing]
     if with_ing:
         out["ingress_added_ms"] = round(statistics.median(ing[r][1] - model[r][1] for r in with_ing), 1)
-        out["proxy_added_ms"] = round(statistics.median(proxy[r][1] - ing[r][1] for r in with_ing), 1)
-    else:
-        out["proxy_added_ms"] = round(statistics.median(proxy[r][1] - model[r][1] for r in ids), 1)
+    if outer:
+        inner = ing if with_ing else model
+        out["proxy_added_ms"] = round(statistics.median(outer[r][1] - inner[r][1] for r in with_ing or ids), 1)
     return out

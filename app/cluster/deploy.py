@@ -162,23 +162,16 @@ def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: l
 
 
 def wait_ingress(host: str, port: int, timeout_s: float) -> None:
-    """Return once the ingress replica lists the app's route on host:port (Serve's `/-/routes`, which the ingress
-    itself answers under direct ingress); ClusterError naming the likely cause after `timeout_s`."""
-    import urllib.error
-    import urllib.request
+    """Return once the ingress replica lists the app's route on host:port (the head's health check, which the
+    ingress itself answers under direct ingress); ClusterError naming the likely cause after `timeout_s`."""
+    from app.cluster.health import serve_routes_problem
 
-    url = f"http://{LOOPBACK[0] if host in ('0.0.0.0', '::') else host}:{port}/-/routes"
     deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=3) as resp:
-                if resp.status == 200:
-                    return
-                last = f"HTTP {resp.status}"
-        except (OSError, urllib.error.URLError) as exc:
-            last = str(exc)
+    problem = serve_routes_problem(host, port)
+    while problem and time.monotonic() < deadline:
         time.sleep(0.5)
-    raise ClusterError(f"the app is RUNNING but its ingress does not answer {url} ({last}): the head's Ray processes "
-                       f"get the ingress port at start, so start the head with the same SERVE_PORT={port} and "
-                       "SERVE_DIRECT_INGRESS as this deploy (one .env), or deploy with --no-direct-ingress")
+        problem = serve_routes_problem(host, port)
+    if problem:
+        raise ClusterError(f"the app is RUNNING but {problem}: the head's Ray processes get the ingress port at "
+                           f"start, so start the head with the same SERVE_PORT={port} and SERVE_DIRECT_INGRESS as "
+                           "this deploy (one .env), or deploy with --no-direct-ingress")

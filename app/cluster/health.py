@@ -20,9 +20,13 @@ def check(node_ip: str, gcs_port: int, serve_host: str, serve_port: int) -> str 
         socket.create_connection((node_ip, gcs_port), 3).close()
     except OSError as exc:
         return f"GCS {node_ip}:{gcs_port} does not answer: {exc}"
-    rec = record.load()
-    if rec is None:
+    if record.load() is None:
         return None
+    return serve_routes_problem(serve_host, serve_port)
+
+
+def serve_routes_problem(serve_host: str, serve_port: int) -> str | None:
+    """None when Serve lists a route on host:port (`/-/routes`), else what is wrong."""
     url = f"http://{serve_host}:{serve_port}/-/routes"
     try:
         with urllib.request.urlopen(url, timeout=4) as resp:
