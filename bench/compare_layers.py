@@ -106,9 +106,10 @@ def ensure_model(model: str | None, work: Path) -> Path:
 
 
 def ray_config(model: Path, max_num_seqs: int, max_waiting: int, engine: str = "transformers",
-               coalesce_ms: float | None = None, engine_process: bool = True) -> str:
+               coalesce_ms: float | None = None, engine_process: bool = True,
+               replica_env: dict[str, str] | None = None) -> str:
     """Model config for the Ray layer (and the standalone one with `engine_process` false): one fixed replica,
-    same engine settings as the other layers."""
+    same engine settings as the other layers; `replica_env` goes to the replica's runtime_env env_vars."""
     text = f"""model_loading_config:
   model_id: tiny
   model_source: {model}
@@ -131,6 +132,8 @@ engine_kwargs:
 max_waiting: {max_waiting}
 default_max_tokens: 64
 """
+    if replica_env:
+        text += "runtime_env:\n  env_vars:\n" + "".join(f"    {k}: {json.dumps(v)}\n" for k, v in replica_env.items())
     return text if coalesce_ms is None else text + f"stream_coalesce_ms: {coalesce_ms:g}\n"
 
 
@@ -261,7 +264,8 @@ class Comparison:
         self.ray_dir.mkdir(exist_ok=True)
         cfg = self.ray_dir / "bench-tiny.yaml"
         cfg.write_text(ray_config(self.model, self.args.max_num_seqs, self.args.max_waiting, self.args.engine,
-                                  self.args.stream_coalesce_ms, engine_process=not self.args.in_process_engine))
+                                  self.args.stream_coalesce_ms, engine_process=not self.args.in_process_engine,
+                                  replica_env=dict(kv.split("=", 1) for kv in self.args.replica_env)))
         self.ray_port = free_port()
         cmd = [sys.executable, "-m", "app", "cluster", "local-up", "--config", str(cfg), "--gcs-port",
                str(free_port()), "--serve-port", str(self.ray_port), "--metrics-export-port", str(free_port()),
@@ -471,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine of every layer (vllm: run from .venv-vllm)")
     ap.add_argument("--stream-coalesce-ms", type=float, default=None,
                     help="the Ray layer's stream_coalesce_ms (default: the model config's default)")
+    ap.add_argument("--replica-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="an environment variable for the Ray layer's model replica (its runtime_env; repeatable)")
     ap.add_argument("--in-process-engine", action="store_true",
                     help="standalone and Ray layers: the transformers engine in the server's (replica's) process "
                          "(engine_kwargs.engine_process: false) instead of a process of its own")
@@ -495,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown layers {unknown}; choose from {LAYERS}")
     if args.in_process_engine and args.engine != "transformers":
         ap.error("--in-process-engine is the transformers engine's (vLLM always runs its EngineCore apart)")
+    bad_env = [kv for kv in args.replica_env if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad_env:
+        ap.error(f"--replica-env takes KEY=VALUE, got {bad_env}")
     layers = [x for x in LAYERS if x in layers]  # always bottom to top
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     load_before = round(os.getloadavg()[0], 2)
@@ -512,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "tiny (app/models/tiny.py, random weights)" if args.model is None else args.model,
         "config": {"layers": layers, "levels": cmp.levels, "duration_s": args.duration, "max_tokens": args.max_tokens,
                    "prompt_words": args.prompt_words, "max_num_seqs": args.max_num_seqs,
-                   "max_waiting": args.max_waiting, "engine": args.engine,
+                   "max_waiting": args.max_waiting, "engine": args.engine, "replica_env": args.replica_env,
                    "engine_process": args.engine == "transformers" and not args.in_process_engine,
                    "split_cores": None if cmp.cores is None else {"head": sorted(cmp.cores[0]),
                                                                   "worker": sorted(cmp.cores[1])}},

@@ -189,3 +189,17 @@ def test_duplicates_bad_yaml_and_missing_file(tmp_path: Path) -> None:
         load_model_configs([write(tmp_path, "a: [b")])
     with pytest.raises(ConfigError, match="file not found"):
         load_model_configs([tmp_path / "nope.yaml"])
+
+
+def test_the_benchmarks_model_config_is_a_kit_config(tmp_path: Path) -> None:
+    """bench.compare_layers writes its Ray layer's config in the kit's format; `--replica-env` lands in the
+    replica's runtime_env next to the one-loop flags, values kept as strings."""
+    from bench.compare_layers import ray_config
+
+    text = ray_config(tmp_path, 16, 32, "transformers", 20.0, replica_env={"K": "1", "QUOTED": 'a "b": c'})
+    (cfg,) = load_model_configs([write(tmp_path, text)])
+    opts = cfg.deployment_options()
+    assert opts["max_ongoing_requests"] == 48 and cfg.stream_coalesce_ms == 20.0
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"] == {"K": "1", "QUOTED": 'a "b": c',
+                                                                    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                                                                    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
