@@ -158,3 +158,17 @@ def test_same_output_in_a_child_and_in_process(tiny_model: Path) -> None:
     in_process = asyncio.run(_outputs(tiny_model, False))
     assert in_child == in_process
     assert len(in_child[0][3]) == 12 and all(len(e.top) == 3 for e in in_child[0][3])
+
+
+def test_a_stopped_server_stops_its_engine_process_without_killing_it(tmp_path: Path, tiny_model: Path) -> None:
+    """SIGTERM to the server (what `docker compose stop` sends): its engine process ends when told to, so the
+    server's shutdown completes without its kill fallback."""
+    srv = spawn_server(tmp_path, tiny_model)
+    (child,) = _engine_children(srv)
+    r = httpx.post(srv.base_url + "/v1/completions", timeout=60, json={"model": "tiny", "prompt": "x", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert srv.stop(signal.SIGTERM) == 0
+    log = srv.log_text()
+    assert "Application shutdown complete" in log, log[-2000:]
+    assert "did not stop" not in log, log[-2000:]
+    assert _gone(child)

@@ -109,6 +109,8 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
         assert down.returncode == 0, down.stderr
         leftovers = _our_processes(marker)
         assert not leftovers, f"processes outlived local-down: {leftovers}"
+        head_log = (cwd / ".run" / "head.log").read_text(errors="replace")
+        assert "Draining for up to" not in head_log, "local-down waited for Ray's SIGTERM drain: " + head_log[-1500:]
 
 
 def test_local_up_says_where_to_send_requests(local: Local) -> None:

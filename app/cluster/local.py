@@ -97,6 +97,9 @@ def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, proxy_port:
         ensure_tiny_model()
         configs = [TINY_CONFIG]
     env = ray_env("127.0.0.1", _token())
+    # local-down stops this one-node cluster at once: on SIGTERM Ray would first drain the node for 30 s, for a
+    # node that never drains (Serve's controller lives on it) and no other node to move replicas to
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     apply_env(env)  # before the configs are checked: that imports Ray, which reads these at import time
     parsed = load_model_configs(configs)  # config errors before starting anything
     # Ray's Unix socket paths must stay under 107 bytes: keep the session dir short

@@ -335,8 +335,11 @@ class _Child:
             if message[0] == "shutdown":
                 break
             self.handle(message)
-        # an engine whose shutdown hangs must not outlive its server
-        threading.Timer(SHUTDOWN_GRACE_S, os._exit, args=(0,)).start()
+        # an engine whose shutdown hangs must not outlive its server; a daemon timer, so that a shutdown that
+        # does finish exits now rather than when the timer fires
+        deadline = threading.Timer(SHUTDOWN_GRACE_S, os._exit, args=(0,))
+        deadline.daemon = True
+        deadline.start()
         if self.scheduler is not None:
             self.scheduler.stop()
         if self.thread is not None:
