@@ -63,6 +63,18 @@ def log(msg: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def key_value(text: str) -> str:
+    """argparse type of a KEY=VALUE option (an environment variable): the text itself once checked."""
+    if "=" not in text or text.startswith("="):
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
+    return text
+
+
+def env_of(pairs: list[str]) -> dict[str, str]:
+    """KEY=VALUE texts (checked by `key_value`) as an environment mapping."""
+    return dict(kv.split("=", 1) for kv in pairs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -265,7 +277,7 @@ class Comparison:
         cfg = self.ray_dir / "bench-tiny.yaml"
         cfg.write_text(ray_config(self.model, self.args.max_num_seqs, self.args.max_waiting, self.args.engine,
                                   self.args.stream_coalesce_ms, engine_process=not self.args.in_process_engine,
-                                  replica_env=dict(kv.split("=", 1) for kv in self.args.replica_env)))
+                                  replica_env=env_of(self.args.replica_env)))
         self.ray_port = free_port()
         cmd = [sys.executable, "-m", "app", "cluster", "local-up", "--config", str(cfg), "--gcs-port",
                str(free_port()), "--serve-port", str(self.ray_port), "--metrics-export-port", str(free_port()),
@@ -475,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine of every layer (vllm: run from .venv-vllm)")
     ap.add_argument("--stream-coalesce-ms", type=float, default=None,
                     help="the Ray layer's stream_coalesce_ms (default: the model config's default)")
-    ap.add_argument("--replica-env", action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--replica-env", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                     help="an environment variable for the Ray layer's model replica (its runtime_env; repeatable)")
     ap.add_argument("--in-process-engine", action="store_true",
                     help="standalone and Ray layers: the transformers engine in the server's (replica's) process "
@@ -501,9 +513,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown layers {unknown}; choose from {LAYERS}")
     if args.in_process_engine and args.engine != "transformers":
         ap.error("--in-process-engine is the transformers engine's (vLLM always runs its EngineCore apart)")
-    bad_env = [kv for kv in args.replica_env if "=" not in kv or not kv.split("=", 1)[0]]
-    if bad_env:
-        ap.error(f"--replica-env takes KEY=VALUE, got {bad_env}")
     layers = [x for x in LAYERS if x in layers]  # always bottom to top
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     load_before = round(os.getloadavg()[0], 2)

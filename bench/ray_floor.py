@@ -35,7 +35,7 @@ from typing import Any
 
 from app import compat
 from app.client.bench import machine_info
-from bench.compare_layers import free_port, stop, wait_http
+from bench.compare_layers import env_of, free_port, key_value, stop, wait_http
 from bench.cpu_share import CPUShare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def server_env(kind: str, extra: list[str]) -> tuple[dict[str, str], int, int]:
     port of its own (one free port) so the load skips the proxy, and every replica on one event loop."""
     env = {**os.environ, "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
     if kind.startswith("ray"):
-        env.update(kv.split("=", 1) for kv in extra)
+        env.update(env_of(extra))
     port = free_port()
     if kind != "ray-direct":
         return env, port, port
@@ -203,15 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for ray-floor.json and ray-floor.md")
     ap.add_argument("--servers", type=lambda s: s.split(","), default=["bare", "ray"],
                     help=f"which of {','.join(SERVERS)} to measure, in this order")
-    ap.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--ray-env", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                     help="an environment variable for the Ray servers (repeatable), e.g. Serve's flags")
     ap.add_argument("--serve-bare", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--serve-ray", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--ray-temp-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    unknown = [k for k in args.servers if k not in SERVERS] + [kv for kv in args.ray_env if "=" not in kv]
+    unknown = [k for k in args.servers if k not in SERVERS]
     if unknown:
-        ap.error(f"unknown server kind or KEY=VALUE: {', '.join(unknown)}")
+        ap.error(f"unknown server kind: {', '.join(unknown)}")
     if args.serve_bare is not None:
         serve_bare(args.serve_bare, args.messages)
         return 0
