@@ -8,7 +8,8 @@ A step, on the scheduler thread (`BatchScheduler.step`):
    how long a long prompt pauses the others. A sequence whose prompt is complete samples its first token and
    joins the batch in the same step;
 3. ONE forward (`RaggedModel.decode`) advances every decoding sequence by one token; each sequence samples
-   its own row (`Sampler`: its own generator, penalties, min_tokens/ignore_eos, hooks);
+   its own row (`Sampler`: its own generator, penalties, min_tokens/ignore_eos, hooks; plain greedy rows
+   are chosen together, `app.engines.sampling.sample_rows`);
 4. finished sequences leave at once; every event of the step reaches the event loop in ONE
    `call_soon_threadsafe` per loop.
 
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.engines.base import EngineDeadError, EngineError, GenerationChunk, GenerationRequest, merge_chunks
-from app.engines.sampling import Sample, Sampler
+from app.engines.sampling import Sample, Sampler, sample_rows
 from app.engines.sequence_constraints import logprob_of
 from app.engines.text import ChunkAssembler
 
@@ -269,16 +270,22 @@ class BatchScheduler:
         self.steps += 1
         if self.on_decode is not None:
             outbox.post(batch[0].loop, self.on_decode, len(batch))
-        for i, seq in enumerate(batch):
-            if not self._emit(seq, logits[i], outbox):
+        for seq, sample in zip(batch, sample_rows(logits, [s.sampler for s in batch]), strict=True):
+            if not self._take(seq, sample, outbox):
                 self._decoding.remove(seq)
 
     def _emit(self, seq: Sequence, row: Any, outbox: _Outbox) -> bool:
-        """Sample the sequence's next token and post it; False when the sequence left."""
+        """Sample the sequence's next token from its row and post it; False when the sequence left."""
         try:
-            sample: Sample = seq.sampler.next(row)
+            sample: Sample | Exception = seq.sampler.next(row)
         except Exception as exc:
-            self._fail(seq, exc, outbox, remove=False)
+            sample = exc
+        return self._take(seq, sample, outbox)
+
+    def _take(self, seq: Sequence, sample: Sample | Exception, outbox: _Outbox) -> bool:
+        """Post the sequence's sampled token (or fail it); False when the sequence left."""
+        if isinstance(sample, Exception):
+            self._fail(seq, sample, outbox, remove=False)
             return False
         seq.last_token = sample.token
         outbox.event(seq, "token", sample.token, sample.finish, sample.extras)

@@ -16,15 +16,23 @@ to the row, in order:
 
 A request's row gives the same token whether the step ran it alone or in a batch: every operation here is
 on that row only (and the batched forward is row-invariant, see `app.engines.ragged`).
+
+`sample_rows(logits, samplers)` is a decode step's sampling: the rows of plain greedy sequences (temperature 0,
+no hooks, no penalties: what a benchmark or a batch job sends) take one EOS ban and one argmax over all of them,
+which picks for each row the very token `sample_row` would (the same values, the first maximum); every other
+row goes through `sample_row`. At 8-16 rows the per-row path cost 17-22% of a decode step of the tiny model.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.engines.base import FinishReason, GenerationRequest
+
+log = logging.getLogger(__name__)
 
 SAMPLING_EPS = 1e-5  # temperatures below this decode greedily (as vLLM does)
 
@@ -106,10 +114,70 @@ def sample_row(row: Any, seq: Sampler) -> Sample:
         seq.counts[token] += 1
     extras = [hook.observe(processed, token) for hook in seq.hooks]
     stop = any([hook.accept(token) for hook in seq.hooks])  # every hook sees the token
+    return _advance(seq, token, stop, extras)
+
+
+def _advance(seq: Sampler, token: int, stop: bool, extras: list[Any]) -> Sample:
+    """`token` is the sequence's next one: count the step and say whether (and why) the sequence ends."""
     seq.step += 1
     finish: FinishReason | None = None
-    if stop or (token in seq.eos_ids and not req.ignore_eos):
+    if stop or (token in seq.eos_ids and not seq.req.ignore_eos):
         finish = "stop"
     elif seq.step >= seq.max_new:
         finish = "length"
     return Sample(token, finish, extras)
+
+
+def plain_greedy(seq: Sampler) -> bool:
+    """A sequence whose token is the argmax of its row after the EOS ban: no hooks, no penalties, temperature 0."""
+    return not seq.hooks and seq.counts is None and seq.req.temperature < SAMPLING_EPS
+
+
+def _bans_eos(seq: Sampler) -> bool:
+    return seq.eos is not None and (seq.req.ignore_eos or seq.step < seq.req.min_tokens)
+
+
+def sample_rows(logits: Any, samplers: Sequence[Sampler]) -> list[Sample | Exception]:
+    """A decode step's tokens: row i of `logits` (float32, cut to the vocabulary) for `samplers[i]`. Plain greedy
+    rows are chosen together, the rest by `sample_row`; a row that fails gives its exception (that sequence
+    fails, the others go on)."""
+    out: list[Sample | Exception | None] = [None] * len(samplers)
+    fast = [i for i, seq in enumerate(samplers) if plain_greedy(seq)]
+    if len(fast) > 1:
+        chosen = _greedy([samplers[i] for i in fast], logits, fast)
+        for i, token in zip(fast, chosen or [], strict=False):
+            out[i] = _advance(samplers[i], token, False, [])
+    for i, seq in enumerate(samplers):
+        if out[i] is None:
+            try:
+                out[i] = sample_row(logits[i], seq)
+            except Exception as exc:
+                out[i] = exc
+    return out  # type: ignore[return-value]
+
+
+def _greedy(samplers: Sequence[Sampler], logits: Any, index: list[int]) -> list[int] | None:
+    """The argmax tokens of rows `index` after each sequence's EOS ban (None if that fails: row by row then)."""
+    import torch
+
+    try:
+        rows = logits.clone() if index == list(range(len(logits))) else logits[index]  # the forward's stay as they were
+        banned: dict[tuple[int, ...], list[int]] = {}
+        for j, seq in enumerate(samplers):
+            if _bans_eos(seq):
+                banned.setdefault(tuple(seq.eos_ids), []).append(j)
+        for eos_ids, js in banned.items():
+            eos = torch.tensor(eos_ids)
+            if len(js) == len(samplers):
+                rows[:, eos] = float("-inf")
+            else:
+                rows[torch.tensor(js)[:, None], eos[None, :]] = float("-inf")
+        best, chosen = rows.max(dim=1)  # the first maximum of each row, as argmax
+        tokens = [int(t) for t in chosen.tolist()]
+        for j, value in enumerate(best.tolist()):
+            if value == float("-inf"):  # only the end was left (sample_row's rule): the end wins
+                tokens[j] = int(torch.argmax(logits[index[j]]))
+        return tokens
+    except Exception:
+        log.debug("batched greedy choice failed; sampling row by row", exc_info=True)
+        return None
