@@ -166,6 +166,28 @@ check_gpu_count() {
     || fail "NUM_GPUS=$want in $ENV_FILE but this VM has $have GPU(s)" "set NUM_GPUS=$have in $ENV_FILE"
 }
 
+# check_worker_drain: Compose must wait longer than Ray's SIGTERM drain, or `down` kills the drain (and every
+# stream on the VM) at the stop grace period. Durations: seconds, or Compose's 45s / 1m30s form.
+check_worker_drain() {
+  local drain=${WORKER_DRAIN_TIMEOUT_S:-30} grace=${WORKER_STOP_GRACE_PERIOD:-45s} g rest secs=0 n unit
+  [[ "$drain" =~ ^[0-9]+$ ]] || fail "WORKER_DRAIN_TIMEOUT_S=$drain in $ENV_FILE is not a whole number of seconds" \
+    "set WORKER_DRAIN_TIMEOUT_S=30 (0 = no drain)"
+  g=$grace
+  [[ "$g" =~ ^[0-9]+$ ]] && g="${g}s"
+  rest=$g
+  while [[ "$rest" =~ ^([0-9]+)(h|m|s)(.*)$ ]]; do
+    n=${BASH_REMATCH[1]} unit=${BASH_REMATCH[2]} rest=${BASH_REMATCH[3]}
+    case "$unit" in h) secs=$((secs + n * 3600)) ;; m) secs=$((secs + n * 60)) ;; s) secs=$((secs + n)) ;; esac
+  done
+  if [ -n "$rest" ]; then
+    fail "WORKER_STOP_GRACE_PERIOD=$grace in $ENV_FILE is not a duration" "set it in seconds or as 45s / 1m30s"
+  fi
+  [ "$drain" = 0 ] || [ "$secs" -ge $((drain + 10)) ] \
+    || fail "WORKER_STOP_GRACE_PERIOD=$grace in $ENV_FILE is not 10 s longer than WORKER_DRAIN_TIMEOUT_S=$drain: \
+\`down\` would kill the worker in the middle of its drain and cut its in-flight requests" \
+      "set WORKER_STOP_GRACE_PERIOD=$((drain + 15))s (or lower WORKER_DRAIN_TIMEOUT_S)"
+}
+
 # check_node_ip: NODE_IP must be an address of this VM (a .env copied unedited from the head must not start a head).
 check_node_ip() {
   if [ "$DRY_RUN" = 1 ]; then echo "# would check that NODE_IP $NODE_IP is an address of this VM"; return; fi
@@ -257,6 +279,7 @@ preflight() {  # preflight ROLE: head | worker | any
       ;;
     worker)
       require_vars NUM_GPUS
+      check_worker_drain
       check_gpu_count
       if [ "${NUM_GPUS}" != 0 ]; then check_gpu_runtime; fi
       check_head_reachable

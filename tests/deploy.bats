@@ -98,6 +98,25 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
   [[ "$output" == *"fix: apt-get install nvidia-container-toolkit"* ]]
 }
 
+@test "preflight: a worker stop grace that does not outlast Ray's drain is refused, with the grace to set" {
+  echo "WORKER_DRAIN_TIMEOUT_S=60" >> "$T/worker.env"
+  FAKE_RUNTIMES='{"nvidia":{}}' run "$SCRIPT" --dry-run --env-file "$T/worker.env" worker
+  [ "$status" -eq 1 ]
+  [[ "$output" == *"WORKER_STOP_GRACE_PERIOD=45s"*"is not 10 s longer than WORKER_DRAIN_TIMEOUT_S=60"* ]]
+  [[ "$output" == *"fix: set WORKER_STOP_GRACE_PERIOD=75s"* ]]
+  echo "WORKER_STOP_GRACE_PERIOD=1m15s" >> "$T/worker.env"
+  run "$SCRIPT" --dry-run --env-file "$T/worker.env" worker
+  [ "$status" -eq 0 ]
+  echo "WORKER_STOP_GRACE_PERIOD=forever" >> "$T/worker.env"
+  run "$SCRIPT" --dry-run --env-file "$T/worker.env" worker
+  [ "$status" -eq 1 ]
+  [[ "$output" == *"WORKER_STOP_GRACE_PERIOD=forever"*"is not a duration"* ]]
+  printf 'WORKER_STOP_GRACE_PERIOD=45\nWORKER_DRAIN_TIMEOUT_S=ten\n' >> "$T/worker.env"
+  run "$SCRIPT" --dry-run --env-file "$T/worker.env" worker
+  [ "$status" -eq 1 ]
+  [[ "$output" == *"WORKER_DRAIN_TIMEOUT_S=ten"*"not a whole number of seconds"* ]]
+}
+
 @test "preflight: NGINX_BIND beyond loopback with empty API_KEYS is refused" {
   sed -i 's/^NGINX_BIND=.*/NGINX_BIND=0.0.0.0/' "$T/head.env"
   dry all

@@ -249,3 +249,88 @@ def test_rebooted_worker_vm_rejoins_and_takes_a_replica_again(kit: Kit) -> None:
     kit.wait(lambda: sorted(kit.replicas().values()) == sorted([kit.vms.ips["w1"], w2]), 240,
              "a replica on the rebooted worker again")
     assert _served_by_ray(kit, kit.request())
+
+
+# streams through nginx from inside the head VM: writes MARKER once every stream has its first token, then prints
+# what each stream got (who served it, tokens, finish reason, error)
+STREAMS = r"""
+import json, sys, threading, httpx
+url, key, marker, n, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+results = [None] * n
+first = [threading.Event() for _ in range(n)]
+
+def stream(i):
+    out = {"status": 0, "served_by": None, "finish": None, "tokens": None, "done": False, "error": None}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": f"stream {i}"}], "max_tokens": tokens,
+            "min_tokens": tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        with httpx.stream("POST", url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=180,
+                          trust_env=False) as r:
+            out["status"], out["served_by"] = r.status_code, r.headers.get("x-served-by")
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    out["done"] = True
+                    break
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    out["error"] = obj["error"]
+                for choice in obj.get("choices") or []:
+                    first[i].set()
+                    out["finish"] = choice.get("finish_reason") or out["finish"]
+                if obj.get("usage"):
+                    out["tokens"] = obj["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    first[i].set()
+    results[i] = out
+
+threads = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+for t in threads:
+    t.start()
+for e in first:
+    e.wait(120)
+open(marker, "w").write("in flight")
+for t in threads:
+    t.join()
+print(json.dumps(results))
+"""
+
+
+def test_down_on_a_worker_vm_drains_it_and_lets_its_streams_finish(kit: Kit, tmp_path: Path) -> None:
+    import threading
+
+    w1, w2 = kit.vms.ips["w1"], kit.vms.ips["w2"]
+    kit.wait(lambda: sorted(kit.replicas().values()) == sorted([w1, w2]), 120, "a replica on each worker")
+    marker = tmp_path / "in-flight"
+    tokens = 1500  # the tiny model's context is 2048
+    got: dict[str, Any] = {}
+
+    def streams() -> None:
+        try:
+            got["streams"] = kit.vms.python("head", STREAMS, f"http://{kit.head_ip}:8080/v1/chat/completions",
+                                            API_KEY, str(marker), "6", str(tokens), timeout=240)
+        except Exception as exc:
+            got["error"] = exc
+
+    runner = threading.Thread(target=streams)
+    runner.start()
+    kit.wait(lambda: marker.exists() or not runner.is_alive(), 150, "six streams under way", interval=0.2)
+    t0 = time.monotonic()
+    res = kit.deploy("w1", "down")  # the operator's command; Compose's stop grace is the kit's
+    t_down = time.monotonic() - t0
+    runner.join(300)
+    assert res.returncode == 0, res.stderr
+    assert "error" not in got, got.get("error")
+    results = got["streams"]
+    on_w1 = [r for r in results if f"@{w1}/" in (r["served_by"] or "")]
+    assert on_w1, f"no stream was served by the worker taken down: {results}"
+    print(f"down on w1 took {t_down:.0f}s; {len(on_w1)} of {len(results)} streams ran there")
+    for r in results:  # the streams on the drained VM too: every token, a clean end
+        assert (r["status"], r["error"], r["finish"], r["tokens"], r["done"]) == (200, None, "length", tokens, True), r
+    log = kit.vms.log("w1", "ray-worker-cpu")
+    assert "Draining for up to 30" in log, log[-3000:]  # the shipped drain, then a node that finished it
+    assert "finished draining" in log and "did not finish draining" not in log, log[-3000:]
+    after = kit.request()
+    assert _served_by_ray(kit, after) and f"@{w2}/" in after["served_by"], after
