@@ -169,12 +169,11 @@ check_gpu_count() {
 # check_worker_drain: Compose must wait longer than Ray's SIGTERM drain, or `down` kills the drain (and every
 # stream on the VM) at the stop grace period. Durations: seconds, or Compose's 45s / 1m30s form.
 check_worker_drain() {
-  local drain=${WORKER_DRAIN_TIMEOUT_S:-30} grace=${WORKER_STOP_GRACE_PERIOD:-45s} g rest secs=0 n unit
+  local drain=${WORKER_DRAIN_TIMEOUT_S:-30} grace=${WORKER_STOP_GRACE_PERIOD:-45s} rest secs=0 n unit
   [[ "$drain" =~ ^[0-9]+$ ]] || fail "WORKER_DRAIN_TIMEOUT_S=$drain in $ENV_FILE is not a whole number of seconds" \
     "set WORKER_DRAIN_TIMEOUT_S=30 (0 = no drain)"
-  g=$grace
-  [[ "$g" =~ ^[0-9]+$ ]] && g="${g}s"
-  rest=$g
+  rest=$grace
+  [[ "$rest" =~ ^[0-9]+$ ]] && rest="${rest}s"
   while [[ "$rest" =~ ^([0-9]+)(h|m|s)(.*)$ ]]; do
     n=${BASH_REMATCH[1]} unit=${BASH_REMATCH[2]} rest=${BASH_REMATCH[3]}
     case "$unit" in h) secs=$((secs + n * 3600)) ;; m) secs=$((secs + n * 60)) ;; s) secs=$((secs + n)) ;; esac

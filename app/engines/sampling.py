@@ -94,7 +94,7 @@ def sample_row(row: Any, seq: Sampler) -> Sample:
     logits = row
     if seq.counts is not None:
         logits = logits - req.frequency_penalty * seq.counts - req.presence_penalty * (seq.counts > 0).float()
-    if seq.eos is not None and (req.ignore_eos or seq.step < req.min_tokens):
+    if _bans_eos(seq):
         banned = logits[seq.eos].clone()
         logits[seq.eos] = float("-inf")
         if not torch.isfinite(logits).any():  # a grammar that allows only the end: the end wins
@@ -161,17 +161,13 @@ def _greedy(samplers: Sequence[Sampler], logits: Any, index: list[int]) -> list[
     import torch
 
     try:
-        rows = logits.clone() if index == list(range(len(logits))) else logits[index]  # the forward's stay as they were
+        rows = logits[index]  # a copy: the step's logits stay as the forward left them
         banned: dict[tuple[int, ...], list[int]] = {}
         for j, seq in enumerate(samplers):
             if _bans_eos(seq):
                 banned.setdefault(tuple(seq.eos_ids), []).append(j)
         for eos_ids, js in banned.items():
-            eos = torch.tensor(eos_ids)
-            if len(js) == len(samplers):
-                rows[:, eos] = float("-inf")
-            else:
-                rows[torch.tensor(js)[:, None], eos[None, :]] = float("-inf")
+            rows[torch.tensor(js)[:, None], torch.tensor(eos_ids)[None, :]] = float("-inf")
         best, chosen = rows.max(dim=1)  # the first maximum of each row, as argmax
         tokens = [int(t) for t in chosen.tolist()]
         for j, value in enumerate(best.tolist()):
