@@ -6,7 +6,7 @@ Each engine serves the tiny model through `python -m app serve --config` (app/co
 transformers, app/configs/tiny-vllm.yaml for vLLM, both pointed at the same model folder and given the same
 `max_num_seqs`, `max_waiting`, `max_model_len` and dtype float32), started one after the other from this
 Python (so from .venv-vllm, which has both engines); the harness of `python -m app bench`
-(`app.client.bench.bench_endpoint`, streamed completions, exactly --max-tokens tokens each) drives it at
+(`app.client.loadgen.bench_endpoint`, streamed completions, exactly --max-tokens tokens each) drives it at
 each concurrency level. Output: OUT/engines.json and OUT/engines.md (also printed).
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from app.client.bench import bench_endpoint, machine_info
+from app.client.loadgen import bench_endpoint, machine_info
 from app.client.stats import fmt_s
 from bench.compare_layers import ROOT, ensure_model, free_port, log, stop, wait_http
 

@@ -16,7 +16,7 @@ request's time went inside Serve (bench/serve_hops.py: model replica, ingress, p
                   temp dir so its `.run/` state is its own), one replica, proxy on 127.0.0.1;
 4. `nginx`      - nginx (`python -m app ops render-nginx`) in front of that Ray Serve proxy.
 
-Each layer is driven by the same harness (`app.client.bench`: fixed concurrency
+Each layer is driven by the same harness (`app.client.loadgen`: fixed concurrency
 levels, streamed, fixed output length via ignore_eos/min_tokens, prefix-cache-safe
 prompts). The report gives, per level, each layer's req/s and latency and its
 ratio to the layer below (req/s ÷ below, e2e p50 ÷ below, added ms at p50), and the
@@ -49,7 +49,7 @@ from typing import Any
 
 import httpx
 
-from app.client.bench import bench_endpoint, engine_target, machine_info, run_bench, to_markdown, write_report
+from app.client.loadgen import bench_endpoint, engine_target, machine_info, run_bench, to_markdown, write_report
 from app.client.stats import fmt_s
 from bench import pinning
 from bench.cpu_share import CPUShare, role
@@ -461,7 +461,7 @@ def median_of(paths: list[Path]) -> dict[str, Any]:
                                "failed": sum(r["failed"] for r in rows)})
         reports[layer] = {"levels": out_levels, "machine": {"loadavg_1m": round(statistics.median(
             r["loadavg_1m"] for run in runs for r in run["rows"] if r["layer"] == layer and r.get("loadavg_1m")), 2)}}
-    from app.client.bench import seed_targets
+    from app.client.loadgen import seed_targets
 
     first = runs[-1]
     return {**first, "date": " / ".join(r["date"] for r in runs), "command": f"median of {len(runs)} runs: "

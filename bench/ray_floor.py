@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from app import compat
-from app.client.bench import machine_info
+from app.client.loadgen import machine_info
 from bench.compare_layers import env_of, free_port, key_value, stop, wait_http
 from bench.cpu_share import CPUShare
 

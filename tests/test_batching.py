@@ -20,12 +20,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.engines.base import EngineSpec, GenerationChunk, GenerationRequest
-from app.engines.batching import BatchScheduler, Sequence
-from app.engines.grammar import json_schema_grammar
-from app.engines.hf import TransformersEngine
-from app.engines.hf_runner import HFEngineConfig, HFModelRunner
-from app.engines.ragged import GRANULE_CANDIDATES, probe_row_granule
-from app.engines.sampling import SequenceHook
+from app.engines.grammar.specs import json_schema_grammar
+from app.engines.hf.batching import BatchScheduler, Sequence
+from app.engines.hf.engine import TransformersEngine
+from app.engines.hf.ragged import GRANULE_CANDIDATES, probe_row_granule
+from app.engines.hf.runner import HFEngineConfig, HFModelRunner
+from app.engines.hf.sampling import SequenceHook
 from app.metrics import PrometheusSink
 
 PROMPTS = ["hello", "The quick brown fox jumps over the lazy dog and keeps running " * 3, "a",

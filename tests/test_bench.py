@@ -15,7 +15,7 @@ from typing import Any
 
 from conftest import ROOT
 
-from app.client.bench import SCHEMA, synthetic_prompt
+from app.client.loadgen import SCHEMA, synthetic_prompt
 from app.client.stats import percentile
 
 DIST_KEYS = {"p50", "p95", "p99", "mean", "max"}

@@ -23,7 +23,7 @@ from app.engines.base import (
     PromptTooLongError,
     QueueFullError,
 )
-from app.engines.hf import TransformersEngine
+from app.engines.hf.engine import TransformersEngine
 from app.metrics import PrometheusSink
 
 

@@ -1,6 +1,6 @@
-"""The transformers engine's model in a process of its own (app/engines/engine_process.py), as the server runs it.
+"""The transformers engine's model in a process of its own (app/engines/hf/engine_process.py), as the server runs it.
 
-- `python -m app serve` runs the model and its batch scheduler in a child `python -m app.engines.engine_process`:
+- `python -m app serve` runs the model and its batch scheduler in a child `python -m app.engines.hf.engine_process`:
   answers, the decode-batch metric observed there and /readyz come through it; `engine_kwargs.engine_process:
   false` keeps the model in the server's process;
 - the same requests (greedy with logprobs, seeded sampling, a stop string) give identical output from a
@@ -27,7 +27,7 @@ from bench.pinning import descendants
 from tests.conftest import ServerProcess, spawn_server, wait_until
 from tests.test_api_errors import assert_openai_error
 
-CHILD = "app.engines.engine_process"
+CHILD = "app.engines.hf.engine_process"
 
 
 def _cmdline(pid: int) -> str:

@@ -21,7 +21,7 @@ import pytest
 from app.api.app import create_app
 from app.api.backend import LocalBackend
 from app.engines.base import EngineSpec
-from app.engines.hf import TransformersEngine
+from app.engines.hf.engine import TransformersEngine
 from app.metrics import PrometheusSink
 from app.models.tiny import build_tiny_model
 

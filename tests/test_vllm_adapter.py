@@ -30,8 +30,8 @@ from app.engines.base import (
     PromptTooLongError,
     QueueFullError,
 )
-from app.engines.grammar import json_object_grammar
-from app.engines.vllm import VLLM_VERSION, VLLMEngine
+from app.engines.grammar.specs import json_object_grammar
+from app.engines.vllm.engine import VLLM_VERSION, VLLMEngine
 
 
 class _VLLMClientError(Exception):

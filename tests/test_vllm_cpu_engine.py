@@ -23,7 +23,7 @@ import prometheus_client as pc
 import pytest
 
 from app.engines.base import EngineSpec, GenerationRequest, PromptTooLongError, QueueFullError
-from app.engines.vllm import VLLM_VERSION, VLLMEngine, sampling_params_kwargs
+from app.engines.vllm.engine import VLLM_VERSION, VLLMEngine, sampling_params_kwargs
 from app.metrics import PrometheusSink
 from tests.conftest import ROOT, wait_until
 from tests.vllm_cpu import need_vllm, vllm_processes
@@ -287,7 +287,7 @@ def test_our_plugins_are_registered_with_vllm() -> None:
     need_vllm()
     from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_plugins_by_group
 
-    from app.engines.vllm_plugins import install_error_log, watch_parent
+    from app.engines.vllm.plugins import install_error_log, watch_parent
 
     plugins = load_plugins_by_group(DEFAULT_PLUGINS_GROUP)
     assert plugins["llm_kit_error_log"] is install_error_log

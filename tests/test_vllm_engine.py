@@ -18,7 +18,7 @@ import pytest
 
 from app import metrics
 from app.engines.base import EngineSpec, GenerationRequest, InvalidRequestError
-from app.engines.vllm import (
+from app.engines.vllm.engine import (
     VLLMEngine,
     check_build_serves,
     requested_device,

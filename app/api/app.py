@@ -20,9 +20,9 @@ from app.api.access import clean_request_id, request_id_of
 from app.api.auth import APIKeyMiddleware
 from app.api.backend import ModelBackend
 from app.api.errors import count_rejection, install_error_handlers, send_error
+from app.api.openapi import document
 from app.api.routes import router
-from app.api.schema import document
-from app.engines.imports import preload
+from app.engines.import_lock import preload
 from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from app.api.strict import INTEGRAL, RequestModel
-from app.engines.logprobs import MAX_TOP_LOGPROBS, TokenCandidate, TokenLogprob
+from app.engines.token_logprobs import MAX_TOP_LOGPROBS, TokenCandidate, TokenLogprob
 
 LOGPROB_FLOOR = -9999.0
 

@@ -1,7 +1,7 @@
 """Pydantic models of the OpenAI wire format (requests, responses, stream chunks, errors).
 
 Only data shapes live here; the logic that fills them is in `app.api.openai`. The request fields of tools
-(`app.api.tools`), response_format (`app.api.structured`) and logprobs (`app.api.logprobs`) are mixed in from
+(`app.api.tools`), response_format (`app.api.response_format`) and logprobs (`app.api.logprobs`) are mixed in from
 their own modules.
 Unknown request fields are ignored (as OpenAI-compatible servers do), but fields
 whose semantics we do not implement are rejected with a 400 naming the field.
@@ -28,8 +28,8 @@ from pydantic import (
 )
 
 from app.api.logprobs import ChatChoiceLogprobs, ChatLogprobsFields, CompletionLogprobs, CompletionLogprobsFields
+from app.api.response_format import ResponseFormatFields
 from app.api.strict import INTEGRAL, Int, RequestModel, Text
-from app.api.structured import ResponseFormatFields
 from app.api.tools import AssistantToolCall, DeltaToolCall, ToolCall, ToolFields
 
 MAX_STOP_SEQUENCES = 8

@@ -4,7 +4,7 @@ Standalone uvicorn server, Ray Serve ingress and DeepSpeed rank 0 all serve
 exactly these routes; they differ only in the `ModelBackend` on `app.state`.
 Route functions stay thin: logic lives in `app.api.openai`. API keys are checked by
 `APIKeyMiddleware` before the body is read; the error responses each route documents
-in OpenAPI are added by `app.api.schema`.
+in OpenAPI are added by `app.api.openapi`.
 
 Health: `/healthz` is liveness (the process answers), `/health` is the front door's readiness probe
 (200 while the server takes requests, 503 once it drains; it touches no engine, so it answers at once
@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from app.api.auth import is_authenticated
 from app.api.backend import ModelBackend
 from app.api.openai import OpenAIServing
+from app.api.openapi import errors
 from app.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -31,7 +32,6 @@ from app.api.protocol import (
     ModelCard,
     ModelList,
 )
-from app.api.schema import errors
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1")

@@ -24,8 +24,8 @@ from pydantic import BaseModel, Field, field_validator
 
 from app.api.strict import Name, RequestModel, Text
 from app.engines.base import InvalidRequestError
-from app.engines.grammar import GrammarSpec, json_schema_grammar, structural_tag_grammar
-from app.engines.json_schema_support import check_metaschema
+from app.engines.grammar.json_schema import check_metaschema
+from app.engines.grammar.specs import GrammarSpec, json_schema_grammar, structural_tag_grammar
 
 MAX_TOOLS = 128  # OpenAI's limit
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}

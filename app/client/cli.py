@@ -88,7 +88,7 @@ def bench_command(
     import asyncio
     import json
 
-    from app.client.bench import bench_endpoint, to_markdown, write_report
+    from app.client.loadgen import bench_endpoint, to_markdown, write_report
     from app.console import fail
 
     lv = _levels(levels)

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.api.tool_parsers import check_parser_name
 from app.engines.base import ServingKnobs
-from app.engines.hf_runner import HFEngineConfig
+from app.engines.hf.runner import HFEngineConfig
 from app.settings import default_model_id
 
 

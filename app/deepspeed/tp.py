@@ -52,9 +52,9 @@ from app.engines.base import (
     GenerationRequest,
     missing_local_model,
 )
-from app.engines.batching import BatchScheduler, stream_sequence
-from app.engines.hf_runner import HFEngineConfig, HFModelRunner
-from app.engines.ragged import RaggedModel
+from app.engines.hf.batching import BatchScheduler, stream_sequence
+from app.engines.hf.ragged import RaggedModel
+from app.engines.hf.runner import HFEngineConfig, HFModelRunner
 from app.metrics import MetricsSink, PrometheusSink
 from app.settings import model_aliases
 

@@ -85,7 +85,7 @@ def vllm_installed() -> tuple[bool, str]:
     """(installed, description) of the vLLM build in this environment, for an explicit `engine: vllm`."""
     if importlib.util.find_spec("vllm") is None:
         return False, "vllm is not installed"
-    from app.engines.vllm import installed_vllm  # metadata only: vLLM itself is not imported here
+    from app.engines.vllm.engine import installed_vllm  # metadata only: vLLM itself is not imported here
 
     build = installed_vllm()
     if build is None:
@@ -95,13 +95,13 @@ def vllm_installed() -> tuple[bool, str]:
 
 
 def _transformers(spec: EngineSpec, sink: MetricsSink, reason: str, fallback: bool) -> Engine:
-    from app.engines.hf import TransformersEngine
+    from app.engines.hf.engine import TransformersEngine
 
     return TransformersEngine(spec, sink, reason=reason, fallback=fallback)
 
 
 def _vllm(spec: EngineSpec, sink: MetricsSink, reason: str) -> Engine:
-    from app.engines.vllm import VLLMEngine  # vLLM imports stay inside that module
+    from app.engines.vllm.engine import VLLMEngine  # vLLM imports stay inside that module
 
     return VLLMEngine(spec, sink, reason=reason)
 

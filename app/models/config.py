@@ -44,8 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from app import compat
 from app.api.tool_parsers import check_parser_name
 from app.engines.base import EngineChoice, EngineSpec, ServingKnobs
-from app.engines.hf import HFEngineConfig, transformers_engine_config
-from app.engines.vllm import VLLM_DEFAULT_MAX_NUM_SEQS, vllm_engine_args
+from app.engines.hf.engine import HFEngineConfig, transformers_engine_config
+from app.engines.vllm.engine import VLLM_DEFAULT_MAX_NUM_SEQS, vllm_engine_args
 
 DEFAULT_CONFIG = "app/configs/qwen2.5-0.5b.yaml"
 

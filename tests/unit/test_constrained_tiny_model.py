@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from app.api.tool_parsers import ParsedDelta, get_parser
 from app.api.tools import ToolDefinition, finish_reason, plan_tools, tool_grammar, tools_for_template
-from app.engines.grammar import GrammarSpec, json_object_grammar, json_schema_grammar
-from app.engines.grammar_matcher import GrammarCompiler, GrammarViolation, SequenceMatcher
-from app.engines.logprobs import TokenLogprob, TokenTexts, batch_top_logprobs, top_logprobs
+from app.engines.grammar.matcher import GrammarCompiler, GrammarViolation, SequenceMatcher
+from app.engines.grammar.specs import GrammarSpec, json_object_grammar, json_schema_grammar
 from app.engines.text import ChunkAssembler
+from app.engines.token_logprobs import TokenLogprob, TokenTexts, batch_top_logprobs, top_logprobs
 from app.models.chat_templates import QWEN_TOOLS_TEMPLATE
 
 pytestmark = pytest.mark.unit

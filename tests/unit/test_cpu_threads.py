@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.engines import cpu_threads
+from app.engines.hf import cpu_threads
 
 pytestmark = pytest.mark.unit
 

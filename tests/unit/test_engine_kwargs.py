@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.engines.hf import IGNORED_VLLM_KWARGS, REFUSED_KWARGS, USED_KWARGS, transformers_engine_config
-from app.engines.hf_runner import HFEngineConfig
+from app.engines.hf.engine import IGNORED_VLLM_KWARGS, REFUSED_KWARGS, USED_KWARGS, transformers_engine_config
+from app.engines.hf.runner import HFEngineConfig
 
 
 def test_used_keys_fill_the_engine_config() -> None:

@@ -12,14 +12,14 @@ import xgrammar as xgr
 from pydantic import BaseModel, Field
 
 from app.engines.base import InvalidRequestError
-from app.engines.grammar import (
+from app.engines.grammar.json_schema import MAX_NESTING, UnsupportedSchemaError, check_schema
+from app.engines.grammar.specs import (
     GrammarSpec,
     json_object_grammar,
     json_schema_grammar,
     structural_tag_grammar,
     vllm_structured_outputs,
 )
-from app.engines.json_schema_support import MAX_NESTING, UnsupportedSchemaError, check_schema
 
 pytestmark = pytest.mark.unit
 
@@ -123,7 +123,7 @@ def test_length_limited_strings_exclude_control_characters() -> None:
     raw = str(xgr.Grammar.from_json_schema(json.dumps(schema)))
     fixed = json_schema_grammar(schema, param=PARAM).ebnf
     bad = '{"x": "a\x01b"}'
-    assert accepts(raw, bad), "xgrammar fixed the bug: drop the patch in app.engines.grammar"
+    assert accepts(raw, bad), "xgrammar fixed the bug: drop the patch in app.engines.grammar.specs"
     assert not accepts(fixed, bad)
     assert accepts(fixed, '{"x": "ab c"}') and not accepts(fixed, '{"x": "abcdefg"}')
 

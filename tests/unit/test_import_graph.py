@@ -82,7 +82,7 @@ def test_the_checker_finds_a_cycle() -> None:
 def test_app_has_no_import_cycle() -> None:
     graph = import_graph()
     assert len(graph) > 40  # the walk really saw the package
-    assert "app.engines.base" in graph["app.engines.hf"]
+    assert "app.engines.base" in graph["app.engines.hf.engine"]
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle or [])
 
@@ -96,7 +96,7 @@ def test_layering() -> None:
         if name != "app.__main__":
             assert "app.cli" not in deps, f"{name} imports app.cli"
     # configs and the vLLM engine need the spec, not the selection logic
-    for name in ("app.engines.vllm", "app.models.config", "app.engines.hf"):
+    for name in ("app.engines.vllm.engine", "app.models.config", "app.engines.hf.engine"):
         assert "app.engines.select" not in graph[name], name
     # nothing in the core imports the Ray wiring
     for name in ("app.api.routes", "app.api.openai", "app.engines.select", "app.standalone"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.api.logprobs import ChatChoiceLogprobs, CompletionLogprobsBuilder, chat_logprobs
-from app.engines.logprobs import TokenLogprob, TokenTexts, batch_top_logprobs, top_logprobs
+from app.engines.token_logprobs import TokenLogprob, TokenTexts, batch_top_logprobs, top_logprobs
 
 pytestmark = pytest.mark.unit
 

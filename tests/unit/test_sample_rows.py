@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from app.engines.base import GenerationRequest
-from app.engines.sampling import Sample, Sampler, SequenceHook, plain_greedy, sample_row, sample_rows
+from app.engines.hf.sampling import Sample, Sampler, SequenceHook, plain_greedy, sample_row, sample_rows
 
 VOCAB = 50
 EOS = [3, 7]

@@ -16,7 +16,7 @@ from jinja2 import Environment
 
 from app.api.errors import install_error_handlers
 from app.api.logprobs import ChatLogprobsFields, CompletionLogprobsFields
-from app.api.structured import ResponseFormatFields
+from app.api.response_format import ResponseFormatFields
 from app.api.tool_parsers import get_parser
 from app.api.tools import (
     ToolDefinition,

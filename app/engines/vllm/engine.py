@@ -21,7 +21,7 @@ Start-up refuses, with the reason, what vLLM would accept and then fail on: a he
 kernel lacks (it would fail on the first request), no KV-cache size on CPU (vLLM-CPU would reserve 92% of
 RAM). When vLLM's EngineCore (a child process, with its worker processes) fails, vLLM itself only raises
 "EngineCore encountered an issue. See stack trace (above) for the root cause": our vLLM plugin
-(`app.engines.vllm_plugins.install_error_log`, loaded by vLLM in each of its processes) writes every ERROR
+(`app.engines.vllm.plugins.install_error_log`, loaded by vLLM in each of its processes) writes every ERROR
 record of those processes to a per-engine file, and the exception it carries, or the exit signal of a
 killed EngineCore, becomes the reason shown by /readyz, /v1/models and the metric labels. The other plugin
 there (`watch_parent`) makes the EngineCore and its workers die with the process hosting this engine, even
@@ -72,11 +72,11 @@ from app.engines.base import (
     QueueFullError,
     TokenLogprob,
 )
-from app.engines.grammar import vllm_structured_outputs
-from app.engines.grammar_matcher import GrammarCompiler
-from app.engines.logprobs import TokenTexts
+from app.engines.grammar.matcher import GrammarCompiler
+from app.engines.grammar.specs import vllm_structured_outputs
 from app.engines.text import max_token_chars, render_prompt, token_budget
-from app.engines.vllm_plugins import ERROR_LOG_ENV, install_error_log
+from app.engines.token_logprobs import TokenTexts
+from app.engines.vllm.plugins import ERROR_LOG_ENV, install_error_log
 from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,12 @@ Shared by the transformers engine (one runner, one continuous-batching scheduler
     model = runner.step_model()                     # RaggedModel: prefill / batched decode over per-sequence caches
     runner.warmup(model)                            # one short greedy decode through it
     ids = runner.prompt_ids(request)                # chat template / prompt -> token ids (400 when empty or too long)
-    sampler = runner.sampler(request, max_new)      # per-request generator, penalties, hooks (app.engines.sampling)
+    sampler = runner.sampler(request, max_new)      # per-request generator, penalties, hooks (app.engines.hf.sampling)
 
 `sampler` seeds a per-request torch.Generator (seeded requests are reproducible; `seed` in engine_kwargs makes
 unseeded ones reproducible in arrival order, as vLLM's engine seed does) and attaches `sequence_hooks(request)`,
-the request's grammar mask and logprobs capture (`app.engines.sequence_constraints`). The decode loop itself is
-`app.engines.batching.BatchScheduler`; the batched forward `app.engines.ragged.RaggedModel`.
+the request's grammar mask and logprobs capture (`app.engines.hf.sequence_hooks`). The decode loop itself is
+`app.engines.hf.batching.BatchScheduler`; the batched forward `app.engines.hf.ragged.RaggedModel`.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.engines import cpu_threads, ragged
 from app.engines.base import GenerationRequest
-from app.engines.batching import DEFAULT_PREFILL_CHUNK
-from app.engines.imports import IMPORT_LOCK
-from app.engines.sampling import Sampler, SequenceHook
-from app.engines.sequence_constraints import needs_hooks, sequence_hooks
+from app.engines.hf import cpu_threads, ragged
+from app.engines.hf.batching import DEFAULT_PREFILL_CHUNK
+from app.engines.hf.sampling import Sampler, SequenceHook
+from app.engines.hf.sequence_hooks import needs_hooks, sequence_hooks
+from app.engines.import_lock import IMPORT_LOCK
 from app.engines.text import max_token_chars, render_prompt, token_budget
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ DEFAULT_CONTEXT = 2048  # when the model config names no max_position_embeddings
 
 @dataclass(frozen=True)
 class HFEngineConfig:
-    """The transformers engine's settings, from the `engine_kwargs` it uses (see `app.engines.hf`)."""
+    """The transformers engine's settings, from the `engine_kwargs` it uses (see `app.engines.hf.engine`)."""
 
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
@@ -54,7 +54,7 @@ class HFEngineConfig:
     tokenizer: str | None = None
     seed: int | None = None
     cpu_threads: int | None = None  # torch threads for the forwards on CPU (None: measured at load)
-    engine_process: bool = True  # serve from a process of its own (app.engines.engine_process)
+    engine_process: bool = True  # serve from a process of its own (app.engines.hf.engine_process)
 
 
 def resolve_device(device: str) -> str:
@@ -205,7 +205,7 @@ class HFModelRunner:
     # ------------------------------------------------------------------ sampling
     def sequence_hooks(self, req: GenerationRequest) -> list[SequenceHook]:
         """Per-sequence hooks on the decode step for this request: its grammar mask and logprobs capture
-        (`app.engines.sequence_constraints`; none for a plain request)."""
+        (`app.engines.hf.sequence_hooks`; none for a plain request)."""
         return sequence_hooks(req, self._tokenizer, self.vocab_size)
 
     def sampler(self, req: GenerationRequest, max_new: int, hooks: list[SequenceHook] | None = None) -> Sampler:

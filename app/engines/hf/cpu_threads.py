@@ -47,7 +47,7 @@ def _step_s(model: Any, caches: list[Any], steps: int) -> float:
 
 
 def choose_cpu_threads(model: Any, rows: int, candidates: tuple[int, ...] | None = None) -> int:
-    """Time `model`'s decode (an `app.engines.ragged.RaggedModel`) at 1 and `rows` rows per candidate thread
+    """Time `model`'s decode (an `app.engines.hf.ragged.RaggedModel`) at 1 and `rows` rows per candidate thread
     count (default: torch's count minus one core, and 1); set and return the fastest (the first candidate
     unless another is clearly faster)."""
     import torch

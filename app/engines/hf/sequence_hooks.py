@@ -1,6 +1,6 @@
 """The grammar and logprobs hooks of one sequence in the kit's own decode loop (transformers, DeepSpeed TP).
 
-`sequence_hooks(request, tokenizer, vocab_size)` gives the `app.engines.sampling.SequenceHook`s a request needs:
+`sequence_hooks(request, tokenizer, vocab_size)` gives the `app.engines.hf.sampling.SequenceHook`s a request needs:
 none without a grammar or logprobs; otherwise, on this sequence's float32 logits row of each decode step,
 
 - `GrammarHook.process(row)` forbids (-inf, in place) what the grammar does not allow next, and its
@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.engines.base import GenerationRequest, TokenLogprob
-from app.engines.grammar_matcher import GrammarCompiler, SequenceMatcher
-from app.engines.logprobs import TokenTexts, top_logprobs
-from app.engines.sampling import SequenceHook
+from app.engines.grammar.matcher import GrammarCompiler, SequenceMatcher
+from app.engines.hf.sampling import SequenceHook
+from app.engines.token_logprobs import TokenTexts, top_logprobs
 
 
 class GrammarHook(SequenceHook):

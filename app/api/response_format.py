@@ -16,8 +16,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from app.api.strict import Name, RequestModel, Text
-from app.engines.grammar import GrammarSpec, json_object_grammar, json_schema_grammar
-from app.engines.json_schema_support import check_metaschema
+from app.engines.grammar.json_schema import check_metaschema
+from app.engines.grammar.specs import GrammarSpec, json_object_grammar, json_schema_grammar
 
 SCHEMA_PARAM = "response_format.json_schema.schema"
 

@@ -1,13 +1,13 @@
 """Hugging Face transformers engine: the fallback that runs on any device, with continuous batching.
 
-The model runner (`app.engines.hf_runner`) loads the model; one `BatchScheduler` thread
-(`app.engines.batching`) owns it and advances every running request by one token per forward, prefilling
+The model runner (`app.engines.hf.runner`) loads the model; one `BatchScheduler` thread
+(`app.engines.hf.batching`) owns it and advances every running request by one token per forward, prefilling
 new prompts in chunks between steps; requests join and leave at step boundaries, a closed stream (client
 disconnect) leaves within one step, and a request's tokens are identical alone or batched. Stop strings are
 matched on the decoded text, on the event loop. Prompts are rendered and tokenized in a worker thread (a
 multi-megabyte prompt never stalls the loop). Concurrency is bounded by an `AdmissionController`:
 `max_num_seqs` running (the batch size, default 16) plus `max_waiting` queued; a full queue turns into HTTP 429.
-By default the model, the samplers and the scheduler run in a process of their own (`app.engines.engine_process`,
+By default the model, the samplers and the scheduler run in a process of their own (`app.engines.hf.engine_process`,
 as vLLM runs its EngineCore) while tokenization, admission, detokenization and stop strings stay here;
 `engine_kwargs.engine_process: false` keeps everything in this process.
 
@@ -39,9 +39,9 @@ from app.engines.base import (
     GenerationChunk,
     GenerationRequest,
 )
-from app.engines.batching import BatchScheduler, stream_sequence
-from app.engines.engine_process import RemoteScheduler
-from app.engines.hf_runner import HFEngineConfig, HFModelRunner
+from app.engines.hf.batching import BatchScheduler, stream_sequence
+from app.engines.hf.engine_process import RemoteScheduler
+from app.engines.hf.runner import HFEngineConfig, HFModelRunner
 from app.metrics import MetricsSink, PrometheusSink
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class TransformersEngine(Engine):
 
     async def _start_remote(self) -> None:
         """This process keeps the tokenizer (prompts, detokenization, stop strings); the model loads in the
-        engine process (`app.engines.engine_process`)."""
+        engine process (`app.engines.hf.engine_process`)."""
         self._remote = RemoteScheduler(self.spec, self.cfg, on_decode=self._observe_batch)
         tokenizer = asyncio.create_task(asyncio.to_thread(self.runner.load_tokenizer))
         try:

@@ -15,7 +15,7 @@ to the row, in order:
 5. `SequenceHook.accept(token)`: True ends the sequence with "stop" (a grammar that has terminated).
 
 A request's row gives the same token whether the step ran it alone or in a batch: every operation here is
-on that row only (and the batched forward is row-invariant, see `app.engines.ragged`).
+on that row only (and the batched forward is row-invariant, see `app.engines.hf.ragged`).
 
 `sample_rows(logits, samplers)` is a decode step's sampling: the rows of plain greedy sequences (temperature 0,
 no hooks, no penalties: what a benchmark or a batch job sends) take one EOS ban and one argmax over all of them,

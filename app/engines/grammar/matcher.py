@@ -17,9 +17,9 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-from app.engines.grammar import GrammarSpec
-from app.engines.imports import IMPORT_LOCK
-from app.engines.logprobs import TokenTexts
+from app.engines.grammar.specs import GrammarSpec
+from app.engines.import_lock import IMPORT_LOCK
+from app.engines.token_logprobs import TokenTexts
 
 _COMPILERS: weakref.WeakKeyDictionary[Any, dict[int, GrammarCompiler]] = weakref.WeakKeyDictionary()
 _COMPILERS_LOCK = threading.Lock()

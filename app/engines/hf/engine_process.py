@@ -4,14 +4,14 @@ In one process the server's event loop (HTTP, SSE, JSON, detokenization) and the
 a full batch each waits for the other and the server cannot use a second core. So by default
 (`engine_kwargs.engine_process`) `TransformersEngine` keeps the request side in the server's process
 (tokenization, admission, detokenization and stop strings, `stream_events`) and runs the model, the samplers
-and the `BatchScheduler` in a child, `python -m app.engines.engine_process FD`, which does nothing else: no
+and the `BatchScheduler` in a child, `python -m app.engines.hf.engine_process FD`, which does nothing else: no
 event loop, one thread reading the server's messages, the scheduler thread sending each step's events.
 
 Wire: pickled tuples over a socket pair (`multiprocessing.connection.Connection`). Server to child:
 ("start", spec, config, log_level), ("submit", rid, prompt_ids, request, max_new), ("cancel", rid),
 ("ping", rid), ("shutdown",). Child to server: ("started", facts) | ("start_failed", exception), one
 ("events", [(rid, event), ...], decode_batch) per scheduler step with every sequence's token (the events of
-`app.engines.batching`: token, error, dead, left), ("pong", rid, dead_reason), ("dead", reason) when the
+`app.engines.hf.batching`: token, error, dead, left), ("pong", rid, dead_reason), ("dead", reason) when the
 scheduler stopped. A request's sampler (its generator, penalties, grammar and logprobs hooks) is built in the
 child, in submission order.
 
@@ -41,7 +41,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from app.engines.base import EngineDeadError, EngineSpec, GenerationChunk, GenerationRequest
-from app.engines.hf_runner import HFEngineConfig
+from app.engines.hf.runner import HFEngineConfig
 from app.engines.text import ChunkAssembler
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def _spawn() -> tuple[subprocess.Popen[bytes], Connection]:
     # the child imports `app` as this process does (a Ray worker may have it from its runtime_env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "app.engines.engine_process", str(theirs.fileno())],
+        proc = subprocess.Popen([sys.executable, "-m", "app.engines.hf.engine_process", str(theirs.fileno())],
                                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
     finally:
         theirs.close()
@@ -158,7 +158,7 @@ class RemoteScheduler:
     def stream(self, tokenizer: Any, prompt_ids: list[int], req: GenerationRequest, max_new: int,
                on_abort: Callable[[], None] | None = None) -> AsyncGenerator[GenerationChunk, None]:
         """`stream_sequence` with the scheduler in the child: detokenization and stop strings run here."""
-        from app.engines.batching import stream_events
+        from app.engines.hf.batching import stream_events
 
         rid = next(self._ids)
         seq = _Remote(asyncio.get_running_loop())
@@ -301,7 +301,7 @@ class _ServerLink:
     def call_soon_threadsafe(self, fn: Callable[..., None], calls: list[tuple[Callable[..., None], tuple[Any, ...]]]
                              ) -> None:
         """What `_Outbox.flush` calls once per step: `_deliver(seq, event)` calls become (rid, event) pairs."""
-        from app.engines.batching import _deliver
+        from app.engines.hf.batching import _deliver
 
         events = []
         for f, args in calls:
@@ -347,8 +347,8 @@ class _Child:
 
     def handle(self, message: tuple[Any, ...]) -> None:
         from app.engines.base import EngineError
-        from app.engines.batching import Sequence
-        from app.engines.sequence_constraints import needs_hooks
+        from app.engines.hf.batching import Sequence
+        from app.engines.hf.sequence_hooks import needs_hooks
 
         kind = message[0]
         if kind == "submit":
@@ -378,8 +378,8 @@ class _Child:
             self.start(*message[1:])
 
     def start(self, spec: EngineSpec, cfg: HFEngineConfig, level: int) -> None:
-        from app.engines.batching import BatchScheduler
-        from app.engines.hf_runner import HFModelRunner
+        from app.engines.hf.batching import BatchScheduler
+        from app.engines.hf.runner import HFModelRunner
 
         logging.getLogger().setLevel(level)
         try:

@@ -4,7 +4,7 @@ The API layer builds one `GrammarSpec` per request from a JSON schema (`response
 parameters), the `json_object` mode, or a tool-call structure (an xgrammar structural tag, built by the tool-call
 parser of the model's format). Building needs no tokenizer; it validates the schema (a 400 naming the parameter
 and the unsupported feature) and converts it to EBNF with xgrammar. The EBNF is what every engine enforces: the
-transformers engine compiles it against its tokenizer (`app.engines.grammar_matcher`), vLLM receives it as
+transformers engine compiles it against its tokenizer (`app.engines.grammar.matcher`), vLLM receives it as
 `StructuredOutputsParams(grammar=...)` (`vllm_structured_outputs`), so both apply the same grammar by construction.
 A spec (`GrammarSpec`, part of the engine protocol in `app.engines.base`) is a frozen dataclass of strings:
 hashable (the compile cache key), and it pickles across Ray and torch.distributed.
@@ -21,8 +21,8 @@ import re
 from typing import Any
 
 from app.engines.base import GrammarKind, GrammarSpec, InvalidRequestError
-from app.engines.imports import IMPORT_LOCK
-from app.engines.json_schema_support import UnsupportedSchemaError, check_schema
+from app.engines.grammar.json_schema import UnsupportedSchemaError, check_schema
+from app.engines.import_lock import IMPORT_LOCK
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}  # vLLM 0.32 compiles json_object from this schema too
 

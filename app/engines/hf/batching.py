@@ -9,12 +9,12 @@ A step, on the scheduler thread (`BatchScheduler.step`):
    joins the batch in the same step;
 3. ONE forward (`RaggedModel.decode`) advances every decoding sequence by one token; each sequence samples
    its own row (`Sampler`: its own generator, penalties, min_tokens/ignore_eos, hooks; plain greedy rows
-   are chosen together, `app.engines.sampling.sample_rows`);
+   are chosen together, `app.engines.hf.sampling.sample_rows`);
 4. finished sequences leave at once; every event of the step reaches the event loop in ONE
    `call_soon_threadsafe` per loop.
 
 Join and leave happen only at step boundaries; a sequence's tokens are identical whether it ran alone or in
-a batch (`app.engines.ragged`). `max_num_seqs` bounds the batch (the engines' admission control holds the same
+a batch (`app.engines.hf.ragged`). `max_num_seqs` bounds the batch (the engines' admission control holds the same
 number of running requests, so the scheduler never queues beyond it; extra submissions wait for a slot).
 
 The request side is `stream_sequence`: an async generator that submits a `Sequence`, turns its tokens into
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from app.engines.base import EngineDeadError, EngineError, GenerationChunk, GenerationRequest, merge_chunks
-from app.engines.sampling import Sample, Sampler, sample_rows
-from app.engines.sequence_constraints import logprob_of
+from app.engines.hf.sampling import Sample, Sampler, sample_rows
+from app.engines.hf.sequence_hooks import logprob_of
 from app.engines.text import ChunkAssembler
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ DEFAULT_PREFILL_CHUNK = 512
 
 
 class StepModel(Protocol):
-    """What the scheduler drives: `app.engines.ragged.RaggedModel` (rank 0 of TP: a broadcasting subclass)."""
+    """What the scheduler drives: `app.engines.hf.ragged.RaggedModel` (rank 0 of TP: a broadcasting subclass)."""
 
     def new_cache(self) -> Any: ...
     def rows_for(self, n: int) -> int: ...
@@ -70,7 +70,7 @@ class Sequence:
     queue: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
     left: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False  # set from the event loop; read at step boundaries
-    tag: int = -1  # the engine process's number for it (app.engines.engine_process)
+    tag: int = -1  # the engine process's number for it (app.engines.hf.engine_process)
     slot: int = -1
     cache: Any = None
     prefilled: int = 0
