@@ -14,22 +14,57 @@ would send plain text:
 - connection cap: a connection beyond `max_connections` open ones gets 503 with Retry-After for its
   first request and is closed.
 
-`server_config(app, ...)` is the one place that builds the uvicorn config with these limits.
+`HTTPServerKnobs` declares these limits, the body cap and the drain once, for every settings source that runs an
+API server (`LLM_*` for the standalone server, `DS_*` for DeepSpeed rank 0); `serve(app, knobs, ...)` runs an app
+on uvicorn with them: `server_config(app, ...)` builds the uvicorn config, `DrainingServer` flags the app as
+draining on SIGTERM (`/readyz` 503, no new connections) and cuts the streams still running when the grace ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import signal
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import h11
 import uvicorn
+from pydantic import BaseModel, Field
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from app import compat
 from app.api.errors import error_bytes
+
+log = logging.getLogger(__name__)
+
+CUT_WRITE_S = 1.0  # after the grace: time the cut requests get to write their last event
+
+
+class HTTPServerKnobs(BaseModel):
+    """What every API server of the kit takes from its settings: body cap, drain, transport limits, SSE."""
+
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    graceful_timeout_s: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, in-flight requests get this long; streams still running then "
+        "end with an SSE error event `server_shutting_down` and `[DONE]`.")
+    # transport limits (app.http_guard): slow or abusive clients cannot hold the server
+    header_timeout_s: float = Field(default=10.0, gt=0, description="Request line + headers must arrive within it.")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="The body must arrive within it after the headers.")
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="Request line + headers; above: 431.")
+    keepalive_timeout_s: float = Field(
+        default=75.0, gt=0, description="Idle keep-alive connections close after it (keep it above nginx's upstream "
+        "keepalive_timeout, 60 s, so nginx never reuses a connection the server is closing).")
+    max_connections: int = Field(default=1024, ge=1, description="Open connections; beyond: 503 + Retry-After.")
+    sse_keepalive_s: float = Field(
+        default=15.0, ge=0, description="A `: keep-alive` SSE comment when a stream is silent this long (0: never).")
+
+    def limits(self) -> TransportLimits:
+        return TransportLimits(header_timeout_s=self.header_timeout_s, body_timeout_s=self.body_timeout_s,
+                               max_header_bytes=self.max_header_bytes, keepalive_timeout_s=self.keepalive_timeout_s,
+                               max_connections=self.max_connections)
 
 
 @dataclass(frozen=True)
@@ -191,3 +226,35 @@ def server_config(app: Any, *, host: str, port: int, limits: TransportLimits, lo
         timeout_graceful_shutdown=math.ceil(max(0.0, graceful_timeout_s)),
         access_log=False,
     )
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn server that flags the app as draining as soon as a stop signal arrives, and cuts the requests
+    still running when the grace ends (`app.state.stream_cut`) a moment before uvicorn cancels them."""
+
+    def __init__(self, config: uvicorn.Config, app_state: Any, grace_s: float):
+        super().__init__(config)
+        self._app_state = app_state
+        self._grace_s = grace_s
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        cut = asyncio.get_running_loop().call_later(self._grace_s, self._app_state.stream_cut.set)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            cut.cancel()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._app_state.draining = True
+        log.info("signal %s: draining (in-flight requests get %ss)", sig, self._grace_s)
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:  # a drained SIGTERM is a normal stop (exit 0), see compat
+            compat.uvicorn_forget_signal(self, signal.SIGTERM)
+
+
+def guarded_server(app: Any, knobs: HTTPServerKnobs, *, host: str, port: int, log_level: str = "info"
+                   ) -> DrainingServer:
+    """The kit's API server for `app`: guarded transport, graceful drain on SIGTERM (call `.run()`)."""
+    config = server_config(app, host=host, port=port, limits=knobs.limits(), log_level=log_level,
+                           graceful_timeout_s=knobs.graceful_timeout_s + CUT_WRITE_S)
+    return DrainingServer(config, app.state, knobs.graceful_timeout_s)

@@ -16,8 +16,9 @@ from typing import Any
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.api.tool_parsers import check_parser_name
-from app.engines.base import EngineChoice, ServingKnobs, missing_local_model
+from app.engines.base import EngineChoice, missing_local_model
+from app.http_guard import HTTPServerKnobs
+from app.knobs import ConfiguredKnobs
 
 RENAMED_VARIABLES = {"LLM_MAX_RUNNING": "LLM_MAX_NUM_SEQS"}
 
@@ -45,7 +46,7 @@ def retired_variables(env_file: str | Path | None = ".env") -> list[str]:
     return [f"{old} was renamed: set {new} instead" for old, new in RENAMED_VARIABLES.items() if old in present]
 
 
-class Settings(ServingKnobs, BaseSettings):
+class Settings(ConfiguredKnobs, HTTPServerKnobs, BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="LLM_", env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
     )
@@ -56,22 +57,8 @@ class Settings(ServingKnobs, BaseSettings):
         validation_alias=AliasChoices("API_KEYS", "LLM_API_KEYS"),
         description="Comma-separated bearer tokens; empty disables auth on /v1/*.",
     )
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    graceful_timeout_s: float = Field(
-        default=30.0, ge=0, description="On SIGTERM, in-flight requests get this long; streams still running then "
-        "end with an SSE error event `server_shutting_down` and `[DONE]`.")
-    # transport limits (app.http_guard): slow or abusive clients cannot hold the server
-    header_timeout_s: float = Field(default=10.0, gt=0, description="Request line + headers must arrive within it.")
-    body_timeout_s: float = Field(default=30.0, gt=0, description="The body must arrive within it after the headers.")
-    max_header_bytes: int = Field(default=32 * 1024, ge=1024, description="Request line + headers; above: 431.")
-    keepalive_timeout_s: float = Field(
-        default=75.0, gt=0, description="Idle keep-alive connections close after it (keep it above nginx's upstream "
-        "keepalive_timeout, 60 s, so nginx never reuses a connection the server is closing).")
-    max_connections: int = Field(default=1024, ge=1, description="Open connections; beyond: 503 + Retry-After.")
-    sse_keepalive_s: float = Field(
-        default=15.0, ge=0, description="A `: keep-alive` SSE comment when a stream is silent this long (0: never).")
     backup: bool = Field(
         default=False, description="This server is nginx's backup for a cluster: a model it does not serve is a "
         "retryable 503 naming the model (the cluster may serve it), not a 404.")
@@ -91,10 +78,6 @@ class Settings(ServingKnobs, BaseSettings):
     )
     trust_remote_code: bool = False
 
-    @field_validator("tool_call_parser")
-    @classmethod
-    def _known_tool_call_parser(cls, v: str) -> str:
-        return check_parser_name(v)
 
     @field_validator("model")
     @classmethod

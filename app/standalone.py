@@ -11,52 +11,22 @@ One `PrometheusSink` records for the engines and the API alike (served on `/metr
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from typing import Any
 
-import uvicorn
-
-from app import compat
 from app.api.app import create_app
 from app.api.backend import LocalBackend
 from app.engines.base import EngineSpec, ServingKnobs
 from app.engines.select import SelectedEngine
-from app.http_guard import TransportLimits, server_config
+from app.http_guard import guarded_server
 from app.metrics import MetricsSink, PrometheusSink
 from app.settings import Settings, default_model_id, model_aliases
 
 log = logging.getLogger(__name__)
 
 SETTINGS_SOURCE = "LLM_* settings / serve options"
-CUT_WRITE_S = 1.0  # after the grace: time the cut requests get to write their last event
 
 
-
-
-class _DrainingServer(uvicorn.Server):
-    """uvicorn server that flags the app as draining as soon as a stop signal arrives, and cuts the requests
-    still running when the grace ends (`app.state.stream_cut`) a moment before uvicorn cancels them."""
-
-    def __init__(self, config: uvicorn.Config, app_state: Any, grace_s: float):
-        super().__init__(config)
-        self._app_state = app_state
-        self._grace_s = grace_s
-
-    async def shutdown(self, sockets: Any = None) -> None:
-        cut = asyncio.get_running_loop().call_later(self._grace_s, self._app_state.stream_cut.set)
-        try:
-            await super().shutdown(sockets)
-        finally:
-            cut.cancel()
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        self._app_state.draining = True
-        log.info("signal %s: draining (in-flight requests get %ss)", sig, self._grace_s)
-        super().handle_exit(sig, frame)
-        if sig == signal.SIGTERM:  # a drained SIGTERM is a normal stop (exit 0), see compat
-            compat.uvicorn_forget_signal(self, signal.SIGTERM)
 
 
 def build_backend(specs: list[EngineSpec], metrics: MetricsSink, backup: bool = False,
@@ -87,12 +57,6 @@ def spec_from_settings(settings: Settings) -> EngineSpec:
     )
 
 
-def transport_limits(settings: Settings) -> TransportLimits:
-    return TransportLimits(header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
-                           max_header_bytes=settings.max_header_bytes,
-                           keepalive_timeout_s=settings.keepalive_timeout_s, max_connections=settings.max_connections)
-
-
 def run(settings: Settings, specs: list[EngineSpec] | None = None) -> None:
     aliases: dict[str, str] = {}
     if not specs:
@@ -102,8 +66,6 @@ def run(settings: Settings, specs: list[EngineSpec] | None = None) -> None:
     backend = build_backend(specs, sink, backup=settings.backup, aliases=aliases)
     app = create_app(backend, metrics=sink, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes,
                      sse_keepalive_s=settings.sse_keepalive_s)
-    config = server_config(app, host=settings.host, port=settings.port, limits=transport_limits(settings),
-                           log_level=settings.log_level, graceful_timeout_s=settings.graceful_timeout_s + CUT_WRITE_S)
-    server = _DrainingServer(config, app.state, settings.graceful_timeout_s)
+    server = guarded_server(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level)
     log.info("serving %s on http://%s:%s", ", ".join(s.model_id for s in specs), settings.host, settings.port)
     server.run()

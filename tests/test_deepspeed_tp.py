@@ -289,6 +289,69 @@ def test_rank1_killed_while_idle(vms: TwoVMs, pool: NetnsPool, tiny_model: Path)
         group.kill()
 
 
+def _slow_client_answer(vms: TwoVMs) -> tuple[bytes, float]:
+    """Send half a request head and wait: the guarded server must answer (408) and close on its own."""
+    import socket
+
+    t0 = time.monotonic()
+    with socket.create_connection((vms.ip_a, 8002), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: rank0\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data, time.monotonic() - t0
+
+
+def _stream_through_sigterm(vms: TwoVMs, group: Group, n: int) -> tuple[int, str | None, bool]:
+    """Stream `n` tokens, SIGTERM rank 0 once the first arrives; (tokens, finish_reason, [DONE] seen)."""
+    body = {"model": "tiny", "prompt": "drain", "max_tokens": n, "ignore_eos": True, "stream": True,
+            "temperature": 0, "stream_options": {"include_usage": True}}
+    tokens, finish, done, signalled = 0, None, False, False
+    with httpx.Client(trust_env=False, timeout=120) as http, http.stream(
+        "POST", f"http://{vms.ip_a}:8002/v1/completions", json=body
+    ) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices", []):
+                finish = choice.get("finish_reason") or finish
+            if not signalled:
+                rank0 = group.rank_pid(group.vms.ns_a)
+                assert rank0, "rank 0 process not found"
+                os.kill(rank0, signal.SIGTERM)
+                signalled = True
+    return tokens, finish, done
+
+
+def test_rank0_guards_slow_clients_and_drains_on_sigterm(vms: TwoVMs, pool: NetnsPool, tiny_model: Path) -> None:
+    """Rank 0 serves through the standalone server's guarded transport: a client that never finishes its
+    headers gets 408 after DS_HEADER_TIMEOUT_S; SIGTERM lets a running stream finish, then rank 0 exits."""
+    group = vms.launch(tiny_model, name="guard", DS_HEADER_TIMEOUT_S="2", DS_GRACEFUL_TIMEOUT_S="60")
+    try:
+        wait_ready(group, pool)
+        answer, took = pool.run(_slow_client_answer, vms)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"request_timeout" in answer
+        assert 1.5 <= took < 15, took  # cut by the guard, not by the test's own socket timeout
+
+        tokens, finish, done = pool.run(_stream_through_sigterm, vms, group, 200, timeout=180)
+        assert (tokens, finish, done) == (200, "length", True)
+        deadline = time.monotonic() + 60
+        while group.rank_pid(vms.ns_a) is not None:
+            assert time.monotonic() < deadline, f"rank 0 still running 60 s after SIGTERM:\n{group.log()[-3000:]}"
+            time.sleep(0.2)
+        assert "draining" in group.log()
+    finally:
+        group.kill()
+
+
 def test_rank1_frozen_detected_within_collective_timeout(vms: TwoVMs, pool: NetnsPool, tiny_model: Path) -> None:
     group = _launched(vms, pool, tiny_model, "sigstop")
     try:

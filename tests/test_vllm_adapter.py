@@ -31,7 +31,8 @@ from app.engines.base import (
     QueueFullError,
 )
 from app.engines.grammar.specs import json_object_grammar
-from app.engines.vllm.engine import VLLM_VERSION, VLLMEngine
+from app.engines.vllm.args import VLLM_VERSION
+from app.engines.vllm.engine import VLLMEngine
 
 
 class _VLLMClientError(Exception):

@@ -23,7 +23,8 @@ import prometheus_client as pc
 import pytest
 
 from app.engines.base import EngineSpec, GenerationRequest, PromptTooLongError, QueueFullError
-from app.engines.vllm.engine import VLLM_VERSION, VLLMEngine, sampling_params_kwargs
+from app.engines.vllm.args import VLLM_VERSION, sampling_params_kwargs
+from app.engines.vllm.engine import VLLMEngine
 from app.metrics import PrometheusSink
 from tests.conftest import ROOT, wait_until
 from tests.vllm_cpu import need_vllm, vllm_processes

@@ -30,7 +30,7 @@ from test_dashboards import dashboard_exprs
 from test_monitoring import Prometheus
 
 from app.engines.select import PRECHECK_ENV, vllm_installed, vllm_status
-from app.engines.vllm.engine import VLLM_VERSION
+from app.engines.vllm.args import VLLM_VERSION
 from app.ops.prometheus import PrometheusSettings
 from tests.conftest import ROOT, TEST_ENGINE, ServerProcess, free_port, need, spawn_server, wait_until
 from tests.vllm_cpu import VLLM_ENV, need_vllm, start_time, survivors, vllm_processes

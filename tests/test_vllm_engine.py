@@ -18,14 +18,9 @@ import pytest
 
 from app import metrics
 from app.engines.base import EngineSpec, GenerationRequest, InvalidRequestError
-from app.engines.vllm.engine import (
-    VLLMEngine,
-    check_build_serves,
-    requested_device,
-    root_cause,
-    sampling_params_kwargs,
-    vllm_engine_args,
-)
+from app.engines.vllm.args import check_build_serves, requested_device, sampling_params_kwargs, vllm_engine_args
+from app.engines.vllm.engine import VLLMEngine
+from app.engines.vllm.forensics import root_cause
 from app.metrics import PrometheusSink
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None

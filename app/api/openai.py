@@ -10,6 +10,8 @@ server-side cuts: a stream with an SSE error event `server_shutting_down` and `[
 answered with a 503 and Retry-After (counted as 503, never as a 499 client disconnect). The engines' `served_by` (first
 chunk of each stream) goes back to the client as the `X-Served-By` response header, JSON and SSE alike
 (several distinct values, from a fan-out over replicas, are joined with ", ").
+The async plumbing (fan-in, pacing, disconnects, cuts) is `app.api.streaming`; what a request records (metrics,
+access log, `X-Served-By`) is `app.api.observation`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
@@ -26,11 +28,11 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from app import metrics
-from app.api.access import log_request, request_id_of
+from app.api.access import request_id_of
 from app.api.backend import ModelBackend
 from app.api.errors import engine_error_response, error_payload
 from app.api.logprobs import ChatChoiceLogprobs, CompletionLogprobs, CompletionLogprobsBuilder, chat_logprobs
+from app.api.observation import RequestObservation
 from app.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -45,6 +47,7 @@ from app.api.protocol import (
     Usage,
     new_id,
 )
+from app.api.streaming import SSE_HEADERS, cut_event, primed_fan_in, sse, until_disconnect
 from app.api.tool_parsers import ToolCallParser, get_parser
 from app.api.tools import (
     check_tool_messages,
@@ -56,71 +59,16 @@ from app.api.tools import (
 from app.engines.base import (
     EngineError,
     EngineInfo,
-    EngineNotReadyError,
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
     TokenLogprob,
 )
-from app.jsonline import dumps_line
 from app.metrics import MetricsSink
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
-
-
-@dataclass
-class _Observation:
-    """Per-request metrics bookkeeping."""
-
-    sink: MetricsSink
-    model: str
-    engine: str
-    endpoint: str
-    request_id: str = "-"
-    start: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    output_tokens: int = 0
-    prompt_tokens: int = 0
-    served_by: list[str] = field(default_factory=list)
-
-    def note_served_by(self, chunk: GenerationChunk) -> None:
-        if chunk.served_by and chunk.served_by not in self.served_by:
-            self.served_by.append(chunk.served_by)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"X-Served-By": ", ".join(self.served_by)} if self.served_by else {}
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return {"model": self.model, "engine": self.engine, "endpoint": self.endpoint}
-
-    def token(self) -> None:
-        if self.first_token_at is None:
-            self.first_token_at = time.monotonic()
-            self.sink.observe(metrics.TTFT, self.labels, self.first_token_at - self.start)
-
-    def finish(self, status: int, error_type: str | None = None) -> None:
-        labels = self.labels
-        latency = time.monotonic() - self.start
-        self.sink.inc(metrics.REQUESTS, {**labels, "status": str(status)})
-        self.sink.observe(metrics.REQUEST_LATENCY, labels, latency)
-        log_request(
-            self.request_id, self.endpoint, status, model=self.model, engine=self.engine, error_type=error_type,
-            prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens, latency_s=latency,
-            ttft_s=None if self.first_token_at is None else self.first_token_at - self.start,
-        )
-        if self.output_tokens:
-            self.sink.inc(metrics.OUTPUT_TOKENS, labels, self.output_tokens)
-        if self.prompt_tokens:
-            self.sink.inc(metrics.PROMPT_TOKENS, labels, self.prompt_tokens)
-        if error_type:
-            self.sink.inc(metrics.REQUEST_ERRORS, {**labels, "error_type": error_type})
-
 
 # a nucleus this small holds only the most likely token: that is greedy decoding, said exactly (engines
 # compare top_p in float32, where 5e-324 is 0 and the nucleus would be empty)
@@ -154,165 +102,6 @@ def _fan_out(base: GenerationRequest, n: int, offset: int = 0) -> list[tuple[int
     return out
 
 
-_KEEPALIVE, _CUT = -1, -2  # pseudo choice indexes the pacing puts into the fan-in queue
-
-
-async def _primed_fan_in(
-    streams: dict[int, AsyncGenerator[GenerationChunk, None]],
-    on_first: Callable[[GenerationChunk], None],
-    cut: asyncio.Event | None = None,
-    keepalive_s: float = 0.0,
-) -> AsyncGenerator[tuple[int, GenerationChunk] | None, None]:
-    """Start every stream at once and return when each has produced its first chunk (passed to `on_first`).
-
-    Errors before that (429, 400, 503) are raised here, before any header is sent. The
-    streams are pumped concurrently and independently of the consumer: a stream that
-    waited for the others while holding its engine slot would deadlock `n` (or several
-    prompts) beyond the engine's free slots. The returned iterator tags chunks with
-    their choice index; closing it cancels the pumps, which closes (aborts) the streams.
-    Pacing rides on the same queue, so a token costs one wake-up of the consumer: None is yielded after
-    each `keepalive_s` without a chunk (0: never), and ServerShuttingDown is raised once `cut` is set.
-    """
-    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
-
-    async def pump(idx: int, stream: AsyncGenerator[GenerationChunk, None]) -> None:
-        try:
-            async for chunk in stream:
-                queue.put_nowait((idx, chunk))
-            queue.put_nowait((idx, None))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # forwarded to the consumer
-            queue.put_nowait((idx, exc))
-        finally:
-            with contextlib.suppress(Exception):
-                await stream.aclose()
-
-    tasks = [asyncio.create_task(pump(idx, stream)) for idx, stream in streams.items()]
-
-    async def stop_all() -> None:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    buffered: list[tuple[int, GenerationChunk | None]] = []
-    unstarted = set(streams)
-    try:
-        while unstarted:
-            idx, item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if idx in unstarted and item is not None:
-                on_first(item)
-            unstarted.discard(idx)
-            buffered.append((idx, item))
-    except BaseException:
-        await stop_all()
-        raise
-
-    async def rest() -> AsyncGenerator[tuple[int, GenerationChunk] | None, None]:
-        loop = asyncio.get_running_loop()
-        remaining = len(tasks)
-        last = loop.time()
-        timer: asyncio.TimerHandle | None = None
-
-        def tick() -> None:  # one timer per keep-alive period, not one per chunk
-            nonlocal timer
-            silent = loop.time() - last
-            if silent >= keepalive_s:
-                queue.put_nowait((_KEEPALIVE, None))
-            timer = loop.call_later(keepalive_s - silent % keepalive_s, tick)
-
-        if keepalive_s > 0:
-            timer = loop.call_later(keepalive_s, tick)
-
-        def on_cut(waiter: asyncio.Future[Any]) -> None:
-            if not waiter.cancelled():
-                queue.put_nowait((_CUT, None))
-
-        cut_waiter: asyncio.Future[Any] | None = None
-        if cut is not None:
-            cut_waiter = asyncio.ensure_future(cut.wait())
-            cut_waiter.add_done_callback(on_cut)
-        try:
-            for idx, first in buffered:
-                if first is None:
-                    remaining -= 1
-                else:
-                    yield idx, first
-            while remaining:
-                idx, item = await queue.get()
-                if idx == _KEEPALIVE:
-                    yield None
-                    continue
-                if idx == _CUT:
-                    raise ServerShuttingDown()
-                last = loop.time()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield idx, item
-        finally:
-            if timer is not None:
-                timer.cancel()
-            if cut_waiter is not None:
-                cut_waiter.cancel()
-            await stop_all()
-
-    return rest()
-
-
-class ServerShuttingDown(EngineNotReadyError):
-    """The shutdown grace ended while this request ran: a server-side cut, retryable elsewhere."""
-
-    code = "server_shutting_down"
-    error_type = "server_shutting_down"
-
-    def __init__(self) -> None:
-        super().__init__("the server is shutting down; retry the request", retry_after=1)
-
-
-def _cut_event(request: Request) -> asyncio.Event:
-    event: asyncio.Event = request.app.state.stream_cut
-    return event
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
-    """Run `work`, cancelling it if the client disconnects first (returns None then) or the shutdown grace
-    ends first (raises ServerShuttingDown)."""
-    task = asyncio.ensure_future(work)
-    cut = asyncio.ensure_future(_cut_event(request).wait())
-
-    async def listen() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    listener = asyncio.create_task(listen())
-    try:
-        done, _ = await asyncio.wait({task, listener, cut}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        if cut in done:
-            raise ServerShuttingDown()
-        return None
-    finally:
-        listener.cancel()
-        cut.cancel()
-        if not task.done():
-            task.cancel()
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {dumps_line(obj, compact=True)}\n\n"
-
-
 class OpenAIServing:
     def __init__(self, backend: ModelBackend, sink: MetricsSink):
         self.backend = backend
@@ -332,7 +121,7 @@ class OpenAIServing:
         render_full: Callable[[dict[int, _Collected], Usage], dict[str, Any]],
     ) -> Response:
         n = req.n
-        obs = _Observation(self.sink, model=model, engine=info.engine, endpoint=endpoint,
+        obs = RequestObservation(self.sink, model=model, engine=info.engine, endpoint=endpoint,
                            request_id=request_id_of(request.scope))
         try:
             if info.max_parallel and len(items) > info.max_parallel:
@@ -346,8 +135,8 @@ class OpenAIServing:
             if req.stream:
                 # (a request waiting for a slot leaves the queue when its client goes away)
                 streams = {idx: self.backend.generate(model, greq) for idx, greq in items}
-                paced = await _until_disconnect(request, _primed_fan_in(
-                    streams, obs.note_served_by, _cut_event(request), request.app.state.sse_keepalive_s))
+                paced = await until_disconnect(request, primed_fan_in(
+                    streams, obs.note_served_by, cut_event(request), request.app.state.sse_keepalive_s))
                 if paced is None:
                     obs.finish(499, "client_disconnected")
                     return Response(status_code=499)
@@ -355,7 +144,7 @@ class OpenAIServing:
                     self._stream_body(paced, obs, stream_chunks, usage_chunk if req.include_usage else None, n),
                     media_type="text/event-stream", headers={**SSE_HEADERS, **obs.headers}
                 )
-            result = await _until_disconnect(request, self._collect(model, items, obs, n))
+            result = await until_disconnect(request, self._collect(model, items, obs, n))
             if result is None:
                 obs.finish(499, "client_disconnected")
                 return Response(status_code=499)
@@ -367,7 +156,7 @@ class OpenAIServing:
             return engine_error_response(exc)
 
     async def _collect(
-        self, model: str, items: list[tuple[int, GenerationRequest]], obs: _Observation, n: int
+        self, model: str, items: list[tuple[int, GenerationRequest]], obs: RequestObservation, n: int
     ) -> tuple[dict[int, _Collected], Usage]:
         collected = {i: _Collected() for i, _ in items}
         prompt: dict[int, int] = {}
@@ -396,7 +185,7 @@ class OpenAIServing:
     async def _stream_body(
         self,
         paced: AsyncGenerator[tuple[int, GenerationChunk] | None, None],
-        obs: _Observation,
+        obs: RequestObservation,
         stream_chunks: Callable[[int, GenerationChunk, bool], list[dict[str, Any]]],
         usage_chunk: Callable[[Usage], dict[str, Any]] | None,
         n: int,
@@ -416,15 +205,15 @@ class OpenAIServing:
                 first = idx not in started
                 started.add(idx)
                 for obj in stream_chunks(idx, chunk, first):
-                    yield _sse(obj)
+                    yield sse(obj)
             usage = _usage(prompt, completion, n)
             obs.prompt_tokens, obs.output_tokens = usage.prompt_tokens, usage.completion_tokens
             if usage_chunk is not None:
-                yield _sse(usage_chunk(usage))
+                yield sse(usage_chunk(usage))
             yield "data: [DONE]\n\n"
         except EngineError as exc:
             status, err_type = exc.status_code, exc.error_type
-            yield _sse(error_payload(exc.message, exc.status_code, err_type=exc.error_type, code=exc.code))
+            yield sse(error_payload(exc.message, exc.status_code, err_type=exc.error_type, code=exc.code))
             yield "data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):
             status, err_type = 499, "client_disconnected"
@@ -432,7 +221,7 @@ class OpenAIServing:
         except Exception:
             log.exception("stream failed")
             status, err_type = 500, "server_error"
-            yield _sse(error_payload("internal server error", 500, code="internal_error"))
+            yield sse(error_payload("internal server error", 500, code="internal_error"))
             yield "data: [DONE]\n\n"
         finally:
             # starlette cancels this body's task scope when the client goes: the closing awaits run shielded,

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.api.tool_parsers import check_parser_name
-from app.engines.base import ServingKnobs
 from app.engines.hf.runner import HFEngineConfig
+from app.http_guard import HTTPServerKnobs
+from app.knobs import ConfiguredKnobs
 from app.settings import default_model_id
 
 
@@ -51,17 +51,13 @@ def parse_hosts(value: str) -> list[Host]:
     return hosts
 
 
-class DSSettings(ServingKnobs, BaseSettings):
+class DSSettings(ConfiguredKnobs, HTTPServerKnobs, BaseSettings):
     """Settings of the DeepSpeed mode; CLI options override them (DS_MAX_WAITING etc. from ServingKnobs)."""
 
     model_config = SettingsConfigDict(
         env_prefix="DS_", env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
     )
 
-    @field_validator("tool_call_parser")
-    @classmethod
-    def _known_tool_call_parser(cls, v: str) -> str:
-        return check_parser_name(v)
 
     hosts: str = Field(default="", description="Comma list ip[:slots]; first = rank-0/launcher VM.")
     master_port: int = Field(default=29500, ge=1, le=65535)

@@ -41,13 +41,10 @@ from typing import Any
 
 from app import compat, metrics
 from app.deepspeed.config import DSSettings
-from app.engines.admission import AdmissionController
 from app.engines.base import (
-    Engine,
     EngineDeadError,
     EngineInfo,
     EngineNotReadyError,
-    EngineStats,
     GenerationChunk,
     GenerationRequest,
     missing_local_model,
@@ -55,6 +52,7 @@ from app.engines.base import (
 from app.engines.hf.batching import BatchScheduler, stream_sequence
 from app.engines.hf.ragged import RaggedModel
 from app.engines.hf.runner import HFEngineConfig, HFModelRunner
+from app.engines.skeleton import EngineSkeleton
 from app.metrics import MetricsSink, PrometheusSink
 from app.settings import model_aliases
 
@@ -309,44 +307,39 @@ def follow(settings: DSSettings, info: RankInfo) -> int:
 # ----------------------------------------------------------------------------- rank 0 engine
 
 
-class TPEngine(Engine):
+class TPEngine(EngineSkeleton):
     """Rank 0's engine: the continuous-batching scheduler over the mirrored (broadcasting) model."""
+
+    name = ENGINE_NAME
 
     def __init__(self, settings: DSSettings, info: RankInfo, on_dead: Callable[[str], None] | None = None,
                  metrics: MetricsSink | None = None):
         self.settings = settings
         self.rank = info
         self.on_dead = on_dead
-        self.metrics = metrics or PrometheusSink()
-        self.info = EngineInfo(
+        engine_info = EngineInfo(
             model_id=settings.model_id, engine=ENGINE_NAME, model_source=settings.model,
             max_context=settings.max_model_len or 0, device=settings.device, dtype=settings.dtype,
             reason=f"tensor parallel over {info.world_size} ranks (DeepSpeed AutoTP)",
             tool_call_parser=settings.tool_call_parser,
         )
-        self._labels = {"model": settings.model_id, "engine": ENGINE_NAME}
-        self._admission = AdmissionController(settings.max_num_seqs, settings.max_waiting, settings.retry_after_s,
-                                              metrics=self.metrics, metric_labels=self._labels)
-        self.info.max_parallel = self._admission.capacity
+        super().__init__(engine_info, metrics_sink=metrics, max_running=settings.max_num_seqs,
+                         max_waiting=settings.max_waiting, retry_after_s=settings.retry_after_s,
+                         default_max_tokens=settings.default_max_tokens)
         self._runner: HFModelRunner | None = None
         self._scheduler: BatchScheduler | None = None
-        self._ready = False
-        self._dead_reason: str | None = None
+        self._died: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._started: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
+    async def _load(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.create_future()
-        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
         self._thread = threading.Thread(target=self._main, name="ds-collectives", daemon=True)
         self._thread.start()
         await asyncio.shield(self._started)
-        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
-        self.metrics.set_gauge(metrics.ENGINE_INFO, {**self._labels, "fallback": "false", "reason": self.info.reason},
-                               1)
 
     def _signal_started(self, exc: BaseException | None) -> None:
         def _set() -> None:
@@ -362,22 +355,21 @@ class TPEngine(Engine):
             except RuntimeError:
                 pass
 
-    def is_ready(self) -> bool:
-        return self._ready and self._dead_reason is None
+    def _dead_reason(self) -> str | None:
+        return self._died
+
+    def _dead_error(self, reason: str) -> EngineDeadError:
+        return EngineDeadError(f"tensor-parallel group is dead: {reason}", retry_after=10)
 
     async def check_health(self) -> None:
-        if self._dead_reason:
-            raise EngineDeadError(f"tensor-parallel group is dead: {self._dead_reason}")
-        if not self._ready:
+        if not self._ready and self._died is None:
             raise EngineNotReadyError(f"model {self.info.model_id} is loading on {self.rank.world_size} ranks")
-
-    def stats(self) -> EngineStats:
-        return self._admission.stats()
+        self._check_serving()
 
     async def shutdown(self) -> None:
         """Graceful stop: tell the followers to exit (they return 0)."""
         self._ready = False
-        if self._thread is not None and self._thread.is_alive() and self._dead_reason is None:
+        if self._thread is not None and self._thread.is_alive() and self._died is None:
             if self._scheduler is not None:
                 self._scheduler.stop()
             await asyncio.to_thread(self._thread.join, self.settings.collective_timeout_s)
@@ -415,9 +407,9 @@ class TPEngine(Engine):
         self.metrics.observe(metrics.DECODE_BATCH, self._labels, rows)
 
     def _die(self, reason: str) -> None:
-        self._dead_reason = reason
+        self._died = reason
         self._ready = False
-        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
+        self._mark_not_ready()
         if self._scheduler is not None and self._scheduler.dead_reason is None:
             self._scheduler.fail_all(reason)
         if self.on_dead is not None and self._loop is not None:
@@ -427,36 +419,22 @@ class TPEngine(Engine):
                 pass
 
     # ------------------------------------------------------------------ requests
-    def _check_alive(self) -> None:
-        if self._dead_reason:
-            raise EngineDeadError(f"tensor-parallel group is dead: {self._dead_reason}", retry_after=10)
-        if not self._ready:
-            raise EngineNotReadyError(f"model {self.info.model_id} is still loading", retry_after=5)
-
     def _ready_runner(self) -> HFModelRunner:
-        self._check_alive()
+        self._check_serving()
         assert self._runner is not None  # set before the engine reports ready
         return self._runner
 
-    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(await asyncio.to_thread(self._ready_runner().prompt_ids, request))
+    def _render(self, request: GenerationRequest) -> list[int]:
+        return self._ready_runner().prompt_ids(request)
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        runner = self._ready_runner()
-        prompt_ids = await asyncio.to_thread(runner.prompt_ids, request)  # CPU-heavy for large prompts
-        max_new = runner.max_new_tokens(len(prompt_ids), request, self.settings.default_max_tokens)
-        async with self._admission.admitted(self._run(prompt_ids, request, max_new)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def _run(
+    async def _stream(
         self, prompt_ids: list[int], req: GenerationRequest, max_new: int
     ) -> AsyncGenerator[GenerationChunk, None]:
         runner = self._ready_runner()  # again: the group may have died while this request waited for its slot
         assert self._scheduler is not None
         sampler = await runner.sampler_off_loop(req, max_new)
         stream = stream_sequence(self._scheduler, runner.tokenizer, prompt_ids, req, sampler,
-                                 on_abort=lambda: self.metrics.inc(metrics.ABORTED, self._labels))
+                                 on_abort=self._count_abort)
         try:
             async with contextlib.aclosing(stream) as chunks:
                 async for chunk in chunks:
@@ -470,14 +448,14 @@ class TPEngine(Engine):
 
 
 def serve_rank0(settings: DSSettings, info: RankInfo) -> int:
-    """Rank 0: the one API (create_app) on uvicorn over a LocalBackend holding the TPEngine."""
-    import uvicorn
-
+    """Rank 0: the one API (create_app) on the kit's guarded uvicorn server over a LocalBackend holding the
+    TPEngine."""
     from app.api.app import create_app
     from app.api.backend import LocalBackend
+    from app.http_guard import DrainingServer, guarded_server
 
     state: dict[str, Any] = {"dead": None}
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def on_dead(reason: str) -> None:
         state["dead"] = reason
@@ -493,10 +471,10 @@ def serve_rank0(settings: DSSettings, info: RankInfo) -> int:
     engine = TPEngine(settings, info, on_dead=on_dead, metrics=sink)
     backend = LocalBackend({settings.model_id: engine}, location=f"rank{info.rank}",
                            aliases=model_aliases(settings.model, settings.model_id))
-    app = create_app(backend, metrics=sink, api_keys=settings.api_key_list)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=5, access_log=False)
-    server = uvicorn.Server(config)
+    app = create_app(backend, metrics=sink, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes,
+                     sse_keepalive_s=settings.sse_keepalive_s)
+    # the standalone server's transport guard and drain: slow clients are cut, SIGTERM lets streams finish
+    server = guarded_server(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level)
     log.info("rank 0: serving %s on http://%s:%s", settings.model_id, settings.host, settings.port)
     server.run()
     if state["dead"] is not None:

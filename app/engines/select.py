@@ -35,6 +35,7 @@ import os
 from collections.abc import AsyncGenerator
 
 from app import metrics
+from app.engines import registry
 from app.engines.base import (
     Engine,
     EngineDeadError,
@@ -85,7 +86,7 @@ def vllm_installed() -> tuple[bool, str]:
     """(installed, description) of the vLLM build in this environment, for an explicit `engine: vllm`."""
     if importlib.util.find_spec("vllm") is None:
         return False, "vllm is not installed"
-    from app.engines.vllm.engine import installed_vllm  # metadata only: vLLM itself is not imported here
+    from app.engines.vllm.args import installed_vllm  # metadata only: vLLM itself is not imported here
 
     build = installed_vllm()
     if build is None:
@@ -94,25 +95,13 @@ def vllm_installed() -> tuple[bool, str]:
     return True, f"{dist} {version} is installed (serves on {platform})"
 
 
-def _transformers(spec: EngineSpec, sink: MetricsSink, reason: str, fallback: bool) -> Engine:
-    from app.engines.hf.engine import TransformersEngine
-
-    return TransformersEngine(spec, sink, reason=reason, fallback=fallback)
-
-
-def _vllm(spec: EngineSpec, sink: MetricsSink, reason: str) -> Engine:
-    from app.engines.vllm.engine import VLLMEngine  # vLLM imports stay inside that module
-
-    return VLLMEngine(spec, sink, reason=reason)
-
-
 async def start_engine(spec: EngineSpec, metrics: MetricsSink) -> Engine:
     """Build and start the engine for `spec`, recording into `metrics`; falls back from vLLM when `auto` allows."""
     problem = missing_local_model(spec.model_source)
     if problem:
         raise ValueError(f"model {spec.model_id}: {problem}")  # no engine can load it: no reason to fall back
     if spec.engine == "transformers":
-        engine = _transformers(spec, metrics, "configured: engine=transformers", fallback=False)
+        engine = registry.build("transformers", spec, metrics, reason="configured: engine=transformers")
         await engine.start()
         return engine
 
@@ -125,7 +114,8 @@ async def start_engine(spec: EngineSpec, metrics: MetricsSink) -> Engine:
     if usable:
         vllm_engine: Engine | None = None
         try:
-            vllm_engine = _vllm(spec, metrics, reason=f"{'configured' if spec.engine == 'vllm' else 'auto'}: {why}")
+            vllm_engine = registry.build("vllm", spec, metrics,
+                                         reason=f"{'configured' if spec.engine == 'vllm' else 'auto'}: {why}")
             await vllm_engine.start()
             return vllm_engine
         except Exception as exc:
@@ -142,7 +132,7 @@ async def start_engine(spec: EngineSpec, metrics: MetricsSink) -> Engine:
             why = f"vLLM failed to start: {type(exc).__name__}: {str(exc)[:300]}"
             log.warning("model %s: %s; falling back to transformers", spec.model_id, why)
 
-    engine = _transformers(spec, metrics, f"fallback: {why}", fallback=True)
+    engine = registry.build("transformers", spec, metrics, reason=f"fallback: {why}", fallback=True)
     await engine.start()
     return engine
 

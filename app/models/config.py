@@ -39,13 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import compat
-from app.api.tool_parsers import check_parser_name
 from app.engines.base import EngineChoice, EngineSpec, ServingKnobs
-from app.engines.hf.engine import HFEngineConfig, transformers_engine_config
-from app.engines.vllm.engine import VLLM_DEFAULT_MAX_NUM_SEQS, vllm_engine_args
+from app.engines.hf.engine import HFEngineConfig
+from app.engines.registry import check_engine_kwargs
+from app.engines.vllm.args import VLLM_DEFAULT_MAX_NUM_SEQS
+from app.knobs import ConfiguredKnobs
 
 DEFAULT_CONFIG = "app/configs/qwen2.5-0.5b.yaml"
 
@@ -91,7 +92,7 @@ class ModelLoadingConfig(_Strict):
     model_source: str = Field(min_length=1, description="Hub id or a folder visible on every worker.")
 
 
-class ModelConfig(ServingKnobs, _Strict):
+class ModelConfig(ConfiguredKnobs, _Strict):
     model_loading_config: ModelLoadingConfig
     engine: EngineChoice = "auto"
     deployment_config: dict[str, Any] = Field(default_factory=dict, description="Ray Serve deployment options.")
@@ -103,10 +104,6 @@ class ModelConfig(ServingKnobs, _Strict):
                     "many ms travel to the ingress as one message (none is held back longer); 0 sends each alone.")
     source_file: str = Field(default="", exclude=True)
 
-    @field_validator("tool_call_parser")
-    @classmethod
-    def _known_tool_call_parser(cls, v: str) -> str:
-        return check_parser_name(v)
 
     @property
     def model_id(self) -> str:
@@ -226,20 +223,6 @@ def check_deployment_config(dc: Any, name: str) -> list[str]:
         except ValidationError as exc:
             problems += _ray_errors("deployment_config.autoscaling_config", exc)
     return problems
-
-
-def check_engine_kwargs(engine: EngineChoice, kwargs: dict[str, Any]) -> str | None:
-    """What the engine(s) the config may run on reject in `engine_kwargs` before loading anything."""
-    try:
-        if engine == "transformers":
-            transformers_engine_config(kwargs)
-        elif engine == "vllm":
-            vllm_engine_args(kwargs)
-        else:  # auto: vLLM checks its own keys when it starts; the fallback's keys must have valid values
-            transformers_engine_config(kwargs, fallback=True)
-    except ValueError as exc:
-        return str(exc)
-    return None
 
 
 def _format_error(path: Path, exc: ValidationError) -> str:

@@ -438,10 +438,10 @@ def test_sse_events_survive_splitlines_readers() -> None:
     """Generated text may contain U+2028/U+0085, which httpx's iter_lines treats as line ends (seen as a flake)."""
     from httpx._decoders import LineDecoder
 
-    from app.api.openai import _sse
+    from app.api.streaming import sse
 
     text = "a\u2028b\u0085c\u2029d 你好 \x1c"
-    event = _sse({"choices": [{"text": text}]})
+    event = sse({"choices": [{"text": text}]})
     lines = LineDecoder().decode(event)
     assert lines[0].startswith("data: ") and lines[1:] == [""]
     assert json.loads(lines[0][len("data: "):])["choices"][0]["text"] == text

@@ -28,21 +28,18 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from app import metrics
-from app.engines.admission import AdmissionController
 from app.engines.base import (
-    Engine,
     EngineDeadError,
     EngineInfo,
-    EngineNotReadyError,
     EngineSpec,
-    EngineStats,
     GenerationChunk,
     GenerationRequest,
 )
 from app.engines.hf.batching import BatchScheduler, stream_sequence
 from app.engines.hf.engine_process import RemoteScheduler
 from app.engines.hf.runner import HFEngineConfig, HFModelRunner
-from app.metrics import MetricsSink, PrometheusSink
+from app.engines.skeleton import EngineSkeleton
+from app.metrics import MetricsSink
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +141,7 @@ def _harmless(key: str, value: Any) -> bool:
     return key in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size") and value == 1
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(EngineSkeleton):
     """Engine protocol over a transformers causal LM (`HFModelRunner`)."""
 
     name = ENGINE_NAME
@@ -155,25 +152,21 @@ class TransformersEngine(Engine):
         (and named in the reason) instead of refused. Raises ValueError naming the spec's source and key."""
         self.cfg, notes = engine_config(spec, fallback=fallback)
         self.spec = spec
-        self.metrics = metrics or PrometheusSink()
         for note in notes:
             if (spec.model_id, note) not in _warned:
                 _warned.add((spec.model_id, note))
                 log.warning("model %s: the transformers engine %s", spec.model_id, note)
         self.reason = "; ".join([reason, *notes]) if reason else "; ".join(notes)
-        self.fallback = fallback
         self.runner = HFModelRunner(spec.model_source, self.cfg, model_id=spec.model_id)
-        self.info = EngineInfo(model_id=spec.model_id, engine=self.name, model_source=spec.model_source,
-                               max_context=self.cfg.max_model_len or 0, reason=self.reason,
-                               tool_call_parser=spec.tool_call_parser)
-        self._labels = {"model": spec.model_id, "engine": self.name}
-        self._admission = AdmissionController(self.cfg.max_num_seqs, spec.max_waiting, spec.retry_after_s,
-                                              metrics=self.metrics, metric_labels=self._labels)
-        self.info.max_parallel = self._admission.capacity
+        info = EngineInfo(model_id=spec.model_id, engine=self.name, model_source=spec.model_source,
+                          max_context=self.cfg.max_model_len or 0, reason=self.reason,
+                          tool_call_parser=spec.tool_call_parser)
+        super().__init__(info, metrics_sink=metrics, max_running=self.cfg.max_num_seqs,
+                         max_waiting=spec.max_waiting, retry_after_s=spec.retry_after_s,
+                         default_max_tokens=spec.default_max_tokens, fallback=fallback)
         self._scheduler: BatchScheduler | None = None
         self._remote: RemoteScheduler | None = None  # the model in the engine process
         self._thread: threading.Thread | None = None
-        self._ready = False
 
     @property
     def process_pid(self) -> int | None:
@@ -181,20 +174,11 @@ class TransformersEngine(Engine):
         return self._remote.pid if self._remote is not None else None
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
+    async def _load(self) -> None:
         if self.cfg.engine_process:
             await self._start_remote()
         else:
             await self._start_here()
-        self._ready = True
-        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
-        self.metrics.set_gauge(
-            metrics.ENGINE_INFO,
-            {**self._labels, "fallback": "true" if self.fallback else "false", "reason": self.reason},
-            1,
-        )
-        self._admission.publish()
         log.info("model %s ready on %s (%s), batch of up to %d sequences", self.spec.model_id, self.info.device,
                  self.info.dtype, self.cfg.max_num_seqs)
 
@@ -227,6 +211,10 @@ class TransformersEngine(Engine):
         where = self._remote if self._remote is not None else self._scheduler
         return where.dead_reason if where is not None else None
 
+    def _dead_error(self, reason: str) -> EngineDeadError:
+        what = "" if self._remote is not None else "scheduler died: "
+        return EngineDeadError(f"model {self.spec.model_id}: {what}{reason}", retry_after=10)
+
     def _serve(self, scheduler: BatchScheduler) -> None:
         try:
             scheduler.run()
@@ -236,21 +224,10 @@ class TransformersEngine(Engine):
     def _observe_batch(self, rows: int) -> None:
         self.metrics.observe(metrics.DECODE_BATCH, self._labels, rows)
 
-    def is_ready(self) -> bool:
-        return self._ready and self._dead_reason() is None
-
     async def check_health(self) -> None:
-        dead = self._dead_reason()
-        if dead is not None:
-            what = "" if self._remote is not None else "scheduler died: "
-            raise EngineDeadError(f"model {self.spec.model_id}: {what}{dead}")
-        if not self._ready:
-            raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
+        self._check_serving()
         if self._remote is not None:
             await self._remote.ping()
-
-    def stats(self) -> EngineStats:
-        return self._admission.stats()
 
     async def shutdown(self) -> None:
         self._ready = False
@@ -262,36 +239,22 @@ class TransformersEngine(Engine):
             await asyncio.to_thread(self._thread.join, 10)
 
     # ------------------------------------------------------------------ requests
-    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(await asyncio.to_thread(self.runner.prompt_ids, request))
+    def _render(self, request: GenerationRequest) -> list[int]:
+        return self.runner.prompt_ids(request)
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        dead = self._dead_reason()
-        if dead is not None or not self._ready:
-            await self.check_health()  # raises: dead, or still loading
-        prompt_ids = await asyncio.to_thread(self.runner.prompt_ids, request)  # CPU-heavy for large prompts
-        max_new = self.runner.max_new_tokens(len(prompt_ids), request, self.spec.default_max_tokens)
-        async with self._admission.admitted(self._generate_admitted(prompt_ids, request, max_new)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def _generate_admitted(
+    async def _stream(
         self, prompt_ids: list[int], req: GenerationRequest, max_new: int
     ) -> AsyncGenerator[GenerationChunk, None]:
-        dead = self._dead_reason()
+        dead = self._dead_reason()  # again: the engine may have died while this request waited for its slot
         if dead is not None:
             raise EngineDeadError(f"model {self.spec.model_id}: {dead}", retry_after=10)
-
-        def aborted() -> None:
-            self.metrics.inc(metrics.ABORTED, self._labels)
-
         if self._remote is not None:
-            stream = self._remote.stream(self.runner.tokenizer, prompt_ids, req, max_new, on_abort=aborted)
+            stream = self._remote.stream(self.runner.tokenizer, prompt_ids, req, max_new, on_abort=self._count_abort)
         else:
             assert self._scheduler is not None  # set before the engine reports ready
             sampler = await self.runner.sampler_off_loop(req, max_new)
             stream = stream_sequence(self._scheduler, self.runner.tokenizer, prompt_ids, req, sampler,
-                                     on_abort=aborted)
+                                     on_abort=self._count_abort)
         async with contextlib.aclosing(stream) as chunks:
             async for chunk in chunks:
                 yield chunk

