@@ -210,3 +210,37 @@ def test_default_model_id_is_the_folder_name_and_the_path_still_works(tmp_path: 
         assert tiny_model.name in err["message"] and str(tiny_model) not in err["message"]
     finally:
         srv.stop()
+
+
+def test_without_xgrammar_tools_and_response_format_name_the_fix_and_logprobs_still_work(
+        start_server: Any, tmp_path: Path) -> None:
+    """A plain `pip install` lacks xgrammar (the `structured` extra): the server serves, /readyz names the missing
+    package and its install command, tools and response_format answer 501 naming it (never "invalid JSON
+    schema"), and logprobs need nothing beyond the base install."""
+    site = tmp_path / "no-xgrammar"
+    site.mkdir()
+    # the process sees xgrammar as absent: `import xgrammar` fails as for a package that is not installed
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['xgrammar'] = None\n")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))}
+    srv = start_server(env=env)
+    ready = httpx.get(f"{srv.base_url}/readyz", timeout=10).json()
+    [missing] = ready["missing_packages"]
+    assert missing["package"] == "xgrammar" and "pip install" in missing["fix"]
+    assert "response_format" in missing["needed_for"]
+
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    tool = {"type": "function", "function": {"name": "search", "parameters": schema}}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for extra, param in (({"response_format": {"type": "json_schema", "json_schema": {"name": "q", "schema": schema}}},
+                          "response_format"), ({"tools": [tool], "tool_choice": "required"}, "tools")):
+        r = httpx.post(f"{srv.base_url}/v1/chat/completions", json={**chat, **extra}, timeout=60)
+        assert r.status_code == 501, r.text
+        err = r.json()["error"]
+        assert err["code"] == "missing_package" and "xgrammar" in err["message"] and "pip install" in err["message"]
+        assert "invalid JSON schema" not in err["message"] and param in (err["param"] or "") + err["message"]
+
+    r = httpx.post(f"{srv.base_url}/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    entries = r.json()["choices"][0]["logprobs"]["content"]
+    assert entries and all(len(e["top_logprobs"]) == 2 for e in entries)
+    assert "xgrammar is not installed" in srv.log_text()

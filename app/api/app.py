@@ -22,6 +22,7 @@ from app.api.backend import ModelBackend
 from app.api.errors import count_rejection, install_error_handlers, send_error
 from app.api.openapi import document
 from app.api.routes import router
+from app.engines.grammar.install import missing_packages
 from app.engines.import_lock import preload
 from app.metrics import MetricsSink, PrometheusSink
 
@@ -145,7 +146,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # xgrammar (tools, response_format) takes seconds to import (it loads torch): in the background from the
         # start, so that the first such request does not wait for it
-        preload("xgrammar")
+        missing = missing_packages()
+        if not missing:
+            preload("xgrammar")
+        for entry in missing:
+            log.warning("%s is not installed: %s answer 501 until it is (%s)", entry["package"],
+                        entry["needed_for"], entry["fix"])
         if manage_backend:
             await backend.start()
         try:

@@ -32,6 +32,7 @@ from app.api.protocol import (
     ModelCard,
     ModelList,
 )
+from app.engines.grammar.install import missing_packages
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1")
@@ -59,10 +60,12 @@ async def readyz(request: Request) -> JSONResponse:
     if getattr(request.app.state, "draining", False):
         return JSONResponse({"status": "draining", "models": {}}, status_code=503)
     ready, detail = await _backend(request).readiness()
+    body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "models": detail}
     if not is_authenticated(request.scope):  # model paths, devices, engine reasons are for key holders
-        detail = {mid: {"ready": bool(entry.get("ready"))} for mid, entry in detail.items()}
-    return JSONResponse({"status": "ready" if ready else "not_ready", "models": detail},
-                        status_code=200 if ready else 503)
+        body["models"] = {mid: {"ready": bool(entry.get("ready"))} for mid, entry in detail.items()}
+    elif missing := missing_packages():  # optional features this server cannot offer, and the fix
+        body["missing_packages"] = missing
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", include_in_schema=False)

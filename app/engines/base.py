@@ -221,6 +221,14 @@ class ModelNotFoundError(EngineError):
     param = "model"
 
 
+class MissingPackageError(EngineError):
+    """The request needs an optional package this server lacks (the message names it and the install command)."""
+
+    status_code = 501
+    error_type = "server_error"
+    code = "missing_package"
+
+
 class QueueFullError(EngineError):
     status_code = 429
     error_type = "rate_limit_error"

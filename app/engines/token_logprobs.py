@@ -15,6 +15,10 @@ through the same `TokenTexts.entry`, so token strings are the same on every engi
 
 from __future__ import annotations
 
+import functools
+import json
+import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -26,13 +30,74 @@ __all__ = ["MAX_TOP_LOGPROBS", "TokenCandidate", "TokenLogprob", "TokenTexts", "
 MAX_TOP_LOGPROBS = 20  # vLLM 0.32's default max_logprobs; OpenAI allows 20 for chat
 
 
+_TEXTS: weakref.WeakKeyDictionary[Any, dict[int, TokenTexts]] = weakref.WeakKeyDictionary()
+_TEXTS_LOCK = threading.Lock()
+
+
+@functools.cache
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the printable character each byte is written as -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def _decoder_kind(tokenizer: Any) -> str:
+    """How the tokenizer writes bytes in its vocabulary: byte_level (GPT-2, Qwen, Llama 3), byte_fallback
+    (SentencePiece: '▁' for a space, `<0xNN>` for a raw byte) or raw (the token string is the text)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return "raw"
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    kinds = [d.get("type") for d in decoder.get("decoders", [decoder])]
+    if "ByteLevel" in kinds:
+        return "byte_level"
+    if "ByteFallback" in kinds or "Metaspace" in kinds or "Replace" in kinds:
+        return "byte_fallback"
+    return "raw"
+
+
+def vocab_bytes(tokenizer: Any, vocab_size: int) -> list[bytes]:
+    """Each token id's exact bytes (ids past the tokenizer's vocabulary, the model's padding: empty), read from
+    the tokenizer alone, so logprobs need nothing beyond the base install."""
+    kind = _decoder_kind(tokenizer)
+    table = _byte_level_table()
+    out: list[bytes] = []
+    for token_id in range(vocab_size):
+        token = tokenizer.convert_ids_to_tokens(token_id) if token_id < len(tokenizer) else None
+        if not token:
+            out.append(b"")
+        elif kind == "byte_level" and all(ch in table for ch in token):
+            out.append(bytes(table[ch] for ch in token))
+        elif kind == "byte_fallback" and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            out.append(bytes([int(token[3:5], 16)]))
+        elif kind == "byte_fallback":
+            out.append(token.replace("\u2581", " ").encode("utf-8"))
+        else:  # special tokens (and raw vocabularies): their text as written
+            out.append(token.encode("utf-8"))
+    return out
+
+
 class TokenTexts:
-    """Token id -> text and bytes, from the exact bytes of each vocabulary entry (e.g. xgrammar's
-    `TokenizerInfo.decoded_vocab`, via `GrammarCompiler.vocab_bytes()`)."""
+    """Token id -> text and bytes, from the exact bytes of each vocabulary entry (`vocab_bytes`)."""
 
     def __init__(self, vocab_bytes: Sequence[bytes]):
         self._bytes = list(vocab_bytes)
         self._text: dict[int, str] = {}
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, vocab_size: int) -> TokenTexts:
+        """The shared texts of `tokenizer` for a model whose logits have `vocab_size` entries (built once)."""
+        with _TEXTS_LOCK:
+            per_vocab = _TEXTS.setdefault(tokenizer, {})
+            if vocab_size not in per_vocab:
+                per_vocab[vocab_size] = cls(vocab_bytes(tokenizer, vocab_size))
+            return per_vocab[vocab_size]
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""

@@ -17,9 +17,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
+from app.engines.grammar.install import require_xgrammar
 from app.engines.grammar.specs import GrammarSpec
-from app.engines.import_lock import IMPORT_LOCK
-from app.engines.token_logprobs import TokenTexts
 
 _COMPILERS: weakref.WeakKeyDictionary[Any, dict[int, GrammarCompiler]] = weakref.WeakKeyDictionary()
 _COMPILERS_LOCK = threading.Lock()
@@ -29,16 +28,13 @@ class GrammarCompiler:
     """xgrammar's compiler for one tokenizer, with an LRU cache of compiled grammars keyed by `GrammarSpec`."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, *, cache_size: int = 256):
-        with IMPORT_LOCK:
-            import xgrammar as xgr
-
+        xgr = require_xgrammar()
         self.vocab_size = vocab_size
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=2)
         self._cache: OrderedDict[GrammarSpec, Any] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._texts: TokenTexts | None = None
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, vocab_size: int) -> GrammarCompiler:
@@ -54,15 +50,9 @@ class GrammarCompiler:
         return list(self.info.stop_token_ids)
 
     def vocab_bytes(self) -> list[bytes]:
-        """Each token id's text as bytes (byte-level and SentencePiece vocabularies alike)."""
+        """Each token id's text as bytes, as xgrammar reads the vocabulary (tests hold
+        `app.engines.token_logprobs.vocab_bytes` against it)."""
         return list(self.info.decoded_vocab)
-
-    def token_texts(self) -> TokenTexts:
-        """Token id -> text and bytes for logprobs, built once per compiler."""
-        with self._lock:
-            if self._texts is None:
-                self._texts = TokenTexts(self.vocab_bytes())
-            return self._texts
 
     def compile(self, spec: GrammarSpec) -> Any:
         with self._lock:

@@ -21,8 +21,8 @@ import re
 from typing import Any
 
 from app.engines.base import GrammarKind, GrammarSpec, InvalidRequestError
+from app.engines.grammar.install import require_xgrammar
 from app.engines.grammar.json_schema import UnsupportedSchemaError, check_schema
-from app.engines.import_lock import IMPORT_LOCK
 
 JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}  # vLLM 0.32 compiles json_object from this schema too
 
@@ -30,13 +30,6 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}  # vLLM 0.32 compiles js
 _LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
 _JSON_STRING_CHAR = r'[^\"\\\0-\x1f]'
 _LOG_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")
-
-
-def _xgr() -> Any:
-    with IMPORT_LOCK:  # imported where used (a native library the API models need not load), never racing transformers
-        import xgrammar
-
-    return xgrammar
 
 
 def _finish(kind: GrammarKind, grammar: Any, source: str) -> GrammarSpec:
@@ -64,8 +57,9 @@ def json_schema_grammar(schema: dict[str, Any], *, param: str, any_whitespace: b
     as vLLM 0.32 compiles it). Raises `InvalidRequestError(param=param)` for schemas it cannot enforce."""
     check_json_schema(schema, param=param)
     source = json.dumps(schema, ensure_ascii=False, sort_keys=False)
+    xgr = require_xgrammar(param)
     try:
-        grammar = _xgr().Grammar.from_json_schema(source, any_whitespace=any_whitespace, strict_mode=True)
+        grammar = xgr.Grammar.from_json_schema(source, any_whitespace=any_whitespace, strict_mode=True)
     except Exception as exc:  # xgrammar raises RuntimeError with the converter's message
         raise InvalidRequestError(f"{param}: invalid JSON schema: {_xgrammar_message(exc)}", param=param) from None
     return _finish("json_schema", grammar, source)
@@ -81,8 +75,9 @@ def structural_tag_grammar(tag: dict[str, Any], *, param: str) -> GrammarSpec:
     """The grammar of an xgrammar structural tag (`{"type": "structural_tag", "format": {...}}`), e.g. a tool-call
     format whose argument objects follow each function's parameters schema."""
     source = json.dumps(tag, ensure_ascii=False)
+    xgr = require_xgrammar(param)
     try:
-        grammar = _xgr().Grammar.from_structural_tag(source)
+        grammar = xgr.Grammar.from_structural_tag(source)
     except Exception as exc:
         raise InvalidRequestError(f"{param}: cannot build the tool-call grammar: {_xgrammar_message(exc)}",
                                   param=param) from None

@@ -58,12 +58,11 @@ def sequence_hooks(req: GenerationRequest, tokenizer: Any, vocab_size: int) -> l
     """The hooks of `req` (grammar first: the logprobs see the masked row); [] when it needs none."""
     if not needs_hooks(req):
         return []
-    compiler = GrammarCompiler.for_tokenizer(tokenizer, vocab_size)
     hooks: list[SequenceHook] = []
-    if req.grammar is not None:
-        hooks.append(GrammarHook(compiler.matcher(req.grammar)))
+    if req.grammar is not None:  # xgrammar: only requests with a grammar need it
+        hooks.append(GrammarHook(GrammarCompiler.for_tokenizer(tokenizer, vocab_size).matcher(req.grammar)))
     if req.logprobs is not None:
-        hooks.append(LogprobsHook(int(req.logprobs), compiler.token_texts()))
+        hooks.append(LogprobsHook(int(req.logprobs), TokenTexts.for_tokenizer(tokenizer, vocab_size)))
     return hooks
 
 

@@ -66,7 +66,6 @@ from app.engines.base import (
     TokenLogprob,
     missing_local_model,
 )
-from app.engines.grammar.matcher import GrammarCompiler
 from app.engines.skeleton import EngineSkeleton
 from app.engines.text import max_token_chars, render_prompt
 from app.engines.token_logprobs import TokenTexts
@@ -266,7 +265,7 @@ class VLLMEngine(EngineSkeleton):
         """Token texts for logprobs from the same exact bytes the transformers engine uses (built once)."""
         if self._texts is None:
             vocab = int(self._llm.model_config.get_vocab_size())
-            self._texts = GrammarCompiler.for_tokenizer(self._tokenizer, vocab).token_texts()
+            self._texts = TokenTexts.for_tokenizer(self._tokenizer, vocab)
         return self._texts
 
     def _logprob_entries(self, out: Any, k: int) -> list[TokenLogprob]:
