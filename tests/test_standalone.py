@@ -239,7 +239,8 @@ def test_without_xgrammar_tools_and_response_format_name_the_fix_and_logprobs_st
         assert err["code"] == "missing_package" and "xgrammar" in err["message"] and "pip install" in err["message"]
         assert "invalid JSON schema" not in err["message"] and param in (err["param"] or "") + err["message"]
 
-    r = httpx.post(f"{srv.base_url}/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 2}, timeout=60)
+    r = httpx.post(f"{srv.base_url}/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 2},
+                   timeout=60)
     assert r.status_code == 200, r.text
     entries = r.json()["choices"][0]["logprobs"]["content"]
     assert entries and all(len(e["top_logprobs"]) == 2 for e in entries)
