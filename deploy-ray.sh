@@ -56,6 +56,7 @@ EOF
 }
 
 die() { echo "error: $*" >&2; exit 1; }
+info() { printf '==> %s\n' "$*"; }
 # fail "problem" "one-line fix"
 fail() { printf 'preflight: %s\n  fix: %s\n' "$1" "$2" >&2; exit 1; }
 say() { printf '==> %s\n' "$*"; }
@@ -422,13 +423,32 @@ cmd_tunnel() {
   if [ "$OPEN_TUNNEL" = 1 ]; then run "${cmd[@]}"; else printf '%q ' "${cmd[@]}"; echo; fi
 }
 
+# setup_venv: the venv `local` runs from (about a minute the first time; each step says what it does, and a venv
+# already holding this checkout's requirements is left alone)
 setup_venv() {
-  local py=${PYTHON:-python3.11}
+  local py=${PYTHON:-python3.11} t0 stamp want
   command -v "$py" >/dev/null 2>&1 || py=python3
-  [ -x "$VENV/bin/python" ] || run "$py" -m venv "$VENV"
+  stamp="$VENV/.llm-kit-local-stamp"
+  want=$(cat "$ROOT/pyproject.toml" "$ROOT/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import app, ray, torch" 2>/dev/null; then
+    info "venv $VENV is up to date"
+    return 0
+  fi
+  t0=$(date +%s)
+  if [ ! -x "$VENV/bin/python" ]; then
+    info "creating the venv $VENV ($py)"
+    run "$py" -m venv "$VENV"
+  fi
+  info "[1/4] pip itself"
   run "$VENV/bin/python" -m pip install -q --upgrade pip
+  info "[2/4] torch 2.13.0 (the CPU build where that is what pip finds: no CUDA download)"
   run "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  run "$VENV/bin/python" -m pip install -q -e "${ROOT}[ray]"
+  info "[3/4] the kit and Ray Serve (pip install -e .[ray])"
+  run "$VENV/bin/python" -m pip install -q -e "${ROOT}[ray]" --config-settings editable_mode=compat
+  info "[4/4] constrained decoding (xgrammar, without the triton it declares: requirements-nodeps.txt)"
+  run "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements-nodeps.txt"
+  [ "$DRY_RUN" = 1 ] || echo "$want" > "$stamp"
+  info "venv ready in $(( $(date +%s) - t0 )) s"
 }
 
 # cmd_local_vllm: the tiny model on vLLM's CPU build, from its own venv (tests/vllm_venv.sh builds it)
