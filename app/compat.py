@@ -130,7 +130,7 @@ def serve_direct_ingress_reuse_port() -> None:
     Ray 2.60's replica binds it with neither SO_REUSEADDR nor SO_REUSEPORT (`enable_so_reuseport=False` in
     `replica.py`), so after the ingress restarted (a head crash, a replaced replica) the connections the old one
     left in TIME_WAIT hold SERVE_PORT for up to a minute: every bind fails, Serve gives up after three replica
-    starts and the app is DEPLOY_FAILED (seen in tests/test_compose_e2e.py's head crash). Call it in the replica
+    starts and the app is DEPLOY_FAILED (seen in tests/compose/test_compose_e2e.py's head crash). Call it in the replica
     before Serve starts the server (the deployment's constructor)."""
     replica = importlib.import_module("ray.serve._private.replica")
     original = getattr(replica, "start_asgi_http_server", None)

@@ -226,7 +226,7 @@ class RaySink:
 ENGINE_METRIC_PREFIXES = ("vllm:", "vllm_")
 
 # vLLM's own metric families that the shipped dashboards read: vLLM 0.32 names (vllm/v1/metrics/loggers.py;
-# tests/test_vllm_cpu_engine.py checks them against the installed vLLM).
+# tests/vllm/test_vllm_cpu_engine.py checks them against the installed vLLM).
 # Prometheus stores them under these names on both paths (the Ray path is renamed back by prometheus.yml).
 VLLM_FAMILIES = {
     "vllm:kv_cache_usage_perc": "gauge",

@@ -3,7 +3,7 @@
     python -m bench.api_overhead --streams 8 --tokens 400 --repeats 5
 
 Serves the ONE API app (`create_app` + `LocalBackend`) over an in-process ASGI transport with the unit tests'
-`FakeEngine` (tests/unit/fakes.py: one word per token, no model), streams `--streams` concurrent completions of
+`FakeEngine` (tests/support/fakes.py: one word per token, no model), streams `--streams` concurrent completions of
 `--tokens` tokens each and reports the process CPU time per streamed token (best of `--repeats`; the httpx
 client parsing the SSE runs in the same process and is included). CPU time of one process, not wall time, so
 it holds on a noisy shared box where req/s figures swing by a third between runs. The engine does no work, so
@@ -30,7 +30,7 @@ async def measure(streams: int, tokens: int, repeats: int) -> dict[str, float | 
     from app.api.app import create_app
     from app.api.backend import LocalBackend
     from app.metrics import PrometheusSink
-    from tests.unit.fakes import FakeEngine
+    from bench.fake_engine import FakeEngine
 
     sink = PrometheusSink()
     engine = FakeEngine("fake", metrics=sink, max_num_seqs=streams, max_waiting=streams, max_context=tokens + 64)

@@ -4,7 +4,8 @@
 # then runs lint (ruff, mypy, shellcheck), pytest and the bats suites, then the vLLM stage: vLLM's CPU
 # build in its own venv (.venv-vllm, tests/vllm_venv.sh) and the suites that drive it.
 #   tests/run.sh --fast [pytest args]   only ruff, mypy and the in-process unit layer (tests/unit, marker
-#                                       `unit`), with the existing venv (installs only when it is missing)
+#                                       `unit`) minus its `slow` suites (those that load the tiny model into real
+#                                       engines), with the existing venv (installs only when it is missing)
 #   tests/run.sh [pytest args]          extra args go to the main pytest run, and then only it runs
 #                                       (VLLM_STAGE=1 adds the vLLM stage; LLM_SKIP_VLLM=1 skips it, never under CI)
 set -euo pipefail
@@ -73,7 +74,7 @@ mypy  # configuration and strictness: [tool.mypy] in pyproject.toml
 
 if [ "$FAST" = 1 ]; then
   log "pytest (unit layer)"
-  exec python -m pytest -q -m unit tests/unit "$@"
+  exec python -m pytest -q -m "unit and not slow" tests/unit "$@"
 fi
 
 log "shellcheck"
@@ -109,4 +110,4 @@ VLLM_VENV=$VLLM_VENV bash tests/vllm_venv.sh
 log "pytest: vLLM-CPU suites and the OpenAI API suites against vLLM (venv took $(( $(date +%s) - t_venv )) s)"
 # nobind: no OpenMP core pinning on a shared box; the API suites' shared server serves vLLM (LLM_TEST_ENGINE)
 LLM_TEST_ENGINE=vllm VLLM_CPU_OMP_THREADS_BIND=nobind "$VLLM_VENV/bin/python" -m pytest -q -rfEs --durations=10 \
-  tests/test_vllm_cpu_*.py tests/test_api_openai.py tests/test_api_errors.py tests/test_api_features.py
+  tests/vllm/test_vllm_cpu_*.py tests/standalone/test_api_openai.py tests/standalone/test_api_errors.py tests/standalone/test_api_features.py

@@ -50,7 +50,7 @@ from app.knobs import ConfiguredKnobs
 
 DEFAULT_CONFIG = "app/configs/qwen2.5-0.5b.yaml"
 
-# key names of ray[serve]==2.60.0's schema, for boxes without Ray (tests/unit/test_model_config.py checks them)
+# key names of ray[serve]==2.60.0's schema, for boxes without Ray (tests/unit/models/test_config.py checks them)
 RAY_DEPLOYMENT_KEYS = frozenset({
     "autoscaling_config", "backpressure_config", "deployment_actors", "gang_scheduling_config",
     "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s", "health_check_period_s", "health_check_timeout_s",

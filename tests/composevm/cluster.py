@@ -2,7 +2,7 @@
 
 `ComposeVMs(work, names)` (a context manager; used by module-scoped fixtures) starts a controller under
 `unshare --pid --fork --kill-child --mount-proc --net`: in that private PID and network namespace it builds a
-bridge and one namespace per VM (tests/netns.py; addresses 10.77.X.N), starts the VM's engine inside it, and
+bridge and one namespace per VM (tests/support/netns.py; addresses 10.77.X.N), starts the VM's engine inside it, and
 serves requests from the test over a Unix socket: run a command on a VM (with the harness's `docker` first on
 PATH, so `./deploy-ray.sh` drives the engine unchanged), crash a service, kill a whole VM, boot it again.
 Ending the controller ends everything it started: no process, namespace or link outlives it.
@@ -56,7 +56,7 @@ def vm_env(state: Path, extra: dict[str, str] | None = None, runtimes: str | Non
 class _Controller:
     def __init__(self, work: Path, names: list[str]):
         sys.path.insert(0, str(ROOT / "tests"))
-        from netns import NetnsVMs
+        from tests.support.netns import NetnsVMs
 
         self.work = work
         self.names = names

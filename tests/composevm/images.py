@@ -118,7 +118,8 @@ def image_spec(service: dict) -> ImageSpec:
                        user="nobody", users={"nobody": (65534, 65534, "/")})
     if repo.startswith("grafana/"):
         return ImageSpec(image=image, runs=False, reason="no Grafana binary exists for this machine (no Debian or "
-                         "PyPI package); its provisioning and dashboards are checked by tests/test_dashboards.py")
+                         "PyPI package); its provisioning and dashboards are checked by "
+                         "tests/front_door/test_dashboards.py")
     if "dcgm-exporter" in repo:
         return ImageSpec(image=image, runs=False, reason="NVIDIA's DCGM exporter needs an NVIDIA GPU and driver")
     return ImageSpec(image=image, runs=False, reason=f"the harness has no stand-in for image {image!r}")

@@ -21,7 +21,7 @@ machine's GEMM is row-invariant for the model's own linear layers (`probe_row_gr
 1 with a warning when none is, e.g. some GPU kernels, where greedy output can then differ on near ties).
 Dummy rows cost a little compute, no cache and no attention. Prefill runs per sequence (in chunks whose
 boundaries depend only on the prompt), so it is identical alone or batched too. The result: a request's
-logits are bitwise identical alone or in any batch (tests/test_batching.py proves it on the tiny model).
+logits are bitwise identical alone or in any batch (tests/unit/engines/hf/test_batching.py proves it on the tiny model).
 
 Models whose attention does not go through `AttentionInterface` (`_supports_attention_backend` false) get a
 sequential decode: one single-row forward per sequence per step (same results, no batching gain).
