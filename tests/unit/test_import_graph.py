@@ -101,3 +101,38 @@ def test_layering() -> None:
     # nothing in the core imports the Ray wiring
     for name in ("app.api.routes", "app.api.openai", "app.engines.select", "app.standalone"):
         assert not {d for d in graph[name] if d.startswith("app.ray_serve")}, name
+
+
+def test_engine_packages_layering() -> None:
+    """app/engines: the shared pieces at the top know no engine's package; each engine's package knows no other;
+    constrained decoding (grammar/) is engine-neutral; only the dispatch (registry, select) names engines."""
+    graph = import_graph()
+    engines = {name for name in graph if name.startswith("app.engines.")}
+    assert {"app.engines.hf.engine", "app.engines.vllm.engine", "app.engines.grammar.specs",
+            "app.engines.skeleton", "app.engines.registry"} <= engines
+    top = {n for n in engines if n.count(".") == 2} - {"app.engines.registry", "app.engines.select"}
+    for name in top:
+        inner = {d for d in graph[name] if d.startswith(("app.engines.hf", "app.engines.vllm"))}
+        assert not inner, f"{name} (shared) imports an engine's package: {sorted(inner)}"
+    for own, other in (("app.engines.hf", "app.engines.vllm"), ("app.engines.vllm", "app.engines.hf")):
+        for name in (n for n in engines if n.startswith(own + ".")):
+            assert not {d for d in graph[name] if d.startswith(other)}, f"{name} imports {other}"
+    for name in (n for n in engines if n.startswith("app.engines.grammar.")):
+        assert not {d for d in graph[name] if d.startswith(("app.engines.hf", "app.engines.vllm", "app.api"))}, name
+    # every engine shares one skeleton; DeepSpeed TP runs the transformers engine's loop, never vLLM
+    for name in ("app.engines.hf.engine", "app.engines.vllm.engine", "app.deepspeed.tp"):
+        assert "app.engines.skeleton" in graph[name], name
+    assert not {d for d in graph["app.deepspeed.tp"] if d.startswith("app.engines.vllm")}
+    # the one dispatch on `engine:` and the one validated knobs type
+    assert "app.engines.registry" in graph["app.engines.select"]
+    assert "app.engines.registry" in graph["app.models.config"]
+    for name in ("app.settings", "app.models.config", "app.deepspeed.config"):
+        assert "app.knobs" in graph[name], name
+
+
+def test_app_imports_neither_tests_nor_bench() -> None:
+    for path in APP.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not [n for n in names if n.split(".")[0] in ("tests", "bench")], path
