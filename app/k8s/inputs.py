@@ -43,6 +43,7 @@ class Inputs:
     deepspeed_as: str | None = None  # None | mpijob | lws
     deepspeed_tier: str = "2xa100"
     deepspeed_workers: int = 2
+    config_mount: str = CONFIG_MOUNT  # where pods see the model-configs ConfigMap (serveConfigV2's config_dir)
 
     def get(self, key: str, default: str) -> str:
         return self.env.get(key) or default
@@ -85,5 +86,5 @@ class Inputs:
                                                                   "readOnly": True}}]
 
     def mounts(self) -> list[dict[str, Any]]:
-        return [{"name": "model-configs", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        return [{"name": "model-configs", "mountPath": self.config_mount, "readOnly": True},
                 {"name": "model-cache", "mountPath": CACHE_MOUNT, "readOnly": True}]

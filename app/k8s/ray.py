@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from app.k8s.catalogue import Tier
-from app.k8s.inputs import CONFIG_MOUNT, Inputs
+from app.k8s.inputs import Inputs
 from app.ray_serve.application import application, http_options
 
 RAY_VERSION = "2.60.0"  # pyproject's ray[serve] pin: the images' Ray
@@ -24,7 +24,7 @@ GPU = "nvidia.com/gpu"
 
 def serve_config(inp: Inputs) -> dict[str, Any]:
     """Serve's config (ServeDeploySchema) for serveConfigV2: Serve's proxy on the head, the app from its builder."""
-    entry = application(inp.config_files, config_dir=CONFIG_MOUNT, api_keys_env="API_KEYS",
+    entry = application(inp.config_files, config_dir=inp.config_mount, api_keys_env="API_KEYS",
                         max_body_bytes=inp.port("LLM_MAX_BODY_BYTES", 4 * 1024 * 1024))
     return {"proxy_location": "HeadOnly",
             "http_options": http_options("0.0.0.0", inp.port("SERVE_PORT", 8000),
@@ -64,7 +64,7 @@ def _common_params(inp: Inputs) -> dict[str, str]:
 
 
 def _ray_env(inp: Inputs) -> list[dict[str, Any]]:
-    return [*inp.common_env(), {"name": "MODEL_CONFIG_DIR", "value": CONFIG_MOUNT},
+    return [*inp.common_env(), {"name": "MODEL_CONFIG_DIR", "value": inp.config_mount},
             {"name": "MODEL_CONFIGS", "value": ",".join(inp.config_files)}]
 
 
