@@ -70,10 +70,6 @@ def _deployment(inp: Inputs, suffix: str, role: str, container: dict[str, Any],
                                   "spec": {"containers": [container], "volumes": volumes}}}}
 
 
-def _env_from(inp: Inputs) -> list[dict[str, Any]]:
-    return [{"configMapRef": {"name": inp.n("env")}}]
-
-
 def fallback(inp: Inputs) -> dict[str, Any]:
     svc = inp.compose.service("fallback")
     port = inp.port("FALLBACK_PORT", 8001)
@@ -82,7 +78,7 @@ def fallback(inp: Inputs) -> dict[str, Any]:
         "name": "fallback", "image": svc.image,
         "command": with_option(svc.command, "--host", "0.0.0.0"),  # the pod's address: the front door is elsewhere
         "ports": [{"name": "http", "containerPort": port}],
-        "env": inp.common_env(), "envFrom": _env_from(inp),
+        "env": inp.common_env(), "envFrom": inp.env_from(),
         "volumeMounts": [m for m in inp.mounts() if m["name"] == "model-cache"],
         "readinessProbe": probe, "startupProbe": {**probe, "failureThreshold": 40},
     }
@@ -101,7 +97,7 @@ def front_door(inp: Inputs) -> dict[str, Any]:
     container = {
         "name": "nginx", "image": svc.image, "command": svc.command,
         "ports": [{"name": "http", "containerPort": port}],
-        "env": [{"name": k, "value": v} for k, v in env.items()], "envFrom": _env_from(inp),
+        "env": [{"name": k, "value": v} for k, v in env.items()], "envFrom": inp.env_from(),
         "readinessProbe": {"httpGet": {"path": "/nginx-health", "port": port}, "periodSeconds": 15},
     }
     return _deployment(inp, "front-door", "front-door", container, [])

@@ -94,7 +94,7 @@ def mpijob(inp: Inputs) -> dict[str, Any]:
     return {"apiVersion": "kubeflow.org/v2beta1", "kind": "MPIJob", "metadata": inp.meta("deepspeed", "deepspeed"),
             "spec": {"slotsPerWorker": slots, "runLauncherAsWorker": True,
                      "launcherCreationPolicy": "WaitForWorkersReady",
-                     "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 100},
+                     "runPolicy": {"cleanPodPolicy": "Running", "backoffLimit": 10},
                      "mpiReplicaSpecs": specs}}
 
 

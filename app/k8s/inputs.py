@@ -78,7 +78,12 @@ class Inputs:
                                                              "optional": True}}} for key in SECRET_KEYS]
 
     def common_env(self) -> list[dict[str, Any]]:
-        return [*self.secret_env(), {"name": "HF_HOME", "value": CACHE_MOUNT}]
+        # the cache volume is read-only (filled once): models load from it without trying the hub
+        return [*self.secret_env(), {"name": "HF_HOME", "value": CACHE_MOUNT}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+
+    def env_from(self) -> list[dict[str, Any]]:
+        """The `.env` knobs (LLM_*, NGINX_*) every container gets, as compose's env_file gives them."""
+        return [{"configMapRef": {"name": self.n("env")}}]
 
     def volumes(self) -> list[dict[str, Any]]:
         return [{"name": "model-configs", "configMap": {"name": self.n("model-configs")}},

@@ -78,7 +78,7 @@ def head_group(inp: Inputs) -> dict[str, Any]:
     container = {
         "name": "ray-head", "image": image,
         "ports": [{"name": n, "containerPort": p} for n, p in ports],
-        "env": _ray_env(inp), "volumeMounts": inp.mounts(),
+        "env": _ray_env(inp), "envFrom": inp.env_from(), "volumeMounts": inp.mounts(),
         "resources": {"requests": {"cpu": head.cpu.request, "memory": head.memory.request},
                       "limits": {"cpu": head.cpu.limit, "memory": head.memory.limit}},
     }
@@ -101,7 +101,8 @@ def worker_group(inp: Inputs, name: str, tier: Tier) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": tier.cpu.limit, "memory": tier.memory.limit}
     if tier.gpus:
         limits[GPU] = tier.gpus
-    container = {"name": "ray-worker", "image": image, "env": env, "volumeMounts": inp.mounts(),
+    container = {"name": "ray-worker", "image": image, "env": env, "envFrom": inp.env_from(),
+                 "volumeMounts": inp.mounts(),
                  "ports": [{"name": "metrics", "containerPort": inp.port("RAY_METRICS_EXPORT_PORT", 8090)}],
                  "resources": {"requests": {"cpu": tier.cpu.request, "memory": tier.memory.request}, "limits": limits}}
     spec: dict[str, Any] = {"containers": [container], "volumes": inp.volumes()}
