@@ -16,7 +16,7 @@ from app.k8s.catalogue import Catalogue, K8sError, Tier
 from app.models.config import ModelConfig
 
 _SECRET_KEY = re.compile(r"(?i)(^|_)(token|secret|password|passwd|api_keys?|secret_access_key|private_key)$")
-_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b|\bsk-[A-Za-z0-9_-]{20,}\b")
+SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b|\bsk-[A-Za-z0-9_-]{20,}\b")
 RESOURCES_KEY = "deployment_config.ray_actor_options.resources"
 
 
@@ -35,7 +35,7 @@ def secret_inline(cfg: ModelConfig) -> str | None:
             leaf = key.rsplit(".", 1)[-1]
             if _SECRET_KEY.search(leaf) and isinstance(value, str) and value:
                 return key
-            if isinstance(value, str) and _SECRET_VALUE.search(value):
+            if isinstance(value, str) and SECRET_VALUE.search(value):
                 return key
     return None
 

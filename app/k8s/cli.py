@@ -59,8 +59,8 @@ def render(
                      allow_namespaces=list(allow_namespace or []), operator_namespace=operator_namespace,
                      monitoring=monitoring, monitoring_namespace=monitoring_namespace,
                      deepspeed_as=deepspeed_as if deepspeed else None, deepspeed_tier=deepspeed_tier,
-                     deepspeed_workers=deepspeed_pods)
-        objs = render_objects(inp, str(env_file))
+                     deepspeed_workers=deepspeed_pods, env_file=str(env_file))
+        objs = render_objects(inp)
     except (K8sError, ConfigError) as exc:
         raise fail(str(exc)) from None
     written = write_tree(objs, out, namespace)

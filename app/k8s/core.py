@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from app.k8s.catalogue import K8sError
+from app.k8s.checks import SECRET_VALUE
 from app.k8s.inputs import PART_OF, ROLE, Inputs
 
 _ENV_PASSED = re.compile(r"^(LLM|NGINX)_[A-Z0-9_]+$")
@@ -37,6 +39,10 @@ def env_config_map(inp: Inputs) -> dict[str, Any]:
     """The `.env` serving and front-door knobs (LLM_*, NGINX_*), as compose's env_file gives them to containers."""
     data = {k: v for k, v in sorted(inp.env.items())
             if _ENV_PASSED.match(k) and not _SECRETISH.search(k) and k not in _OWN and v != ""}
+    leaked = next((k for k, v in data.items() if SECRET_VALUE.search(v)), None)
+    if leaked:
+        raise K8sError(f"{inp.env_file}: {leaked}: a secret value inline (it would be written into a ConfigMap); "
+                       "secrets reach pods only from the Secret the render references")
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": inp.meta("env", "config"), "data": data}
 
 

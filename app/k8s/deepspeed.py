@@ -61,7 +61,8 @@ def _pod(inp: Inputs, hosts: str, launcher: bool) -> dict[str, Any]:
     return {"metadata": {"labels": inp.labels(role)}, "spec": spec}
 
 
-def check(inp: Inputs, env_file: str) -> None:
+def check(inp: Inputs) -> None:
+    env_file = inp.env_file
     tier = inp.catalogue.tiers.get(inp.deepspeed_tier)
     if tier is None:
         raise K8sError(f"--deepspeed-tier: {inp.deepspeed_tier!r} is not in the tier catalogue {inp.catalogue.source}")

@@ -43,6 +43,7 @@ class Inputs:
     deepspeed_as: str | None = None  # None | mpijob | lws
     deepspeed_tier: str = "2xa100"
     deepspeed_workers: int = 2
+    env_file: str = ".env"  # named in refusals about .env values
     config_mount: str = CONFIG_MOUNT  # where pods see the model-configs ConfigMap (serveConfigV2's config_dir)
 
     def get(self, key: str, default: str) -> str:

@@ -61,7 +61,7 @@ def gather(env: Mapping[str, str], *, configs: Sequence[Path] = (), tiers: str |
                   compose=ComposeKit(compose_file, env), **options)
 
 
-def render_objects(inp: Inputs, env_file: str = ".env") -> list[dict[str, Any]]:
+def render_objects(inp: Inputs) -> list[dict[str, Any]]:
     objs = [core.namespace(inp), core.config_map(inp), core.env_config_map(inp), core.model_cache(inp),
             rayservice(inp), core.fallback(inp), core.service(inp, "fallback", "fallback",
                                                                inp.port("FALLBACK_PORT", 8001)),
@@ -70,7 +70,7 @@ def render_objects(inp: Inputs, env_file: str = ".env") -> list[dict[str, Any]]:
     if inp.monitoring:
         objs += core.monitors(inp)
     if inp.deepspeed_as:
-        deepspeed.check(inp, env_file)
+        deepspeed.check(inp)
         objs += deepspeed.objects(inp)
     return objs
 

@@ -117,6 +117,11 @@ def test_deepspeed_ranks_beyond_a_pods_gpus(tmp_path: Path) -> None:
     assert refusal(config(tmp_path), {}, deepspeed_as="mpijob").startswith(".env: DS_MODEL: empty")
 
 
+def test_a_secret_value_in_a_passed_env_knob(tmp_path: Path) -> None:
+    msg = refusal(config(tmp_path), {"LLM_EXTRA_HEADER": "hf_" + "y" * 30}, env_file="/etc/llmkit/.env")
+    assert msg.startswith("/etc/llmkit/.env: LLM_EXTRA_HEADER: a secret value inline") and "y" * 30 not in msg
+
+
 def test_catalogue_errors_name_file_and_key(tmp_path: Path) -> None:
     doc = yaml.safe_load(DEFAULT_TIERS.read_text())
     doc["tiers"]["t4"]["gpu"] = doc["tiers"]["t4"].pop("gpus")
