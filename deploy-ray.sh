@@ -40,6 +40,8 @@ Commands (run on each VM, from the repository folder):
   local               no-Docker local cluster on 127.0.0.1 (sets up .venv, serves the tiny model; with
                       --engine vllm: vLLM's CPU build from .venv-vllm, app/configs/tiny-vllm.yaml)
   local-down          stop the local cluster
+  k8s-render [OPTS]   write Kubernetes manifests (KubeRay RayService, ...) from this .env and MODEL_CONFIGS into
+                      ./k8s (or --out DIR); every option after it goes to `python -m app k8s render` (see --help)
   demo                narrated walkthrough on the local cluster
 
 Flags:
@@ -90,7 +92,9 @@ parse_args() {
       -h|--help) usage; exit 0 ;;
       --) shift; ARGS+=("$@"); break ;;
       -*) die "unknown flag $1 (see -h)" ;;
-      *) ARGS+=("$1"); shift ;;
+      *) ARGS+=("$1"); shift
+         # k8s-render's own options (--out, --monitoring, ...) belong to `python -m app k8s render`
+         if [ "${ARGS[0]}" = k8s-render ]; then ARGS+=("$@"); break; fi ;;
     esac
   done
   case "$ENGINE" in ""|transformers|vllm) ;; *) die "--engine $ENGINE: use transformers or vllm" ;; esac
@@ -476,6 +480,14 @@ cmd_local_down() {
   run "$VENV/bin/python" -m app cluster local-down
 }
 
+# cmd_k8s_render: the same .env and model configs, rendered as a kustomize directory (kubectl apply -k DIR)
+cmd_k8s_render() {
+  cd "$ROOT"
+  local out=()
+  case " $* " in *" --out "*|*" --out="*|*" --help "*) ;; *) out=(--out "$ROOT/k8s") ;; esac
+  run "${K8S_PYTHON:-$VENV/bin/python}" -m app k8s render --env-file "$ENV_FILE" "${out[@]}" "$@"
+}
+
 step() { printf '\n\033[1m### %s\033[0m\n' "$*"; }
 
 # cmd_demo: narrated walkthrough on the no-Docker local cluster (127.0.0.1 only). Every step is a real command.
@@ -543,6 +555,7 @@ main() {
     down) cmd_down ;;
     deepspeed) cmd_deepspeed ;;
     tunnel) cmd_tunnel "$@" ;;
+    k8s-render) cmd_k8s_render "$@" ;;
     *) echo "unknown command: $sub" >&2; usage >&2; exit 2 ;;
   esac
 }

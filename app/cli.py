@@ -32,6 +32,7 @@ _PLUGINS = (
     "app.client.cli",
     "app.integrations.cli",
     "app.ops.cli",
+    "app.k8s.cli",
 )
 
 

@@ -32,7 +32,7 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
 @test "-h prints usage with every subcommand" {
   run "$SCRIPT" -h
   [ "$status" -eq 0 ]
-  for c in all head worker deploy status test logs down tunnel local demo --workers --with-monitoring --env-file --dry-run; do
+  for c in all head worker deploy status test logs down tunnel local demo k8s-render --workers --with-monitoring --env-file --dry-run; do
     [[ "$output" == *"$c"* ]]
   done
 }
@@ -335,4 +335,23 @@ real_env() {
   [[ "$output" == *"http://127.0.0.1:8000/v1/chat/completions"* ]]
   [[ "$output" == *'\"stream\":true'* ]]
   [[ "$output" == *"+ curl -fsS --max-time 10 http://127.0.0.1:8090/metrics"* ]]
+}
+
+@test "k8s-render: python -m app k8s render with this .env, default ./k8s, its own options passed through" {
+  dry k8s-render
+  [ "$status" -eq 0 ]
+  [ "$output" = "+ $ROOT/.venv/bin/python -m app k8s render --env-file $T/head.env --out $ROOT/k8s" ]
+  dry k8s-render --out "$T/x" --monitoring --allow-namespace apps
+  [ "$output" = "+ $ROOT/.venv/bin/python -m app k8s render --env-file $T/head.env --out $T/x --monitoring --allow-namespace apps" ]
+}
+
+@test "k8s-render: renders the shipped MODEL_CONFIGS into a kustomize directory; refusals are one line" {
+  K8S_PYTHON="$(command -v python)" run "$SCRIPT" --env-file "$T/head.env" k8s-render --out "$T/k8s"
+  [ "$status" -eq 0 ]
+  [[ "$output" == *"apply with: kubectl apply -k $T/k8s"* ]]
+  grep -q "rayservice-llmkit.yaml" "$T/k8s/kustomization.yaml"
+  grep -q "import_path: app.ray_serve.application:builder" "$T/k8s/rayservice-llmkit.yaml"
+  K8S_PYTHON="$(command -v python)" run "$SCRIPT" --env-file "$T/head.env" k8s-render --out "$T/k8s2" --tiers "$T/none.yaml"
+  [ "$status" -eq 2 ]
+  [ "$output" = "error: $T/none.yaml: tier catalogue not found" ]
 }

@@ -132,12 +132,13 @@ def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: l
     if opts.expected_workers > 0:
         wait_for_workers(opts.expected_workers, opts.wait_s)
 
-    from app.ray_serve.ingress import build_app
+    from app.ray_serve.application import application, builder, http_options
 
-    serve.start(http_options={"host": opts.http_host, "port": opts.proxy_port or opts.http_port,
-                              "location": "HeadOnly", "request_timeout_s": opts.request_timeout_s})
-    application = build_app(configs, api_keys=opts.api_keys, max_body_bytes=opts.max_body_bytes)
-    compat.serve_run_nonblocking(application, name=APP_NAME, route_prefix="/")
+    serve.start(http_options={**http_options(opts.http_host, opts.proxy_port or opts.http_port,
+                                             opts.request_timeout_s), "location": "HeadOnly"})
+    # the same entry a RayService's serveConfigV2 carries (app.k8s): Serve's builder, called here in the driver
+    entry = application(config_paths, api_keys=opts.api_keys or [], max_body_bytes=opts.max_body_bytes)
+    compat.serve_run_nonblocking(builder(entry["args"]), name=entry["name"], route_prefix=entry["route_prefix"])
     print(f"deploying {', '.join(c.model_id for c in configs)} ...", flush=True)
     deadline = time.monotonic() + opts.wait_s
     last = ""
