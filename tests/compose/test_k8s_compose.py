@@ -1,6 +1,6 @@
 """`k8s render` runs what the compose kit runs: every container's image and `python -m app` entrypoint is one a
 compose service pairs (read from `docker-compose config --format json`, the resolved model, as
-tests/test_compose.py reads it), and the only containers without a command are the Ray nodes (KubeRay runs their
+tests/compose/test_compose.py reads it), and the only containers without a command are the Ray nodes (KubeRay runs their
 `ray start`, which `python -m app cluster head|worker` wraps on VMs).
 """
 
@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
-from test_compose import PROFILES, _compose, _env_text
 
 from app.k8s.render import gather, render_objects
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.compose_model import PROFILES, compose, example_env
+from tests.support.env import ROOT
 
 
 def entrypoint(cmd: list[str]) -> tuple[str, ...]:
@@ -46,14 +45,14 @@ def containers(obj: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_every_image_and_entrypoint_is_the_compose_kits(tmp_path: Path) -> None:
-    env_text = _env_text(DS_MODEL="/cache/hf/models/qwen")
-    res = _compose(tmp_path, "config", "--format", "json", env_text=env_text, profiles=tuple(PROFILES))
+    text = example_env(DS_MODEL="/cache/hf/models/qwen")
+    res = compose(tmp_path, "config", "--format", "json", env_text=text, profiles=tuple(PROFILES))
     assert res.returncode == 0, res.stderr
     services = json.loads(res.stdout)["services"]
     pairs = {(s["image"], entrypoint(s.get("command") or [])) for s in services.values()}
     ray_images = {services[n]["image"] for n in ("ray-head", "ray-worker", "ray-worker-cpu")}
 
-    (tmp_path / ".env").write_text(env_text)
+    (tmp_path / ".env").write_text(text)
     env = {k: v or "" for k, v in dotenv_values(tmp_path / ".env").items()}
     configs = [ROOT / "app" / "configs" / "qwen2.5-0.5b.yaml", ROOT / "app" / "configs" / "tiny-vllm.yaml"]
     tiny_cpu = tmp_path / "tiny-cpu.yaml"

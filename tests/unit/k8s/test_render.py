@@ -15,14 +15,14 @@ from typing import Any
 import pytest
 import yaml
 from dotenv import dotenv_values
-from k8s_schemas import CRD_FILES, SchemaError, crd_dir, validate
 from typer.testing import CliRunner
 
 from app.k8s.ray import ray_start_line, worker_params
 from app.k8s.render import dump, gather, render_objects
 from app.ray_serve.application import IMPORT_PATH, AppArgs, application
+from tests.support.env import ROOT
+from tests.support.k8s_schemas import CRD_FILES, SchemaError, crd_dir, validate
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "app" / "configs"
 SECRETS = {"HF_TOKEN": "hf_" + "S3cr3tHubT0ken" * 3, "API_KEYS": "sk-" + "k1" * 12 + ",sk-other-key-000000000000",
            "RAY_AUTH_TOKEN": "0123abcd" * 8, "GRAFANA_ADMIN_PASSWORD": "grafana-pass-xyz"}
