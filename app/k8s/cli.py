@@ -51,6 +51,9 @@ def render(
 
     if deepspeed_as not in ("mpijob", "lws"):
         raise fail(f"--deepspeed-as: {deepspeed_as!r}: use mpijob or lws")
+    if not env_file.is_file():
+        typer.echo(f"note: no {env_file} here: only exported variables are read (the VM kit's settings live in "
+                   ".env: cp .env.example .env and fill it in, or pass --env-file)", err=True)
     env = read_env(env_file)
     try:
         inp = gather(env, configs=list(configs or []), tiers=tiers or DEFAULT_TIERS,
