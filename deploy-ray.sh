@@ -430,10 +430,11 @@ cmd_tunnel() {
 # setup_venv: the venv `local` runs from (about a minute the first time; each step says what it does, and a venv
 # already holding this checkout's requirements is left alone)
 setup_venv() {
-  local py=${PYTHON:-python3.11} t0 stamp want
+  local py=${PYTHON:-python3.11} t0 stamp want lock
   command -v "$py" >/dev/null 2>&1 || py=python3
   stamp="$VENV/.llm-kit-local-stamp"
-  want=$(cat "$ROOT/pyproject.toml" "$ROOT/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)
+  lock="$ROOT/compose/locks/ci-constraints.txt"  # the versions the images run (python -m app locks)
+  want=$(cat "$ROOT/pyproject.toml" "$ROOT/requirements-nodeps.txt" "$lock" | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import app, ray, torch" 2>/dev/null; then
     info "venv $VENV is up to date"
     return 0
@@ -446,11 +447,11 @@ setup_venv() {
   info "[1/4] pip itself"
   run "$VENV/bin/python" -m pip install -q --upgrade pip
   info "[2/4] torch 2.13.0 (the CPU build where that is what pip finds: no CUDA download)"
-  run "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  run "$VENV/bin/python" -m pip install -q -c "$lock" "torch==2.13.0"
   info "[3/4] the kit and Ray Serve (pip install -e .[ray])"
-  run "$VENV/bin/python" -m pip install -q -e "${ROOT}[ray]" --config-settings editable_mode=compat
+  run "$VENV/bin/python" -m pip install -q -c "$lock" -e "${ROOT}[ray]" --config-settings editable_mode=compat
   info "[4/4] constrained decoding (xgrammar, without the triton it declares: requirements-nodeps.txt)"
-  run "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements-nodeps.txt"
+  run "$VENV/bin/python" -m pip install -q --no-deps -c "$lock" -r "$ROOT/requirements-nodeps.txt"
   [ "$DRY_RUN" = 1 ] || echo "$want" > "$stamp"
   info "venv ready in $(( $(date +%s) - t0 )) s"
 }
