@@ -10,8 +10,9 @@ A step, on the scheduler thread (`BatchScheduler.step`):
 3. ONE forward (`RaggedModel.decode`) advances every decoding sequence by one token; each sequence samples
    its own row (`Sampler`: its own generator, penalties, min_tokens/ignore_eos, hooks; plain greedy rows
    are chosen together, `app.engines.hf.sampling.sample_rows`);
-4. finished sequences leave at once; every event of the step reaches the event loop in ONE
-   `call_soon_threadsafe` per loop.
+4. finished sequences leave at once; every event of the step reaches its sequence's `EventSink` in ONE delivery
+   per sink (`LoopSink`: one `call_soon_threadsafe` per event loop; in the engine process, one message to the
+   server).
 
 Join and leave happen only at step boundaries; a sequence's tokens are identical whether it ran alone or in
 a batch (`app.engines.hf.ragged`). `max_num_seqs` bounds the batch (the engines' admission control holds the same
@@ -28,12 +29,14 @@ collective) end the scheduler, which then answers every request with `EngineDead
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import heapq
 import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -60,13 +63,66 @@ class StepModel(Protocol):
     def release(self, slot: int) -> None: ...
 
 
+class EventSink(abc.ABC):
+    """Where the events of the sequences it serves go: the seam between the scheduler's thread and the requests.
+
+    The scheduler hands each sink one step's events at once, so its receiver wakes once per step however many
+    sequences and tokens the step produced. `LoopSink`: an event loop of this process (the request's queue);
+    the engine process's link to its server (`app.engines.hf.engine_process`): one message per step."""
+
+    @abc.abstractmethod
+    def deliver(self, events: list[tuple[Sequence, tuple[Any, ...]]], decoded_rows: int,
+                on_decode: Callable[[int], None] | None) -> bool:
+        """Deliver `events` in order, and the step's decode batch size (0: not counted at this sink) for
+        `on_decode`. False when nobody listens any more (the sink's sequences then leave the batch)."""
+
+
+class LoopSink(EventSink):
+    """An asyncio event loop of this process: each event lands in its sequence's queue there (`left` is set last)."""
+
+    _of_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopSink] = weakref.WeakKeyDictionary()
+    _lock = threading.Lock()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> LoopSink:
+        """The one sink of `loop` (requests on one loop share a wake-up per step)."""
+        with cls._lock:
+            sink = cls._of_loop.get(loop)
+            if sink is None:
+                sink = cls._of_loop[loop] = cls(loop)
+            return sink
+
+    def deliver(self, events: list[tuple[Sequence, tuple[Any, ...]]], decoded_rows: int,
+                on_decode: Callable[[int], None] | None) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(_apply, events, decoded_rows, on_decode)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
+
+
+def _apply(events: list[tuple[Sequence, tuple[Any, ...]]], decoded_rows: int,
+           on_decode: Callable[[int], None] | None) -> None:
+    for seq, event in events:
+        if event[0] == "left":
+            seq.left.set()
+        else:
+            seq.queue.put_nowait(event)
+    if decoded_rows and on_decode is not None:
+        on_decode(decoded_rows)
+
+
 @dataclass(eq=False)
 class Sequence:
-    """One request inside the scheduler. Events go to `queue` on `loop`; `left` is set once it left."""
+    """One request inside the scheduler. Its events go to `sink`; a `LoopSink` puts them in `queue` and sets
+    `left` once the sequence left the batch."""
 
     prompt_ids: list[int]
     sampler: Sampler
-    loop: asyncio.AbstractEventLoop
+    sink: EventSink
     queue: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
     left: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False  # set from the event loop; read at step boundaries
@@ -78,39 +134,27 @@ class Sequence:
 
 
 class _Outbox:
-    """Events of one step, delivered with one call_soon_threadsafe per event loop."""
+    """Events of one step, grouped by sink and delivered with one call per sink."""
 
-    def __init__(self) -> None:
-        self.items: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., None], tuple[Any, ...]]]] = {}
-
-    def post(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
-        self.items.setdefault(loop, []).append((fn, args))
+    def __init__(self, on_decode: Callable[[int], None] | None = None) -> None:
+        self.on_decode = on_decode
+        self.events: dict[EventSink, list[tuple[Sequence, tuple[Any, ...]]]] = {}
+        self.rows: dict[EventSink, int] = {}
 
     def event(self, seq: Sequence, *event: Any) -> None:
-        self.post(seq.loop, _deliver, seq, event)
+        self.events.setdefault(seq.sink, []).append((seq, event))
 
-    def flush(self) -> list[asyncio.AbstractEventLoop]:
-        """Send everything; returns the loops that are closed (their sequences have nobody listening)."""
-        closed = []
-        for loop, calls in self.items.items():
-            try:
-                loop.call_soon_threadsafe(_run_all, calls)
-            except RuntimeError:  # loop closed
-                closed.append(loop)
-        self.items = {}
+    def decoded(self, seq: Sequence, rows: int) -> None:
+        """The step's decode batch size, counted at `seq`'s sink."""
+        self.events.setdefault(seq.sink, [])
+        self.rows[seq.sink] = rows
+
+    def flush(self) -> list[EventSink]:
+        """Send everything; returns the sinks nobody listens to any more."""
+        closed = [sink for sink, events in self.events.items()
+                  if not sink.deliver(events, self.rows.get(sink, 0), self.on_decode)]
+        self.events, self.rows = {}, {}
         return closed
-
-
-def _run_all(calls: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
-    for fn, args in calls:
-        fn(*args)
-
-
-def _deliver(seq: Sequence, event: tuple[Any, ...]) -> None:
-    if event[0] == "left":
-        seq.left.set()
-    else:
-        seq.queue.put_nowait(event)
 
 
 class BatchScheduler:
@@ -184,7 +228,7 @@ class BatchScheduler:
             self.fail_all(f"{type(exc).__name__}: {exc}")
             raise
         finally:
-            outbox = _Outbox()
+            outbox = _Outbox(self.on_decode)
             for seq in self.live:
                 self._leave(seq, outbox)
             outbox.flush()
@@ -210,7 +254,7 @@ class BatchScheduler:
         with self._lock:
             self._dead = reason
             self._take_inbox(block=False, timeout=None)
-        outbox = _Outbox()
+        outbox = _Outbox(self.on_decode)
         for seq in self.live:
             outbox.event(seq, "dead", reason)
             self._leave(seq, outbox)
@@ -219,7 +263,7 @@ class BatchScheduler:
     def step(self) -> None:
         """One scheduler step (see the module docstring): new submissions join here."""
         self._take_inbox(block=False, timeout=None)
-        outbox = _Outbox()
+        outbox = _Outbox(self.on_decode)
         for seq in [s for s in self.live if s.cancelled]:
             self._leave(seq, outbox)
         while self._pending and self._free_slots:
@@ -229,8 +273,8 @@ class BatchScheduler:
             self._prefilling.append(seq)
         self._prefill(outbox)
         self._decode(outbox)
-        for loop in outbox.flush():
-            for seq in [s for s in self.live if s.loop is loop]:
+        for sink in outbox.flush():
+            for seq in [s for s in self.live if s.sink is sink]:
                 self._leave(seq, _Outbox())
 
     def _prefill(self, outbox: _Outbox) -> None:
@@ -268,8 +312,7 @@ class BatchScheduler:
                 self._fail(seq, exc, outbox)
             return
         self.steps += 1
-        if self.on_decode is not None:
-            outbox.post(batch[0].loop, self.on_decode, len(batch))
+        outbox.decoded(batch[0], len(batch))
         for seq, sample in zip(batch, sample_rows(logits, [s.sampler for s in batch]), strict=True):
             if not self._take(seq, sample, outbox):
                 self._decoding.remove(seq)
@@ -327,7 +370,7 @@ async def stream_sequence(scheduler: BatchScheduler, tokenizer: Any, prompt_ids:
 
     `on_abort` is called when the stream ends before the request finished (client gone, error).
     """
-    seq = Sequence(prompt_ids, sampler, asyncio.get_running_loop())
+    seq = Sequence(prompt_ids, sampler, LoopSink.of(asyncio.get_running_loop()))
     scheduler.submit(seq)
     async with contextlib.aclosing(stream_events(seq, lambda: scheduler.cancel(seq),
                                                  ChunkAssembler(tokenizer, req.stop, len(prompt_ids)),

@@ -41,6 +41,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from app.engines.base import EngineDeadError, EngineSpec, GenerationChunk, GenerationRequest
+from app.engines.hf.batching import BatchScheduler, EventSink, Sequence, stream_events
 from app.engines.hf.runner import HFEngineConfig
 from app.engines.text import ChunkAssembler
 
@@ -158,7 +159,6 @@ class RemoteScheduler:
     def stream(self, tokenizer: Any, prompt_ids: list[int], req: GenerationRequest, max_new: int,
                on_abort: Callable[[], None] | None = None) -> AsyncGenerator[GenerationChunk, None]:
         """`stream_sequence` with the scheduler in the child: detokenization and stop strings run here."""
-        from app.engines.hf.batching import stream_events
 
         rid = next(self._ids)
         seq = _Remote(asyncio.get_running_loop())
@@ -279,14 +279,13 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
 # ----------------------------------------------------------------------------- the child
 
 
-class _ServerLink:
-    """Stands in for an event loop in the child's sequences: a step's events go to the server as one message."""
+class _ServerLink(EventSink):
+    """The sink of every sequence in the child: a step's events go to the server as one message."""
 
     def __init__(self, conn: Connection):
         self.conn = conn
         self.lock = threading.Lock()  # the scheduler thread and the reader thread both send
         self.seqs: dict[int, Any] = {}  # the live sequences by the server's number (for cancel)
-        self._batch = 0
 
     def send(self, message: tuple[Any, ...]) -> None:
         with self.lock:
@@ -295,25 +294,14 @@ class _ServerLink:
             except OSError:  # the server is gone: EOF ends the child
                 pass
 
-    def note_decode(self, rows: int) -> None:  # BatchScheduler.on_decode, run inside call_soon_threadsafe
-        self._batch = rows
-
-    def call_soon_threadsafe(self, fn: Callable[..., None], calls: list[tuple[Callable[..., None], tuple[Any, ...]]]
-                             ) -> None:
-        """What `_Outbox.flush` calls once per step: `_deliver(seq, event)` calls become (rid, event) pairs."""
-        from app.engines.hf.batching import _deliver
-
-        events = []
-        for f, args in calls:
-            if f is _deliver:
-                seq, event = args
-                events.append((seq.tag, event))
-                if event[0] == "left":
-                    self.seqs.pop(seq.tag, None)
-            else:
-                f(*args)
-        batch, self._batch = self._batch, 0
-        self.send(("events", events, batch))
+    def deliver(self, events: list[tuple[Any, tuple[Any, ...]]], decoded_rows: int,
+                on_decode: Callable[[int], None] | None) -> bool:
+        """(sequence, event) pairs become (request number, event) pairs; the server counts the decode batch."""
+        for seq, event in events:
+            if event[0] == "left":
+                self.seqs.pop(seq.tag, None)
+        self.send(("events", [(seq.tag, event) for seq, event in events], decoded_rows))
+        return True
 
 
 class _Child:
@@ -347,7 +335,6 @@ class _Child:
 
     def handle(self, message: tuple[Any, ...]) -> None:
         from app.engines.base import EngineError
-        from app.engines.hf.batching import Sequence
         from app.engines.hf.sequence_hooks import needs_hooks
 
         kind = message[0]
@@ -356,7 +343,7 @@ class _Child:
             try:
                 hooks = self.runner.sequence_hooks(req) if needs_hooks(req) else []
                 sampler = self.runner.sampler(req, max_new, hooks)
-                seq = Sequence(prompt_ids, sampler, self.link, tag=rid)  # type: ignore[arg-type]
+                seq = Sequence(prompt_ids, sampler, self.link, tag=rid)
                 self.seqs[rid] = seq
                 self.scheduler.submit(seq)
             except EngineError as exc:
@@ -378,7 +365,6 @@ class _Child:
             self.start(*message[1:])
 
     def start(self, spec: EngineSpec, cfg: HFEngineConfig, level: int) -> None:
-        from app.engines.hf.batching import BatchScheduler
         from app.engines.hf.runner import HFModelRunner
 
         logging.getLogger().setLevel(level)
@@ -387,8 +373,7 @@ class _Child:
             runner.load()
             model = runner.step_model()
             runner.warmup(model)
-            scheduler = BatchScheduler(model, max_num_seqs=cfg.max_num_seqs, prefill_chunk=cfg.prefill_chunk_tokens,
-                                       on_decode=self.link.note_decode)
+            scheduler = BatchScheduler(model, max_num_seqs=cfg.max_num_seqs, prefill_chunk=cfg.prefill_chunk_tokens)
         except Exception as exc:
             log.debug("engine start failed", exc_info=True)
             self.link.send(("start_failed", _picklable(exc)))

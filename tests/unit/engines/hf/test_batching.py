@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.engines.base import EngineSpec, GenerationChunk, GenerationRequest
 from app.engines.grammar.specs import json_schema_grammar
-from app.engines.hf.batching import BatchScheduler, Sequence
+from app.engines.hf.batching import BatchScheduler, LoopSink, Sequence
 from app.engines.hf.engine import TransformersEngine
 from app.engines.hf.ragged import GRANULE_CANDIDATES, probe_row_granule
 from app.engines.hf.runner import HFEngineConfig, HFModelRunner
@@ -83,7 +83,7 @@ class Driver:
                **kw: Any) -> Sequence:
         req = GenerationRequest(prompt=prompt, max_tokens=max_new, **{"temperature": 0.0, "ignore_eos": True, **kw})
         seq = Sequence(self.runner.prompt_ids(req), self.runner.sampler(req, max_new, hooks),
-                       asyncio.get_running_loop())
+                       LoopSink.of(asyncio.get_running_loop()))
         self.scheduler.submit(seq)
         return seq
 
