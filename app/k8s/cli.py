@@ -51,9 +51,6 @@ def render(
 
     if deepspeed_as not in ("mpijob", "lws"):
         raise fail(f"--deepspeed-as: {deepspeed_as!r}: use mpijob or lws")
-    if not env_file.is_file():
-        typer.echo(f"note: no {env_file} here: only exported variables are read (the VM kit's settings live in "
-                   ".env: cp .env.example .env and fill it in, or pass --env-file)", err=True)
     env = read_env(env_file)
     try:
         inp = gather(env, configs=list(configs or []), tiers=tiers or DEFAULT_TIERS,
@@ -65,7 +62,9 @@ def render(
                      deepspeed_workers=deepspeed_pods, env_file=str(env_file))
         objs = render_objects(inp)
     except (K8sError, ConfigError) as exc:
-        raise fail(str(exc)) from None
+        hint = "" if env_file.is_file() else (f" (no {env_file} was found, so only exported variables were read: "
+                                               "cp .env.example .env and fill it in, or pass --env-file)")
+        raise fail(f"{exc}{hint}") from None
     written = write_tree(objs, out, namespace)
     tiers_used = sorted(set(inp.tiers.values()))
     typer.echo(f"wrote {len(written)} objects to {out}/ (worker groups: {', '.join(tiers_used)}); "
