@@ -7,6 +7,7 @@ ClusterIP, every GPU request tolerated, the worker groups carry the tiers the co
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import shlex
 from pathlib import Path
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from app.k8s.ray import ray_start_line, worker_params
 from app.k8s.render import dump, gather, render_objects
 from app.ray_serve.application import IMPORT_PATH, AppArgs, application
-from tests.support.env import ROOT
+from tests.support.env import ROOT, need
 from tests.support.k8s_schemas import CRD_FILES, SchemaError, crd_dir, validate
 
 CONFIGS = ROOT / "app" / "configs"
@@ -123,6 +124,7 @@ def test_crds_are_found_next_to_the_repository() -> None:
 
 
 def test_serve_config_is_the_vm_deploys_entry_and_validates_with_serves_schema(full: list[dict[str, Any]]) -> None:
+    need(importlib.util.find_spec("ray") is not None, "needs ray[serve] (installed by tests/run.sh)")
     from ray.serve.schema import ServeDeploySchema
 
     text = kinds(full)["RayService"][0]["spec"]["serveConfigV2"]
