@@ -179,6 +179,7 @@ class Runner:
         timeout = max(0.0, (batch.expires_at or 0) - time.time()) if batch.expires_at else None
         try:
             await asyncio.wait([everything, cancelled], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finished = everything.done()
         finally:
             cancelled.cancel()
             if not everything.done():
@@ -186,13 +187,12 @@ class Runner:
                     w.cancel()
                 with contextlib.suppress(BaseException):
                     await everything
-        if everything.done() and not everything.cancelled() and everything.exception() is None:
+        if finished:
+            everything.result()  # a worker's error (the store failing) ends the drive: resumed on restart
             batch.status, batch.finalizing_at = "finalizing", now()
             if self.store.save_batch(batch, only_if=("in_progress",)):
                 return batch
             return self._reload(batch.id)  # cancelled just as the last line finished
-        if everything.done() and not everything.cancelled() and everything.exception() is not None:
-            raise everything.exception()  # type: ignore[misc]
         current = self._reload(batch.id)
         if current.status == "cancelling":
             return current
