@@ -258,6 +258,27 @@ def test_a_batch_past_its_window_expires_with_what_it_finished(server: ServerPro
         svc.stop(signal.SIGKILL)
 
 
+def test_sdk_through_nginx_to_the_batch_service_whose_lines_go_through_nginx(server: ServerProcess,
+                                                                            tmp_path: Path) -> None:
+    from tests.test_nginx import Nginx
+
+    batch_port = free_port()
+    front = Nginx(tmp_path / "nginx", nginx_primary=f"127.0.0.1:{server.port}",
+                  nginx_backups=f"127.0.0.1:{server.port}", nginx_batch_upstream=f"127.0.0.1:{batch_port}").start()
+    svc = BatchServer(tmp_path / "state", front.base_url, tmp_path / "batch-server.log", port=batch_port)
+    try:
+        client = sdk(front.base_url)
+        rows = [line(f"n{i}") for i in range(6)]
+        done = wait_status(client, submit(client, jsonl(rows)).id)
+        assert done.status == "completed" and done.request_counts.completed == 6, done
+        assert sorted(r["custom_id"] for r in records(client, done.output_file_id)) == sorted(
+            r["custom_id"] for r in rows)
+        assert front.access_log().count("POST /v1/chat/completions") == 6  # the runner went through the front door
+    finally:
+        svc.stop(signal.SIGKILL)
+        front.stop()
+
+
 def test_cli_submit_wait_download_status_list(server: ServerProcess, tmp_path: Path) -> None:
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_bytes(jsonl([line(f"q{i}") for i in range(5)]))
