@@ -50,6 +50,7 @@ def test_render_cli_and_promtool_check_config(tmp_path: Path) -> None:
     jobs = {j["job_name"]: j for j in conf["scrape_configs"]}
     assert jobs["llm-fallback"]["static_configs"][0]["targets"] == ["127.0.0.1:8001", "127.0.0.1:8003"]
     assert jobs["llm-standalone"]["static_configs"][0]["targets"] == ["127.0.0.1:8002"]
+    assert jobs["llm-batch"]["static_configs"][0]["targets"] == ["127.0.0.1:8005"]  # the batch service
     assert jobs["ray-nodes"]["static_configs"][0]["targets"] == ["10.0.0.1:8090", "10.0.0.2:8090", "10.0.0.3:8090"]
     assert jobs["ray-nodes"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
     strip = jobs["ray-nodes"]["metric_relabel_configs"][0]

@@ -9,6 +9,7 @@ needs no SDK: `submit FILE --wait -o OUT` uploads, creates the batch, shows a pr
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -185,10 +186,11 @@ def list_batches(endpoint: Endpoint = DEFAULT_ENDPOINT, api_key: ApiKey = None,
 
 def batch_server(
     host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8001).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default BATCH_PORT, 8005).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="State folder [LLM_BATCH_DIR].")] = None,
     target_url: Annotated[str | None, typer.Option(help="Where lines go: the front door's base URL "
-                                                   "[LLM_BATCH_TARGET_URL, default http://127.0.0.1:8080].")] = None,
+                                                   "[LLM_BATCH_TARGET_URL, default NGINX_BIND:NGINX_PORT, "
+                                                   "127.0.0.1:8080].")] = None,
 ) -> None:
     """Run the OpenAI Batch API service (/v1/files, /v1/batches) with its durable runner."""
     from pydantic import ValidationError
@@ -197,7 +199,7 @@ def batch_server(
     from app.console import fail, setup_logging
     from app.settings import Settings
 
-    overrides: dict[str, Any] = {"port": 8001}
+    overrides: dict[str, Any] = {"port": int(os.environ.get("BATCH_PORT") or 8005)}
     overrides |= {k: v for k, v in {"host": host, "port": port, "batch_target_url": target_url,
                                      "batch_dir": str(data_dir) if data_dir else None}.items() if v is not None}
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -27,14 +28,20 @@ from app.settings import Settings
 from app.standalone import transport_limits
 
 log = logging.getLogger(__name__)
-DEFAULT_TARGET = "http://127.0.0.1:8080"
+
+
+def default_target() -> str:
+    """The front door where nginx listens (NGINX_BIND:NGINX_PORT, 0.0.0.0 reached on loopback)."""
+    host = os.environ.get("NGINX_BIND", "127.0.0.1")
+    host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    return f"http://{host}:{os.environ.get('NGINX_PORT', '8080')}"
 
 
 def create_batch_app(settings: Settings) -> FastAPI:
     if not settings.batch_dir:
         raise ValueError("no batch folder: set LLM_BATCH_DIR (or pass --data-dir)")
     sink = PrometheusSink()
-    service = BatchService.from_settings(settings, sink, settings.batch_target_url or DEFAULT_TARGET)
+    service = BatchService.from_settings(settings, sink, settings.batch_target_url or default_target())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,5 +73,5 @@ def run(settings: Settings) -> None:
     config = server_config(app, host=settings.host, port=settings.port, limits=limits,
                            log_level=settings.log_level, graceful_timeout_s=settings.graceful_timeout_s)
     log.info("batch service on http://%s:%s (data %s, target %s)", settings.host, settings.port,
-             settings.batch_dir, settings.batch_target_url or DEFAULT_TARGET)
+             settings.batch_dir, settings.batch_target_url or default_target())
     uvicorn.Server(config).run()

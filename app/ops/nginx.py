@@ -40,7 +40,7 @@ class NginxSettings(BaseSettings):
     fallback_port: str = Field(default="8001", description="Fallback server port(s), comma list (backups).")
     nginx_primary: str = Field(default="", description="host:port list overriding 127.0.0.1:SERVE_PORT.")
     nginx_backups: str = Field(default="", description="host:port list overriding 127.0.0.1:FALLBACK_PORT.")
-    batch_port: int = Field(default=8002, ge=1, le=65535, description="Batch service port (BATCH_PORT): "
+    batch_port: int = Field(default=8005, ge=1, le=65535, description="Batch service port (BATCH_PORT): "
                             "/v1/files and /v1/batches go there.")
     nginx_batch_upstream: str = Field(default="", description="host:port overriding 127.0.0.1:BATCH_PORT.")
     nginx_batch_max_body: str = Field(default="201m", description="Largest upload to /v1/files (a batch input "
