@@ -297,3 +297,30 @@ def test_cli_submit_wait_download_status_list(server: ServerProcess, tmp_path: P
     assert batch_id in run("list").stdout
     again = tmp_path / "again.jsonl"
     assert run("download", batch_id, "-o", str(again)).returncode == 0 and again.read_bytes() == out.read_bytes()
+
+
+def test_interactive_requests_are_admitted_before_queued_flex_ones(start_server: Any) -> None:
+    """Flex (batch) requests saturate a one-slot engine; an interactive one sent last runs next."""
+    import threading
+
+    srv = start_server("--max-num-seqs", "1", env={"API_KEYS": ""})
+    done: list[str] = []
+    lock = threading.Lock()
+
+    def send(name: str, tier: str | None) -> None:
+        body = {"model": "tiny", "prompt": name, "max_tokens": 200, "min_tokens": 200,
+                **({"service_tier": tier} if tier else {})}
+        r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        with lock:
+            done.append(name)
+
+    flex = [threading.Thread(target=send, args=(f"flex-{i}", "flex")) for i in range(5)]
+    for t in flex:
+        t.start()
+    wait_until(lambda: scrape(srv.base_url, "llm_queue_depth", model="tiny") == 4, 60, 0.05, "4 flex queued")
+    chat = threading.Thread(target=send, args=("chat", None))
+    chat.start()
+    for t in [*flex, chat]:
+        t.join(120)
+    assert len(done) == 6 and done.index("chat") == 1, done  # right after the flex request that was running

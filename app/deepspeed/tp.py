@@ -445,7 +445,7 @@ class TPEngine(Engine):
         runner = self._ready_runner()
         prompt_ids = await asyncio.to_thread(runner.prompt_ids, request)  # CPU-heavy for large prompts
         max_new = runner.max_new_tokens(len(prompt_ids), request, self.settings.default_max_tokens)
-        async with self._admission.admitted(self._run(prompt_ids, request, max_new)) as chunks:
+        async with self._admission.admitted(self._run(prompt_ids, request, max_new), request.priority) as chunks:
             async for chunk in chunks:
                 yield chunk
 

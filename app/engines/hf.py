@@ -271,7 +271,8 @@ class TransformersEngine(Engine):
             await self.check_health()  # raises: dead, or still loading
         prompt_ids = await asyncio.to_thread(self.runner.prompt_ids, request)  # CPU-heavy for large prompts
         max_new = self.runner.max_new_tokens(len(prompt_ids), request, self.spec.default_max_tokens)
-        async with self._admission.admitted(self._generate_admitted(prompt_ids, request, max_new)) as chunks:
+        generation = self._generate_admitted(prompt_ids, request, max_new)
+        async with self._admission.admitted(generation, request.priority) as chunks:
             async for chunk in chunks:
                 yield chunk
 

@@ -498,7 +498,7 @@ class VLLMEngine(Engine):
         params = self._sampling_params(request, max_new)
         # a client disconnect closes this generator; admitted() closes the inner one (aborting it in vLLM)
         # while the slot is still held, not whenever it is garbage-collected
-        async with self._admission.admitted(self._stream(prompt_ids, params, request)) as chunks:
+        async with self._admission.admitted(self._stream(prompt_ids, params, request), request.priority) as chunks:
             async for chunk in chunks:
                 yield chunk
 
