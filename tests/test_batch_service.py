@@ -258,22 +258,30 @@ def test_a_batch_past_its_window_expires_with_what_it_finished(server: ServerPro
         svc.stop(signal.SIGKILL)
 
 
-def test_sdk_through_nginx_to_the_batch_service_whose_lines_go_through_nginx(server: ServerProcess,
-                                                                            tmp_path: Path) -> None:
+def test_sdk_through_nginx_and_the_primary_killed_mid_batch(server: ServerProcess, start_server: Any,
+                                                             tmp_path: Path) -> None:
+    """Client -> nginx -> batch service -> nginx -> primary; the primary is SIGKILLed mid-batch: the lines
+    fail over to the backup (the module's server) and the batch completes with every line once."""
     from tests.test_nginx import Nginx
 
+    primary = start_server("--max-num-seqs", "4", env={"API_KEYS": ",".join(KEYS)})
     batch_port = free_port()
-    front = Nginx(tmp_path / "nginx", nginx_primary=f"127.0.0.1:{server.port}",
+    front = Nginx(tmp_path / "nginx", nginx_primary=f"127.0.0.1:{primary.port}",
                   nginx_backups=f"127.0.0.1:{server.port}", nginx_batch_upstream=f"127.0.0.1:{batch_port}").start()
     svc = BatchServer(tmp_path / "state", front.base_url, tmp_path / "batch-server.log", port=batch_port)
     try:
         client = sdk(front.base_url)
-        rows = [line(f"n{i}") for i in range(6)]
-        done = wait_status(client, submit(client, jsonl(rows)).id)
-        assert done.status == "completed" and done.request_counts.completed == 6, done
-        assert sorted(r["custom_id"] for r in records(client, done.output_file_id)) == sorted(
-            r["custom_id"] for r in rows)
-        assert front.access_log().count("POST /v1/chat/completions") == 6  # the runner went through the front door
+        rows = [line(f"n{i}", {"max_tokens": 8, "min_tokens": 8}) for i in range(120)]
+        batch = submit(client, jsonl(rows))
+        wait_until(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 20, 120, 0.05,
+                   "20 lines done")
+        primary.stop(signal.SIGKILL)
+        done = wait_status(client, batch.id)
+        assert done.status == "completed" and done.request_counts.completed == 120, done
+        assert [r["custom_id"] for r in records(client, done.output_file_id)] == [r["custom_id"] for r in rows]
+        log = front.access_log()
+        assert log.count("POST /v1/chat/completions") == 120  # the runner went through the front door
+        assert f"upstream=127.0.0.1:{primary.port} " in log and f"127.0.0.1:{server.port}" in log  # both served
     finally:
         svc.stop(signal.SIGKILL)
         front.stop()
