@@ -287,6 +287,27 @@ def test_sdk_through_nginx_and_the_primary_killed_mid_batch(server: ServerProces
         front.stop()
 
 
+def test_lines_wait_for_a_target_that_is_not_up_yet(server: ServerProcess, tmp_path: Path) -> None:
+    """One attempt per line, and the front door not started yet: the runner waits for the target's models to be
+    ready instead of failing the lines on connection errors."""
+    from tests.test_nginx import Nginx
+
+    front = Nginx(tmp_path / "nginx", nginx_primary=f"127.0.0.1:{server.port}",
+                  nginx_backups=f"127.0.0.1:{server.port}")  # rendered, not started
+    svc = BatchServer(tmp_path / "state", front.base_url, tmp_path / "batch-server.log",
+                      env={"LLM_BATCH_MAX_ATTEMPTS": "1"})
+    try:
+        client = sdk(svc.url)
+        batch = submit(client, jsonl([line(f"w{i}") for i in range(5)]))
+        wait_status(client, batch.id, ("in_progress",), timeout=60)
+        front.start()
+        done = wait_status(client, batch.id, timeout=60)
+        assert done.status == "completed" and done.request_counts.completed == 5, done
+    finally:
+        svc.stop(signal.SIGKILL)
+        front.stop()
+
+
 def test_cli_submit_wait_download_status_list(server: ServerProcess, tmp_path: Path) -> None:
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_bytes(jsonl([line(f"q{i}") for i in range(5)]))

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 EXPIRED_ERROR = {"code": "batch_expired",
                  "message": "This request could not be executed before the completion window expired."}
 _LABELS = {"model": "-", "engine": "batch"}
+TARGET_POLL_S = 1.0
 
 
 @dataclass
@@ -170,9 +171,28 @@ class Runner:
             return self._reload(batch.id)  # cancelled while validating
         return batch
 
+    async def _target_ready(self, model: str | None, cancel: asyncio.Event, deadline: float | None) -> None:
+        """Wait until the target lists `model` as ready (after a restart of the target or of this service,
+        lines would otherwise spend their retries on a server still loading); gives up at the deadline or on
+        cancel (the lines then run, or the batch ends, as usual)."""
+        while not cancel.is_set() and (deadline is None or time.time() < deadline):
+            try:
+                async with ClusterClient(self.config.target_url.rstrip("/") + "/v1", api_key=self.config.api_key,
+                                         timeout_s=10, policy=RetryPolicy(max_attempts=1)) as client:
+                    cards = await client.list_models(refresh=True)
+                if model is None or any(c.get("id") == model and c.get("ready", True) for c in cards):
+                    return
+            except ClientError:
+                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(cancel.wait(), TARGET_POLL_S)  # the next look at the target
+
     async def _run_lines(self, batch: Batch) -> Batch:
         pending = iter(await asyncio.to_thread(self.store.pending_lines, batch.id))
         cancel = self._cancel.setdefault(batch.id, asyncio.Event())
+        await self._target_ready(batch.model, cancel, batch.expires_at)
+        if cancel.is_set():
+            return self._reload(batch.id)  # cancelling: finalized by the driver
         workers = [asyncio.create_task(self._worker(batch, pending)) for _ in range(self.config.per_batch)]
         everything: asyncio.Future[list[None]] = asyncio.ensure_future(asyncio.gather(*workers))
         cancelled: asyncio.Future[Any] = asyncio.ensure_future(cancel.wait())
