@@ -207,10 +207,16 @@ class Store:
                              failed=by_state.get("failed", 0))
 
     def records(self, batch_id: str, state: str) -> Iterator[dict[str, Any]]:
-        """The outcome records of `state` lines, in line order."""
-        for (record,) in self._rows("SELECT record FROM lines WHERE batch_id = ? AND state = ? ORDER BY line_no",
-                                    (batch_id, state)):
-            yield json.loads(record)
+        """The outcome records of `state` lines, in line order (read in pages: the lock is never held long)."""
+        last = 0
+        while True:
+            rows = self._rows("SELECT line_no, record FROM lines WHERE batch_id = ? AND state = ? AND line_no > ? "
+                              "ORDER BY line_no LIMIT 500", (batch_id, state, last))
+            for _, record in rows:
+                yield json.loads(record)
+            if len(rows) < 500:
+                return
+            last = int(rows[-1][0])
 
     def write_file(self, file_id: str, lines: Iterator[str]) -> int:
         """Write `lines` to `file_id`'s path atomically (temp file, fsync, rename); returns the byte count."""
