@@ -337,7 +337,7 @@ def test_interactive_requests_are_admitted_before_queued_flex_ones(start_server:
     lock = threading.Lock()
 
     def send(name: str, tier: str | None) -> None:
-        body = {"model": "tiny", "prompt": name, "max_tokens": 200, "min_tokens": 200,
+        body = {"model": "tiny", "prompt": name, "max_tokens": 400, "min_tokens": 400,
                 **({"service_tier": tier} if tier else {})}
         r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
@@ -352,4 +352,6 @@ def test_interactive_requests_are_admitted_before_queued_flex_ones(start_server:
     chat.start()
     for t in [*flex, chat]:
         t.join(120)
-    assert len(done) == 6 and done.index("chat") == 1, done  # right after the flex request that was running
+    # first come, first served would finish it last (index 5); it runs right after the flex request that was
+    # running (index 1), or the one after if that one ended just before the chat request arrived
+    assert len(done) == 6 and done.index("chat") <= 2, done
