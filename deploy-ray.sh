@@ -25,10 +25,10 @@ usage() {
 usage: deploy-ray.sh [flags] [COMMAND [args]]     (flags without a command: all)
 
 Commands (run on each VM, from the repository folder):
-  all                 head VM (NODE_IP == HEAD_IP): ray-head + fallback + nginx (+ monitoring with
+  all                 head VM (NODE_IP == HEAD_IP): ray-head + fallback + nginx + batch (+ monitoring with
                       --with-monitoring, + a GPU worker on the head with --head-worker); worker VM: ray-worker
                       (NUM_GPUS > 0) or ray-worker-cpu (NUM_GPUS=0)
-  head                ray-head, fallback, nginx (+ monitoring with --with-monitoring)
+  head                ray-head, fallback, nginx, batch (+ monitoring with --with-monitoring)
   worker              ray-worker (GPU reservation NUM_GPUS) or ray-worker-cpu (NUM_GPUS=0); joins HEAD_IP:RAY_GCS_PORT
   deploy [CONFIG...]  apply model configs (default: MODEL_CONFIGS) on the head
   status              containers, cluster nodes, deployments, replicas, engines, GPUs
@@ -279,7 +279,8 @@ preflight() {  # preflight ROLE: head | worker | any
       check_nginx_bind
       check_hf_cache
       check_ports_free "ray-head:${RAY_GCS_PORT:-6379}" "ray-head:${SERVE_PORT:-8000}" "fallback:${FALLBACK_PORT:-8001}" \
-        "nginx:${NGINX_PORT:-8080}" "ray-head:${RAY_DASHBOARD_PORT:-8265}" "ray-head:${SERVE_PROXY_PORT:-8004}"
+        "nginx:${NGINX_PORT:-8080}" "ray-head:${RAY_DASHBOARD_PORT:-8265}" "ray-head:${SERVE_PROXY_PORT:-8004}" \
+        "batch:${BATCH_PORT:-8005}"
       ;;
     worker)
       require_vars NUM_GPUS

@@ -33,6 +33,7 @@ _PLUGINS = (
     "app.integrations.cli",
     "app.ops.cli",
     "app.k8s.cli",
+    "app.batch.cli",
 )
 
 
@@ -136,5 +137,13 @@ def _load_plugins() -> None:
 
 
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["batch"] and len(sys.argv) > 2:
+        from app.batch.cli import JOB_COMMANDS, jobs
+
+        if sys.argv[2] in JOB_COMMANDS:  # `batch submit|status|...`: the server's Batch API; `batch FILE`: the client
+            jobs(args=sys.argv[2:], prog_name="python -m app batch")
+            return
     _load_plugins()
     cli()

@@ -93,6 +93,23 @@ ENGINE_INFO = MetricSpec(
     "Always 1: which engine serves a model, and why (fallback reason).",
     ("model", "engine", "fallback", "reason"),
 )
+# the batch service (app.batch): model="-", engine="batch" (a batch may name several models)
+BATCHES = MetricSpec(
+    "llm_batches", "gauge", "Batch jobs by status (OpenAI Batch API statuses).", ("model", "engine", "status")
+)
+BATCH_LINES = MetricSpec(
+    "llm_batch_lines_total",
+    "counter",
+    "Batch lines finished, by outcome (completed: a 2xx answer; failed: an error answer or none; expired).",
+    ("model", "engine", "outcome"),
+)
+BATCH_QUEUE = MetricSpec(
+    "llm_batch_queue_lines", "gauge", "Batch lines not yet sent (batches validating or running).",
+    ("model", "engine")
+)
+BATCH_IN_FLIGHT = MetricSpec(
+    "llm_batch_runner_concurrency", "gauge", "Batch requests the runner has in flight now.", ("model", "engine")
+)
 
 SPECS: tuple[MetricSpec, ...] = (
     REQUESTS,
@@ -107,6 +124,10 @@ SPECS: tuple[MetricSpec, ...] = (
     MODEL_READY,
     DECODE_BATCH,
     ENGINE_INFO,
+    BATCHES,
+    BATCH_LINES,
+    BATCH_QUEUE,
+    BATCH_IN_FLIGHT,
 )
 
 

@@ -78,6 +78,23 @@ class Settings(ConfiguredKnobs, HTTPServerKnobs, BaseSettings):
     )
     trust_remote_code: bool = False
 
+    # batch service (app.batch): `serve` mounts /v1/files and /v1/batches when batch_dir is set
+    batch_dir: str = Field(default="", description="Folder of the batch service's SQLite state and files; "
+                           "empty: no batch routes on `serve`.")
+    batch_target_url: str = Field(default="", description="Base URL the batch runner sends lines to (the front "
+                                  "door); empty: the server itself (`serve`) or http://127.0.0.1:8080.")
+    batch_api_key: str = Field(default="", description="Bearer key of the runner's requests (default: the first "
+                               "of API_KEYS).")
+    batch_concurrency: int = Field(default=16, ge=1, description="Batch requests in flight over all batches.")
+    batch_concurrency_per_batch: int = Field(default=8, ge=1, description="Batch requests in flight per batch.")
+    batch_max_lines: int = Field(default=50_000, ge=1, description="Lines per input file (OpenAI: 50,000).")
+    batch_max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1024,
+                                      description="Bytes per input file (OpenAI: 200 MB).")
+    batch_window_s: float | None = Field(default=None, gt=0, description="Completion window in seconds, "
+                                         "overriding the requested `24h` (tests).")
+    batch_request_timeout_s: float = Field(default=600.0, gt=0, description="Per-attempt timeout of a line.")
+    batch_max_attempts: int = Field(default=6, ge=1, description="Attempts per line (429/503 honour "
+                                    "Retry-After) before it fails.")
 
     @field_validator("model")
     @classmethod

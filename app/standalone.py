@@ -64,8 +64,14 @@ def run(settings: Settings, specs: list[EngineSpec] | None = None) -> None:
         aliases = model_aliases(settings.model, specs[0].model_id)
     sink = PrometheusSink()
     backend = build_backend(specs, sink, backup=settings.backup, aliases=aliases)
+    batch = None
+    if settings.batch_dir:  # the Batch API on this server, its runner sending to the server itself
+        from app.batch.service import BatchService
+
+        batch = BatchService.from_settings(
+            settings, sink, settings.batch_target_url or f"http://127.0.0.1:{settings.port}")
     app = create_app(backend, metrics=sink, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes,
-                     sse_keepalive_s=settings.sse_keepalive_s)
+                     sse_keepalive_s=settings.sse_keepalive_s, batch=batch)
     server = guarded_server(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level)
     log.info("serving %s on http://%s:%s", ", ".join(s.model_id for s in specs), settings.host, settings.port)
     server.run()

@@ -22,6 +22,8 @@ from app.api.backend import ModelBackend
 from app.api.errors import count_rejection, install_error_handlers, send_error
 from app.api.openapi import document
 from app.api.routes import router
+from app.batch.routes import router as batch_router
+from app.batch.service import BatchService
 from app.engines.grammar.install import missing_packages
 from app.engines.import_lock import preload
 from app.metrics import MetricsSink, PrometheusSink
@@ -30,20 +32,25 @@ log = logging.getLogger(__name__)
 
 
 class BodyLimitMiddleware:
-    """Rejects request bodies over `max_bytes` with 413 (by Content-Length or while streaming)."""
+    """Rejects request bodies over `max_bytes` with 413 (by Content-Length or while streaming);
+    `path_limits` (path prefix -> bytes) raise the limit for uploads (the batch service's `/v1/files`)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, metrics: MetricsSink):
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: MetricsSink,
+                 path_limits: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path: str = scope.get("path", "")
+        max_bytes = next((n for prefix, n in self.path_limits.items() if path.startswith(prefix)), self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, send)
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await self._reject(scope, send, max_bytes)
             return
         seen = 0
         too_big = False
@@ -54,7 +61,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     too_big = True
                     raise _BodyTooLarge()
             return message
@@ -72,11 +79,11 @@ class BodyLimitMiddleware:
         except _BodyTooLarge:
             pass
         if too_big and not started:
-            await self._reject(scope, send)
+            await self._reject(scope, send, max_bytes)
 
-    async def _reject(self, scope: Scope, send: Send) -> None:
+    async def _reject(self, scope: Scope, send: Send, max_bytes: int) -> None:
         count_rejection(self.metrics, scope.get("path", ""), 413, "invalid_request_error", request_id_of(scope))
-        await send_error(send, 413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        await send_error(send, 413, f"request body exceeds {max_bytes} bytes", code="request_too_large")
 
 
 class _BodyTooLarge(Exception):
@@ -84,13 +91,15 @@ class _BodyTooLarge(Exception):
 
 
 class JSONBodyMiddleware:
-    """Treats every POST body under /v1 as JSON, whatever Content-Type says (curl -d sends form type)."""
+    """Treats every POST body under /v1 as JSON, whatever Content-Type says (curl -d sends form type);
+    `/v1/files` keeps its multipart upload."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/") \
+                and not scope["path"].startswith("/v1/files"):
             headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
             scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
@@ -124,6 +133,17 @@ class RequestIdMiddleware:
         await self.app(scope, receive, with_id)
 
 
+def install_middleware(app: FastAPI, sink: MetricsSink, *, max_body_bytes: int, echo_request_id: bool,
+                       upload_bytes: int | None = None) -> None:
+    """The middleware stack of every server (outermost last): request id, API keys, body limit, JSON bodies.
+    `upload_bytes`: the body limit of `/v1/files` (a batch input file plus the multipart framing)."""
+    path_limits = {"/v1/files": upload_bytes + 1024 * 1024} if upload_bytes else None
+    app.add_middleware(JSONBodyMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, metrics=sink, path_limits=path_limits)
+    app.add_middleware(APIKeyMiddleware, keys=app.state.api_keys, metrics=sink)  # before any body is read
+    app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
+
+
 def create_app(
     backend: ModelBackend,
     *,
@@ -134,12 +154,14 @@ def create_app(
     title: str = "LLM serving kit",
     echo_request_id: bool = True,
     sse_keepalive_s: float = 15.0,
+    batch: BatchService | None = None,
 ) -> FastAPI:
     """The API application. `metrics` is the sink the server's engines record into too (default: a new
     PrometheusSink, served on /metrics); `manage_backend=False` when the caller starts/stops the backend
     itself; `echo_request_id=False` when a proxy in front (Ray Serve's) already echoes X-Request-Id;
     `sse_keepalive_s`: a `: keep-alive` comment on a stream silent that long (0: never). Setting
-    `app.state.stream_cut` (the server's shutdown grace ended) ends the requests still running."""
+    `app.state.stream_cut` (the server's shutdown grace ended) ends the requests still running. `batch`: also serve
+    the Batch API (`/v1/files`, `/v1/batches`) and run its runner while the app lives."""
     sink = metrics or PrometheusSink()
 
     @asynccontextmanager
@@ -154,10 +176,14 @@ def create_app(
                         entry["needed_for"], entry["fix"])
         if manage_backend:
             await backend.start()
+        if batch is not None:
+            await batch.start()
         try:
             yield
         finally:
             app.state.draining = True
+            if batch is not None:
+                await batch.stop()
             if manage_backend:
                 await backend.shutdown()
 
@@ -168,11 +194,12 @@ def create_app(
     app.state.draining = False
     app.state.stream_cut = asyncio.Event()
     app.state.sse_keepalive_s = sse_keepalive_s
+    app.state.batch = batch
     install_error_handlers(app)
     app.include_router(router)
+    if batch is not None:
+        app.include_router(batch_router)
     document(app, model_ids=backend.model_ids, auth=bool(app.state.api_keys))
-    app.add_middleware(JSONBodyMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, metrics=sink)
-    app.add_middleware(APIKeyMiddleware, keys=app.state.api_keys, metrics=sink)  # before any body is read
-    app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
+    install_middleware(app, sink, max_body_bytes=max_body_bytes, echo_request_id=echo_request_id,
+                       upload_bytes=batch.limits.max_file_bytes if batch is not None else None)
     return app

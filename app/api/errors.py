@@ -99,7 +99,8 @@ _UNICODE_ERRORS = {INVALID_UNICODE, "string_unicode"}
 _UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "literal"}
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The message and parameter of a 400 for a failed request validation (the batch service reuses it)."""
     # invalid Unicode first: inside a union (`str | list[...]`) pydantic also reports the other members' type
     # mismatches, which would name the wrong problem
     errors = sorted(exc.errors(), key=lambda e: e.get("type") not in _UNICODE_ERRORS)
@@ -154,7 +155,7 @@ def _reject(request: Request, status: int, error_type: str) -> None:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc)
         _reject(request, 400, _TYPE_BY_STATUS[400])
         code = INVALID_UNICODE if any(e.get("type") in _UNICODE_ERRORS for e in exc.errors()) else "invalid_value"
         return error_response(message, 400, param=param, code=code)

@@ -91,6 +91,7 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest) -> GenerationReque
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         logprobs=req.logprobs_k,
+        priority="batch" if req.service_tier == "flex" else "interactive",
     )
 
 

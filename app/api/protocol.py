@@ -133,9 +133,11 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = Field(None, json_schema_extra={
         "minLength": 1, "maxItems": MAX_STOP_SEQUENCES, "items": {"type": "string", "minLength": 1}})
-    # |seed| < 2**53: every such integer is exact as a JSON (double) number, so clients and schema checkers agree
-    seed: Annotated[int, Field(ge=-(2**53 - 1), le=2**53 - 1), INTEGRAL] | None = None
+    # the signed 64-bit range, as vLLM accepts it (engines fold a seed to 64 bits: app.engines.hf_runner, vllm)
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1), INTEGRAL] | None = None
     user: Text | None = None
+    # flex: batch priority (queued interactive requests are admitted first); the batch service sends flex
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     # vLLM-compatible extensions

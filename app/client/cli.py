@@ -39,7 +39,10 @@ def batch_command(
     summary_json: Annotated[Path | None, typer.Option(help="Also write the summary as JSON here.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Live progress bar.")] = True,
 ) -> None:
-    """Send a JSONL batch with failover, retries and resume; one result line per id, written as it goes."""
+    """Send a JSONL batch with failover, retries and resume; one result line per id, written as it goes.
+
+    To hand a batch to the server instead (OpenAI Batch API; disconnect and collect later):
+    `python -m app batch submit|status|cancel|download|list --help`."""
     from app.client.batch import BatchOptions, main_batch
     from app.client.wire import RetryPolicy
     from app.console import fail

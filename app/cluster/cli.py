@@ -289,6 +289,8 @@ def local_up(
     num_cpus: Annotated[int | None, typer.Option(help="CPUs the node advertises (default: detected).")] = None,
     object_store_mb: Annotated[int, typer.Option(help="Object store size (MB).")] = 256,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the models to be RUNNING.")] = 600.0,
+    batch_port: Annotated[int, typer.Option(envvar="BATCH_PORT", min=0, max=65535, help="The batch service "
+                                            "(OpenAI Batch API) on 127.0.0.1; 0: none.")] = 8005,
 ) -> None:
     """Local Ray cluster on 127.0.0.1 (one node carrying the worker tier) serving the models via Ray Serve."""
     from app.cluster import local
@@ -298,7 +300,8 @@ def local_up(
     state = _run(local.local_up, list(config or []), gcs_port=gcs_port, serve_port=serve_port,
                  proxy_port=(proxy_port or _free_port()) if direct_ingress else None,
                  metrics_export_port=metrics_export_port, tier=worker_tier, tier_slots=tier_slots,
-                 num_cpus=num_cpus, object_store_mb=object_store_mb, wait_s=wait, api_keys=settings.api_key_list)
+                 num_cpus=num_cpus, object_store_mb=object_store_mb, wait_s=wait, api_keys=settings.api_key_list,
+                 batch_port=batch_port or None)
     model = state.models[0]  # type: ignore[attr-defined]
     auth = " -H 'Authorization: Bearer $API_KEY'" if settings.api_key_list else ""
     typer.echo(
@@ -306,7 +309,9 @@ def local_up(
         f"http://127.0.0.1:{serve_port}/v1 :\n"
         f"  curl http://127.0.0.1:{serve_port}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
         f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'\n"
-        f"Status: python -m app cluster status --address 127.0.0.1:{gcs_port}\n"
+        + (f"Batch jobs (OpenAI Batch API): python -m app batch submit FILE --wait -o OUT --endpoint "
+           f"http://127.0.0.1:{batch_port}\n" if batch_port else "")
+        + f"Status: python -m app cluster status --address 127.0.0.1:{gcs_port}\n"
         f"Stop:   python -m app cluster local-down"
     )
     sys.stdout.flush()

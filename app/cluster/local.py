@@ -6,6 +6,8 @@ tier's resource, deploys the configs through the normal deploy path, records
 its state under `.run/` and prints where to send requests. `local-down` stops
 exactly that process tree by PID: SIGTERM to the node (Ray drains), then SIGKILL
 to anything of ours still alive (found by our private temp dir and process group).
+It also runs the batch service (`python -m app batch-server` on 127.0.0.1:BATCH_PORT, state in `.run/batch`,
+its runner sending to Serve's port), as the compose head does behind nginx.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class LocalState:
     log: str
     models: list[str]
     proxy_port: int | None = None  # Serve's proxy when the ingress serves serve_port itself (direct ingress)
+    batch_pid: int | None = None  # the batch service (OpenAI Batch API)
+    batch_port: int | None = None
 
 
 def _alive(pid: int) -> bool:
@@ -83,7 +87,7 @@ def ensure_tiny_model() -> None:
 
 def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, proxy_port: int | None,
              metrics_export_port: int, tier: str, tier_slots: float, num_cpus: int | None, object_store_mb: int,
-             wait_s: float, api_keys: list[str]) -> LocalState:
+             wait_s: float, api_keys: list[str], batch_port: int | None = None) -> LocalState:
     """`proxy_port` None: Serve's proxy serves `serve_port`; else the ingress replica does (direct ingress)."""
     from app.cluster.deploy import DeployOptions, deploy
     from app.models.config import load_model_configs
@@ -129,10 +133,36 @@ def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, proxy_port:
     try:
         deploy(configs, DeployOptions(address=f"127.0.0.1:{gcs_port}", http_host="127.0.0.1", http_port=serve_port,
                                       proxy_port=proxy_port, wait_s=wait_s, api_keys=api_keys), configs=parsed)
+        if batch_port:
+            state.batch_pid, state.batch_port = _start_batch(batch_port, serve_port, api_keys), batch_port
+            STATE.write_text(json.dumps(asdict(state), indent=2))
     except BaseException:
         local_down(quiet=True)
         raise
     return state
+
+
+def _start_batch(port: int, serve_port: int, api_keys: list[str]) -> int:
+    """Start the batch service on 127.0.0.1:`port` (its runner targets Serve) and wait for /healthz."""
+    import httpx
+
+    log_path = RUN_DIR / "batch.log"
+    env = {**os.environ, "API_KEYS": ",".join(api_keys)}
+    cmd = [sys.executable, "-m", "app", "batch-server", "--host", "127.0.0.1", "--port", str(port),
+           "--data-dir", str(RUN_DIR / "batch"), "--target-url", f"http://127.0.0.1:{serve_port}"]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc.pid
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise ClusterError(f"the batch service did not start; log {log_path}:\n"
+                               f"{log_path.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.3)
 
 
 def _our_pids(temp_dir: str, pgid: int) -> list[int]:
@@ -158,12 +188,16 @@ def local_down(quiet: bool = False, timeout_s: float = 45.0) -> bool:
         if not quiet:
             print("no local cluster recorded in .run/local.json")
         return False
+    if state.batch_pid and _alive(state.batch_pid):
+        os.kill(state.batch_pid, signal.SIGTERM)  # its lines in flight are resent by the next local-up
     if _alive(state.pid):
         os.kill(state.pid, signal.SIGTERM)  # the head wrapper forwards it to `ray start --block`
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and _our_pids(state.temp_dir, state.pid):
         time.sleep(0.5)
-    for pid in _our_pids(state.temp_dir, state.pid):
+    for pid in [*_our_pids(state.temp_dir, state.pid), *([state.batch_pid] if state.batch_pid else [])]:
+        if not _alive(pid):
+            continue
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

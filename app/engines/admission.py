@@ -3,6 +3,8 @@
 A request first takes one of `max_running` slots; when none is free it waits in a
 queue of at most `max_waiting` entries; when that is full it is refused at once
 with `QueueFullError` (HTTP 429 with Retry-After) instead of queueing without bound.
+A freed slot goes to the oldest waiting `interactive` request, else to the oldest `batch` one
+(`GenerationRequest.priority`): batch traffic never delays a queued interactive request.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
-from app.engines.base import EngineStats, QueueFullError
+from app.engines.base import EngineStats, Priority, QueueFullError
 from app.metrics import QUEUE_DEPTH, RUNNING, MetricsSink
 
 T = TypeVar("T")
@@ -37,7 +39,8 @@ class AdmissionController:
         self.max_waiting = max_waiting
         self.retry_after_s = retry_after_s
         self._running = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[None]] = []  # in arrival order
+        self._low: set[asyncio.Future[None]] = set()  # the waiters of batch priority
         self._metrics = metrics
         self._metric_labels = metric_labels or {}
         self._on_change = on_change or self.publish
@@ -58,8 +61,8 @@ class AdmissionController:
         self._metrics.set_gauge(QUEUE_DEPTH, self._metric_labels, len(self._waiters))
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        await self._acquire()
+    async def slot(self, priority: Priority = "interactive") -> AsyncIterator[None]:
+        await self._acquire(priority)
         self._on_change()
         try:
             yield
@@ -68,7 +71,8 @@ class AdmissionController:
             self._on_change()
 
     @asynccontextmanager
-    async def admitted(self, stream: AsyncGenerator[T, None]) -> AsyncIterator[AsyncGenerator[T, None]]:
+    async def admitted(self, stream: AsyncGenerator[T, None],
+                       priority: Priority = "interactive") -> AsyncIterator[AsyncGenerator[T, None]]:
         """Hold a slot while `stream` is consumed. Engines wrap their generation with it:
 
             async with self._admission.admitted(self._generate(...)) as chunks:
@@ -80,12 +84,12 @@ class AdmissionController:
         gauges are republished in every outcome, a 429 included.
         """
         try:
-            async with self.slot(), contextlib.aclosing(stream) as chunks:
+            async with self.slot(priority), contextlib.aclosing(stream) as chunks:
                 yield chunks
         finally:
             self.publish()
 
-    async def _acquire(self) -> None:
+    async def _acquire(self, priority: Priority = "interactive") -> None:
         if self._running < self.max_running and not self._waiters:
             self._running += 1
             return
@@ -97,10 +101,13 @@ class AdmissionController:
             )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        if priority == "batch":
+            self._low.add(fut)
         self._on_change()
         try:
             await fut  # resolved by _release, which hands its slot over (running unchanged)
         except BaseException:
+            self._low.discard(fut)
             if fut in self._waiters:
                 self._waiters.remove(fut)
             elif fut.done() and not fut.cancelled():
@@ -110,7 +117,9 @@ class AdmissionController:
 
     def _release(self) -> None:
         while self._waiters:
-            fut = self._waiters.pop(0)
+            fut = next((f for f in self._waiters if f not in self._low), self._waiters[0])  # interactive first
+            self._waiters.remove(fut)
+            self._low.discard(fut)
             if not fut.done():
                 fut.set_result(None)  # hand the slot over
                 return

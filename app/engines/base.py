@@ -99,6 +99,11 @@ class TokenLogprob:
     top: tuple[TokenCandidate, ...] = ()
 
 
+# Who waits first for a generation slot: queued `interactive` requests are admitted before `batch` ones (the
+# API maps OpenAI's `service_tier: "flex"` to batch; the batch service sends its lines so).
+Priority = Literal["interactive", "batch"]
+
+
 @dataclass
 class GenerationRequest:
     """Engine-level request: either a raw `prompt` or chat `messages`.
@@ -122,6 +127,7 @@ class GenerationRequest:
     logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    priority: Priority = "interactive"
 
 
 @dataclass

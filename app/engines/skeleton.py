@@ -123,6 +123,6 @@ class EngineSkeleton(Engine):
         self._check_request(request, max_new)
         # a client disconnect closes this generator; admitted() closes the inner one (aborting it in the engine)
         # while the slot is still held, not whenever it is garbage-collected
-        async with self._admission.admitted(self._stream(prompt_ids, request, max_new)) as chunks:
+        async with self._admission.admitted(self._stream(prompt_ids, request, max_new), request.priority) as chunks:
             async for chunk in chunks:
                 yield chunk

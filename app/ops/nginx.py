@@ -3,7 +3,8 @@ into a private nginx prefix.
 
 Upstreams follow the shared contract: primary = Ray Serve (its ingress, or its proxy) at
 SERVE_HOST:SERVE_PORT (the address `cluster deploy` binds; default 127.0.0.1),
-backup = the standalone fallback server(s) at 127.0.0.1:FALLBACK_PORT
+backup = the standalone fallback server(s) at 127.0.0.1:FALLBACK_PORT; the Batch API (`/v1/files`,
+`/v1/batches`) goes to the batch service at 127.0.0.1:BATCH_PORT
 (a comma list of ports, or full `host:port` lists in
 NGINX_PRIMARY / NGINX_BACKUPS when they live elsewhere). Relative paths (pid,
 temp, logs) resolve against nginx's `-p` prefix, so the rendered folder is a
@@ -39,6 +40,11 @@ class NginxSettings(BaseSettings):
     fallback_port: str = Field(default="8001", description="Fallback server port(s), comma list (backups).")
     nginx_primary: str = Field(default="", description="host:port list overriding 127.0.0.1:SERVE_PORT.")
     nginx_backups: str = Field(default="", description="host:port list overriding 127.0.0.1:FALLBACK_PORT.")
+    batch_port: int = Field(default=8005, ge=1, le=65535, description="Batch service port (BATCH_PORT): "
+                            "/v1/files and /v1/batches go there.")
+    nginx_batch_upstream: str = Field(default="", description="host:port overriding 127.0.0.1:BATCH_PORT.")
+    nginx_batch_max_body: str = Field(default="201m", description="Largest upload to /v1/files (a batch input "
+                                      "file, LLM_BATCH_MAX_FILE_BYTES, plus the multipart framing).")
     nginx_port: int = Field(default=8080, ge=1, le=65535)
     nginx_bind: str = "127.0.0.1"
     nginx_status_port: int = Field(default=8081, ge=1, le=65535, description="stub_status, 127.0.0.1 only.")
@@ -82,7 +88,7 @@ class NginxSettings(BaseSettings):
             raise ValueError(f"{v!r} is not an nginx duration like 30s")
         return v
 
-    @field_validator("nginx_max_body", "nginx_max_header")
+    @field_validator("nginx_max_body", "nginx_max_header", "nginx_batch_max_body")
     @classmethod
     def _size(cls, v: str) -> str:
         if not _SIZE.match(v):
@@ -105,6 +111,14 @@ class NginxSettings(BaseSettings):
         if self.nginx_backups:
             return parse_hostports(self.nginx_backups, "NGINX_BACKUPS")
         return [f"127.0.0.1:{p}" for p in parse_ports(self.fallback_port, "FALLBACK_PORT")]
+
+    def batch_server(self) -> str:
+        if self.nginx_batch_upstream:
+            servers = parse_hostports(self.nginx_batch_upstream, "NGINX_BATCH_UPSTREAM")
+            if len(servers) != 1:
+                raise RenderError("NGINX_BATCH_UPSTREAM: exactly one host:port (the batch service)")
+            return servers[0]
+        return f"127.0.0.1:{self.batch_port}"
 
     def upstreams(self) -> list[str]:
         """Every server of the upstream block, primaries first (what the front door polls)."""
@@ -151,6 +165,8 @@ def template_values(s: NginxSettings, down: frozenset[str] = frozenset()) -> dic
         "NGINX_SEND_TIMEOUT": s.nginx_send_timeout,
         "NGINX_UPSTREAM_HEADER": header,
         "NGINX_STATUS_PORT": str(s.nginx_status_port),
+        "NGINX_BATCH_SERVER": s.batch_server(),
+        "NGINX_BATCH_MAX_BODY": s.nginx_batch_max_body,
     }
 
 

@@ -36,6 +36,8 @@ class PrometheusSettings(BaseSettings):
     fallback_port: str = Field(default="8001", description="Fallback server port(s) on this VM, comma list.")
     prom_fallback_targets: str = Field(default="", description="host:port list overriding FALLBACK_PORT.")
     prom_app_targets: str = Field(default="", description="Other standalone servers, e.g. DeepSpeed 127.0.0.1:8002.")
+    batch_port: int = Field(default=8005, ge=1, le=65535, description="The batch service's port on this VM.")
+    prom_batch_targets: str = Field(default="", description="host:port list overriding 127.0.0.1:BATCH_PORT.")
     head_ip: str = "127.0.0.1"
     ray_metrics_export_port: int = Field(default=8090, ge=1, le=65535)
     ray_node_targets: str = Field(default="", description="host:port of every Ray node's metrics export port.")
@@ -90,6 +92,8 @@ def template_values(s: PrometheusSettings) -> dict[str, str]:
         "PROMETHEUS_EVAL_INTERVAL": s.prometheus_eval_interval,
         "FALLBACK_TARGETS": json.dumps(s.fallbacks()),
         "APP_TARGETS": json.dumps(parse_hostports(s.prom_app_targets, "PROM_APP_TARGETS")),
+        "BATCH_TARGETS": json.dumps(parse_hostports(s.prom_batch_targets, "PROM_BATCH_TARGETS")
+                                    or [f"127.0.0.1:{s.batch_port}"]),
         "RAY_NODE_TARGETS": json.dumps(s.ray_nodes()),
         "RAY_SD_FILE": json.dumps(s.ray_sd_file),
         "NGINX_EXPORTER_TARGETS": json.dumps(parse_hostports(s.nginx_exporter_targets, "NGINX_EXPORTER_TARGETS")),

@@ -144,3 +144,14 @@ def test_ray_floor_serves_both_ways(tmp_path: Path) -> None:
     ray_cpu = result["servers"]["ray"][0]["cpu"]
     assert any(role.startswith("ray replica ") for role in ray_cpu) and "ray proxy" in ray_cpu, ray_cpu
     assert "| ray | 2 |" in (tmp_path / "ray-floor.md").read_text()
+
+
+def test_batch_service_bench_smoke(core_server: Any, tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "bench.batch_service", "--endpoint", core_server.base_url,
+                          "--lines", "12", "--concurrency", "3", "--max-tokens", "2", "--probes", "2",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "batch-service.json").read_text())
+    assert report["client"]["ok"] == report["service"]["ok"] == 12
+    assert report["ratio_service_to_client"] > 0 and report["ttft_p50_ms"]["idle"] > 0
+    assert "batch service" in (tmp_path / "batch-service.md").read_text()

@@ -57,7 +57,7 @@ def test_config_valid_for_every_profile_combination(tmp_path: Path, profiles: tu
 def test_services_and_profiles(model: dict[str, Any]) -> None:
     svc = model["services"]
     expected = {
-        "ray-head": "head", "fallback": "head", "nginx": "head", "ray-worker": "worker",
+        "ray-head": "head", "fallback": "head", "nginx": "head", "batch": "head", "ray-worker": "worker",
         "ray-worker-cpu": "worker-cpu", "dcgm-exporter": "worker",
         "prometheus": "monitoring", "grafana": "monitoring", "nginx-exporter": "monitoring",
         "prometheus-config": "monitoring", "deepspeed": "deepspeed", "deepspeed-node": "deepspeed",
@@ -176,6 +176,25 @@ def test_commands_are_app_entrypoints(model: dict[str, Any]) -> None:
     assert svc["deepspeed"]["command"][3:] == ["deepspeed", "launch"]
     assert svc["deepspeed-node"]["command"][3:] == ["deepspeed", "sshd"]
     assert svc["fallback"]["command"][-1] == "--backup"  # nginx's backup: another model is a retryable 503
+    assert svc["batch"]["command"][3:] == ["batch-server", "--host", "127.0.0.1", "--port", "8005"]
+
+
+def test_batch_service_state_volume_and_route(model: dict[str, Any], tmp_path: Path) -> None:
+    """The batch service keeps its SQLite state on a named volume; nginx routes the Batch API to its port."""
+    from app.ops.nginx import NginxSettings, render_nginx
+
+    svc = model["services"]
+    batch = svc["batch"]
+    (vol,) = batch["volumes"]
+    assert vol["type"] == "volume" and vol["target"] == batch["environment"]["LLM_BATCH_DIR"]
+    assert "batch-data" in model["volumes"]
+    assert "/healthz" in " ".join(batch["healthcheck"]["test"]) and "BATCH_PORT" in batch["healthcheck"]["test"][3]
+    assert batch["environment"]["BATCH_PORT"] == svc["nginx"]["environment"]["BATCH_PORT"] == "8005"
+    # the runner's target is the front door nginx listens on
+    assert batch["environment"]["NGINX_PORT"] == svc["nginx"]["environment"]["NGINX_PORT"]
+    assert batch["environment"]["NGINX_BIND"] == svc["nginx"]["environment"]["NGINX_BIND"]
+    conf = render_nginx(tmp_path / "nginx", NginxSettings(batch_port=int(svc["nginx"]["environment"]["BATCH_PORT"])))
+    assert "server 127.0.0.1:8005;" in conf.read_text()
 
 
 def test_ray_auth_and_volumes(model: dict[str, Any]) -> None:
@@ -223,6 +242,7 @@ def test_env_example_documents_every_variable() -> None:
     contract = """HEAD_IP NODE_IP RAY_AUTH_TOKEN RAY_GCS_PORT RAY_CLIENT_PORT RAY_DASHBOARD_PORT RAY_METRICS_EXPORT_PORT
         RAY_OBJECT_MANAGER_PORT RAY_NODE_MANAGER_PORT RAY_MIN_WORKER_PORT RAY_MAX_WORKER_PORT RAY_OBJECT_STORE_MB
         NUM_GPUS WORKER_TIER MODEL_CONFIGS SERVE_PORT FALLBACK_PORT FALLBACK_MODEL NGINX_PORT NGINX_BIND PROMETHEUS_PORT
+        BATCH_PORT NGINX_BATCH_UPSTREAM NGINX_BATCH_MAX_BODY
         GRAFANA_PORT API_KEYS HF_TOKEN HF_CACHE_DIR DS_HOSTS DS_MASTER_PORT DS_NET_IFNAME DS_MODEL DS_SERVED_MODEL_NAME
         DS_PORT
         DS_COLLECTIVE_TIMEOUT_S DS_LAUNCH_DEADLINE_S DS_SSH_KEY CLUSTER_BASE_URL CLUSTER_API_KEY CLUSTER_TIMEOUT_S

@@ -163,7 +163,7 @@ def test_readme_steps_head_then_workers_then_deploy_status_test(kit: Kit) -> Non
     assert res.returncode == 0, res.stderr
     assert res.stdout.count('"object":"chat.completion"') == 2, "one answer through nginx, one from Serve directly"
     print(f"cluster up {t_up:.0f}s, deployed {time.monotonic() - t0:.0f}s after the first command")
-    for vm, svc in (("head", "nginx"), ("head", "fallback"), ("head", "prometheus")):
+    for vm, svc in (("head", "nginx"), ("head", "fallback"), ("head", "prometheus"), ("head", "batch")):
         kit.vms.wait_health(vm, svc, "healthy", 120)
 
 

@@ -152,7 +152,7 @@ def _image_commands() -> set[tuple[str, ...]]:
                 if argv[:3] == ["python", "-m", "app"]:
                     cmds.add(tuple(a for a in argv[3:] if not a.startswith("-"))[:2])
     for f in (ROOT / "compose").glob("*.yml"):
-        for m in re.finditer(r"command: \[python, -m, app, ([a-z-]+)(?:, ([a-z-]+))?", f.read_text()):
+        for m in re.finditer(r"command: \[python, -m, app, ([a-z][a-z-]*)(?:, ([a-z][a-z-]*))?", f.read_text()):
             cmds.add(tuple(x for x in m.groups() if x))
         if "      - app\n      - serve\n" in f.read_text():
             cmds.add(("serve",))
@@ -162,7 +162,7 @@ def _image_commands() -> set[tuple[str, ...]]:
 def test_named_entrypoints_exist() -> None:
     cmds = _image_commands()
     assert {("cluster", "head"), ("cluster", "worker"), ("serve",), ("ops", "front-door"),
-            ("ops", "render-prometheus"), ("deepspeed", "launch"), ("deepspeed", "sshd")} <= cmds
+            ("ops", "render-prometheus"), ("deepspeed", "launch"), ("deepspeed", "sshd"), ("batch-server",)} <= cmds
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     for cmd in sorted(cmds):
         res = subprocess.run([sys.executable, "-m", "app", *cmd, "--help"], capture_output=True, text=True,

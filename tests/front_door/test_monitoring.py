@@ -51,6 +51,7 @@ def test_render_cli_and_promtool_check_config(tmp_path: Path) -> None:
     jobs = {j["job_name"]: j for j in conf["scrape_configs"]}
     assert jobs["llm-fallback"]["static_configs"][0]["targets"] == ["127.0.0.1:8001", "127.0.0.1:8003"]
     assert jobs["llm-standalone"]["static_configs"][0]["targets"] == ["127.0.0.1:8002"]
+    assert jobs["llm-batch"]["static_configs"][0]["targets"] == ["127.0.0.1:8005"]  # the batch service
     assert jobs["ray-nodes"]["static_configs"][0]["targets"] == ["10.0.0.1:8090", "10.0.0.2:8090", "10.0.0.3:8090"]
     assert jobs["ray-nodes"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
     strip = jobs["ray-nodes"]["metric_relabel_configs"][0]
@@ -156,8 +157,11 @@ def test_prometheus_scrapes_standalone_server(start_server, prometheus_factory) 
     checked = 0
     for key, expr in dashboard_exprs(dash):
         names = set(re.findall(r"\b([A-Za-z_][A-Za-z0-9_]*)\s*[{\[]", expr))
-        if not names or not all(n.startswith("llm_") for n in names) or "5.." in expr or "errors" in expr:
-            continue  # Ray/GPU/nginx panels (no such targets here) and error panels (no errors here)
+        if not names or not all(n.startswith("llm_") for n in names) or "5.." in expr or "errors" in expr \
+                or any(n.startswith("llm_batch") for n in names):
+            # Ray/GPU/nginx panels (no such targets here), error panels (no errors here), the batch service's
+            # row (tests/client/test_batch_service.py scrapes its metrics)
+            continue
         assert prom.query(expr), f"dashboard query {key} returned nothing: {expr}"
         checked += 1
     assert checked >= 8

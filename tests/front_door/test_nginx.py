@@ -56,7 +56,8 @@ def _addr(srv: ServerProcess) -> str:
 def test_render_cli_and_nginx_t(tmp_path: Path) -> None:
     need_binary("nginx")
     env = {**os.environ, "SERVE_PORT": "18000", "FALLBACK_PORT": "18001,18003", "NGINX_PORT": "18080",
-           "NGINX_RATE_LIMIT": "5r/s", "NGINX_READ_TIMEOUT": "120s"}
+           "NGINX_RATE_LIMIT": "5r/s", "NGINX_READ_TIMEOUT": "120s",
+           "BATCH_PORT": "18002"}
     out = subprocess.run([sys.executable, "-m", "app", "ops", "render-nginx", "--out", str(tmp_path)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -75,7 +76,12 @@ def test_render_cli_and_nginx_t(tmp_path: Path) -> None:
     assert "proxy_next_upstream_timeout 10s;" in proxy
     assert "listen 127.0.0.1:18080;" in conf and "listen 127.0.0.1:8081;" in conf
     assert "proxy_read_timeout 120s;" in proxy and "proxy_connect_timeout 2s;" in proxy
-    assert conf.count("include proxy.conf;") == 2  # /v1/ and /health: the only proxied locations
+    # /v1/ and /health to the API upstreams; /v1/files and /v1/batches to the batch service: the proxied locations
+    assert conf.count("include proxy.conf;") == 4
+    batch = conf[conf.index("upstream llm_batch"):]
+    assert "server 127.0.0.1:18002;" in batch[:batch.index("}")]
+    files = conf[conf.index("location /v1/files"):]
+    assert "client_max_body_size 201m;" in files[:files.index("}")] and "proxy_pass http://llm_batch;" in files
     for directive in ("client_header_timeout 10s;", "client_body_timeout 30s;", "large_client_header_buffers 4 32k;",
                       "keepalive_timeout 75s;"):
         assert directive in conf

@@ -60,6 +60,7 @@ class Local:
         self.cwd, self.gcs, self.serve, self.metrics, self.env = cwd, gcs, serve, metrics, env
         self.base = f"http://127.0.0.1:{serve}"
         self.up_output = ""
+        self.batch = 0  # the batch service's port
 
     def app(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "app", *args], cwd=self.cwd, env=self.env, text=True,
@@ -95,10 +96,12 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(cwd), HF_HUB_OFFLINE="1", RAY_AUTH_TOKEN=os.urandom(32).hex(), PYTHONPATH=str(ROOT))
     lc = Local(cwd, free_port(), free_port(), free_port(), env)
+    lc.batch = free_port()
     t0 = time.monotonic()
     try:
         up = lc.app("cluster", "local-up", "--config", "tiny.yaml", "--config", "tiny-b.yaml",
                     "--gcs-port", str(lc.gcs), "--serve-port", str(lc.serve), "--metrics-export-port", str(lc.metrics),
+                    "--batch-port", str(lc.batch),
                     "--num-cpus", "4", "--object-store-mb", "128", "--wait", "300", timeout=420)
         lc.up_output = up.stdout + up.stderr
         assert up.returncode == 0, lc.up_output[-4000:]
@@ -106,10 +109,12 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
         yield lc
     finally:
         state = cwd / ".run" / "local.json"
-        marker = json.loads(state.read_text())["temp_dir"] if state.exists() else str(cwd / ".run")
+        recorded = json.loads(state.read_text()) if state.exists() else {}
+        marker = recorded.get("temp_dir") or str(cwd / ".run")
         down = lc.app("cluster", "local-down", timeout=120)
         assert down.returncode == 0, down.stderr
-        leftovers = _our_processes(marker)
+        leftovers = _our_processes(marker) + ([recorded["batch_pid"]] if recorded.get("batch_pid") and
+                                              Path(f"/proc/{recorded['batch_pid']}").exists() else [])
         assert not leftovers, f"processes outlived local-down: {leftovers}"
         head_log = (cwd / ".run" / "head.log").read_text(errors="replace")
         assert "Draining for up to" not in head_log, "local-down waited for Ray's SIGTERM drain: " + head_log[-1500:]
@@ -119,6 +124,24 @@ def test_local_up_says_where_to_send_requests(local: Local) -> None:
     assert f"curl http://127.0.0.1:{local.serve}/v1/chat/completions" in local.up_output
     assert "local-down" in local.up_output
     assert httpx.get(local.base + "/readyz", timeout=30).status_code == 200
+
+
+def test_local_up_serves_the_batch_api(local: Local) -> None:
+    """`deploy-ray.sh local` runs the batch service too: a batch through it is answered by Ray Serve."""
+    assert f"--endpoint http://127.0.0.1:{local.batch}" in local.up_output
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{local.batch}/v1", api_key="unused", max_retries=0)
+    rows = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/completions",
+             "body": {"model": "tiny", "prompt": f"hi {i}", "max_tokens": 2}} for i in range(3)]
+    f = client.files.create(file=("in.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()),
+                            purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    deadline = time.monotonic() + 120
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    assert batch.status == "completed" and batch.request_counts.completed == 3, batch
+    out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in out) == ["l0", "l1", "l2"]
 
 
 def _listener(port: int) -> int | None:

@@ -12,7 +12,7 @@ import contextlib
 import pytest
 
 from app.engines.admission import AdmissionController
-from app.engines.base import QueueFullError
+from app.engines.base import Priority, QueueFullError
 
 
 async def _until(cond, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -197,3 +197,48 @@ async def test_admitted_closes_the_stream_before_the_slot_goes_to_the_next_reque
     assert events == ["a closed, running=1, waiting=1"]
     await second.aclose()
     assert events[-1] == "b closed, running=1, waiting=0" and ac.stats().running == 0
+
+
+class PriorityHolder(Holder):
+    def __init__(self, ac: AdmissionController, name: str, log: list[str], priority: Priority):
+        self.priority = priority
+        super().__init__(ac, name, log)
+
+    async def _run(self) -> None:
+        async with self.ac.slot(self.priority):
+            self.log.append(self.name)
+            self.admitted.set()
+            await self.release.wait()
+
+
+async def test_a_freed_slot_goes_to_the_oldest_interactive_waiter_before_batch_ones() -> None:
+    ac = AdmissionController(1, 8)
+    log: list[str] = []
+    running = PriorityHolder(ac, "batch-0", log, "batch")
+    await asyncio.wait_for(running.admitted.wait(), 5)
+    queued = [PriorityHolder(ac, "batch-1", log, "batch"), PriorityHolder(ac, "batch-2", log, "batch")]
+    await _until(lambda: ac.stats().waiting == 2, "two batch waiters")
+    queued += [PriorityHolder(ac, "chat-1", log, "interactive"), PriorityHolder(ac, "chat-2", log, "interactive")]
+    await _until(lambda: ac.stats().waiting == 4, "four waiters")
+    holders = [running, *queued]
+    for h in holders:  # each leaves as soon as it runs: the log is the order of admission
+        h.release.set()
+    await asyncio.wait_for(asyncio.gather(*(h.task for h in holders)), 5)
+    assert log == ["batch-0", "chat-1", "chat-2", "batch-1", "batch-2"]
+    assert ac.stats().running == 0 and ac.stats().waiting == 0
+
+
+async def test_a_cancelled_batch_waiter_leaves_no_trace() -> None:
+    ac = AdmissionController(1, 4)
+    log: list[str] = []
+    running = Holder(ac, "a", log)
+    await asyncio.wait_for(running.admitted.wait(), 5)
+    low = PriorityHolder(ac, "low", log, "batch")
+    await _until(lambda: ac.stats().waiting == 1, "one waiter")
+    low.task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await low.task
+    assert ac.stats().waiting == 0 and not ac._low
+    running.release.set()
+    await asyncio.wait_for(running.task, 5)
+    assert ac.stats().running == 0

@@ -1,0 +1,76 @@
+"""`python -m app batch-server`: the Batch API as a service of its own (the compose `batch` service).
+
+It serves `/v1/files` and `/v1/batches` (nginx routes them here on the API port), `/healthz` and `/metrics`,
+with the same API keys, error shapes, request ids and body limits as the API (the one middleware stack of
+`app.api.app`), and its runner sends the lines to `LLM_BATCH_TARGET_URL` (the front door). On SIGTERM it stops
+the runner: lines in flight are resent after the restart, their outcomes not yet committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.api.app import install_middleware
+from app.api.errors import install_error_handlers
+from app.batch.routes import health_router, router
+from app.batch.service import BatchService
+from app.http_guard import server_config
+from app.metrics import PrometheusSink
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def default_target() -> str:
+    """The front door where nginx listens (NGINX_BIND:NGINX_PORT, 0.0.0.0 reached on loopback)."""
+    host = os.environ.get("NGINX_BIND", "127.0.0.1")
+    host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    return f"http://{host}:{os.environ.get('NGINX_PORT', '8080')}"
+
+
+def create_batch_app(settings: Settings) -> FastAPI:
+    if not settings.batch_dir:
+        raise ValueError("no batch folder: set LLM_BATCH_DIR (or pass --data-dir)")
+    sink = PrometheusSink()
+    service = BatchService.from_settings(settings, sink, settings.batch_target_url or default_target())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="LLM serving kit: Batch API", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.batch = service
+    app.state.metrics = sink
+    app.state.api_keys = settings.api_key_list
+    app.state.draining = False
+    app.state.stream_cut = asyncio.Event()
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(router)
+    install_middleware(app, sink, max_body_bytes=settings.max_body_bytes, echo_request_id=True,
+                       upload_bytes=settings.batch_max_file_bytes)
+    return app
+
+
+def run(settings: Settings) -> None:
+    app = create_batch_app(settings)
+    # an upload of up to batch_max_file_bytes through a slow tunnel: the body may take minutes
+    base = settings.limits()
+    limits = dataclasses.replace(base, body_timeout_s=max(base.body_timeout_s, 600.0))
+    config = server_config(app, host=settings.host, port=settings.port, limits=limits,
+                           log_level=settings.log_level, graceful_timeout_s=settings.graceful_timeout_s)
+    log.info("batch service on http://%s:%s (data %s, target %s)", settings.host, settings.port,
+             settings.batch_dir, settings.batch_target_url or default_target())
+    uvicorn.Server(config).run()
