@@ -3,8 +3,8 @@
 One emulated cluster (tests/composevm: a network namespace and a harness engine per VM) is shared by the tests of
 this module, which run in order and each leave it serving: the README's steps with the operator's real commands
 (`./deploy-ray.sh --with-monitoring --workers 2` on the head, `all` on each worker, then `deploy`, `status`,
-`test`), requests through nginx served by Ray replicas on the workers, Prometheus scraping every node with the
-shipped defaults, `all` twice, the Ray head crashed (fallback answers with the same model id; the restarted head
+`test`), requests through nginx served by Ray replicas on the workers, a Batch API batch through the front door
+whose batch service is SIGKILLed mid-batch, Prometheus scraping every node with the shipped defaults, `all` twice, the Ray head crashed (fallback answers with the same model id; the restarted head
 redeploys by itself) and a worker VM rebooted (it rejoins and takes its replica back). The tiny model is mounted
 through the config folder (MODEL_CONFIG_DIR) and the HF cache volume, as an operator's model would be.
 """
@@ -176,6 +176,49 @@ def test_nginx_sends_requests_to_ray_replicas_on_the_worker_vms(kit: Kit) -> Non
     # the fallback's user (uid 1000) can write the HF cache it downloads into
     res = kit.compose("head", "exec", "fallback", "python", "-c", "open('/cache/hf/.write-test', 'w').write('ok')")
     assert res.returncode == 0, res.stderr
+
+
+# the Batch API through the head's front door with the official SDK, from inside the head VM
+BATCH = r"""
+import io, json, sys, openai
+url, key, op, arg = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+client = openai.OpenAI(base_url=url, api_key=key, max_retries=5, timeout=60)
+if op == "submit":
+    lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "tiny", "messages": [{"role": "user", "content": f"hi {i}"}], "max_tokens": 4}}
+             for i in range(int(arg))]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    f = client.files.create(file=("lines.jsonl", io.BytesIO(data)), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    print(json.dumps({"id": b.id}))
+elif op == "status":
+    b = client.batches.retrieve(arg)
+    print(json.dumps({"status": b.status, "counts": b.request_counts.model_dump(), "output": b.output_file_id}))
+else:
+    rows = [json.loads(x) for x in client.files.content(arg).text.splitlines() if x.strip()]
+    print(json.dumps([[r["custom_id"], r["response"]["status_code"], r["response"]["body"].get("model")]
+                      for r in rows]))
+"""
+
+
+def test_a_batch_through_the_front_door_survives_its_service_being_killed(kit: Kit) -> None:
+    """A 200-line batch submitted with the SDK through nginx on the head runs on the cluster; the batch service is
+    SIGKILLed mid-batch, its restart policy brings it back, and the output holds every line exactly once."""
+    url = f"http://{kit.head_ip}:8080/v1"
+    batch_id = kit.vms.python("head", BATCH, url, API_KEY, "submit", "200")["id"]
+
+    def status() -> dict[str, Any]:
+        return dict(kit.vms.python("head", BATCH, url, API_KEY, "status", batch_id))
+
+    kit.wait(lambda: status()["counts"]["completed"] >= 10, 180, "the batch under way", interval=1)
+    kit.vms.crash("head", "batch")
+    done = kit.wait(lambda: (lambda st: st if st["status"] == "completed" else None)(status()), 300,
+                    "the restarted batch service finishing the batch", interval=3)
+    assert done["counts"] == {"total": 200, "completed": 200, "failed": 0}, done
+    rows = kit.vms.python("head", BATCH, url, API_KEY, "output", done["output"])
+    assert sorted(r[0] for r in rows) == sorted(f"line-{i}" for i in range(200))  # each line once
+    assert {(r[1], r[2]) for r in rows} == {(200, "tiny")}
+    kit.vms.wait_health("head", "batch", "healthy", 120)
 
 
 PROM_QUERY = r"""
