@@ -5,8 +5,9 @@ this module, which run in order and each leave it serving: the README's steps wi
 (`./deploy-ray.sh --with-monitoring --workers 2` on the head, `all` on each worker, then `deploy`, `status`,
 `test`), requests through nginx served by Ray replicas on the workers, a Batch API batch through the front door
 whose batch service is SIGKILLed mid-batch, Prometheus scraping every node with the shipped defaults, `all` twice,
-the Ray head crashed (fallback answers with the same model id; the restarted head redeploys by itself) and a worker VM rebooted (it rejoins and takes its replica back). The tiny model is mounted
-through the config folder (MODEL_CONFIG_DIR) and the HF cache volume, as an operator's model would be.
+the Ray head crashed (fallback answers with the same model id; the restarted head redeploys by itself) and a worker
+VM rebooted (it rejoins and takes its replica back). The tiny model is mounted through the config folder
+(MODEL_CONFIG_DIR) and the HF cache volume, as an operator's model would be.
 """
 
 from __future__ import annotations
