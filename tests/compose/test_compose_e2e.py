@@ -203,10 +203,10 @@ else:
 
 
 def test_a_batch_through_the_front_door_survives_its_service_being_killed(kit: Kit) -> None:
-    """A 200-line batch submitted with the SDK through nginx on the head runs on the cluster; the batch service is
+    """A 500-line batch submitted with the SDK through nginx on the head runs on the cluster; the batch service is
     SIGKILLed mid-batch, its restart policy brings it back, and the output holds every line exactly once."""
     url = f"http://{kit.head_ip}:8080/v1"
-    batch_id = kit.vms.python("head", BATCH, url, API_KEY, "submit", "200")["id"]
+    batch_id = kit.vms.python("head", BATCH, url, API_KEY, "submit", "500")["id"]
 
     def status() -> dict[str, Any]:
         return dict(kit.vms.python("head", BATCH, url, API_KEY, "status", batch_id))
@@ -215,9 +215,9 @@ def test_a_batch_through_the_front_door_survives_its_service_being_killed(kit: K
     kit.vms.crash("head", "batch")
     done = kit.wait(lambda: (lambda st: st if st["status"] == "completed" else None)(status()), 300,
                     "the restarted batch service finishing the batch", interval=3)
-    assert done["counts"] == {"total": 200, "completed": 200, "failed": 0}, done
+    assert done["counts"] == {"total": 500, "completed": 500, "failed": 0}, done
     rows = kit.vms.python("head", BATCH, url, API_KEY, "output", done["output"])
-    assert sorted(r[0] for r in rows) == sorted(f"line-{i}" for i in range(200))  # each line once
+    assert sorted(r[0] for r in rows) == sorted(f"line-{i}" for i in range(500))  # each line once
     assert {(r[1], r[2]) for r in rows} == {(200, "tiny")}
     kit.vms.wait_health("head", "batch", "healthy", 120)
 
