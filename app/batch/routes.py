@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Annotated, BinaryIO, Literal
 
@@ -97,14 +98,18 @@ async def create_file(request: Request, file: Annotated[UploadFile, File()],
     return JSONResponse(obj.model_dump())
 
 
+def _page(data: Sequence[FileObject] | Sequence[Batch], more: bool) -> Page:
+    """OpenAI's cursor page: the objects, the first and last ids (the next page's `after`), whether more follow."""
+    return Page(data=[d.model_dump() for d in data], first_id=data[0].id if data else None,
+                last_id=data[-1].id if data else None, has_more=more)
+
+
 @router.get("/files")
 async def list_files(request: Request, after: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
                      order: Literal["asc", "desc"] = "desc", purpose: str | None = None) -> Page:
-    data, more = _service(request).store.list_files(_owner(request), after=after, limit=limit, purpose=purpose,
-                                                    ascending=order == "asc")
-    return Page(data=[d.model_dump() for d in data], first_id=data[0].id if data else None,
-                last_id=data[-1].id if data else None, has_more=more)
+    return _page(*_service(request).store.list_files(_owner(request), after=after, limit=limit, purpose=purpose,
+                                                     ascending=order == "asc"))
 
 
 @router.get("/files/{file_id}", response_model=None)
@@ -156,9 +161,7 @@ async def create_batch(request: Request, body: BatchCreate) -> Batch | JSONRespo
 @router.get("/batches")
 async def list_batches(request: Request, after: str | None = None,
                        limit: Annotated[int, Query(ge=1, le=100)] = 20) -> Page:
-    data, more = _service(request).store.list_batches(_owner(request), after=after, limit=limit)
-    return Page(data=[d.model_dump() for d in data], first_id=data[0].id if data else None,
-                last_id=data[-1].id if data else None, has_more=more)
+    return _page(*_service(request).store.list_batches(_owner(request), after=after, limit=limit))
 
 
 @router.get("/batches/{batch_id}", response_model=None)
