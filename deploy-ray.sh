@@ -450,7 +450,7 @@ setup_venv() {
   info "[2/4] torch 2.13.0 (the CPU build where that is what pip finds: no CUDA download)"
   run "$VENV/bin/python" -m pip install -q -c "$lock" "torch==2.13.0"
   info "[3/4] the kit and Ray Serve (pip install -e .[ray])"
-  run "$VENV/bin/python" -m pip install -q -c "$lock" -e "${ROOT}[ray]" --config-settings editable_mode=compat
+  run "$VENV/bin/python" -m pip install -q -c "$lock" -e "${ROOT}[ray]"
   info "[4/4] constrained decoding (xgrammar, without the triton it declares: requirements-nodeps.txt)"
   run "$VENV/bin/python" -m pip install -q --no-deps -c "$lock" -r "$ROOT/requirements-nodeps.txt"
   [ "$DRY_RUN" = 1 ] || echo "$want" > "$stamp"

@@ -54,9 +54,7 @@ install_python() {
   "$VENV/bin/python" -m pip install -q -c compose/locks/ci-constraints.txt "torch==2.13.0"
   # -c: the versions the images run, for every package CI shares with them (compose/locks, `python -m app locks`)
   log "pip install -e .[dev,ray,deepspeed,mcp,langgraph] -c compose/locks/ci-constraints.txt"
-  # compat: the editable install is a .pth entry for the repository (setuptools' default finder warns on this layout)
-  "$VENV/bin/python" -m pip install -q -c compose/locks/ci-constraints.txt -e ".[dev,ray,deepspeed,mcp,langgraph]" \
-    --config-settings editable_mode=compat
+  "$VENV/bin/python" -m pip install -q -c compose/locks/ci-constraints.txt -e ".[dev,ray,deepspeed,mcp,langgraph]"
   # hook (issue 14): packages whose declared deps the CPU path must not pull (see the file)
   "$VENV/bin/python" -m pip install -q --no-deps -c compose/locks/ci-constraints.txt -r requirements-nodeps.txt
 }

@@ -54,7 +54,7 @@ if [ ${#installed_drop[@]} -gt 0 ]; then
   pip uninstall -q -y "${installed_drop[@]}"
 fi
 log "the project (--no-deps, editable) and what it still misses"
-pip install -q --no-deps -e . --config-settings editable_mode=compat
+pip install -q --no-deps -e .
 held="$VENV/held-versions.txt"
 pip freeze --exclude-editable > "$held"
 missing=$("$VENV/bin/python" - "$held" "$CONSTRAINTS" "${TEST_DEPS[@]}" <<'EOF'
