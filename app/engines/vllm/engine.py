@@ -62,6 +62,7 @@ from app.engines.base import (
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
+    Priority,
     QueueFullError,
     TokenLogprob,
     missing_local_model,
@@ -89,6 +90,12 @@ log = logging.getLogger(__name__)
 def _tokens_input(ids: list[int]) -> dict[str, Any]:
     """vLLM's `TokensInput` (vllm/inputs/engine.py): an already tokenized prompt, passed to the engine as is."""
     return {"type": "token", "prompt_token_ids": ids}
+
+
+# vLLM's priority scheduler (engine_kwargs.scheduling_policy: priority) runs lower values first and preempts higher
+# ones under KV-cache pressure; with the default FCFS policy vLLM ignores the value. Our admission queue already
+# admits interactive requests before batch ones; this carries the same order into vLLM's own queue.
+VLLM_PRIORITY: dict[Priority, int] = {"interactive": 0, "batch": 1}
 
 
 class VLLMEngine(EngineSkeleton):
@@ -285,7 +292,8 @@ class VLLMEngine(EngineSkeleton):
     ) -> AsyncGenerator[GenerationChunk, None]:
         params = self._sampling_params(req, max_new)
         request_id = f"{req.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique among live requests
-        outputs = self._llm.generate(_tokens_input(prompt_ids), params, request_id)
+        outputs = self._llm.generate(_tokens_input(prompt_ids), params, request_id,
+                                     priority=VLLM_PRIORITY[req.priority])
         n_prompt, n_out, finished = len(prompt_ids), 0, False
         pending_logprobs: list[TokenLogprob] = []  # of tokens whose text vLLM still holds back
         try:

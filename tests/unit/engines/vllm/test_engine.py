@@ -89,6 +89,7 @@ class _FakeLLM:
         self.model_config = types.SimpleNamespace(max_model_len=args.max_model_len or 2048, dtype="torch.float32",
                                                   get_vocab_size=lambda: vocab)
         self.params: list[_SamplingParams] = []
+        self.priorities: list[int] = []  # as vLLM's priority scheduler orders them: lower first
         self.scheduler_config = types.SimpleNamespace(max_num_seqs=args.max_num_seqs or 256)
         # where vLLM 0.32 keeps its EngineCore processes (app.compat.vllm_engine_core_processes): none here
         self.engine_core = types.SimpleNamespace(
@@ -106,8 +107,10 @@ class _FakeLLM:
     def from_engine_args(cls, args: _EngineArgs, stat_loggers: Any = None) -> _FakeLLM:
         return cls(args)
 
-    async def generate(self, prompt: dict, sp: _SamplingParams, request_id: str) -> AsyncIterator[Any]:
+    async def generate(self, prompt: dict, sp: _SamplingParams, request_id: str, priority: int = 0
+                       ) -> AsyncIterator[Any]:
         assert prompt["type"] == "token" and prompt["prompt_token_ids"] and sp.output_kind is _Kind.DELTA
+        self.priorities.append(priority)
         if self.raise_next is not None:
             exc, self.raise_next = self.raise_next, None
             raise exc
@@ -186,6 +189,9 @@ def test_streams_deltas_with_usage_and_finish(fake_vllm: type[_FakeLLM], tiny_mo
         with pytest.raises(PromptTooLongError, match="at most"):
             await _collect(engine.generate(GenerationRequest(prompt="hello", max_tokens=64)))
         assert llm.aborted == []
+        # batch traffic (service_tier flex) reaches vLLM's own queue behind interactive requests
+        await _collect(engine.generate(GenerationRequest(prompt="hello", max_tokens=2, priority="batch")))
+        assert llm.priorities[-1] == 1 and set(llm.priorities[:-1]) == {0}
         await engine.shutdown()
         assert llm.shut and not engine.is_ready()
 
