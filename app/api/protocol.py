@@ -29,7 +29,7 @@ from pydantic import (
 
 from app.api.logprobs import ChatChoiceLogprobs, ChatLogprobsFields, CompletionLogprobs, CompletionLogprobsFields
 from app.api.response_format import ResponseFormatFields
-from app.api.strict import INTEGRAL, Int, RequestModel, Text
+from app.api.strict import INTEGRAL, Int, Int64, RequestModel, Text
 from app.api.tools import AssistantToolCall, DeltaToolCall, ToolCall, ToolFields
 
 MAX_STOP_SEQUENCES = 8
@@ -133,8 +133,8 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = Field(None, json_schema_extra={
         "minLength": 1, "maxItems": MAX_STOP_SEQUENCES, "items": {"type": "string", "minLength": 1}})
-    # the signed 64-bit range, as vLLM accepts it (engines fold a seed to 64 bits: app.engines.hf_runner, vllm)
-    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1), INTEGRAL] | None = None
+    # the signed 64-bit range, as vLLM accepts it (engines fold a seed to 64 bits: app.engines.hf.runner, vllm)
+    seed: Int64 | None = None
     user: Text | None = None
     # flex: batch priority (queued interactive requests are admitted first); the batch service sends flex
     service_tier: Literal["auto", "default", "flex", "priority"] | None = None

@@ -42,6 +42,13 @@ def _integral(value: Any) -> Any:
 INTEGRAL = BeforeValidator(_integral)
 Int = Annotated[int, INTEGRAL]
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+# a signed 64-bit integer (vLLM's range for `seed`), its bounds in the JSON schema and compared exactly: a JSON
+# number beyond them is refused even where a validator working in doubles rounds it onto a bound
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), INTEGRAL]
+
 NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 _NAME = re.compile(NAME_PATTERN)
 
