@@ -199,8 +199,12 @@ dry() { run "$SCRIPT" --dry-run --env-file "$T/head.env" "$@"; }
   VENV="$T/venv" run "$SCRIPT" --dry-run local
   [ "$status" -eq 0 ]
   [[ "$output" == *"-m venv $T/venv"* ]]
-  [[ "$output" == *"+ $T/venv/bin/python -m pip install -q torch==2.13.0"* ]]
-  [[ "$output" == *"+ $T/venv/bin/python -m pip install -q -e $ROOT\\[ray\\]"* ]]
+  # every step says what it does; the installs run under the images' constraints (compose/locks)
+  local lock="$ROOT/compose/locks/ci-constraints.txt"
+  [[ "$output" == *"==> [2/4] torch 2.13.0"* ]]
+  [[ "$output" == *"+ $T/venv/bin/python -m pip install -q -c $lock torch==2.13.0"* ]]
+  [[ "$output" == *"+ $T/venv/bin/python -m pip install -q -c $lock -e $ROOT\\[ray\\]"* ]]
+  [[ "$output" == *"+ $T/venv/bin/python -m pip install -q --no-deps -c $lock -r $ROOT/requirements-nodeps.txt"* ]]
   [[ "$output" == *"+ $T/venv/bin/python -m app cluster local-up"* ]]
   VENV="$T/venv" run "$SCRIPT" --dry-run local-down
   [ "$output" = "+ $T/venv/bin/python -m app cluster local-down" ]
