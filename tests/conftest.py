@@ -92,12 +92,6 @@ def start_server(tmp_path: Path, tiny_model: Path) -> Iterator:
         srv.stop(signal.SIGKILL)
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="session")
 def core_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[ServerProcess]:
     """One default tiny-model server (served id `tiny`) shared by suites that do not disturb each other.

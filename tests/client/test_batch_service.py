@@ -356,3 +356,51 @@ def test_interactive_requests_are_admitted_before_queued_flex_ones(start_server:
     # first come, first served would finish it last (index 5); it runs right after the flex request that was
     # running (index 1), or the one after if that one ended just before the chat request arrived
     assert len(done) == 6 and done.index("chat") <= 2, done
+
+
+def _stream_ttft(base_url: str, prompt: str) -> float:
+    """Seconds from sending an interactive streamed completion to its first content chunk."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "stream": True, "temperature": 0}
+    start = time.monotonic()
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for event in r.iter_lines():
+            if event.startswith("data: {") and json.loads(event[6:])["choices"][0]["text"]:
+                return time.monotonic() - start
+    raise AssertionError("stream ended without content")
+
+
+def test_a_saturating_batch_keeps_interactive_ttft_within_one_batch_request(start_server: Any,
+                                                                           tmp_path: Path) -> None:
+    """A batch keeps a one-slot engine busy with a deep queue of flex lines; an interactive request's time to first
+    token stays within its idle TTFT plus the time one batch line needs alone (the one it waits behind), a bound
+    derived from this run's idle measurements; first come, first served would put it behind the whole queue."""
+    tokens = 200
+    srv = start_server("--max-num-seqs", "1", env={
+        "API_KEYS": "", "LLM_BATCH_DIR": str(tmp_path / "batch"), "LLM_BATCH_CONCURRENCY_PER_BATCH": "8"})
+    flex = {"model": "tiny", "prompt": "batch line", "max_tokens": tokens, "min_tokens": tokens,
+            "service_tier": "flex"}
+    _stream_ttft(srv.base_url, "warm up")
+    idle_ttft = max(_stream_ttft(srv.base_url, f"idle {i}") for i in range(3))
+    alone = []
+    for _ in range(2):
+        start = time.monotonic()
+        assert httpx.post(srv.base_url + "/v1/completions", json=flex, timeout=120).status_code == 200
+        alone.append(time.monotonic() - start)
+    one_line = max(alone)
+    bound = idle_ttft + 2 * one_line  # the line running when it arrives, with slack for the runner's own CPU
+
+    client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+    rows = [{"custom_id": f"b{i}", "method": "POST", "url": "/v1/completions", "body": {**flex, "prompt": f"b {i}"}}
+            for i in range(24)]
+    f = client.files.create(file=("sat.jsonl", jsonl(rows)), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/completions", completion_window="24h")
+    queued = wait_until(lambda: (q := scrape(srv.base_url, "llm_queue_depth", model="tiny")) >= 6 and q, 60, 0.05,
+                        "the batch's lines queued behind the running one")
+    # the test discriminates: behind the queue, the request would wait longer than the bound
+    assert queued * one_line > bound, (queued, one_line, bound)
+    busy_ttft = _stream_ttft(srv.base_url, "interactive")
+    assert busy_ttft <= bound, f"TTFT {busy_ttft:.2f}s with the batch running; idle {idle_ttft:.2f}s, " \
+                               f"one batch line alone {one_line:.2f}s, bound {bound:.2f}s, {queued:.0f} queued"
+    client.batches.cancel(batch.id)
+    assert wait_status(client, batch.id).status == "cancelled"
