@@ -175,6 +175,7 @@ class EngineInfo:
     reason: str = ""  # why this engine was selected (e.g. the vLLM fallback reason)
     max_parallel: int = 0  # generations one request may fan out to (running + waiting slots); 0 = unknown
     tool_call_parser: str = "hermes"  # the model's tool-call format (ServingKnobs.tool_call_parser)
+    threads: str = ""  # the compute threads the engine runs with on CPU, and why (vLLM-CPU: its OpenMP threads)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import prometheus_client as pc
 import pytest
 
 from app.engines.base import EngineSpec, GenerationRequest, PromptTooLongError, QueueFullError
+from app.engines.vllm import omp_threads
 from app.engines.vllm.args import VLLM_VERSION, sampling_params_kwargs
 from app.engines.vllm.engine import VLLMEngine
 from app.metrics import PrometheusSink
@@ -83,6 +84,17 @@ def test_engine_reports_the_cpu_build(engine: VLLMEngine) -> None:
     info = engine.info
     assert (info.engine, info.device, info.dtype, info.max_context) == ("vllm", "cpu", "float32", 256)
     assert engine._admission.max_running == 2 and info.max_parallel == 3
+
+
+def test_the_engine_core_runs_with_the_threads_chosen_from_the_cores(engine: VLLMEngine) -> None:
+    """No cpu_threads, OMP_NUM_THREADS unset, nobind: usable cores - 1; vLLM's own processes (EngineCore and its
+    worker) report that torch thread count from inside themselves (our thread-report plugin)."""
+    want = max(1, omp_threads.usable_cores() - 1)
+    assert engine.info.threads.startswith(f"{want} OpenMP thread(s), VLLM_CPU_OMP_THREADS_BIND=nobind"), \
+        engine.info.threads
+    ran = {r["process"]: r["torch_threads"] for r in omp_threads.reported(engine._threads_report)}
+    assert "EngineCore" in ran and set(ran.values()) == {want}, ran
+    assert f"EngineCore: {want}" in engine.info.threads
 
 
 def test_greedy_is_deterministic(engine: VLLMEngine, loop: asyncio.AbstractEventLoop) -> None:
@@ -289,11 +301,12 @@ def test_our_plugins_are_registered_with_vllm() -> None:
     need_vllm()
     from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_plugins_by_group
 
-    from app.engines.vllm.plugins import install_error_log, watch_parent
+    from app.engines.vllm.plugins import install_error_log, report_threads, watch_parent
 
     plugins = load_plugins_by_group(DEFAULT_PLUGINS_GROUP)
     assert plugins["llm_kit_error_log"] is install_error_log
     assert plugins["llm_kit_parent_watchdog"] is watch_parent
+    assert plugins["llm_kit_thread_report"] is report_threads
 
 
 def test_gpu_check_runs_vllm_on_cpu_when_asked(tmp_path: Path) -> None:

