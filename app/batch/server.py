@@ -3,30 +3,31 @@
 It serves `/v1/files` and `/v1/batches` (nginx routes them here on the API port), `/healthz` and `/metrics`,
 with the same API keys, error shapes, request ids and body limits as the API (the one middleware stack of
 `app.api.app`), and its runner sends the lines to `LLM_BATCH_TARGET_URL` (the front door). On SIGTERM it stops
-the runner: lines in flight are resent after the restart, their outcomes not yet committed.
+the runner: lines in flight are resent after the restart, their outcomes not yet committed. It runs on the kit's
+guarded HTTP server (`app.http_guard`: slow-client limits, connection cap, drain), with a body timeout long
+enough for an upload through a slow tunnel.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import uvicorn
 from fastapi import FastAPI
 
 from app.api.app import install_middleware
 from app.api.errors import install_error_handlers
 from app.batch.routes import health_router, router
 from app.batch.service import BatchService
-from app.http_guard import server_config
+from app.http_guard import guarded_server
 from app.metrics import PrometheusSink
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+UPLOAD_BODY_TIMEOUT_S = 600.0  # the least time an upload's body gets (LLM_BODY_TIMEOUT_S when longer)
 
 
 def default_target() -> str:
@@ -67,10 +68,8 @@ def create_batch_app(settings: Settings) -> FastAPI:
 def run(settings: Settings) -> None:
     app = create_batch_app(settings)
     # an upload of up to batch_max_file_bytes through a slow tunnel: the body may take minutes
-    base = settings.limits()
-    limits = dataclasses.replace(base, body_timeout_s=max(base.body_timeout_s, 600.0))
-    config = server_config(app, host=settings.host, port=settings.port, limits=limits,
-                           log_level=settings.log_level, graceful_timeout_s=settings.graceful_timeout_s)
+    knobs = settings.model_copy(update={"body_timeout_s": max(settings.body_timeout_s, UPLOAD_BODY_TIMEOUT_S)})
+    server = guarded_server(app, knobs, host=settings.host, port=settings.port, log_level=settings.log_level)
     log.info("batch service on http://%s:%s (data %s, target %s)", settings.host, settings.port,
              settings.batch_dir, settings.batch_target_url or default_target())
-    uvicorn.Server(config).run()
+    server.run()
