@@ -90,12 +90,12 @@ class AffinityTable:
     def __init__(self, *, max_blocks_per_replica: int = DEFAULT_MAX_BLOCKS_PER_REPLICA,
                  imbalance_threshold: float = DEFAULT_IMBALANCE_THRESHOLD,
                  min_match_ratio: float = DEFAULT_MIN_MATCH_RATIO) -> None:
-        if max_blocks_per_replica < 1:
-            raise ValueError(f"max_blocks_per_replica must be >= 1 (got {max_blocks_per_replica})")
-        if imbalance_threshold < 0:
-            raise ValueError(f"imbalance_threshold must be >= 0 (got {imbalance_threshold})")
-        if not 0 <= min_match_ratio <= 1:
-            raise ValueError(f"min_match_ratio must be within 0..1 (got {min_match_ratio})")
+        if not isinstance(max_blocks_per_replica, int) or max_blocks_per_replica < 1:
+            raise ValueError(f"max_blocks_per_replica must be an integer >= 1 (got {max_blocks_per_replica!r})")
+        if not isinstance(imbalance_threshold, int | float) or imbalance_threshold < 0:
+            raise ValueError(f"imbalance_threshold must be a number >= 0 (got {imbalance_threshold!r})")
+        if not isinstance(min_match_ratio, int | float) or not 0 <= min_match_ratio <= 1:
+            raise ValueError(f"min_match_ratio must be a number within 0..1 (got {min_match_ratio!r})")
         self.max_blocks_per_replica = max_blocks_per_replica
         self.imbalance_threshold = imbalance_threshold
         self.min_match_ratio = min_match_ratio

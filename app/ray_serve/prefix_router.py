@@ -49,19 +49,35 @@ ROUTED_METHOD = "generate"
 class PrefixAwareRouter(MultiplexMixin, RequestRouter):
     """Longest prompt-prefix match while load is balanced, least loaded otherwise (see the module docstring)."""
 
-    def initialize_state(self, block_chars: int = DEFAULT_BLOCK_CHARS,
-                         imbalance_threshold: float = DEFAULT_IMBALANCE_THRESHOLD,
-                         max_blocks_per_replica: int = DEFAULT_MAX_BLOCKS_PER_REPLICA,
-                         min_match_ratio: float = DEFAULT_MIN_MATCH_RATIO, **unknown: Any) -> None:
-        """Serve calls this with `request_router_kwargs`."""
+    KWARGS = ("block_chars", "imbalance_threshold", "max_blocks_per_replica", "min_match_ratio")
+
+    @classmethod
+    def check_kwargs(cls, kwargs: dict[str, Any]) -> list[str]:
+        """Problems of a `request_router_kwargs` mapping (the model config loader calls this before deploying)."""
+        unknown = sorted(set(kwargs) - set(cls.KWARGS))
         if unknown:
-            raise ValueError(f"{type(self).__name__}: unknown request_router_kwargs {sorted(unknown)}; known: "
-                             "block_chars, imbalance_threshold, max_blocks_per_replica, min_match_ratio")
-        if block_chars < 1:
-            raise ValueError(f"request_router_kwargs.block_chars must be >= 1 (got {block_chars})")
-        self.block_chars = block_chars
-        self.table = AffinityTable(max_blocks_per_replica=max_blocks_per_replica,
-                                   imbalance_threshold=imbalance_threshold, min_match_ratio=min_match_ratio)
+            return [f"unknown key(s) {unknown}; known: {', '.join(cls.KWARGS)}"]
+        try:
+            cls._table(**kwargs)
+        except (TypeError, ValueError) as exc:
+            return [str(exc)]
+        return []
+
+    @staticmethod
+    def _table(block_chars: int = DEFAULT_BLOCK_CHARS, imbalance_threshold: float = DEFAULT_IMBALANCE_THRESHOLD,
+               max_blocks_per_replica: int = DEFAULT_MAX_BLOCKS_PER_REPLICA,
+               min_match_ratio: float = DEFAULT_MIN_MATCH_RATIO) -> tuple[int, AffinityTable]:
+        if not isinstance(block_chars, int) or block_chars < 1:
+            raise ValueError(f"block_chars must be an integer >= 1 (got {block_chars!r})")
+        return block_chars, AffinityTable(max_blocks_per_replica=max_blocks_per_replica,
+                                          imbalance_threshold=imbalance_threshold, min_match_ratio=min_match_ratio)
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        """Serve calls this with `request_router_kwargs`."""
+        problems = self.check_kwargs(kwargs)
+        if problems:
+            raise ValueError(f"{type(self).__name__}: request_router_kwargs: {'; '.join(problems)}")
+        self.block_chars, self.table = self._table(**kwargs)
         self.inflight: dict[str, ReplicaID] = {}  # internal request id -> the replica it was routed to
         self.decisions: Counter[str] = Counter()  # reason -> count (for logs and tests)
 
