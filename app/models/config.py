@@ -19,14 +19,14 @@ One YAML file per model::
     stream_coalesce_ms: 50            # Ray Serve: chunks gathered per replica -> ingress message (0: none)
 
 `deployment_config` is validated with Ray Serve's own schema (`ray.serve.schema.DeploymentSchema`, and
-`ray.serve.config.AutoscalingConfig` for `autoscaling_config`, which Serve itself only checks at deploy
-time, and `request_router_config`, whose class is imported at load time) plus our unknown-key check at every level: Ray silently accepts typos in `autoscaling_config`, we
-do not. Where Ray is not importable (a standalone box running `serve --config`), the dict is kept as
-written and only its key names are checked, against the names of the pinned Ray's schema
-(`RAY_*_KEYS`; a unit test keeps them equal to the installed Ray's). `engine_kwargs` stays a plain
-dict that only the engines validate: at load time for an explicit engine (and, for `auto`, the values of
-the keys the transformers fallback uses), fully when the engine starts. Errors are `ConfigError`s naming
-the file and the dotted key. `load_engine_specs` turns configs into the engine protocol's `EngineSpec`s
+`ray.serve.config.AutoscalingConfig` for `autoscaling_config`, which Serve itself only checks at deploy time,
+and `request_router_config`, whose router class is imported at load time) plus our unknown-key check at every
+level: Ray silently accepts typos in `autoscaling_config`, we do not. Where Ray is not importable (a standalone
+box running `serve --config`), the dict is kept as written and only its key names are checked, against the names
+of the pinned Ray's schema (`RAY_*_KEYS`; a unit test keeps them equal to the installed Ray's). `engine_kwargs`
+stays a plain dict that only the engines validate: at load time for an explicit engine (and, for `auto`, the
+values of the keys the transformers fallback uses), fully when the engine starts. Errors are `ConfigError`s
+naming the file and the dotted key. `load_engine_specs` turns configs into the engine protocol's `EngineSpec`s
 (also used by `python -m app serve --config`).
 """
 

@@ -224,7 +224,8 @@ def test_request_router_config_is_checked_at_load_and_reaches_the_deployment(tmp
                                 "['block_char']"),
             ("imbalance_threshold: 2", "deployment_config.request_router_config.request_router_kwargs: "
                                        "imbalance_threshold must be a number >= 0 (got -2)"),
-            ("    request_router_kwargs", "unknown key 'deployment_config.request_router_config.request_router_kwarg'")):
+            ("    request_router_kwargs",
+             "unknown key 'deployment_config.request_router_config.request_router_kwarg'")):
         typo = {"PrefixAwareRouter\n": "PrefixAwareRoutr\n", "block_chars: 64": "block_char: 64",
                 "imbalance_threshold: 2": "imbalance_threshold: -2",
                 "    request_router_kwargs": "    request_router_kwarg"}[bad]
