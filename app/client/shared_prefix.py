@@ -84,6 +84,7 @@ class Result:
     prompt_tokens: int = 0
     served_by: str | None = None
     error: str | None = None
+    finished_at: float = 0.0  # time.monotonic() when the answer (or the error) was complete
 
 
 # ----------------------------------------------------------------------------- the replicas' counters
@@ -145,7 +146,8 @@ def hit_rate(delta: dict[str, dict[str, float]]) -> float | None:
 
 
 async def send_all(client: httpx.AsyncClient, endpoint: str, model: str, items: list[Item], *, concurrency: int,
-                   max_tokens: int, chat: bool, api_key: str | None) -> tuple[list[Result], float]:
+                   max_tokens: int, chat: bool, api_key: str | None,
+                   on_result: Callable[[Result], None] | None = None) -> tuple[list[Result], float]:
     """`concurrency` closed-loop workers over `items` in order; returns the results and the wall time."""
     queue = list(reversed(items))
     results: list[Result] = []
@@ -162,14 +164,18 @@ async def send_all(client: httpx.AsyncClient, endpoint: str, model: str, items: 
             out = await call(client, endpoint, body, stream=True, api_key=api_key)
         except ClientError as exc:
             return Result(item, ok=False, e2e_s=time.perf_counter() - start,
-                          error=f"{exc.status}: {exc.message[:200]}")
+                          error=f"{exc.status}: {exc.message[:200]}", finished_at=time.monotonic())
         usage = out.usage or {}
         return Result(item, ok=True, ttft_s=out.ttft_s, e2e_s=out.latency_s,
-                      prompt_tokens=int(usage.get("prompt_tokens") or 0), served_by=out.served_by)
+                      prompt_tokens=int(usage.get("prompt_tokens") or 0), served_by=out.served_by,
+                      finished_at=time.monotonic())
 
     async def worker() -> None:
         while queue:
-            results.append(await one(queue.pop()))
+            result = await one(queue.pop())
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
