@@ -109,8 +109,8 @@ def main() -> None:
                         "paired_ratios": [round(b / a, 3) if a else None for a, b in zip(d, p, strict=True)]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prefix-routing.json").write_text(json.dumps({"summary": summary, "rounds": rounds}, indent=2) + "\n")
-    lines = ["| round | router | hit rate | TTFT p50 | TTFT p95 | e2e p50 | ok / failed | docs on 1 / 2 replicas |",
-             "|---:|---|---:|---:|---:|---:|---|---|"]
+    lines = ["| round | router | hit rate | TTFT p50 | TTFT p95 | e2e p50 | ok / failed | docs on 1 / 2 replicas "
+             "| load (1 min) |", "|---:|---|---:|---:|---:|---:|---|---|---:|"]
     for r in rounds:
         for name in ("r-default", "r-prefix"):
             rep = r[name]
@@ -118,7 +118,7 @@ def main() -> None:
             lines.append(f"| {r['round']} | {name[2:]} | {rep['prefix_cache']['hit_rate']} | "
                          f"{rep['ttft_s']['p50'] * 1000:.0f} ms | {rep['ttft_s']['p95'] * 1000:.0f} ms | "
                          f"{rep['e2e_s']['p50'] * 1000:.0f} ms | {rep['ok']} / {rep['failed']} | "
-                         f"{spread.get('1', 0)} / {spread.get('2', 0)} | load {rep['machine'].get('loadavg_1m')}")
+                         f"{spread.get('1', 0)} / {spread.get('2', 0)} | {rep['machine'].get('loadavg_1m')} |")
     lines.append("")
     for key, label in (("hit_rate", "hit rate"), ("p50", "TTFT p50"), ("p95", "TTFT p95")):
         s = summary[key]
