@@ -255,14 +255,19 @@ VLLM_FAMILIES = {
     "vllm:num_requests_waiting": "gauge",
     "vllm:time_to_first_token_seconds": "histogram",
     "vllm:inter_token_latency_seconds": "histogram",
+    "vllm:prefix_cache_queries": "counter",  # prompt tokens looked up in the prefix cache, per replica
+    "vllm:prefix_cache_hits": "counter",  # of those, tokens found cached
 }
 
 
 def vllm_series_names() -> set[str]:
-    """Series names Prometheus stores for `VLLM_FAMILIES` (histograms expand)."""
+    """Series names Prometheus stores for `VLLM_FAMILIES` (histograms expand, counters end in _total)."""
     names: set[str] = set()
     for name, kind in VLLM_FAMILIES.items():
-        names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"} if kind == "histogram" else {name}
+        if kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        else:
+            names.add(f"{name}_total" if kind == "counter" else name)
     return names
 
 

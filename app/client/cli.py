@@ -86,6 +86,16 @@ def bench_command(
     max_requests: Annotated[int | None, typer.Option(help="Stop a level after this many requests.")] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for bench.json and bench.md.")] = None,
     name: Annotated[str, typer.Option(help="File stem of the outputs.")] = "bench",
+    shared_prefix: Annotated[bool, typer.Option(
+        "--shared-prefix", help="RAG-shaped load instead: --documents documents of --doc-words words, "
+                                "--questions questions each, shuffled; reports the prefix-cache hit rate.")] = False,
+    documents: Annotated[int, typer.Option(min=1, help="--shared-prefix: distinct documents.")] = 16,
+    doc_words: Annotated[int, typer.Option(min=1, help="--shared-prefix: words per document.")] = 600,
+    questions: Annotated[int, typer.Option(min=1, help="--shared-prefix: questions per document.")] = 8,
+    seed: Annotated[int, typer.Option(help="--shared-prefix: seed of the documents, questions and order.")] = 0,
+    metrics_url: Annotated[list[str] | None, typer.Option(
+        "--metrics-url", help="--shared-prefix: a /metrics URL with the replicas' vLLM counters (a Ray node's "
+                              "metrics export port, or the standalone server); repeatable.")] = None,
 ) -> None:
     """Benchmark an endpoint at fixed concurrency levels: TTFT, ITL, e2e p50/p95/p99, req/s, tokens/s."""
     import asyncio
@@ -95,6 +105,30 @@ def bench_command(
     from app.console import fail
 
     lv = _levels(levels)
+    if shared_prefix:
+        import httpx
+
+        from app.client import shared_prefix as sp
+
+        reports = []
+        nonce = sp.SharedPrefixLoad(1, 1, 1).nonce
+        for c in lv:
+            load = sp.SharedPrefixLoad(documents=documents, doc_words=doc_words, questions=questions, seed=seed,
+                                       nonce=f"{nonce}c{c}")
+            try:
+                reports.append(asyncio.run(sp.bench_shared_prefix(
+                    endpoint, model=model, api_key=api_key, chat=chat, load=load, concurrency=c,
+                    max_tokens=max_tokens, metrics_urls=metrics_url or [], log=lambda m: typer.echo(m, err=True))))
+            except (RuntimeError, httpx.HTTPError) as exc:
+                raise fail(f"{type(exc).__name__}: {exc}") from None
+        text = "".join(sp.to_markdown(r) for r in reports)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{name}.json").write_text(json.dumps(reports, indent=2) + "\n")
+            (out / f"{name}.md").write_text(text)
+            typer.echo(f"wrote {out / (name + '.json')} and {out / (name + '.md')}", err=True)
+        typer.echo(text)
+        return
     try:
         report = asyncio.run(bench_endpoint(
             endpoint, model=model, api_key=api_key, chat=chat, levels=lv, duration_s=duration,

@@ -11,20 +11,22 @@ One YAML file per model::
                            upscale_delay_s: 10, downscale_delay_s: 60}
       max_ongoing_requests: 16        # default: the engine's capacity, max_num_seqs + max_waiting
       max_queued_requests: 32         # Serve answers 429 beyond this (Serve's own key)
+      request_router_config:          # optional: route by prompt prefix (app/ray_serve/prefix_router.py)
+        request_router_class: app.ray_serve.prefix_router.PrefixAwareRouter
     engine_kwargs: {dtype: auto, max_model_len: 4096, max_num_seqs: 8, gpu_memory_utilization: 0.85}
     runtime_env: {env_vars: {HF_HUB_OFFLINE: "1"}}
     max_waiting: 32                   # ServingKnobs: max_waiting, default_max_tokens, retry_after_s
     stream_coalesce_ms: 50            # Ray Serve: chunks gathered per replica -> ingress message (0: none)
 
 `deployment_config` is validated with Ray Serve's own schema (`ray.serve.schema.DeploymentSchema`, and
-`ray.serve.config.AutoscalingConfig` for `autoscaling_config`, which Serve itself only checks at deploy
-time) plus our unknown-key check at every level: Ray silently accepts typos in `autoscaling_config`, we
-do not. Where Ray is not importable (a standalone box running `serve --config`), the dict is kept as
-written and only its key names are checked, against the names of the pinned Ray's schema
-(`RAY_*_KEYS`; a unit test keeps them equal to the installed Ray's). `engine_kwargs` stays a plain
-dict that only the engines validate: at load time for an explicit engine (and, for `auto`, the values of
-the keys the transformers fallback uses), fully when the engine starts. Errors are `ConfigError`s naming
-the file and the dotted key. `load_engine_specs` turns configs into the engine protocol's `EngineSpec`s
+`ray.serve.config.AutoscalingConfig` for `autoscaling_config`, which Serve itself only checks at deploy time,
+and `request_router_config`, whose router class is imported at load time) plus our unknown-key check at every
+level: Ray silently accepts typos in `autoscaling_config`, we do not. Where Ray is not importable (a standalone
+box running `serve --config`), the dict is kept as written and only its key names are checked, against the names
+of the pinned Ray's schema (`RAY_*_KEYS`; a unit test keeps them equal to the installed Ray's). `engine_kwargs`
+stays a plain dict that only the engines validate: at load time for an explicit engine (and, for `auto`, the
+values of the keys the transformers fallback uses), fully when the engine starts. Errors are `ConfigError`s
+naming the file and the dotted key. `load_engine_specs` turns configs into the engine protocol's `EngineSpec`s
 (also used by `python -m app serve --config`).
 """
 
@@ -212,6 +214,10 @@ def check_deployment_config(dc: Any, name: str) -> list[str]:
         unknown += _unknown_keys(dc["autoscaling_config"], AutoscalingConfig, "deployment_config.autoscaling_config")
     if unknown:
         return [f"unknown key '{k}'" for k in unknown]
+    if isinstance(dc.get("request_router_config"), dict):  # Serve's schema imports the class: check it first
+        router_problems = _router_problems(dc["request_router_config"])
+        if router_problems:
+            return router_problems
     problems: list[str] = []
     try:
         DeploymentSchema.model_validate({**dc, "name": name})
@@ -223,6 +229,24 @@ def check_deployment_config(dc: Any, name: str) -> list[str]:
         except ValidationError as exc:
             problems += _ray_errors("deployment_config.autoscaling_config", exc)
     return problems
+
+
+def _router_problems(rc: dict[str, Any]) -> list[str]:
+    """A `request_router_config` as Serve reads it (its class imported now, not at the first request); the
+    kit's router (`app.ray_serve.prefix_router`) checks its `request_router_kwargs` too."""
+    from ray.serve.config import RequestRouterConfig
+
+    key = "deployment_config.request_router_config"
+    try:
+        router = RequestRouterConfig(**rc).get_request_router_class()
+    except ValidationError as exc:
+        return _ray_errors(key, exc)
+    except (ImportError, AttributeError, ValueError) as exc:
+        return [f"{key}.request_router_class: cannot import {rc.get('request_router_class')!r}: {exc}"]
+    check = getattr(router, "check_kwargs", None)
+    if callable(check):
+        return [f"{key}.request_router_kwargs: {p}" for p in check(dict(rc.get("request_router_kwargs") or {}))]
+    return []
 
 
 def _format_error(path: Path, exc: ValidationError) -> str:

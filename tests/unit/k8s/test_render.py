@@ -270,3 +270,25 @@ def test_cli_renders_the_shipped_configs_into_a_tree_that_validates(tmp_path: Pa
     assert SECRETS["HF_TOKEN"] not in text and "sk-" not in text
     cm = yaml.safe_load((out / "configmap-llmkit-model-configs.yaml").read_text())
     assert list(cm["data"]) == ["qwen2.5-0.5b.yaml"]  # MODEL_CONFIGS of .env.example
+
+
+def test_a_request_router_config_reaches_the_rayservice_unchanged(tmp_path: Path) -> None:
+    """Serve's `request_router_config` (the prefix-aware router) lives in the model config file: the ConfigMap carries
+    the file as written and the builder, reading it from there, hands it to the deployment as the VM deploy does."""
+    need(importlib.util.find_spec("ray") is not None, "needs ray[serve] (installed by tests/run.sh)")
+    from app.models.config import load_model_config
+
+    router = ("  request_router_config:\n    request_router_class: app.ray_serve.prefix_router.PrefixAwareRouter\n"
+              "    request_router_kwargs: {imbalance_threshold: 2}\n")
+    text = (CONFIGS / "tiny.yaml").read_text()
+    assert "  name: tiny\n" in text
+    src = tmp_path / "tiny-prefix.yaml"
+    src.write_text(text.replace("  name: tiny\n", "  name: tiny\n" + router, 1))
+    cm = next(o for o in render(src) if o["metadata"]["name"] == "llmkit-model-configs")
+    assert cm["data"] == {"tiny-prefix.yaml": src.read_text()}
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    (mounted / "tiny-prefix.yaml").write_text(cm["data"]["tiny-prefix.yaml"])
+    opts = load_model_config(mounted / "tiny-prefix.yaml").deployment_options()
+    assert opts["request_router_config"] == {"request_router_class": "app.ray_serve.prefix_router.PrefixAwareRouter",
+                                             "request_router_kwargs": {"imbalance_threshold": 2}}

@@ -204,3 +204,33 @@ def test_the_benchmarks_model_config_is_a_kit_config(tmp_path: Path) -> None:
     assert opts["ray_actor_options"]["runtime_env"]["env_vars"] == {"K": "1", "QUOTED": 'a "b": c',
                                                                     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
                                                                     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+
+
+def test_request_router_config_is_checked_at_load_and_reaches_the_deployment(tmp_path: Path) -> None:
+    """Serve's own key picks the prefix-aware router; a wrong class path or kwarg fails at load, naming the key."""
+    need(importlib.util.find_spec("ray") is not None, "needs ray[serve] (installed by tests/run.sh)")
+    router = ("  request_router_config:\n    request_router_class: app.ray_serve.prefix_router.PrefixAwareRouter\n"
+              "    request_router_kwargs: {block_chars: 64, imbalance_threshold: 2}\n")
+    ok = write(tmp_path, GOOD.replace("  max_ongoing_requests: 8\n", "  max_ongoing_requests: 8\n" + router))
+    (cfg,) = load_model_configs([ok])
+    opts = cfg.deployment_options()
+    assert opts["request_router_config"] == {"request_router_class": "app.ray_serve.prefix_router.PrefixAwareRouter",
+                                             "request_router_kwargs": {"block_chars": 64, "imbalance_threshold": 2}}
+    assert "request_router_config" not in load_model_config(write(tmp_path, GOOD, "d.yaml")).deployment_options()
+    for bad, expected in (
+            ("PrefixAwareRouter\n", "deployment_config.request_router_config.request_router_class: cannot import "
+                                    "'app.ray_serve.prefix_router.PrefixAwareRoutr'"),
+            ("block_chars: 64", "deployment_config.request_router_config.request_router_kwargs: unknown key(s) "
+                                "['block_char']"),
+            ("imbalance_threshold: 2", "deployment_config.request_router_config.request_router_kwargs: "
+                                       "imbalance_threshold must be a number >= 0 (got -2)"),
+            ("    request_router_kwargs",
+             "unknown key 'deployment_config.request_router_config.request_router_kwarg'")):
+        typo = {"PrefixAwareRouter\n": "PrefixAwareRoutr\n", "block_chars: 64": "block_char: 64",
+                "imbalance_threshold: 2": "imbalance_threshold: -2",
+                "    request_router_kwargs": "    request_router_kwarg"}[bad]
+        path = write(tmp_path, GOOD.replace("  max_ongoing_requests: 8\n",
+                                            "  max_ongoing_requests: 8\n" + router.replace(bad, typo)), "bad.yaml")
+        with pytest.raises(ConfigError) as err:
+            load_model_configs([path])
+        assert str(path) in str(err.value) and expected in str(err.value), str(err.value)
