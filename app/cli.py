@@ -125,6 +125,25 @@ def make_tiny_model(
     typer.echo(str(path))
 
 
+@cli.command("make-tiny-lora")
+def make_tiny_lora(
+    base_dir: Annotated[Path, typer.Argument(help="The base model's folder (e.g. from make-tiny-model).")],
+    out_dir: Annotated[Path, typer.Argument(help="Adapter folder to write (put it under a model's "
+                                                 "lora_config.dynamic_lora_loading_path).")],
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    seed: Annotated[int, typer.Option(help="Weight seed (different seeds: different outputs).")] = 0,
+) -> None:
+    """Build a LoRA adapter with random non-zero weights for a local base model, offline (PEFT; tests, demo)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from app.models.tiny_lora import build_tiny_lora
+
+    try:
+        path = build_tiny_lora(base_dir, out_dir, rank=rank, seed=seed)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(str(path))
+
+
 def _load_plugins() -> None:
     for name in _PLUGINS:
         try:
