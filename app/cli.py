@@ -68,6 +68,9 @@ def serve(
     config: Annotated[
         list[Path] | None, typer.Option("--config", help="Model config YAML (LLMConfig layout); repeatable.")
     ] = None,
+    dynamic_lora_loading_path: Annotated[str | None, typer.Option(
+        help="Folder of LoRA adapter folders, served as model '<id>:<folder>' [LLM_DYNAMIC_LORA_LOADING_PATH].")
+    ] = None,
     backup: Annotated[bool | None, typer.Option(
         "--backup/--no-backup", help="nginx's backup for a cluster: an unknown model is a retryable 503 naming it, "
                                      "not a 404 [LLM_BACKUP].")] = None,
@@ -82,7 +85,7 @@ def serve(
         "model": model, "served_model_name": served_model_name, "engine": engine, "host": host, "port": port,
         "device": device, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
         "max_waiting": max_waiting, "default_max_tokens": default_max_tokens, "retry_after_s": retry_after_s,
-        "backup": backup,
+        "backup": backup, "dynamic_lora_loading_path": dynamic_lora_loading_path,
         "tool_call_parser": tool_call_parser,
     }.items() if v is not None}
     try:

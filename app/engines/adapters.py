@@ -44,7 +44,9 @@ class AdapterCache:
         self._loading: dict[str, asyncio.Future[None]] = {}
         self._dropped: set[str] = set()  # asked to go while in use: unloaded once idle
         self._waiters: list[asyncio.Future[None]] = []
-        self._lock: asyncio.Lock | None = None  # load/unload one at a time (the engine's calls are not reentrant)
+        # load/unload one at a time (the engine's calls are not reentrant); a lock per event loop (tests drive one
+        # engine from several loops, as the in-process scheduler allows)
+        self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     def names(self) -> list[str]:
         return list(self.held)
@@ -87,9 +89,10 @@ class AdapterCache:
                 w.set_result(None)
 
     def _locked(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock[0] is not loop:
+            self._lock = (loop, asyncio.Lock())
+        return self._lock[1]
 
     async def _ensure(self, name: str) -> AdapterInfo:
         info = await asyncio.to_thread(self.folder.check, name)  # 404 / 400 before anything loads

@@ -73,7 +73,9 @@ class PeftRows:
         if name not in self.names:
             return
         self.names.discard(name)
-        delete_adapter(self.model, name, prefix="lora_", layer_cls=LoraLayer)
+        with warnings.catch_warnings():  # "Adapter X was active which is now deleted": no adapter is active here
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*", category=UserWarning)
+            delete_adapter(self.model, name, prefix="lora_", layer_cls=LoraLayer)
 
     @contextlib.contextmanager
     def rows(self, names: Sequence[str | None], rows: int) -> Iterator[None]:
