@@ -32,6 +32,7 @@ from app.api.protocol import (
     ModelCard,
     ModelList,
 )
+from app.engines.base import ModelNotFoundError
 from app.engines.grammar.install import missing_packages
 
 router = APIRouter()
@@ -106,7 +107,7 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     _, detail = await backend.readiness()
     base, adapter = backend.split(model_id)
     if adapter is not None and adapter not in await backend.adapter_ids(base):
-        raise backend.not_found(model_id)
+        raise ModelNotFoundError(f"model {model_id!r} does not exist: model {base} has no adapter {adapter!r}")
     return await _card(backend, model_id, detail, parent=base if adapter is not None else None)
 
 
