@@ -317,9 +317,9 @@ class VLLMEngine(EngineSkeleton):
     ) -> AsyncGenerator[GenerationChunk, None]:
         params = self._sampling_params(req, max_new)
         request_id = f"{req.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique among live requests
-        lora = self._lora_requests.get(req.adapter) if req.adapter is not None else None
-        outputs = self._llm.generate(_tokens_input(prompt_ids), params, request_id, lora_request=lora,
-                                     priority=VLLM_PRIORITY[req.priority])
+        lora = {"lora_request": self._lora_requests[req.adapter]} if req.adapter is not None else {}
+        outputs = self._llm.generate(_tokens_input(prompt_ids), params, request_id,
+                                     priority=VLLM_PRIORITY[req.priority], **lora)
         n_prompt, n_out, finished = len(prompt_ids), 0, False
         pending_logprobs: list[TokenLogprob] = []  # of tokens whose text vLLM still holds back
         try:
