@@ -68,6 +68,9 @@ def serve(
     config: Annotated[
         list[Path] | None, typer.Option("--config", help="Model config YAML (LLMConfig layout); repeatable.")
     ] = None,
+    dynamic_lora_loading_path: Annotated[str | None, typer.Option(
+        help="Folder of LoRA adapter folders, served as model '<id>:<folder>' [LLM_DYNAMIC_LORA_LOADING_PATH].")
+    ] = None,
     backup: Annotated[bool | None, typer.Option(
         "--backup/--no-backup", help="nginx's backup for a cluster: an unknown model is a retryable 503 naming it, "
                                      "not a 404 [LLM_BACKUP].")] = None,
@@ -82,7 +85,7 @@ def serve(
         "model": model, "served_model_name": served_model_name, "engine": engine, "host": host, "port": port,
         "device": device, "dtype": dtype, "max_model_len": max_model_len, "max_num_seqs": max_num_seqs,
         "max_waiting": max_waiting, "default_max_tokens": default_max_tokens, "retry_after_s": retry_after_s,
-        "backup": backup,
+        "backup": backup, "dynamic_lora_loading_path": dynamic_lora_loading_path,
         "tool_call_parser": tool_call_parser,
     }.items() if v is not None}
     try:
@@ -120,6 +123,25 @@ def make_tiny_model(
 
     try:
         path = build_tiny_model(out_dir, seed=seed, max_context=max_context, heads=heads, kv_heads=kv_heads)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(str(path))
+
+
+@cli.command("make-tiny-lora")
+def make_tiny_lora(
+    base_dir: Annotated[Path, typer.Argument(help="The base model's folder (e.g. from make-tiny-model).")],
+    out_dir: Annotated[Path, typer.Argument(help="Adapter folder to write (put it under a model's "
+                                                 "lora_config.dynamic_lora_loading_path).")],
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    seed: Annotated[int, typer.Option(help="Weight seed (different seeds: different outputs).")] = 0,
+) -> None:
+    """Build a LoRA adapter with random non-zero weights for a local base model, offline (PEFT; tests, demo)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from app.models.tiny_lora import build_tiny_lora
+
+    try:
+        path = build_tiny_lora(base_dir, out_dir, rank=rank, seed=seed)
     except ValueError as exc:
         raise fail(str(exc)) from None
     typer.echo(str(path))

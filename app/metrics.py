@@ -111,6 +111,28 @@ BATCH_IN_FLIGHT = MetricSpec(
     "llm_batch_runner_concurrency", "gauge", "Batch requests the runner has in flight now.", ("model", "engine")
 )
 
+# multi-LoRA (app.engines.adapters): recorded by the engine, so under Ray per replica (Serve adds `replica`)
+LORA_REQUESTS = MetricSpec(
+    "llm_lora_requests_total", "counter", "Generations that ran with a LoRA adapter, by adapter.",
+    ("model", "engine", "adapter"),
+)
+LORA_OUTPUT_TOKENS = MetricSpec(
+    "llm_lora_output_tokens_total", "counter", "Completion tokens generated with a LoRA adapter, by adapter.",
+    ("model", "engine", "adapter"),
+)
+LORA_LOADS = MetricSpec(
+    "llm_lora_adapter_loads_total", "counter",
+    "LoRA adapters loaded into an engine (a replica loads an adapter once while it holds it).",
+    ("model", "engine", "adapter"),
+)
+LORA_EVICTIONS = MetricSpec(
+    "llm_lora_adapter_evictions_total", "counter",
+    "LoRA adapters unloaded (least recently used beyond max_num_adapters_per_replica).", ("model", "engine", "adapter"),
+)
+LORA_HELD = MetricSpec(
+    "llm_lora_adapters_loaded", "gauge", "LoRA adapters an engine holds now.", ("model", "engine")
+)
+
 SPECS: tuple[MetricSpec, ...] = (
     REQUESTS,
     REQUEST_ERRORS,
@@ -128,6 +150,11 @@ SPECS: tuple[MetricSpec, ...] = (
     BATCH_LINES,
     BATCH_QUEUE,
     BATCH_IN_FLIGHT,
+    LORA_REQUESTS,
+    LORA_OUTPUT_TOKENS,
+    LORA_LOADS,
+    LORA_EVICTIONS,
+    LORA_HELD,
 )
 
 

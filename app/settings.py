@@ -77,6 +77,12 @@ class Settings(ConfiguredKnobs, HTTPServerKnobs, BaseSettings):
         description="Concurrent generations per model (vLLM's max_num_seqs). Unset: transformers 16, vLLM its own.",
     )
     trust_remote_code: bool = False
+    # LoRA: a model config's lora_config, under the same names
+    dynamic_lora_loading_path: str = Field(
+        default="", description="Serve the LoRA adapters in this folder (one PEFT folder each, requested as model "
+        "'<id>:<folder>'); empty: none. The fallback mounts the folder the workers read.")
+    max_num_adapters_per_replica: int = Field(default=16, ge=1, description="LoRA adapters held at once (the least "
+                                              "recently used is unloaded beyond it).")
 
     # batch service (app.batch): `serve` mounts /v1/files and /v1/batches when batch_dir is set
     batch_dir: str = Field(default="", description="Folder of the batch service's SQLite state and files; "

@@ -16,7 +16,7 @@ from typing import Any
 
 from app.api.app import create_app
 from app.api.backend import LocalBackend
-from app.engines.base import EngineSpec, ServingKnobs
+from app.engines.base import EngineSpec, LoraConfig, ServingKnobs
 from app.engines.select import SelectedEngine
 from app.http_guard import guarded_server
 from app.metrics import MetricsSink, PrometheusSink
@@ -47,11 +47,16 @@ def spec_from_settings(settings: Settings) -> EngineSpec:
         kwargs["max_model_len"] = settings.max_model_len
     if settings.max_num_seqs is not None:  # unset: each engine's own default
         kwargs["max_num_seqs"] = settings.max_num_seqs
+    lora = None
+    if settings.dynamic_lora_loading_path:
+        lora = LoraConfig(dynamic_lora_loading_path=settings.dynamic_lora_loading_path,
+                          max_num_adapters_per_replica=settings.max_num_adapters_per_replica)
     return EngineSpec(
         model_id=settings.served_model_name or default_model_id(settings.model),
         model_source=settings.model,
         engine=settings.engine,
         engine_kwargs=kwargs,
+        lora_config=lora,
         source=SETTINGS_SOURCE,
         **settings.model_dump(include=set(ServingKnobs.model_fields)),
     )

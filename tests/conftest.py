@@ -71,6 +71,29 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# the tiny model's LoRA adapters every LoRA suite uses: name -> (rank, seed)
+TINY_LORAS = {"A": (8, 1), "B": (4, 2), "C": (8, 3)}
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """A folder of LoRA adapters for the tiny model (A, B, C: different seeds), built once per session with the real
+    CLI (`make-tiny-lora`, in parallel). Suites that add or break adapters copy it first."""
+    cached = os.environ.get("TINY_LORA_DIR")
+    if cached and all((Path(cached) / name / "adapter_config.json").exists() for name in TINY_LORAS):
+        return Path(cached)
+    out = tmp_path_factory.mktemp("loras")
+    procs = [subprocess.Popen([sys.executable, "-m", "app", "make-tiny-lora", str(tiny_model), str(out / name),
+                               "--rank", str(rank), "--seed", str(seed)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+             for name, (rank, seed) in TINY_LORAS.items()]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    os.environ["TINY_LORA_DIR"] = str(out)
+    return out
+
+
 
 
 

@@ -6,6 +6,10 @@ rank 0); the Ray Serve ingress provides a backend that forwards to model
 deployments. The router never knows which one it has. `generate` is an async
 generator everywhere: an unknown model, a full queue or a dead engine are raised
 when the first chunk is asked for, like every engine error.
+
+LoRA: a request's `model` may be `<model id>:<adapter>` (Ray Serve LLM's naming); `split` finds the model, and
+`generate` hands the engine the adapter on `GenerationRequest.adapter` (the engine checks it: 404 for no such
+adapter folder, 400 for a bad one). `adapter_ids(model)` lists the adapters found now (for /v1/models).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from app.engines.base import (
     ModelNotFoundError,
     ModelNotServedHereError,
 )
+from app.engines.lora import split_model_id
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,14 @@ class ModelBackend(abc.ABC):
     @abc.abstractmethod
     def generate(self, model_id: str, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         """The engine's stream; its first chunk carries `served_by`."""
+
+    async def adapter_ids(self, model_id: str) -> list[str]:
+        """The LoRA adapters model `model_id` serves now (default: none)."""
+        return []
+
+    def split(self, model: str) -> tuple[str, str | None]:
+        """(model id, adapter) of a request's `model` (`<model id>:<adapter>`; adapter None for a model id)."""
+        return split_model_id(model, set(self.model_ids()))
 
     @abc.abstractmethod
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -84,6 +97,10 @@ class LocalBackend(ModelBackend):
     def model_ids(self) -> list[str]:
         return list(self.engines)
 
+    def split(self, model: str) -> tuple[str, str | None]:
+        base, adapter = split_model_id(model, set(self.engines) | set(self.aliases))
+        return self.aliases.get(base, base), adapter
+
     def _engine(self, model_id: str) -> Engine:
         try:
             return self.engines[self.aliases.get(model_id, model_id)]
@@ -91,10 +108,17 @@ class LocalBackend(ModelBackend):
             raise self.not_found(model_id) from None
 
     async def engine_info(self, model_id: str) -> EngineInfo:
-        return self._engine(model_id).info
+        return self._engine(self.split(model_id)[0]).info
+
+    async def adapter_ids(self, model_id: str) -> list[str]:
+        engine = self._engine(model_id)
+        return await asyncio.to_thread(engine.adapter_ids)
 
     async def generate(self, model_id: str, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
-        engine = self._engine(model_id)
+        base, adapter = self.split(model_id)
+        engine = self._engine(base)
+        if adapter is not None:
+            request = dataclasses.replace(request, adapter=adapter)
         first = True
         async with contextlib.aclosing(engine.generate(request)) as chunks:
             async for chunk in chunks:

@@ -308,6 +308,8 @@ class ModelCard(BaseModel):
     engine_reason: str = ""
     max_model_len: int | None = None
     ready: bool = False
+    root: str | None = Field(default=None, description="A LoRA adapter's base model id (vLLM's field).")
+    parent: str | None = Field(default=None, description="A LoRA adapter's base model id (`<parent>:<adapter>`).")
     engine_info: dict[str, Any] = Field(default_factory=dict, description="Every EngineInfo field, as the engine "
                                         "reports it (max_parallel: generations one request may fan out to).")
 

@@ -32,6 +32,7 @@ from app.api.protocol import (
     ModelCard,
     ModelList,
 )
+from app.engines.base import ModelNotFoundError
 from app.engines.grammar.install import missing_packages
 
 router = APIRouter()
@@ -74,30 +75,40 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-async def _card(backend: ModelBackend, model_id: str, detail: dict[str, Any]) -> ModelCard:
+async def _card(backend: ModelBackend, model_id: str, detail: dict[str, Any], parent: str | None = None
+                ) -> ModelCard:
     info = await backend.engine_info(model_id)
     return ModelCard(
         id=model_id,
         engine=info.engine,
         engine_reason=info.reason,
         max_model_len=info.max_context or None,
-        ready=bool(detail.get(model_id, {}).get("ready")),
+        ready=bool(detail.get(parent or model_id, {}).get("ready")),
+        root=parent,
+        parent=parent,
         engine_info=dataclasses.asdict(info),
     )
 
 
 @v1.get("/models")
 async def list_models(request: Request) -> ModelList:
+    """Every model, then each model's LoRA adapters found now (`<model>:<adapter>`, `parent` the model)."""
     backend = _backend(request)
     _, detail = await backend.readiness()
-    return ModelList(data=[await _card(backend, mid, detail) for mid in backend.model_ids()])
+    cards = [await _card(backend, mid, detail) for mid in backend.model_ids()]
+    for mid in backend.model_ids():
+        cards += [await _card(backend, f"{mid}:{name}", detail, parent=mid) for name in await backend.adapter_ids(mid)]
+    return ModelList(data=cards)
 
 
 @v1.get("/models/{model_id:path}", responses=errors(404))
 async def get_model(model_id: str, request: Request) -> ModelCard:
     backend = _backend(request)
     _, detail = await backend.readiness()
-    return await _card(backend, model_id, detail)
+    base, adapter = backend.split(model_id)
+    if adapter is not None and adapter not in await backend.adapter_ids(base):
+        raise ModelNotFoundError(f"model {model_id!r} does not exist: model {base} has no adapter {adapter!r}")
+    return await _card(backend, model_id, detail, parent=base if adapter is not None else None)
 
 
 _GENERATION_ERRORS = errors(400, 404, 408, 413, 429, 503)

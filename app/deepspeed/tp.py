@@ -43,10 +43,12 @@ from app import compat, metrics
 from app.deepspeed.config import DSSettings
 from app.engines.base import (
     EngineDeadError,
+    EngineError,
     EngineInfo,
     EngineNotReadyError,
     GenerationChunk,
     GenerationRequest,
+    InvalidRequestError,
     missing_local_model,
 )
 from app.engines.hf.batching import BatchScheduler, stream_sequence
@@ -227,7 +229,9 @@ class _MirroredModel(RaggedModel):
         freed, self._freed = self._freed, []
         return freed
 
-    def prefill(self, cache: Any, ids: Sequence[int], start: int, *, slot: int = 0) -> Any:
+    def prefill(self, cache: Any, ids: Sequence[int], start: int, *, slot: int = 0, adapter: str | None = None) -> Any:
+        if adapter is not None:  # TPEngine refuses adapter requests before they reach the scheduler
+            raise ValueError("LoRA adapters are not broadcast to the other ranks")
         try:
             self._wire.send(_PREFILL, (slot, start, len(ids)), free=self._take_freed())
             self._wire.send_ids(list(ids))
@@ -236,7 +240,9 @@ class _MirroredModel(RaggedModel):
             raise CollectiveError(f"prefill across ranks failed: {type(exc).__name__}: {exc}") from exc
 
     def decode(self, caches: Sequence[Any], tokens: Sequence[int], rows: int | None = None, *,
-               slots: Sequence[int] | None = None) -> Any:
+               slots: Sequence[int] | None = None, adapters: Sequence[str | None] | None = None) -> Any:
+        if adapters is not None and any(a is not None for a in adapters):
+            raise ValueError("LoRA adapters are not broadcast to the other ranks")
         rows = rows if rows is not None else self.rows_for(len(caches))
         slot_list = list(slots) if slots is not None else list(range(len(caches)))
         try:
@@ -354,6 +360,12 @@ class TPEngine(EngineSkeleton):
                 self._loop.call_soon_threadsafe(_set)
             except RuntimeError:
                 pass
+
+    def _no_adapters_error(self, name: str) -> EngineError:
+        return InvalidRequestError(
+            f"model {self.info.model_id}:{name}: the DeepSpeed tensor-parallel engine cannot apply LoRA adapters (its "
+            "sharded layers are not PEFT's); serve adapters with the Ray cluster (vLLM) or the transformers engine",
+            param="model")
 
     def _dead_reason(self) -> str | None:
         return self._died

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import abc
 import os
+import re
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 FinishReason = Literal["stop", "length"]
 GrammarKind = Literal["json_schema", "json_object", "tool_calls"]
@@ -54,6 +55,34 @@ def missing_local_model(source: str) -> str | None:
             "DIR` or pass an existing folder or a hub id")
 
 
+class LoraConfig(BaseModel):
+    """Multi-LoRA serving of one base model, in Ray Serve LLM's `lora_config` layout (its key names).
+
+    Adapters are PEFT folders (`adapter_config.json` + `adapter_model.safetensors`) directly under
+    `dynamic_lora_loading_path`, a folder visible on every machine that serves the model (the same mount on the
+    worker VMs and the fallback); a request names one as `model: "<base id>:<folder name>"`. Adding an adapter is
+    copying a folder there: no redeploy. Object-store URIs (`s3://`, `gs://`, which Ray Serve LLM downloads) are
+    refused: mount the bucket instead. `max_num_adapters_per_replica`: adapters one replica (one engine) holds
+    at once; the least recently used one is unloaded beyond it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dynamic_lora_loading_path: str = Field(min_length=1, description="Local or mounted folder of adapter folders.")
+    max_num_adapters_per_replica: int = Field(default=16, ge=1, description="Adapters one replica holds at once "
+                                              "(least recently used unloaded beyond it).")
+
+    @field_validator("dynamic_lora_loading_path")
+    @classmethod
+    def _local_path(cls, v: str) -> str:
+        scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", v)
+        if scheme:
+            raise ValueError(f"{v!r}: {scheme.group(1)}:// paths are not supported yet; adapters are read from a "
+                             "local or mounted folder (mount the bucket on every worker VM and the fallback, and "
+                             "give its path)")
+        return os.path.abspath(os.path.expanduser(os.path.expandvars(v)))
+
+
 class EngineSpec(ServingKnobs):
     """What to serve and how: read once from a model config file or the LLM_* settings, picklable.
 
@@ -67,6 +96,7 @@ class EngineSpec(ServingKnobs):
     model_source: str = Field(min_length=1)
     engine: EngineChoice = "auto"
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    lora_config: LoraConfig | None = None
     source: str = ""
 
 
@@ -110,7 +140,8 @@ class GenerationRequest:
 
     `grammar`: constrain the output to it (structured output, tool calls); `logprobs`: report each generated
     token's logprob and this many top candidates (None: none); `tools`: the tool definitions the chat template
-    renders (OpenAI's `tools` entries as plain dicts)."""
+    renders (OpenAI's `tools` entries as plain dicts); `adapter`: the LoRA adapter to apply (a folder name under
+    the model's `lora_config.dynamic_lora_loading_path`; None: the base model), from `model: "<base>:<adapter>"`."""
 
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
@@ -128,6 +159,7 @@ class GenerationRequest:
     tools: list[dict[str, Any]] | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     priority: Priority = "interactive"
+    adapter: str | None = None
 
 
 @dataclass
@@ -176,6 +208,8 @@ class EngineInfo:
     max_parallel: int = 0  # generations one request may fan out to (running + waiting slots); 0 = unknown
     tool_call_parser: str = "hermes"  # the model's tool-call format (ServingKnobs.tool_call_parser)
     threads: str = ""  # the compute threads the engine runs with on CPU, and why (vLLM-CPU: its OpenMP threads)
+    lora_path: str = ""  # where its LoRA adapters are read (lora_config.dynamic_lora_loading_path); "": none
+    max_adapters: int = 0  # adapters one replica holds at once (lora_config.max_num_adapters_per_replica)
 
 
 @dataclass
@@ -293,6 +327,19 @@ class Engine(abc.ABC):
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:  # pragma: no cover - optional
         """Tokens of the request's prompt as this engine renders it (benchmarks report it)."""
         raise NotImplementedError
+
+    def adapter_ids(self) -> list[str]:
+        """The LoRA adapters this engine can serve now (the adapter folders found; default: none)."""
+        return []
+
+    async def load_adapter(self, name: str) -> None:
+        """Check and load adapter `name` (ModelNotFoundError: no such folder; InvalidRequestError: a bad one).
+        Engines that serve no adapters refuse it (the default)."""
+        raise InvalidRequestError(f"model {self.info.model_id} serves no LoRA adapters", param="model")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Let adapter `name` go (it is unloaded once no running request uses it). Default: nothing to do."""
+        return None
 
     async def shutdown(self) -> None:
         """Release resources. Default: nothing to do."""

@@ -192,6 +192,18 @@ class SelectedEngine(Engine):
     def stats(self) -> EngineStats:
         return self.inner.stats() if self.inner else EngineStats()
 
+    def adapter_ids(self) -> list[str]:
+        return self.inner.adapter_ids() if self.inner is not None else []
+
+    async def load_adapter(self, name: str) -> None:
+        if self.inner is None:
+            raise self._not_started()
+        await self.inner.load_adapter(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.inner is not None:
+            await self.inner.unload_adapter(name)
+
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         if self.inner is None:
             raise self._not_started()

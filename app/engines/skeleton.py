@@ -11,26 +11,35 @@ chosen, the admission gauges, the aborted-request counter. A subclass implements
 - `_render(request)`: the prompt's token ids (runs in a worker thread);
 - `_stream(prompt_ids, request, max_new)`: the generation itself, run once the request holds its slot;
 - `_check_request(request, max_new)`: optional, refuse what the engine cannot run before it waits for a slot;
-- `_dead_reason()` and `_dead_error()`: whether the engine died, and the error a request then gets.
+- `_dead_reason()` and `_dead_error()`: whether the engine died, and the error a request then gets;
+- `_load_adapter(info)` / `_unload_adapter(name)`: for an engine built with an `AdapterFolder` (a model with a
+  `lora_config`), put a LoRA adapter in and out of the model. Which adapters are held, loaded on first use and
+  evicted least-recently-used, is `app.engines.adapters.AdapterCache`, the same for every engine; a request with
+  `adapter` set holds its adapter from before admission until its stream ends, and is counted per adapter.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 
 from app import metrics
+from app.engines.adapters import AdapterCache
 from app.engines.admission import AdmissionController
 from app.engines.base import (
     Engine,
     EngineDeadError,
+    EngineError,
     EngineInfo,
     EngineNotReadyError,
     EngineStats,
     GenerationChunk,
     GenerationRequest,
+    ModelNotFoundError,
 )
+from app.engines.lora import AdapterFolder, AdapterInfo, check_name
 from app.engines.text import token_budget
 from app.metrics import MetricsSink, PrometheusSink
 
@@ -41,7 +50,8 @@ class EngineSkeleton(Engine):
     name: str
 
     def __init__(self, info: EngineInfo, *, metrics_sink: MetricsSink | None, max_running: int, max_waiting: int,
-                 retry_after_s: float, default_max_tokens: int, fallback: bool = False) -> None:
+                 retry_after_s: float, default_max_tokens: int, fallback: bool = False,
+                 adapters: AdapterFolder | None = None) -> None:
         self.info = info
         self.metrics = metrics_sink or PrometheusSink()
         self.fallback = fallback
@@ -51,6 +61,11 @@ class EngineSkeleton(Engine):
                                               metric_labels=self._labels)
         self.info.max_parallel = self._admission.capacity
         self._ready = False
+        self.adapters: AdapterCache | None = None
+        if adapters is not None:
+            self.info.lora_path, self.info.max_adapters = str(adapters.root), adapters.max_adapters
+            self.adapters = AdapterCache(adapters, load=self._load_adapter, unload=self._unload_adapter,
+                                         sink=self.metrics, labels=self._labels)
 
     # ------------------------------------------------------------------ what each engine implements
     @abc.abstractmethod
@@ -69,6 +84,19 @@ class EngineSkeleton(Engine):
     def _check_request(self, request: GenerationRequest, max_new: int) -> None:
         """Refuse (InvalidRequestError) what the engine cannot run, before the request waits for a slot."""
         return None
+
+    async def _load_adapter(self, info: AdapterInfo) -> None:
+        """Put the checked adapter `info` into the model (engines built with an AdapterFolder implement it)."""
+        raise NotImplementedError
+
+    async def _unload_adapter(self, name: str) -> None:
+        """Take adapter `name` out of the model (no request uses it)."""
+        raise NotImplementedError
+
+    def _no_adapters_error(self, name: str) -> EngineError:
+        """What a request for an adapter gets from an engine without a lora_config."""
+        return ModelNotFoundError(f"model '{self.info.model_id}:{name}' does not exist: model {self.info.model_id} "
+                                  "serves no LoRA adapters (its config has no lora_config)")
 
     def _dead_reason(self) -> str | None:
         """Why the engine can no longer serve (None: alive)."""
@@ -111,6 +139,24 @@ class EngineSkeleton(Engine):
         if not self._ready:
             raise EngineNotReadyError(f"model {self.info.model_id} is still loading", retry_after=5)
 
+    # ------------------------------------------------------------------ adapters
+    def adapter_ids(self) -> list[str]:
+        return self.adapters.folder.names() if self.adapters is not None else []
+
+    def _adapter_cache(self, name: str) -> AdapterCache:
+        check_name(name, self.info.model_id)
+        if self.adapters is None:
+            raise self._no_adapters_error(name)
+        return self.adapters
+
+    async def load_adapter(self, name: str) -> None:
+        self._check_serving()
+        await self._adapter_cache(name).hold(name)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.adapters is not None:
+            await self.adapters.drop(name)
+
     # ------------------------------------------------------------------ requests
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         self._check_serving()
@@ -118,6 +164,26 @@ class EngineSkeleton(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         self._check_serving()
+        if request.adapter is None:
+            async with contextlib.aclosing(self._generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        cache = self._adapter_cache(request.adapter)
+        await cache.acquire(request.adapter)
+        labels = {**self._labels, "adapter": request.adapter}
+        tokens = 0
+        try:
+            self.metrics.inc(metrics.LORA_REQUESTS, labels)
+            async with contextlib.aclosing(self._generate(request)) as chunks:
+                async for chunk in chunks:
+                    tokens = chunk.completion_tokens
+                    yield chunk
+        finally:
+            self.metrics.inc(metrics.LORA_OUTPUT_TOKENS, labels, tokens)
+            await asyncio.shield(cache.release(request.adapter))
+
+    async def _generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         prompt_ids = await asyncio.to_thread(self._render, request)  # CPU-heavy for large prompts
         max_new = token_budget(len(prompt_ids), request, self.info.max_context, self.default_max_tokens)
         self._check_request(request, max_new)

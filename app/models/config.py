@@ -13,7 +13,11 @@ One YAML file per model::
       max_queued_requests: 32         # Serve answers 429 beyond this (Serve's own key)
       request_router_config:          # optional: route by prompt prefix (app/ray_serve/prefix_router.py)
         request_router_class: app.ray_serve.prefix_router.PrefixAwareRouter
-    engine_kwargs: {dtype: auto, max_model_len: 4096, max_num_seqs: 8, gpu_memory_utilization: 0.85}
+    engine_kwargs: {dtype: auto, max_model_len: 4096, max_num_seqs: 8, gpu_memory_utilization: 0.85,
+                    max_lora_rank: 16, max_loras: 4}   # LoRA knobs, checked by each engine
+    lora_config:                      # optional: serve LoRA adapters, requested as model: "<model_id>:<folder>"
+      dynamic_lora_loading_path: /srv/lora-adapters   # a local or mounted folder of PEFT adapter folders
+      max_num_adapters_per_replica: 8
     runtime_env: {env_vars: {HF_HUB_OFFLINE: "1"}}
     max_waiting: 32                   # ServingKnobs: max_waiting, default_max_tokens, retry_after_s
     stream_coalesce_ms: 50            # Ray Serve: chunks gathered per replica -> ingress message (0: none)
@@ -26,8 +30,10 @@ box running `serve --config`), the dict is kept as written and only its key name
 of the pinned Ray's schema (`RAY_*_KEYS`; a unit test keeps them equal to the installed Ray's). `engine_kwargs`
 stays a plain dict that only the engines validate: at load time for an explicit engine (and, for `auto`, the
 values of the keys the transformers fallback uses), fully when the engine starts. Errors are `ConfigError`s
-naming the file and the dotted key. `load_engine_specs` turns configs into the engine protocol's `EngineSpec`s
-(also used by `python -m app serve --config`).
+naming the file and the dotted key. `lora_config` has Ray Serve LLM's `LoraConfig` key names (`RAY_LORA_KEYS`,
+checked against the pinned Ray's source by a unit test); its download keys have no use for a local folder and are
+refused by name, as is an `s3://`-style path. `load_engine_specs` turns configs into the engine protocol's
+`EngineSpec`s (also used by `python -m app serve --config`).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app import compat
-from app.engines.base import EngineChoice, EngineSpec, ServingKnobs
+from app.engines.base import EngineChoice, EngineSpec, LoraConfig, ServingKnobs
 from app.engines.hf.engine import HFEngineConfig
 from app.engines.registry import check_engine_kwargs
 from app.engines.vllm.args import VLLM_DEFAULT_MAX_NUM_SEQS
@@ -61,6 +67,10 @@ RAY_DEPLOYMENT_KEYS = frozenset({
     "placement_group_strategy", "ray_actor_options", "request_router_config", "rolling_update_percentage",
     "user_config",
 })
+# ray[serve]==2.60.0's LoraConfig (ray/llm/_internal/serve/core/configs/llm_config.py); we read a local folder, so
+# its download keys are refused by name
+RAY_LORA_KEYS = frozenset({"dynamic_lora_loading_path", "max_num_adapters_per_replica", "download_timeout_s",
+                           "max_download_tries"})
 RAY_ACTOR_OPTION_KEYS = frozenset({"accelerator_type", "fallback_strategy", "label_selector", "memory", "num_cpus",
                                    "num_gpus", "resources", "runtime_env"})
 RAY_AUTOSCALING_KEYS = frozenset({
@@ -100,6 +110,8 @@ class ModelConfig(ConfiguredKnobs, _Strict):
     deployment_config: dict[str, Any] = Field(default_factory=dict, description="Ray Serve deployment options.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Validated by the engine.")
     runtime_env: dict[str, Any] = Field(default_factory=dict)
+    lora_config: LoraConfig | None = Field(default=None, description="Serve LoRA adapters of this model "
+                                           "(Ray Serve LLM's layout).")
     stream_coalesce_ms: float = Field(
         default=50.0, ge=0, le=1000,
         description="Ray Serve: after the stream's first chunk (sent at once), chunks a replica yields within this "
@@ -145,6 +157,7 @@ class ModelConfig(ConfiguredKnobs, _Strict):
             model_source=self.model_loading_config.model_source,
             engine=self.engine,
             engine_kwargs=dict(self.engine_kwargs),
+            lora_config=self.lora_config,
             source=self.source_file,
             **self.model_dump(include=set(ServingKnobs.model_fields)),
         )
@@ -282,6 +295,11 @@ def load_model_config(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     if "source_file" in raw:
         raise ConfigError(f"{path}: unknown key 'source_file'")
+    lora = raw.get("lora_config")
+    if isinstance(lora, dict):
+        for key in sorted(RAY_LORA_KEYS & set(lora) - set(LoraConfig.model_fields)):
+            raise ConfigError(f"{path}: lora_config.{key}: Ray Serve LLM's download setting has no use here: "
+                              "adapters are read from the local or mounted folder dynamic_lora_loading_path")
     try:
         cfg = ModelConfig.model_validate(raw)
     except ValidationError as exc:

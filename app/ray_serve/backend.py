@@ -1,6 +1,7 @@
 """`RayServeBackend`: the `ModelBackend` the ingress mounts, forwarding to LLM server deployments.
 
-Routes by model id to that model's deployment handle and streams chunks back
+Routes by model id to that model's deployment handle (a `<model>:<adapter>` request with Serve's
+`multiplexed_model_id` = the adapter, so it reaches a replica holding it) and streams chunks back
 with `handle.options(stream=True)`. Each replica's `ReplicaReport` (its engine's
 `EngineInfo` as is, live stats, location) is what `/readyz` and `/v1/models`
 show; the `EngineInfo` is cached per model (so the fan-out limit `max_parallel`
@@ -76,6 +77,17 @@ class RayServeBackend(ModelBackend):
         if model_id not in self.handles:
             raise self.not_found(model_id)
 
+    async def adapter_ids(self, model_id: str) -> list[str]:
+        """A replica's reading of the model's adapter folder (the same mount on every worker)."""
+        self._check(model_id)
+        resp = self.handles[model_id].adapters.remote()
+        try:
+            names: list[str] = await asyncio.wait_for(resp, self.info_timeout_s)
+        except Exception:
+            resp.cancel()
+            return []
+        return names
+
     async def _report(self, model_id: str) -> ReplicaReport:
         resp = self.handles[model_id].report.remote()
         try:
@@ -87,6 +99,7 @@ class RayServeBackend(ModelBackend):
         return report
 
     async def engine_info(self, model_id: str) -> EngineInfo:
+        model_id = self.split(model_id)[0]
         self._check(model_id)
         if model_id in self._info:
             return self._info[model_id]
@@ -97,8 +110,13 @@ class RayServeBackend(ModelBackend):
                               reason=f"no ready replica yet ({type(exc).__name__})")
 
     async def generate(self, model_id: str, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
+        model_id, adapter = self.split(model_id)
         self._check(model_id)
-        gen = self._stream[model_id].generate.remote(request)
+        handle = self._stream[model_id]
+        if adapter is not None:  # Serve's multiplexing: to a replica that holds the adapter when one does
+            request = dataclasses.replace(request, adapter=adapter)
+            handle = handle.options(multiplexed_model_id=adapter)
+        gen = handle.generate.remote(request)
         finished = False
         try:
             async for chunk in gen:

@@ -1,6 +1,7 @@
 """Ray Serve on one local node (127.0.0.1), started with the real `cluster local-up`: routing by model,
 404 listing ids, streaming, 429 with Retry-After, client disconnect, Ray-exported metrics, status, token
-auth refusal, autoscaling up and down, and `local-down` leaving nothing behind.
+auth refusal, autoscaling up and down, LoRA adapters routed by Serve's multiplexing to the replica that holds
+them (two replicas of `tiny-lora`), and `local-down` leaving nothing behind.
 
 One cluster start-up serves every test in this module (the suite's time budget is minutes).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -53,6 +55,17 @@ deployment_config:
 engine_kwargs: {{dtype: float32, device: cpu, max_num_seqs: 1}}
 max_waiting: 1
 """
+# two replicas, each holding at most one adapter: routing to the holder, and eviction, are both visible
+TINY_LORA = """
+model_loading_config: {{model_id: tiny-lora, model_source: {src}}}
+engine: transformers
+deployment_config:
+  name: tiny-lora
+  num_replicas: 2
+  ray_actor_options: {{num_cpus: 0.5, resources: {{small-model-workers: 0.5}}}}
+engine_kwargs: {{dtype: float32, device: cpu, max_num_seqs: 4, engine_process: false}}
+lora_config: {{dynamic_lora_loading_path: {adapters}, max_num_adapters_per_replica: 1}}
+"""
 
 
 class Local:
@@ -88,11 +101,13 @@ def _our_processes(marker: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Local]:
+def local(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_loras: Path) -> Iterator[Local]:
     need(os.path.exists(Path(sys.executable).with_name("ray")), "needs ray[serve]==2.60.0 in the venv")
     cwd = tmp_path_factory.mktemp("local")
     (cwd / "tiny.yaml").write_text(TINY.format(src=tiny_model))
     (cwd / "tiny-b.yaml").write_text(TINY_B.format(src=tiny_model))
+    shutil.copytree(tiny_loras, cwd / "adapters")
+    (cwd / "tiny-lora.yaml").write_text(TINY_LORA.format(src=tiny_model, adapters=cwd / "adapters"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(cwd), HF_HUB_OFFLINE="1", RAY_AUTH_TOKEN=os.urandom(32).hex(), PYTHONPATH=str(ROOT))
     lc = Local(cwd, free_port(), free_port(), free_port(), env)
@@ -100,6 +115,7 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterato
     t0 = time.monotonic()
     try:
         up = lc.app("cluster", "local-up", "--config", "tiny.yaml", "--config", "tiny-b.yaml",
+                    "--config", "tiny-lora.yaml",
                     "--gcs-port", str(lc.gcs), "--serve-port", str(lc.serve), "--metrics-export-port", str(lc.metrics),
                     "--batch-port", str(lc.batch),
                     "--num-cpus", "4", "--object-store-mb", "128", "--wait", "300", timeout=420)
@@ -186,7 +202,8 @@ def test_routes_by_model_and_404_lists_ids(local: Local) -> None:
                                       extra_body={"min_tokens": 5})
         assert r.model == model and r.usage.completion_tokens == 5
     cards = {m.id: m for m in c.models.list().data}
-    assert set(cards) == {"tiny", "tiny-b"}
+    assert set(cards) == {"tiny", "tiny-b", "tiny-lora", "tiny-lora:A", "tiny-lora:B", "tiny-lora:C"}
+    assert cards["tiny-lora:A"].model_extra["parent"] == "tiny-lora"
     assert cards["tiny"].model_extra["engine"] == "transformers"
     r = httpx.post(local.base + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30)
     assert r.status_code == 404
@@ -335,8 +352,8 @@ def test_status_shows_nodes_deployments_replicas_engines(local: Local) -> None:
     data = local.status()
     assert len(data["nodes"]) == 1 and data["nodes"][0]["ip"] == "127.0.0.1"
     deps = data["applications"]["llm"]["deployments"]
-    assert {"ingress", "tiny", "tiny-b"} <= set(deps)
-    assert {r["model"] for r in data["replicas"]} == {"tiny", "tiny-b"}
+    assert {"ingress", "tiny", "tiny-b", "tiny-lora"} <= set(deps)
+    assert {r["model"] for r in data["replicas"]} == {"tiny", "tiny-b", "tiny-lora"}
     assert all(r["engine"] == "transformers" and r["node_ip"] == "127.0.0.1" for r in data["replicas"])
     text = local.app("cluster", "status", "--address", f"127.0.0.1:{local.gcs}")
     assert "engine=transformers" in text.stdout and "Model replicas:" in text.stdout
@@ -430,3 +447,53 @@ def test_a_killed_ingress_replica_is_replaced_and_serves_the_port_again(local: L
 
     wait_until(served, 180, 1.0, "a new ingress replica serving SERVE_PORT")
     assert Path(f"/proc/{_listener(local.serve)}/cmdline").read_bytes().startswith(b"ray::ServeReplica:llm:ingress")
+
+
+def _lora_metric(local: Local, name: str, adapter: str | None = None) -> dict[str, float]:
+    """Per replica: the sum of `name`'s samples of model tiny-lora (and `adapter`)."""
+    text = httpx.get(f"http://127.0.0.1:{local.metrics}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and 'model="tiny-lora"' in line and (
+                adapter is None or f'adapter="{adapter}"' in line):
+            replica = line.split('replica="', 1)[1].split('"', 1)[0]
+            out[replica] = out.get(replica, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _lora_chat(local: Local, adapter: str) -> httpx.Response:
+    body = {"model": f"tiny-lora:{adapter}", "messages": [{"role": "user", "content": "hello world"}],
+            "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(local.base + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_lora_requests_go_to_the_replica_holding_the_adapter(local: Local) -> None:
+    """Serve's multiplexing: an adapter's requests land on the replica that loaded it, which loads it once while it
+    holds it; at one adapter per replica a third adapter evicts one; a folder copied in is served at once."""
+    first = [_lora_chat(local, "A") for _ in range(6)]
+    assert len({r.headers["x-served-by"] for r in first}) == 1  # one replica served every request for A
+    assert len({r.json()["choices"][0]["message"]["content"] for r in first}) == 1
+    wait_until(lambda: sum(_lora_metric(local, "ray_llm_lora_requests_total", "A").values()) >= 6, 60, 1,
+               "per-adapter request metric")
+    loads = _lora_metric(local, "ray_llm_lora_adapter_loads_total", "A")
+    assert sum(loads.values()) == 1, loads  # loaded once, on one replica
+    holder = next(iter(loads))
+    assert first[0].headers["x-served-by"].endswith("/" + holder)  # the replica that loaded A served it
+    for adapter in ("B", "C", "B", "C", "A"):  # three adapters, two replicas holding one each: evictions
+        _lora_chat(local, adapter)
+    wait_until(lambda: sum(_lora_metric(local, "ray_llm_lora_adapter_evictions_total").values()) >= 1, 60, 1,
+               "an eviction at max_num_adapters_per_replica")
+    held = _lora_metric(local, "ray_llm_lora_adapters_loaded")
+    assert held and all(v <= 1 for v in held.values()), held
+    shutil.copytree(local.cwd / "adapters" / "A", local.cwd / "adapters" / "D")  # no redeploy
+    again = _lora_chat(local, "D")
+    assert again.json()["choices"][0]["message"]["content"] == first[0].json()["choices"][0]["message"]["content"]
+    r = httpx.post(local.base + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny-lora:nope", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    r = httpx.post(local.base + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny-lora:../A", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "an adapter name is a folder name" in r.json()["error"]["message"], r.text
+    assert _lora_chat(local, "A").status_code == 200

@@ -14,6 +14,12 @@ A step, on the scheduler thread (`BatchScheduler.step`):
    per sink (`LoopSink`: one `call_soon_threadsafe` per event loop; in the engine process, one message to the
    server).
 
+LoRA: a sequence whose request names an adapter prefills and decodes with it (`RaggedModel`'s per-row adapter
+names: one forward mixes adapters and the base model). Adapters are put in and out of the model by `call` (a
+function run on the scheduler thread at the next step boundary; the engine's `AdapterCache` decides which), and
+`max_loras` bounds the distinct adapters of one step: a sequence whose adapter would exceed it waits for a slot
+while sequences behind it may start.
+
 Join and leave happen only at step boundaries; a sequence's tokens are identical whether it ran alone or in
 a batch (`app.engines.hf.ragged`). `max_num_seqs` bounds the batch (the engines' admission control holds the same
 number of running requests, so the scheduler never queues beyond it; extra submissions wait for a slot).
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import contextlib
 import heapq
 import logging
@@ -57,10 +64,12 @@ class StepModel(Protocol):
 
     def new_cache(self) -> Any: ...
     def rows_for(self, n: int) -> int: ...
-    def prefill(self, cache: Any, ids: list[int], start: int, *, slot: int = 0) -> Any: ...
+    def prefill(self, cache: Any, ids: list[int], start: int, *, slot: int = 0, adapter: str | None = None) -> Any: ...
     def decode(self, caches: list[Any], tokens: list[int], rows: int | None = None, *,
-               slots: list[int] | None = None) -> Any: ...
+               slots: list[int] | None = None, adapters: list[str | None] | None = None) -> Any: ...
     def release(self, slot: int) -> None: ...
+    def load_adapter(self, name: str, path: str) -> None: ...
+    def unload_adapter(self, name: str) -> None: ...
 
 
 class EventSink(abc.ABC):
@@ -132,6 +141,11 @@ class Sequence:
     prefilled: int = 0
     last_token: int = 0
 
+    @property
+    def adapter(self) -> str | None:
+        """The request's LoRA adapter (None: the base model)."""
+        return self.sampler.req.adapter
+
 
 class _Outbox:
     """Events of one step, grouped by sink and delivered with one call per sink."""
@@ -162,7 +176,7 @@ class BatchScheduler:
 
     def __init__(self, model: StepModel, *, max_num_seqs: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  fatal: tuple[type[BaseException], ...] = (),
-                 on_decode: Callable[[int], None] | None = None):
+                 on_decode: Callable[[int], None] | None = None, max_loras: int = 0):
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError("max_num_seqs and prefill_chunk must be >= 1")
         self.model = model
@@ -170,7 +184,8 @@ class BatchScheduler:
         self.prefill_chunk = prefill_chunk
         self.fatal = fatal
         self.on_decode = on_decode  # gets each decode step's batch size, on the event loop of one of its requests
-        self._inbox: queue.SimpleQueue[tuple[str, Sequence | None]] = queue.SimpleQueue()
+        self.max_loras = max_loras  # distinct LoRA adapters in one step (0: no bound)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pending: deque[Sequence] = deque()  # submitted, waiting for a slot
         self._prefilling: deque[Sequence] = deque()
         self._decoding: list[Sequence] = []
@@ -194,6 +209,17 @@ class BatchScheduler:
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
         self._inbox.put(("wake", None))  # a sequence still waiting for a slot must leave too
+
+    def call(self, fn: Callable[[StepModel], Any]) -> concurrent.futures.Future[Any]:
+        """Run `fn(model)` on the scheduler thread at the next step boundary (loading or unloading an adapter);
+        the future has its result or its exception."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:
+            if self._dead is not None:
+                future.set_exception(EngineDeadError(f"engine is dead: {self._dead}", retry_after=10))
+                return future
+            self._inbox.put(("call", (fn, future)))
+        return future
 
     def stop(self) -> None:
         """Ask `run` to return after the current step (every live sequence is told it left)."""
@@ -242,12 +268,25 @@ class BatchScheduler:
                 items.append(self._inbox.get_nowait())
         except queue.Empty:
             pass
-        for kind, seq in items:
-            if kind == "submit" and seq is not None:
-                self._pending.append(seq)
+        for kind, item in items:
+            if kind == "submit" and item is not None:
+                self._pending.append(item)
+            elif kind == "call":
+                self._run_call(*item)
             elif kind == "stop":
                 self._stopping = True
         return not self._stopping
+
+    def _run_call(self, fn: Callable[[StepModel], Any], future: concurrent.futures.Future[Any]) -> None:
+        if self._dead is not None:
+            future.set_exception(EngineDeadError(f"engine is dead: {self._dead}", retry_after=10))
+            return
+        try:
+            future.set_result(fn(self.model))
+        except self.fatal:
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
 
     def fail_all(self, reason: str) -> None:
         """The engine is dead: tell every live sequence, refuse later submissions (also those in flight)."""
@@ -266,8 +305,7 @@ class BatchScheduler:
         outbox = _Outbox(self.on_decode)
         for seq in [s for s in self.live if s.cancelled]:
             self._leave(seq, outbox)
-        while self._pending and self._free_slots:
-            seq = self._pending.popleft()
+        for seq in self._admissible():
             seq.slot = heapq.heappop(self._free_slots)
             seq.cache = self.model.new_cache()
             self._prefilling.append(seq)
@@ -277,6 +315,28 @@ class BatchScheduler:
             for seq in [s for s in self.live if s.sink is sink]:
                 self._leave(seq, _Outbox())
 
+    def _admissible(self) -> list[Sequence]:
+        """Pending sequences that start this step, first come first served within the free slots; one whose
+        adapter would make the step's distinct adapters exceed `max_loras` keeps waiting."""
+        if not self.max_loras or all(s.adapter is None for s in self._pending):
+            out: list[Sequence] = []
+            while self._pending and len(out) < len(self._free_slots):
+                out.append(self._pending.popleft())
+            return out
+        active = {s.adapter for s in (*self._prefilling, *self._decoding) if s.adapter is not None}
+        out = []
+        kept: deque[Sequence] = deque()
+        for seq in self._pending:
+            room = len(out) < len(self._free_slots)
+            if room and (seq.adapter is None or seq.adapter in active or len(active) < self.max_loras):
+                out.append(seq)
+                if seq.adapter is not None:
+                    active.add(seq.adapter)
+            else:
+                kept.append(seq)
+        self._pending = kept
+        return out
+
     def _prefill(self, outbox: _Outbox) -> None:
         budget = self.prefill_chunk
         for seq in list(self._prefilling):
@@ -284,7 +344,8 @@ class BatchScheduler:
                 break
             ids = seq.prompt_ids[seq.prefilled : seq.prefilled + self.prefill_chunk]
             try:
-                row = self.model.prefill(seq.cache, ids, seq.prefilled, slot=seq.slot)
+                row = (self.model.prefill(seq.cache, ids, seq.prefilled, slot=seq.slot) if seq.adapter is None
+                       else self.model.prefill(seq.cache, ids, seq.prefilled, slot=seq.slot, adapter=seq.adapter))
             except self.fatal:
                 raise
             except Exception as exc:
@@ -303,8 +364,10 @@ class BatchScheduler:
         if not batch:
             return
         try:
+            adapters = [s.adapter for s in batch]
             logits = self.model.decode([s.cache for s in batch], [s.last_token for s in batch],
-                                       self.model.rows_for(len(batch)), slots=[s.slot for s in batch])
+                                       self.model.rows_for(len(batch)), slots=[s.slot for s in batch],
+                                       **({"adapters": adapters} if any(a is not None for a in adapters) else {}))
         except self.fatal:
             raise
         except Exception as exc:

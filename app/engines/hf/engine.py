@@ -38,6 +38,7 @@ from app.engines.base import (
 from app.engines.hf.batching import BatchScheduler, stream_sequence
 from app.engines.hf.engine_process import RemoteScheduler
 from app.engines.hf.runner import HFEngineConfig, HFModelRunner
+from app.engines.lora import AdapterFolder, AdapterInfo
 from app.engines.skeleton import EngineSkeleton
 from app.metrics import MetricsSink
 
@@ -45,18 +46,20 @@ log = logging.getLogger(__name__)
 
 ENGINE_NAME = "transformers"
 USED_KWARGS = frozenset({"dtype", "device", "max_model_len", "max_num_seqs", "trust_remote_code", "revision",
-                         "tokenizer", "seed", "prefill_chunk_tokens", "cpu_threads", "engine_process"})
+                         "tokenizer", "seed", "prefill_chunk_tokens", "cpu_threads", "engine_process",
+                         "max_lora_rank", "max_loras"})
 # vLLM performance knobs with no effect on what is generated: the transformers engine has no use for them
 IGNORED_VLLM_KWARGS = frozenset({
     "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "kv_cache_dtype", "max_num_batched_tokens",
     "enable_chunked_prefill", "swap_space", "block_size", "cpu_offload_gb", "kv_cache_memory_bytes",
     "max_seq_len_to_capture", "disable_log_stats", "distributed_executor_backend", "disable_custom_all_reduce",
     "compilation_config", "download_dir", "scheduling_policy", "async_scheduling", "max_logprobs",
+    "enable_lora",  # the model's lora_config turns LoRA on, on every engine
 })
 # vLLM arguments that change the results (or the model): refused unless an `auto` fallback drops them
 REFUSED_KWARGS = frozenset({"quantization", "tensor_parallel_size", "pipeline_parallel_size", "speculative_config",
                             "hf_overrides", "rope_scaling", "override_generation_config", "load_format",
-                            "enable_lora", "max_loras", "tokenizer_mode", "data_parallel_size"})
+                            "tokenizer_mode", "data_parallel_size"})
 _DTYPES = {"auto", "float32", "float", "float16", "half", "bfloat16"}
 _warned: set[tuple[str, str]] = set()
 
@@ -117,6 +120,7 @@ def transformers_engine_config(engine_kwargs: dict[str, Any], *, fallback: bool 
         revision=_str(kw, "revision"), tokenizer=_str(kw, "tokenizer"), seed=seed,
         prefill_chunk_tokens=_int(kw, "prefill_chunk_tokens", 1) or HFEngineConfig.prefill_chunk_tokens,
         cpu_threads=_int(kw, "cpu_threads", 1), engine_process=own_process,
+        max_lora_rank=_int(kw, "max_lora_rank", 1) or HFEngineConfig.max_lora_rank, max_loras=_int(kw, "max_loras", 1),
     )
     notes = []
     if ignored:
@@ -161,9 +165,11 @@ class TransformersEngine(EngineSkeleton):
         info = EngineInfo(model_id=spec.model_id, engine=self.name, model_source=spec.model_source,
                           max_context=self.cfg.max_model_len or 0, reason=self.reason,
                           tool_call_parser=spec.tool_call_parser)
+        adapters = (AdapterFolder(spec.lora_config, model_id=spec.model_id, model_source=spec.model_source,
+                                  max_rank=self.cfg.max_lora_rank) if spec.lora_config is not None else None)
         super().__init__(info, metrics_sink=metrics, max_running=self.cfg.max_num_seqs,
                          max_waiting=spec.max_waiting, retry_after_s=spec.retry_after_s,
-                         default_max_tokens=spec.default_max_tokens, fallback=fallback)
+                         default_max_tokens=spec.default_max_tokens, fallback=fallback, adapters=adapters)
         self._scheduler: BatchScheduler | None = None
         self._remote: RemoteScheduler | None = None  # the model in the engine process
         self._thread: threading.Thread | None = None
@@ -190,7 +196,8 @@ class TransformersEngine(EngineSkeleton):
         model = self.runner.step_model()
         await asyncio.to_thread(self.runner.warmup, model)
         self._scheduler = BatchScheduler(model, max_num_seqs=self.cfg.max_num_seqs,
-                                         prefill_chunk=self.cfg.prefill_chunk_tokens, on_decode=self._observe_batch)
+                                         prefill_chunk=self.cfg.prefill_chunk_tokens, on_decode=self._observe_batch,
+                                         max_loras=self.cfg.max_loras or 0)
         self._thread = threading.Thread(target=self._serve, args=(self._scheduler,), name="hf-scheduler",
                                         daemon=True)
         self._thread.start()
@@ -223,6 +230,20 @@ class TransformersEngine(EngineSkeleton):
 
     def _observe_batch(self, rows: int) -> None:
         self.metrics.observe(metrics.DECODE_BATCH, self._labels, rows)
+
+    async def _load_adapter(self, info: AdapterInfo) -> None:
+        if self._remote is not None:
+            await self._remote.adapter("load", info.name, info.path)
+        else:
+            assert self._scheduler is not None
+            await asyncio.wrap_future(self._scheduler.call(lambda model: model.load_adapter(info.name, info.path)))
+
+    async def _unload_adapter(self, name: str) -> None:
+        if self._remote is not None:
+            await self._remote.adapter("unload", name, "")
+        else:
+            assert self._scheduler is not None
+            await asyncio.wrap_future(self._scheduler.call(lambda model: model.unload_adapter(name)))
 
     async def check_health(self) -> None:
         self._check_serving()

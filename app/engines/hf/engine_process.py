@@ -9,7 +9,8 @@ event loop, one thread reading the server's messages, the scheduler thread sendi
 
 Wire: pickled tuples over a socket pair (`multiprocessing.connection.Connection`). Server to child:
 ("start", spec, config, log_level), ("submit", rid, prompt_ids, request, max_new), ("cancel", rid),
-("ping", rid), ("shutdown",). Child to server: ("started", facts) | ("start_failed", exception), one
+("ping", rid), ("adapter", rid, "load" | "unload", name, folder), ("shutdown",). Child to server: ("started",
+facts) | ("start_failed", exception), ("adapter_done", rid, exception or None), one
 ("events", [(rid, event), ...], decode_batch) per scheduler step with every sequence's token (the events of
 `app.engines.hf.batching`: token, error, dead, left), ("pong", rid, dead_reason), ("dead", reason) when the
 scheduler stopped. A request's sampler (its generator, penalties, grammar and logprobs hooks) is built in the
@@ -97,6 +98,7 @@ class RemoteScheduler:
         self._ids = itertools.count()
         self._seqs: dict[int, _Remote] = {}
         self._pings: dict[int, asyncio.Future[str | None]] = {}
+        self._adapter_ops: dict[int, asyncio.Future[None]] = {}
         self._started: asyncio.Future[dict[str, Any]] | None = None
         self._dead: str | None = None
         self._stopping = False
@@ -139,6 +141,17 @@ class RemoteScheduler:
         if dead is not None:
             self._dead = self._dead or dead
             raise EngineDeadError(f"model {self.spec.model_id}: {self._dead}")
+
+    async def adapter(self, op: str, name: str, folder: str) -> None:
+        """Load ("load") or unload ("unload") LoRA adapter `name` in the child's model, between two steps;
+        raises what the child raised."""
+        rid = next(self._ids)
+        self._adapter_ops[rid] = future = asyncio.get_running_loop().create_future()
+        try:
+            self._send(("adapter", rid, op, name, folder))
+            await future
+        finally:
+            self._adapter_ops.pop(rid, None)
 
     async def shutdown(self) -> None:
         self._stopping = True
@@ -226,6 +239,10 @@ class RemoteScheduler:
             future = self._pings.get(message[1])
             if future is not None:
                 _post(future.get_loop(), _resolve, future, message[2], None)
+        elif kind == "adapter_done":
+            op = self._adapter_ops.get(message[1])
+            if op is not None:
+                _post(op.get_loop(), _resolve, op, None, message[2])
         elif kind == "dead":
             self._dead = self._dead or f"its scheduler stopped: {message[1]}"
         elif kind in ("started", "start_failed") and self._started is not None:
@@ -253,7 +270,8 @@ class RemoteScheduler:
         for rid, seq in list(self._seqs.items()):
             _post(seq.loop, self._deliver, [(rid, seq, ("dead", self._dead)), (rid, seq, ("left",))], 0)
         error = EngineDeadError(f"model {self.spec.model_id}: {self._dead}", retry_after=10)
-        for future in list(self._pings.values()):
+        waiting: list[asyncio.Future[Any]] = [*self._pings.values(), *self._adapter_ops.values()]
+        for future in waiting:
             _post(future.get_loop(), _resolve, future, None, error)
         if self._started is not None:
             _post(self._started.get_loop(), _resolve, self._started, None,
@@ -361,8 +379,21 @@ class _Child:
         elif kind == "ping":
             dead = self.scheduler.dead_reason if self.scheduler is not None else None
             self.link.send(("pong", message[1], dead))
+        elif kind == "adapter":
+            self.adapter(*message[1:])
         elif kind == "start":
             self.start(*message[1:])
+
+    def adapter(self, rid: int, op: str, name: str, folder: str) -> None:
+        def done(future: Any) -> None:
+            exc = future.exception()
+            self.link.send(("adapter_done", rid, None if exc is None else _picklable(exc)))
+
+        if op == "load":
+            future = self.scheduler.call(lambda model: model.load_adapter(name, folder))
+        else:
+            future = self.scheduler.call(lambda model: model.unload_adapter(name))
+        future.add_done_callback(done)
 
     def start(self, spec: EngineSpec, cfg: HFEngineConfig, level: int) -> None:
         from app.engines.hf.runner import HFModelRunner
@@ -373,7 +404,8 @@ class _Child:
             runner.load()
             model = runner.step_model()
             runner.warmup(model)
-            scheduler = BatchScheduler(model, max_num_seqs=cfg.max_num_seqs, prefill_chunk=cfg.prefill_chunk_tokens)
+            scheduler = BatchScheduler(model, max_num_seqs=cfg.max_num_seqs, prefill_chunk=cfg.prefill_chunk_tokens,
+                                       max_loras=cfg.max_loras or 0)
         except Exception as exc:
             log.debug("engine start failed", exc_info=True)
             self.link.send(("start_failed", _picklable(exc)))

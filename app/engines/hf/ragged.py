@@ -23,6 +23,12 @@ Dummy rows cost a little compute, no cache and no attention. Prefill runs per se
 boundaries depend only on the prompt), so it is identical alone or batched too. The result: a request's
 logits are bitwise identical alone or in any batch (tests/unit/engines/hf/test_batching.py proves it on the tiny model).
 
+LoRA adapters (`app.engines.hf.peft_rows`): `load_adapter`/`unload_adapter` inject PEFT LoRA layers into the model
+in place, and `prefill(..., adapter=)` / `decode(..., adapters=)` name each row's adapter (None: the base model), so
+one decode forward mixes rows of different adapters and rows without one. Rows without an adapter keep the
+invariance above bit for bit; an adapter's low-rank product runs over that adapter's rows of the step, so a row
+with an adapter matches its unbatched self to float rounding (not bit for bit).
+
 Models whose attention does not go through `AttentionInterface` (`_supports_attention_backend` false) get a
 sequential decode: one single-row forward per sequence per step (same results, no batching gain).
 """
@@ -154,6 +160,19 @@ class RaggedModel:
         self.device = device
         self.granule = max(1, granule)
         self.batched = batched
+        self.lora: Any = None  # app.engines.hf.peft_rows.PeftRows, once an adapter was loaded
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Inject LoRA adapter `name` from the PEFT folder `path` (on the thread that runs the forwards)."""
+        if self.lora is None:
+            from app.engines.hf.peft_rows import PeftRows
+
+            self.lora = PeftRows(self.model)
+        self.lora.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        if self.lora is not None:
+            self.lora.unload(name)
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -164,36 +183,47 @@ class RaggedModel:
         """Rows of the decode forward for `n` sequences (padded to the granule)."""
         return math.ceil(n / self.granule) * self.granule
 
-    def prefill(self, cache: Any, ids: Sequence[int], start: int, *, slot: int = 0) -> Any:
+    def _rows(self, names: Sequence[str | None], rows: int) -> Any:
+        """Context naming each row's adapter for the next forward (nothing to name before any adapter loaded)."""
+        import contextlib
+
+        return self.lora.rows(names, rows) if self.lora is not None else contextlib.nullcontext()
+
+    def prefill(self, cache: Any, ids: Sequence[int], start: int, *, slot: int = 0, adapter: str | None = None) -> Any:
         """Feed prompt tokens `ids` (positions start..) into `cache`; logits row after the last one."""
         import torch
 
         inp = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         pos = torch.arange(start, start + len(ids), dtype=torch.long, device=self.device).unsqueeze(0)
-        out = self.model(input_ids=inp, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with self._rows([adapter], 1):
+            out = self.model(input_ids=inp, position_ids=pos, past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)
         return out.logits[0, -1, : self.vocab_size].float()
 
     def decode(self, caches: Sequence[Any], tokens: Sequence[int], rows: int | None = None, *,
-               slots: Sequence[int] | None = None) -> Any:
-        """One step: token `tokens[i]` appended to sequence `caches[i]`; logits [len(caches), vocab].
+               slots: Sequence[int] | None = None, adapters: Sequence[str | None] | None = None) -> Any:
+        """One step: token `tokens[i]` appended to sequence `caches[i]` (with LoRA adapter `adapters[i]`, None:
+        the base model); logits [len(caches), vocab].
 
         `slot`/`slots` name the sequences for subclasses that replay the calls elsewhere (DeepSpeed TP)."""
         import torch
 
         n = len(caches)
+        names = list(adapters) if adapters is not None else [None] * n
         if not self.batched:
-            return torch.stack([self._decode_one(c, t) for c, t in zip(caches, tokens, strict=True)])
+            return torch.stack([self._decode_one(c, t, a) for c, t, a in zip(caches, tokens, names, strict=True)])
         m = rows if rows is not None else self.rows_for(n)
         ids = torch.zeros((m, 1), dtype=torch.long)
         pos = torch.zeros((m, 1), dtype=torch.long)
         ids[:n, 0] = torch.tensor(list(tokens), dtype=torch.long)
         pos[:n, 0] = torch.tensor([c.get_seq_length() for c in caches], dtype=torch.long)
-        out = self.model(input_ids=ids.to(self.device), position_ids=pos.to(self.device), use_cache=False,
-                         logits_to_keep=1, **{ROWS_KWARG: list(caches)})
+        with self._rows(names, m):
+            out = self.model(input_ids=ids.to(self.device), position_ids=pos.to(self.device), use_cache=False,
+                             logits_to_keep=1, **{ROWS_KWARG: list(caches)})
         return out.logits[:n, -1, : self.vocab_size].float()
 
     def release(self, slot: int) -> None:
         """The sequence in `slot` left the batch (its cache is dropped by its owner)."""
 
-    def _decode_one(self, cache: Any, token: int) -> Any:
-        return self.prefill(cache, [token], cache.get_seq_length())
+    def _decode_one(self, cache: Any, token: int, adapter: str | None = None) -> Any:
+        return self.prefill(cache, [token], cache.get_seq_length(), adapter=adapter)

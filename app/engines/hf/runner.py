@@ -55,6 +55,8 @@ class HFEngineConfig:
     seed: int | None = None
     cpu_threads: int | None = None  # torch threads for the forwards on CPU (None: measured at load)
     engine_process: bool = True  # serve from a process of its own (app.engines.hf.engine_process)
+    max_lora_rank: int = 16  # LoRA: the highest adapter rank served (vLLM's knob and default)
+    max_loras: int | None = None  # LoRA: distinct adapters in one decode step (None: as many as are held)
 
 
 def resolve_device(device: str) -> str:

@@ -30,7 +30,8 @@ _VLLM_DEVICES = {"auto", "cuda", "gpu", "cpu"}
 _VLLM_DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
 # value checks for the engine_kwargs the model configs document; vLLM checks the rest itself
 _INT_MIN_1 = ("tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "max_num_batched_tokens",
-              "max_model_len")
+              "max_model_len", "max_loras", "max_cpu_loras")
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's MaxLoRARanks
 _BOOLS = ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "trust_remote_code")
 
 
@@ -94,6 +95,10 @@ def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     for key in _BOOLS:
         if key in kw and kw[key] is not None and not isinstance(kw[key], bool):
             raise ValueError(f"engine_kwargs.{key}={kw[key]!r}: must be true or false")
+    rank = kw.get("max_lora_rank")
+    if rank is not None and (isinstance(rank, bool) or rank not in VLLM_LORA_RANKS):
+        raise ValueError(f"engine_kwargs.max_lora_rank={rank!r}: vLLM {VLLM_VERSION} accepts "
+                         f"{', '.join(map(str, VLLM_LORA_RANKS))}")
     gmu = kw.get("gpu_memory_utilization")
     if gmu is not None and (isinstance(gmu, bool) or not isinstance(gmu, int | float) or not 0 < gmu <= 1):
         raise ValueError(f"engine_kwargs.gpu_memory_utilization={gmu!r}: must be in (0, 1]")
@@ -101,6 +106,17 @@ def vllm_engine_args(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     if dtype is not None and str(dtype) not in _VLLM_DTYPES:
         raise ValueError(f"engine_kwargs.dtype={dtype!r}: vLLM accepts {', '.join(sorted(_VLLM_DTYPES))}")
     return {k: v for k, v in kw.items() if v is not None}
+
+
+def lora_engine_args(args: dict[str, Any], max_adapters: int) -> dict[str, Any]:
+    """The LoRA engine arguments of a model with a lora_config: LoRA on, `max_num_adapters_per_replica` adapters
+    held (`max_cpu_loras`) and, unless engine_kwargs say otherwise, as many in one batch (`max_loras`; vLLM's own
+    default, 1, would serialize requests of different adapters)."""
+    out = dict(args)
+    out["enable_lora"] = True
+    out.setdefault("max_loras", max_adapters)
+    out["max_cpu_loras"] = max(int(out.get("max_cpu_loras") or 0), max_adapters, int(out["max_loras"]))
+    return out
 
 
 def sampling_params_kwargs(req: GenerationRequest, max_tokens: int) -> dict[str, Any]:

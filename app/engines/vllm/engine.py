@@ -67,6 +67,7 @@ from app.engines.base import (
     TokenLogprob,
     missing_local_model,
 )
+from app.engines.lora import DEFAULT_MAX_LORA_RANK, AdapterFolder, AdapterInfo
 from app.engines.skeleton import EngineSkeleton
 from app.engines.text import max_token_chars, render_prompt
 from app.engines.token_logprobs import TokenTexts
@@ -78,6 +79,7 @@ from app.engines.vllm.args import (
     check_cpu_kv_cache,
     check_head_size,
     installed_vllm,
+    lora_engine_args,
     requested_device,
     sampling_params_kwargs,
     vllm_engine_args,
@@ -131,8 +133,16 @@ class VLLMEngine(EngineSkeleton):
             tool_call_parser=spec.tool_call_parser,
         )
         max_running = int(kw.get("max_num_seqs") or VLLM_DEFAULT_MAX_NUM_SEQS)  # until vLLM resolves its own
+        adapters = None
+        if spec.lora_config is not None:
+            rank = kw.get("max_lora_rank")
+            adapters = AdapterFolder(spec.lora_config, model_id=spec.model_id, model_source=spec.model_source,
+                                     max_rank=rank if isinstance(rank, int) else DEFAULT_MAX_LORA_RANK)
         super().__init__(info, metrics_sink=metrics, max_running=max_running, max_waiting=spec.max_waiting,
-                         retry_after_s=spec.retry_after_s, default_max_tokens=spec.default_max_tokens)
+                         retry_after_s=spec.retry_after_s, default_max_tokens=spec.default_max_tokens,
+                         adapters=adapters)
+        self._lora_requests: dict[str, Any] = {}  # adapter name -> the vLLM LoRARequest it runs with
+        self._lora_ids: dict[str, int] = {}  # stable per name for this engine's life
         self._llm: Any = None
         self._tokenizer: Any = None
         self._max_token_chars = 0
@@ -146,6 +156,8 @@ class VLLMEngine(EngineSkeleton):
     async def _load(self) -> None:
         """Validate, import vLLM, check what its kernels need, build AsyncLLM, load the tokenizer, warm up."""
         args = vllm_engine_args(self.spec.engine_kwargs)  # ValueError before anything heavy
+        if self.spec.lora_config is not None:
+            args = lora_engine_args(args, self.spec.lora_config.max_num_adapters_per_replica)
         device = requested_device(self.spec.engine_kwargs)
         problem = missing_local_model(self.spec.model_source)
         if problem:
@@ -315,6 +327,19 @@ class VLLMEngine(EngineSkeleton):
             entries.append(texts.entry(token_id, chosen, ((t, lp.logprob) for t, lp in position.items()), k))
         return entries
 
+    async def _load_adapter(self, info: AdapterInfo) -> None:
+        from vllm.lora.request import LoRARequest
+
+        lora_id = self._lora_ids.setdefault(info.name, len(self._lora_ids) + 1)
+        request = LoRARequest(lora_name=info.name, lora_int_id=lora_id, lora_path=info.path)
+        await self._llm.add_lora(request)
+        self._lora_requests[info.name] = request
+
+    async def _unload_adapter(self, name: str) -> None:
+        request = self._lora_requests.pop(name, None)
+        if request is not None and self._llm is not None:
+            await self._llm.remove_lora(request.lora_int_id)
+
     def _check_request(self, request: GenerationRequest, max_new: int) -> None:
         sampling_params_kwargs(request, max_new)  # its InvalidRequestError before the request waits for a slot
 
@@ -323,8 +348,9 @@ class VLLMEngine(EngineSkeleton):
     ) -> AsyncGenerator[GenerationChunk, None]:
         params = self._sampling_params(req, max_new)
         request_id = f"{req.request_id}-{uuid.uuid4().hex[:8]}"  # vLLM needs ids unique among live requests
+        lora = {"lora_request": self._lora_requests[req.adapter]} if req.adapter is not None else {}
         outputs = self._llm.generate(_tokens_input(prompt_ids), params, request_id,
-                                     priority=VLLM_PRIORITY[req.priority])
+                                     priority=VLLM_PRIORITY[req.priority], **lora)
         n_prompt, n_out, finished = len(prompt_ids), 0, False
         pending_logprobs: list[TokenLogprob] = []  # of tokens whose text vLLM still holds back
         try:

@@ -234,3 +234,64 @@ def test_request_router_config_is_checked_at_load_and_reaches_the_deployment(tmp
         with pytest.raises(ConfigError) as err:
             load_model_configs([path])
         assert str(path) in str(err.value) and expected in str(err.value), str(err.value)
+
+
+def test_lora_config_in_ray_serve_llm_layout(tmp_path: Path) -> None:
+    (tmp_path / "adapters").mkdir()
+    text = GOOD.replace("tensor_parallel_size: 1}", "tensor_parallel_size: 1, max_lora_rank: 32, max_loras: 2}")
+    cfg = load_model_config(write(tmp_path, text + f"""lora_config:
+  dynamic_lora_loading_path: {tmp_path / 'adapters'}
+  max_num_adapters_per_replica: 3
+"""))
+    spec = cfg.engine_spec()
+    assert spec.lora_config is not None
+    assert spec.lora_config.dynamic_lora_loading_path == str(tmp_path / "adapters")
+    assert spec.lora_config.max_num_adapters_per_replica == 3
+    assert spec.engine_kwargs["max_lora_rank"] == 32
+    assert load_model_config(write(tmp_path, GOOD, "plain.yaml")).engine_spec().lora_config is None
+
+
+@pytest.mark.parametrize(("lora", "expected"), [
+    ("{dynamic_lora_loading_path: 's3://bucket/loras'}", "s3:// paths are not supported yet"),
+    ("{dynamic_lora_loading_path: 'gs://bucket/loras'}", "gs:// paths are not supported yet"),
+    ("{dynamic_lora_loading_path: /x, download_timeout_s: 30}", "lora_config.download_timeout_s: Ray Serve LLM's "
+     "download setting has no use here"),
+    ("{dynamic_lora_loading_path: /x, max_num_adapters_per_replica: 0}", "lora_config.max_num_adapters_per_replica"),
+    ("{dynamic_lora_loading_path: /x, max_adapters: 2}", "unknown key 'lora_config.max_adapters'"),
+    ("{max_num_adapters_per_replica: 2}", "missing required key 'lora_config.dynamic_lora_loading_path'"),
+])
+def test_lora_config_errors_name_the_key(tmp_path: Path, lora: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_model_config(write(tmp_path, GOOD + f"lora_config: {lora}\n"))
+    assert expected in str(err.value)
+    assert str(tmp_path / "m.yaml") in str(err.value)
+
+
+@pytest.mark.parametrize(("engine", "kwargs", "expected"), [
+    ("vllm", "{max_lora_rank: 12}", "engine_kwargs.max_lora_rank=12: vLLM 0.32.0 accepts 1, 8, 16"),
+    ("vllm", "{max_loras: 0}", "engine_kwargs.max_loras=0: must be an integer >= 1"),
+    ("transformers", "{max_lora_rank: 0}", "engine_kwargs.max_lora_rank=0: must be an integer >= 1"),
+    ("transformers", "{max_loras: two}", "engine_kwargs.max_loras='two': must be an integer >= 1"),
+])
+def test_lora_engine_knobs_are_checked_by_each_engine(tmp_path: Path, engine: str, kwargs: str, expected: str
+                                                      ) -> None:
+    text = (f"model_loading_config: {{model_id: m1, model_source: org/model}}\nengine: {engine}\n"
+            f"engine_kwargs: {kwargs}\nlora_config: {{dynamic_lora_loading_path: /x}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_model_config(write(tmp_path, text))
+    assert expected in str(err.value)
+
+
+def test_lora_key_snapshot_matches_the_pinned_ray_serve_llm() -> None:
+    # Ray Serve LLM's config module imports pyarrow and vLLM-era deps: read its LoraConfig's fields from the source
+    import ast
+
+    need(importlib.util.find_spec("ray") is not None, "needs ray[serve] (installed by tests/run.sh)")
+    spec = importlib.util.find_spec("ray")
+    assert spec is not None and spec.origin is not None
+    source = Path(spec.origin).parent / "llm" / "_internal" / "serve" / "core" / "configs" / "llm_config.py"
+    tree = ast.parse(source.read_text())
+    lora = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "LoraConfig")
+    fields = {n.target.id for n in lora.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    assert fields == mc.RAY_LORA_KEYS
+    assert set(mc.LoraConfig.model_fields) <= fields
