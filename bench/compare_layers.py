@@ -245,7 +245,7 @@ class Comparison:
 
         return Level()
 
-    def http(self, layer: Layer, url: str, readyz: bool = True) -> None:
+    def http(self, layer: Layer, url: str, readyz: bool = True, roots: list[int] | None = None) -> None:
         self.windows.clear()
         threads = None
         if readyz:  # the kit says what its engine runs with (vLLM-CPU: the OpenMP threads it chose, and why)
@@ -255,7 +255,8 @@ class Comparison:
                 threads = None
         report = asyncio.run(bench_endpoint(url, model="tiny", api_key=None, chat=False, log=log, probe=self.probe,
                                             **self.bench_kw()))
-        report["threads"] = threads_by_role()  # while the system still runs: what each of its processes ran with
+        # while the system still runs: what each of its processes ran with
+        report["threads"] = threads_by_role(roots if roots is not None else self.ray_roots())
         report["target"].update(layer=layer.name, engine=layer.engine, omp1=layer.omp1, threads_chosen=threads)
         if self.cores is not None:
             report["target"]["split_cores"] = {"head": sorted(self.cores[0]), "worker": sorted(self.cores[1])}
@@ -264,6 +265,18 @@ class Comparison:
             for lv, (t0, t1) in zip(report["levels"], self.windows, strict=False):
                 lv["serve_hops"] = hops(serve_logs, t0, t1 + 1.0)
         self.reports[layer.name] = report
+
+    def ray_roots(self) -> list[int]:
+        """The processes of this run's local Ray cluster (those naming its session folder: gcs, raylet, agents);
+        Ray's workers are below its raylet."""
+        import psutil
+
+        state = self.ray_dir / ".run" / "local.json" if self.ray_dir is not None else None
+        if state is None or not state.exists():
+            return []
+        temp = json.loads(state.read_text())["temp_dir"]
+        return [p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+                if temp in " ".join(p.info.get("cmdline") or [])]
 
     def serve_log_dir(self) -> Path | None:
         state = self.ray_dir / ".run" / "local.json" if self.ray_dir is not None else None
@@ -330,7 +343,7 @@ class Comparison:
         wait_http(f"http://127.0.0.1:{port}/readyz", 600, proc, "standalone server")
         self.standalone_port = port
         self.pin(proc.pid)
-        self.http(layer, f"http://127.0.0.1:{port}")
+        self.http(layer, f"http://127.0.0.1:{port}", roots=[proc.pid])
 
     def ray(self, layer: Layer) -> None:
         self.ray_dir = self.work / f"r{len(self.rounds)}"
@@ -365,7 +378,7 @@ class Comparison:
             if layer.base == "ray-serve-llm":  # /v1/models answers before the LLM replica is up
                 wait_completion(system.url, 600, system.proc, layer.name)
             self.pin(system.proc.pid if layer.base == "vllm-server" else self.model_replica_pid())
-            self.http(layer, system.url, readyz=False)
+            self.http(layer, system.url, readyz=False, roots=[system.proc.pid])
         finally:
             system.stop()
 
@@ -409,7 +422,7 @@ class Comparison:
             wait_http(f"http://127.0.0.1:{port}/v1/models", 60, proc, "nginx")
             if self.cores is not None:
                 pinning.pin_tree(proc.pid, self.cores[0])
-            self.http(layer, f"http://127.0.0.1:{port}", readyz=False)
+            self.http(layer, f"http://127.0.0.1:{port}", readyz=False, roots=[proc.pid, *self.ray_roots()])
             self.reports[layer.name]["target"]["upstream"] = self.nginx_upstream
         finally:
             stop(proc, signal.SIGQUIT)
@@ -486,13 +499,16 @@ def below_of(layers: list[Layer]) -> dict[str, str | None]:
 
 
 def pairs_of(layers: list[Layer], below: dict[str, str | None]) -> list[tuple[str, str]]:
-    """The paired ratios the report gives: each kit layer on vLLM ÷ its anchor (default and one-thread), each
-    one-thread anchor ÷ its default, each kit layer ÷ the layer below it."""
+    """The paired ratios the report gives: each kit layer on vLLM ÷ its anchor (default and one-thread; a
+    one-thread kit layer ÷ the one-thread anchor only), each one-thread anchor ÷ its default, each kit layer ÷
+    the layer below it."""
     names = {x.name for x in layers}
     out: list[tuple[str, str]] = []
     for x in layers:
-        if not x.anchor and x.engine == "vllm" and x.base in ANCHOR_OF:
-            out += [(x.name, a) for a in (ANCHOR_OF[x.base], ANCHOR_OF[x.base] + "-omp1") if a in names]
+        if not x.anchor and x.engine == "vllm" and x.base in ANCHOR_OF:  # one-thread layers: one-thread anchor
+            anchor = ANCHOR_OF[x.base]
+            refs = [anchor + "-omp1"] if x.omp1 else [anchor, anchor + "-omp1"]
+            out += [(x.name, a) for a in refs if a in names]
         if x.anchor and x.omp1 and x.base in names:
             out.append((x.name, x.base))
     out += [(x.name, b) for x in layers if (b := below.get(x.name))]

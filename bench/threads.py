@@ -2,10 +2,11 @@
 
     threads_by_role()   # {"vllm engine core": {"processes": 1, "os_threads": 9, "omp_num_threads": "1"}, ...}
 
-Per role (the roles of bench/cpu_share.py, so the report's CPU and thread columns name the same processes): how
-many processes, their OS threads (the largest count among them: torch's and OpenMP's pools, uvicorn's, Ray's
-gRPC threads) and the `OMP_NUM_THREADS` their environment started with ("unset" when none): what an OpenMP
-runtime sized its pool from. Processes of no known role (and the load generator) are left out.
+Per role (the roles of bench/cpu_share.py, so the report's CPU and thread columns name the same processes), over
+the processes of the measured system (the trees below the PIDs given): how many processes, their OS threads (the
+largest count among them: torch's and OpenMP's pools, uvicorn's, Ray's gRPC threads) and the `OMP_NUM_THREADS`
+their environment started with ("unset" when none): what an OpenMP runtime sized its pool from. Processes of no
+known role (and the load generator) are left out.
 """
 
 from __future__ import annotations
@@ -34,11 +35,18 @@ def _os_threads(pid: int) -> int | None:
     return None
 
 
-def threads_by_role() -> dict[str, dict[str, Any]]:
+def threads_by_role(roots: list[int] | None = None) -> dict[str, dict[str, Any]]:
+    """Per role, the processes of the system whose process trees start at `roots` (every process on the machine
+    when None: on a shared box other work's processes of the same roles would count too)."""
     import psutil
 
+    from bench.pinning import descendants
+
+    mine = None if roots is None else {pid for root in roots for pid in descendants(root)}
     out: dict[str, dict[str, Any]] = {}
     for p in psutil.process_iter(["pid", "cmdline", "name"]):
+        if mine is not None and p.info["pid"] not in mine:
+            continue
         cmd = " ".join(p.info.get("cmdline") or []) or (p.info.get("name") or "")
         name = role(cmd, p.info["pid"])
         if name in ("other", "load generator"):
