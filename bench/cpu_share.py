@@ -8,7 +8,8 @@ Values are cores busy on average over the interval (CPU seconds / wall seconds; 
 `os.cpu_count()`). Roles come from the process title or command line: Ray's workers set their titles
 (`ray::ServeReplica:<app>:<deployment>`, `ray::ProxyActor`), its daemons are `raylet`, `gcs_server` and the
 dashboard; vLLM's processes are `VLLM::EngineCore` and `VLLM::Worker`, the transformers engine's is
-`python -m app.engines.hf.engine_process`; `python -m app serve`, `nginx`, and this
+`python -m app.engines.hf.engine_process`; `python -m app serve`, vLLM's own server
+(`python -m vllm.entrypoints.openai.api_server`), the Ray Serve LLM anchor's driver, `nginx`, and this
 process ("load generator") are named too; the rest is
 "other". Processes that started or ended during the interval count from their first or to their last sample.
 """
@@ -30,6 +31,8 @@ ROLE_RULES: tuple[tuple[str, str], ...] = (
     ("VLLM::EngineCore", "vllm engine core"),
     ("VLLM::Worker", "vllm worker"),
     ("app.engines.hf.engine_process", "transformers engine process"),
+    ("vllm.entrypoints.openai.api_server", "vllm api server"),  # vLLM's own server (an anchor of the benchmark)
+    ("bench.ray_serve_llm", "ray serve llm driver"),  # the anchor's driver, parent of its local Ray
     ("app serve", "standalone server"),
     ("nginx", "nginx"),
 )

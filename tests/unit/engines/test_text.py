@@ -151,3 +151,32 @@ def test_token_budget_against_the_context() -> None:
     with pytest.raises(PromptTooLongError) as exc:
         token_budget(100, GenerationRequest(messages=[{"role": "user", "content": "x"}]), 100, 256)
     assert exc.value.param == "messages" and exc.value.code == "context_length_exceeded"
+
+
+def _reference_deltas(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The detokenizing rule stated plainly (both windows decoded by the tokenizer on every token)."""
+    out, prefix, read = [], 0, 0
+    for n in range(1, len(ids) + 1):
+        prev = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
+        full = tokenizer.decode(ids[prefix:n], skip_special_tokens=True)
+        if len(full) > len(prev) and not full.endswith("\ufffd"):
+            out.append(full[len(prev):])
+            prefix, read = read, n
+        else:
+            out.append("")
+    prev = tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
+    full = tokenizer.decode(ids[prefix:], skip_special_tokens=True)
+    out.append(full[len(prev):] if len(full) > len(prev) else "")
+    return out
+
+
+def test_detokenizer_gives_the_reference_deltas_on_random_ids(tokenizer: Any) -> None:
+    """The cached, backend-decoding detokenizer emits exactly what decoding both windows every token emits,
+    on random ids (partial UTF-8 byte tokens, special tokens) as well as on text."""
+    rng = random.Random(7)
+    vocab = len(tokenizer)
+    special = list(tokenizer.all_special_ids)
+    for _ in range(40):
+        ids = [rng.choice(special) if rng.random() < 0.05 else rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        d = IncrementalDetokenizer(tokenizer)
+        assert [d.push(i) for i in ids] + [d.flush()] == _reference_deltas(tokenizer, ids), ids
