@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.support.ds_cluster import Group, NetnsPool, TwoVMs, greedy_reference, two_vms, wait_ready
@@ -197,6 +198,12 @@ def test_tp2_serves_same_api_and_greedy_output_then_fails_inflight_on_rank_kill(
 
         assert pool.run(stream_chat) == reference["chat0"]
         assert pool.run(stream_completion) == reference[PROMPTS[1]]
+
+        # a LoRA adapter: the TP engine says it cannot apply one (400 naming the model), and keeps serving
+        with pytest.raises(openai.BadRequestError) as refused:
+            pool.run(lambda: client.completions.create(model="tiny:A", prompt=PROMPTS[0], max_tokens=4))
+        assert "cannot apply LoRA adapters" in refused.value.message and refused.value.param == "model"
+        assert pool.run(complete, PROMPTS[0]) == reference[PROMPTS[0]]
 
         # tools, structured output and logprobs (issue 14): rank 0's decode loop applies the grammar
         params = {"type": "object", "properties": {"q": {"type": "string", "maxLength": 8}}, "required": ["q"]}
