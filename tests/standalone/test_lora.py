@@ -156,3 +156,34 @@ def test_grafana_lora_row_reads_what_prometheus_stores(server: ServerProcess, tm
             wait_until(lambda e=expr: prom.query(e), 30, 0.5, f"dashboard query {key}: {expr}")
     finally:
         prom.stop()
+
+
+def test_through_nginx_the_fallback_answers_with_the_same_adapter_when_the_primary_dies(
+        server: ServerProcess, adapters: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """nginx -> primary (same adapter folder) and this module's server as the backup: after the primary is
+    SIGKILLed, `tiny:A` is answered by the fallback with A's greedy text, not the base model's."""
+    import signal
+
+    from tests.support.front_door import Nginx
+
+    primary = spawn_server(tmp_path / "primary", tiny_model, "--dynamic-lora-loading-path", str(adapters),
+                           env={"LLM_DEVICE": "cpu"})
+    front = Nginx(tmp_path / "nginx", nginx_primary=f"127.0.0.1:{primary.port}",
+                  nginx_backups=f"127.0.0.1:{server.port}").start()
+    try:
+        base, with_a = text(chat(server, "tiny")), text(chat(server, "tiny:A"))
+        assert base != with_a
+        via_primary = httpx.post(front.base_url + "/v1/chat/completions", timeout=120, json={
+            "model": "tiny:A", "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 12,
+            "temperature": 0, "ignore_eos": True})
+        assert text(via_primary) == with_a and f"upstream=127.0.0.1:{primary.port} " in front.access_log()
+        primary.stop(signal.SIGKILL)
+        for _ in range(3):  # each one fails over (nginx retries the dead primary's connection on the backup)
+            r = httpx.post(front.base_url + "/v1/chat/completions", timeout=120, json={
+                "model": "tiny:A", "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 12,
+                "temperature": 0, "ignore_eos": True})
+            assert text(r) == with_a
+        assert f"127.0.0.1:{server.port}" in front.access_log()
+    finally:
+        front.stop()
+        primary.stop(signal.SIGKILL)
