@@ -111,6 +111,22 @@ BATCH_IN_FLIGHT = MetricSpec(
     "llm_batch_runner_concurrency", "gauge", "Batch requests the runner has in flight now.", ("model", "engine")
 )
 
+# tenants (app.tenants): `key` is a name from the keys file, `anonymous` for API_KEYS keys and servers without
+# keys (bounded: names come only from the file); model is the requested id ("-" for requests refused before one)
+KEY_REQUESTS = MetricSpec(
+    "llm_key_requests_total", "counter", "Finished generation requests per API key name, by HTTP status.",
+    ("model", "engine", "key", "status"),
+)
+KEY_TOKENS = MetricSpec(
+    "llm_key_tokens_total", "counter", "Tokens per API key name (kind: prompt or completion).",
+    ("model", "engine", "key", "kind"),
+)
+KEY_RATE_LIMITED = MetricSpec(
+    "llm_key_rate_limited_total", "counter",
+    "Requests refused with 429 by a key's own limit (limit: requests, tokens or concurrency).",
+    ("model", "engine", "key", "limit"),
+)
+
 SPECS: tuple[MetricSpec, ...] = (
     REQUESTS,
     REQUEST_ERRORS,
@@ -128,6 +144,9 @@ SPECS: tuple[MetricSpec, ...] = (
     BATCH_LINES,
     BATCH_QUEUE,
     BATCH_IN_FLIGHT,
+    KEY_REQUESTS,
+    KEY_TOKENS,
+    KEY_RATE_LIMITED,
 )
 
 

@@ -1,9 +1,10 @@
 """`python -m app batch-server`: the Batch API as a service of its own (the compose `batch` service).
 
 It serves `/v1/files` and `/v1/batches` (nginx routes them here on the API port), `/healthz` and `/metrics`,
-with the same API keys, error shapes, request ids and body limits as the API (the one middleware stack of
-`app.api.app`), and its runner sends the lines to `LLM_BATCH_TARGET_URL` (the front door). On SIGTERM it stops
-the runner: lines in flight are resent after the restart, their outcomes not yet committed.
+with the same API keys (`API_KEYS` and the keys file, `KEYS_FILE`), error shapes, request ids and body limits
+as the API (the one middleware stack of `app.api.app`), and its runner sends the lines to `LLM_BATCH_TARGET_URL`
+(the front door). On SIGTERM it stops the runner: lines in flight are resent after the restart, their outcomes
+not yet committed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from app.batch.service import BatchService
 from app.http_guard import server_config
 from app.metrics import PrometheusSink
 from app.settings import Settings
+from app.tenants.gate import TenantGate
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ def create_batch_app(settings: Settings) -> FastAPI:
     app.state.batch = service
     app.state.metrics = sink
     app.state.api_keys = settings.api_key_list
+    app.state.tenants = TenantGate.build(sink, api_keys=settings.api_key_list, keys_file=settings.keys_file or None)
     app.state.draining = False
     app.state.stream_cut = asyncio.Event()
     install_error_handlers(app)
