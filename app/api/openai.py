@@ -186,7 +186,7 @@ class OpenAIServing:
                     collected[idx].add(chunk)
                     prompt[idx] = chunk.prompt_tokens
                     completion[idx] = chunk.completion_tokens
-                    if obs.tenancy is not None:
+                    if obs.tenancy is not None and obs.tenancy.meters_tokens:
                         so_far = _usage(prompt, completion, n)
                         obs.progress(so_far.prompt_tokens, so_far.completion_tokens)
 
@@ -221,7 +221,7 @@ class OpenAIServing:
                 idx, chunk = item
                 obs.token()
                 prompt[idx], completion[idx] = chunk.prompt_tokens, chunk.completion_tokens
-                if obs.tenancy is not None:
+                if obs.tenancy is not None and obs.tenancy.meters_tokens:
                     so_far = _usage(prompt, completion, n)
                     obs.progress(so_far.prompt_tokens, so_far.completion_tokens)
                 first = idx not in started

@@ -84,6 +84,11 @@ class RequestTenancy:
         return self.tenant.name
 
     @property
+    def meters_tokens(self) -> bool:
+        """True when the key has a tokens-per-minute budget (tokens are then charged as they stream)."""
+        return self.budget is not None and self.budget.tokens is not None
+
+    @property
     def priority(self) -> str:
         return self.tenant.entry.priority
 

@@ -19,6 +19,7 @@ message names the entry and field and never repeats a key or a hash.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import os
 import re
@@ -98,10 +99,16 @@ class KeyEntry(BaseModel):
         return v.replace(tzinfo=UTC) if v is not None and v.tzinfo is None else v
 
     def allows(self, model_id: str) -> bool:
-        return any(fnmatch.fnmatchcase(model_id, glob) for glob in self.models)
+        return self.models == ("*",) or _globs(self.models).fullmatch(model_id) is not None
 
     def expired(self, now: datetime | None = None) -> bool:
         return self.expires is not None and (now or datetime.now(UTC)) >= self.expires
+
+
+@functools.lru_cache(maxsize=1024)
+def _globs(globs: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled pattern for a key's model globs (fnmatch syntax, case-sensitive)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
 
 
 class KeysFile(BaseModel):
