@@ -119,17 +119,22 @@ class UsageStore:
             self._db.close()
 
 
+_LATEST = 253_402_300_800.0  # 10000-01-01T00:00:00Z
+
+
 def _instant(value: str, name: str) -> float:
     text = value.strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"{name}: expected unix seconds or an ISO 8601 date/time, e.g. 2026-12-01") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+        try:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{name}: expected unix seconds or an ISO 8601 date/time, e.g. 2026-12-01") from None
+        seconds = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    if not 0 <= seconds < _LATEST:  # also NaN and infinities
+        raise ValueError(f"{name}: must be between 1970 and the year 9999")
+    return seconds
 
 
 def usage_window(start: str | None, end: str | None, now: float | None = None) -> tuple[float, float]:

@@ -234,7 +234,7 @@ def test_engine_info_crosses_ray_unchanged(local: Local) -> None:
     card = httpx.get(local.base + "/v1/models/tiny-b", headers=AUTH, timeout=30).json()
     assert card["engine_info"]["max_parallel"] == 2  # max_num_seqs 1 + max_waiting 1
     assert card["engine_info"]["engine"] == "transformers" and card["engine_info"]["model_id"] == "tiny-b"
-    ready = httpx.get(local.base + "/readyz", timeout=30).json()["models"]["tiny-b"]
+    ready = httpx.get(local.base + "/readyz", headers=AUTH, timeout=30).json()["models"]["tiny-b"]
     assert ready["max_parallel"] == 2 and ready["node_ip"] == "127.0.0.1" and ready["replica_id"]
     body = {"model": "tiny-b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 3}
     r = httpx.post(local.base + "/v1/chat/completions", headers=AUTH, json=body, timeout=60)

@@ -33,5 +33,8 @@ def test_usage_window_defaults_to_this_month_and_rejects_bad_bounds() -> None:
     assert usage_window("100", "200") == (100.0, 200.0)
     with pytest.raises(ValueError, match="start: expected unix seconds"):
         usage_window("yesterday", None)
+    for bad in ("nan", "inf", "-5", "1e300"):
+        with pytest.raises(ValueError, match="start: must be between 1970 and the year 9999"):
+            usage_window(bad, None)
     with pytest.raises(ValueError, match="end: must be after start"):
         usage_window("200", "100")
