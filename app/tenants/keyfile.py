@@ -37,7 +37,7 @@ KEY_PREFIX = "sk-llmkit-"
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _GLOB = re.compile(r"^[A-Za-z0-9._:/@*?\[\]!+-]{1,256}$")
-RESERVED_NAMES = ("anonymous", "other", "-")
+RESERVED_NAMES = ("anonymous",)
 
 
 class KeysFileError(ValueError):
