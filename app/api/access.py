@@ -6,8 +6,8 @@
 The request id is the client's `X-Request-Id` (sanitised) or one made by `RequestIdMiddleware`, and is
 echoed on the response, so a client's report can be matched to this line. Requests refused before they
 reach a model carry model=- (a name from a rejected body is never logged verbatim). `key` is the key's name in
-the keys file (`anonymous` for an `API_KEYS` key or a server without keys, `-` when no valid key came): never the
-key itself. `LLM_ACCESS_LOG=false`
+the keys file (`anonymous` for an `API_KEYS` key beside one; `-` on a server without a keys file or when no valid
+key came): never the key itself. `LLM_ACCESS_LOG=false`
 silences the logger.
 """
 

@@ -58,7 +58,7 @@ class APIKeyMiddleware:
             await send_error(send, 401, who, code="invalid_api_key", headers=[(b"www-authenticate", b"Bearer")])
             return
         state[TENANT] = who
-        if scope.get("method") != "POST" or path.rstrip("/") not in GENERATION_PATHS:
+        if not self.gate.accounts or scope.get("method") != "POST" or path.rstrip("/") not in GENERATION_PATHS:
             await self.app(scope, receive, send)
             return
         admitted = self.gate.admit(who)

@@ -187,8 +187,7 @@ class OpenAIServing:
                     prompt[idx] = chunk.prompt_tokens
                     completion[idx] = chunk.completion_tokens
                     if obs.tenancy is not None and obs.tenancy.meters_tokens:
-                        so_far = _usage(prompt, completion, n)
-                        obs.progress(so_far.prompt_tokens, so_far.completion_tokens)
+                        obs.progress(*_totals(prompt, completion, n))
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -222,8 +221,7 @@ class OpenAIServing:
                 obs.token()
                 prompt[idx], completion[idx] = chunk.prompt_tokens, chunk.completion_tokens
                 if obs.tenancy is not None and obs.tenancy.meters_tokens:
-                    so_far = _usage(prompt, completion, n)
-                    obs.progress(so_far.prompt_tokens, so_far.completion_tokens)
+                    obs.progress(*_totals(prompt, completion, n))
                 first = idx not in started
                 started.add(idx)
                 for obj in stream_chunks(idx, chunk, first):
@@ -422,8 +420,11 @@ def _chat_chunk(rid: str, created: int, model: str, choice: ChatChunkChoice) -> 
     return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice]).model_dump(exclude_none=True)
 
 
-def _usage(prompt: dict[int, int], completion: dict[int, int], n: int) -> Usage:
+def _totals(prompt: dict[int, int], completion: dict[int, int], n: int) -> tuple[int, int]:
     # the n choices fanned out from one prompt share it: count each distinct prompt once
-    p = sum(v for i, v in prompt.items() if i % n == 0)
-    c = sum(completion.values())
+    return sum(v for i, v in prompt.items() if i % n == 0), sum(completion.values())
+
+
+def _usage(prompt: dict[int, int], completion: dict[int, int], n: int) -> Usage:
+    p, c = _totals(prompt, completion, n)
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)

@@ -51,6 +51,12 @@ class TenantGate:
             return "missing API key: send 'Authorization: Bearer <key>'"
         return self.registry.identify(token.strip())
 
+    @property
+    def accounts(self) -> bool:
+        """True with a keys file: requests are then accounted per key (without one there is only `anonymous`,
+        which `llm_requests_total` already counts, and the router skips the bookkeeping)."""
+        return self.registry.path is not None
+
     def admit(self, tenant: Tenant) -> RequestTenancy | Refusal:
         budget = self.limiter.budget(tenant.entry) if tenant.limited else None
         if budget is not None and (refusal := budget.admit()) is not None:

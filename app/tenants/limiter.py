@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from app.tenants.keyfile import KeyEntry
 
 WINDOW_S = 60.0
+_REQUEST_HEADERS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKEN_HEADERS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 CONCURRENCY_RETRY_S = 1.0
 
 
@@ -108,13 +110,13 @@ class KeyBudget:
     def headers(self) -> list[tuple[bytes, bytes]]:
         """OpenAI's x-ratelimit-* headers for the limits this key has."""
         out: list[tuple[bytes, bytes]] = []
-        for kind, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+        now = time.monotonic()
+        for names, bucket in ((_REQUEST_HEADERS, self.requests), (_TOKEN_HEADERS, self.tokens)):
             if bucket is None:
                 continue
-            bucket.refill(time.monotonic())
-            out += [(f"x-ratelimit-limit-{kind}".encode(), str(int(bucket.capacity)).encode()),
-                    (f"x-ratelimit-remaining-{kind}".encode(), str(max(0, math.floor(bucket.level))).encode()),
-                    (f"x-ratelimit-reset-{kind}".encode(), _duration(bucket.reset_s()).encode())]
+            bucket.refill(now)
+            out += [(names[0], b"%d" % bucket.capacity), (names[1], b"%d" % max(0, math.floor(bucket.level))),
+                    (names[2], _duration(bucket.reset_s()).encode())]
         return out
 
 
