@@ -34,6 +34,7 @@ _PLUGINS = (
     "app.ops.cli",
     "app.k8s.cli",
     "app.batch.cli",
+    "app.tenants.cli",
 )
 
 

@@ -132,6 +132,21 @@ LORA_EVICTIONS = MetricSpec(
 LORA_HELD = MetricSpec(
     "llm_lora_adapters_loaded", "gauge", "LoRA adapters an engine holds now.", ("model", "engine")
 )
+# tenants (app.tenants): `key` is a name from the keys file, `anonymous` for API_KEYS keys and servers without
+# keys (bounded: names come only from the file); model is the requested id ("-" for requests refused before one)
+KEY_REQUESTS = MetricSpec(
+    "llm_key_requests_total", "counter", "Finished generation requests per API key name, by HTTP status.",
+    ("model", "engine", "key", "status"),
+)
+KEY_TOKENS = MetricSpec(
+    "llm_key_tokens_total", "counter", "Tokens per API key name (kind: prompt or completion).",
+    ("model", "engine", "key", "kind"),
+)
+KEY_RATE_LIMITED = MetricSpec(
+    "llm_key_rate_limited_total", "counter",
+    "Requests refused with 429 by a key's own limit (limit: requests, tokens or concurrency).",
+    ("model", "engine", "key", "limit"),
+)
 
 SPECS: tuple[MetricSpec, ...] = (
     REQUESTS,
@@ -155,6 +170,9 @@ SPECS: tuple[MetricSpec, ...] = (
     LORA_LOADS,
     LORA_EVICTIONS,
     LORA_HELD,
+    KEY_REQUESTS,
+    KEY_TOKENS,
+    KEY_RATE_LIMITED,
 )
 
 

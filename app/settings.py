@@ -57,6 +57,12 @@ class Settings(ConfiguredKnobs, HTTPServerKnobs, BaseSettings):
         validation_alias=AliasChoices("API_KEYS", "LLM_API_KEYS"),
         description="Comma-separated bearer tokens; empty disables auth on /v1/*.",
     )
+    keys_file: str = Field(
+        default="", validation_alias=AliasChoices("KEYS_FILE", "LLM_KEYS_FILE"),
+        description="YAML keys file (named keys: model globs, rpm/tpm/concurrency limits, priority, expiry); "
+                    "re-read when it changes. Beside API_KEYS, which stay valid as the `anonymous` key.")
+    usage_db: str = Field(default="", description="SQLite file of per-key usage (GET /v1/usage); empty: in "
+                          "memory only, lost on restart.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     backup: bool = Field(

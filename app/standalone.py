@@ -76,7 +76,8 @@ def run(settings: Settings, specs: list[EngineSpec] | None = None) -> None:
         batch = BatchService.from_settings(
             settings, sink, settings.batch_target_url or f"http://127.0.0.1:{settings.port}")
     app = create_app(backend, metrics=sink, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes,
-                     sse_keepalive_s=settings.sse_keepalive_s, batch=batch)
+                     sse_keepalive_s=settings.sse_keepalive_s, batch=batch, keys_file=settings.keys_file or None,
+                     usage_db=settings.usage_db or None)
     server = guarded_server(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level)
     log.info("serving %s on http://%s:%s", ", ".join(s.model_id for s in specs), settings.host, settings.port)
     server.run()

@@ -1,11 +1,13 @@
 """The access log: one line per generation request, on the `app.access` logger.
 
     <request id> <endpoint> model=<id> engine=<name> status=<code> [error=<type>] prompt_tokens=<n>
-    output_tokens=<n> ttft_s=<s> latency_s=<s>
+    output_tokens=<n> ttft_s=<s> latency_s=<s> key=<key name>
 
 The request id is the client's `X-Request-Id` (sanitised) or one made by `RequestIdMiddleware`, and is
 echoed on the response, so a client's report can be matched to this line. Requests refused before they
-reach a model carry model=- (a name from a rejected body is never logged verbatim). `LLM_ACCESS_LOG=false`
+reach a model carry model=- (a name from a rejected body is never logged verbatim). `key` is the key's name in
+the keys file (`anonymous` for an `API_KEYS` key beside one; `-` on a server without a keys file or when no valid
+key came): never the key itself. `LLM_ACCESS_LOG=false`
 silences the logger.
 """
 
@@ -43,6 +45,7 @@ def log_request(
     output_tokens: int = 0,
     ttft_s: float | None = None,
     latency_s: float | None = None,
+    key: str = "-",
 ) -> None:
     if not access.isEnabledFor(logging.INFO):
         return
@@ -50,6 +53,6 @@ def log_request(
     ttft = "-" if ttft_s is None else f"{ttft_s:.3f}"
     latency = "-" if latency_s is None else f"{latency_s:.3f}"
     access.info(
-        "%s %s model=%s engine=%s status=%d%s prompt_tokens=%d output_tokens=%d ttft_s=%s latency_s=%s",
-        request_id, endpoint, model, engine, status, error, prompt_tokens, output_tokens, ttft, latency,
+        "%s %s model=%s engine=%s status=%d%s prompt_tokens=%d output_tokens=%d ttft_s=%s latency_s=%s key=%s",
+        request_id, endpoint, model, engine, status, error, prompt_tokens, output_tokens, ttft, latency, key,
     )

@@ -1,8 +1,8 @@
 """Builds the FastAPI application around the one router.
 
-`create_app(backend, api_keys=...)` is what every server mounts: error
-handlers, body-size limit, request ids, the router and a lifespan that starts
-and stops the backend.
+`create_app(backend, api_keys=..., keys_file=..., usage_db=...)` is what every server mounts: error
+handlers, body-size limit, request ids, keys and their limits (`app.tenants`), the router and a lifespan that
+starts and stops the backend.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from app.batch.service import BatchService
 from app.engines.grammar.install import missing_packages
 from app.engines.import_lock import preload
 from app.metrics import MetricsSink, PrometheusSink
+from app.tenants.gate import TenantGate
 
 log = logging.getLogger(__name__)
 
@@ -135,12 +136,13 @@ class RequestIdMiddleware:
 
 def install_middleware(app: FastAPI, sink: MetricsSink, *, max_body_bytes: int, echo_request_id: bool,
                        upload_bytes: int | None = None) -> None:
-    """The middleware stack of every server (outermost last): request id, API keys, body limit, JSON bodies.
-    `upload_bytes`: the body limit of `/v1/files` (a batch input file plus the multipart framing)."""
+    """The middleware stack of every server (outermost last): request id, API keys and limits, body limit, JSON
+    bodies. `upload_bytes`: the body limit of `/v1/files` (a batch input file plus the multipart framing).
+    The keys are `app.state.tenants` (a `TenantGate`)."""
     path_limits = {"/v1/files": upload_bytes + 1024 * 1024} if upload_bytes else None
     app.add_middleware(JSONBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, metrics=sink, path_limits=path_limits)
-    app.add_middleware(APIKeyMiddleware, keys=app.state.api_keys, metrics=sink)  # before any body is read
+    app.add_middleware(APIKeyMiddleware, gate=app.state.tenants, metrics=sink)  # before any body is read
     app.add_middleware(RequestIdMiddleware, echo=echo_request_id)
 
 
@@ -155,14 +157,23 @@ def create_app(
     echo_request_id: bool = True,
     sse_keepalive_s: float = 15.0,
     batch: BatchService | None = None,
+    keys_file: str | None = None,
+    usage_db: str | None = None,
 ) -> FastAPI:
     """The API application. `metrics` is the sink the server's engines record into too (default: a new
     PrometheusSink, served on /metrics); `manage_backend=False` when the caller starts/stops the backend
     itself; `echo_request_id=False` when a proxy in front (Ray Serve's) already echoes X-Request-Id;
     `sse_keepalive_s`: a `: keep-alive` comment on a stream silent that long (0: never). Setting
     `app.state.stream_cut` (the server's shutdown grace ended) ends the requests still running. `batch`: also serve
-    the Batch API (`/v1/files`, `/v1/batches`) and run its runner while the app lives."""
+    the Batch API (`/v1/files`, `/v1/batches`) and run its runner while the app lives. `keys_file`: the keys file
+(named keys with limits, re-read when it changes; a bad one at start raises `KeysFileError`, a ValueError);
+`api_keys` stay accepted beside it as the `anonymous` key; `usage_db`: the SQLite file of per-key usage (None: in
+memory)."""
     sink = metrics or PrometheusSink()
+    tenants = TenantGate.build(sink, api_keys=api_keys, keys_file=keys_file, usage_db=usage_db,
+                               model_ids=backend.model_ids, check_globs=not backend.backup)
+    if keys_file and not usage_db:
+        log.warning("per-key usage is counted in memory only (lost on restart): set LLM_USAGE_DB")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -186,11 +197,13 @@ def create_app(
                 await batch.stop()
             if manage_backend:
                 await backend.shutdown()
+            tenants.close()
 
     app = FastAPI(title=title, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.backend = backend
     app.state.metrics = sink
     app.state.api_keys = list(api_keys or [])
+    app.state.tenants = tenants
     app.state.draining = False
     app.state.stream_cut = asyncio.Event()
     app.state.sse_keepalive_s = sse_keepalive_s
@@ -199,7 +212,7 @@ def create_app(
     app.include_router(router)
     if batch is not None:
         app.include_router(batch_router)
-    document(app, model_ids=backend.model_ids, auth=bool(app.state.api_keys))
+    document(app, model_ids=backend.model_ids, auth=tenants.enabled)
     install_middleware(app, sink, max_body_bytes=max_body_bytes, echo_request_id=echo_request_id,
                        upload_bytes=batch.limits.max_file_bytes if batch is not None else None)
     return app

@@ -23,6 +23,7 @@ from app.api.protocol import ErrorBody, ErrorResponse
 from app.api.strict import INVALID_UNICODE
 from app.engines.base import EngineError
 from app.metrics import MetricsSink
+from app.tenants.gate import tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 _GENERATION_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
-def count_rejection(sink: MetricsSink, path: str, status: int, error_type: str, request_id: str = "-") -> None:
+def count_rejection(sink: MetricsSink, path: str, status: int, error_type: str, request_id: str = "-",
+                    key: str = "-") -> None:
     """Count a generation request refused before it reached a model (bad body, API key, unknown model, 413).
 
     Requests that reach a model are counted by the serving layer. These get model="-" and engine="-": the
@@ -145,11 +147,13 @@ def count_rejection(sink: MetricsSink, path: str, status: int, error_type: str, 
     labels = {"model": "-", "engine": "-", "endpoint": endpoint}
     sink.inc(metrics.REQUESTS, {**labels, "status": str(status)})
     sink.inc(metrics.REQUEST_ERRORS, {**labels, "error_type": error_type})
-    log_request(request_id, endpoint, status, error_type=error_type)
+    log_request(request_id, endpoint, status, error_type=error_type, key=key)
 
 
 def _reject(request: Request, status: int, error_type: str) -> None:
-    count_rejection(request.app.state.metrics, request.url.path, status, error_type, request_id_of(request.scope))
+    tenant = tenant_of(request.scope)
+    count_rejection(request.app.state.metrics, request.url.path, status, error_type, request_id_of(request.scope),
+                    key=tenant.name if tenant is not None else "-")
 
 
 def install_error_handlers(app: FastAPI) -> None:

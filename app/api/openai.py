@@ -62,9 +62,12 @@ from app.engines.base import (
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
+    ModelNotFoundError,
+    Priority,
     TokenLogprob,
 )
 from app.metrics import MetricsSink
+from app.tenants.gate import tenancy_of, tenant_of
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,13 @@ T = TypeVar("T")
 _NUCLEUS_EPS = 1e-6
 
 
-def _sampling(req: ChatCompletionRequest | CompletionRequest) -> GenerationRequest:
+def priority_of(service_tier: str | None, key_priority: str) -> Priority:
+    """The engines' admission class: a batch-priority key is always `batch` (a request cannot promote itself
+    with `service_tier`); an interactive key's request is `batch` when it asks for `service_tier: "flex"`."""
+    return "batch" if key_priority == "batch" or service_tier == "flex" else "interactive"
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest, key_priority: str = "interactive") -> GenerationRequest:
     top_p = 1.0 if req.top_p is None else req.top_p
     temperature = 1.0 if req.temperature is None else req.temperature
     if top_p < _NUCLEUS_EPS:
@@ -91,8 +100,14 @@ def _sampling(req: ChatCompletionRequest | CompletionRequest) -> GenerationReque
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         logprobs=req.logprobs_k,
-        priority="batch" if req.service_tier == "flex" else "interactive",
+        priority=priority_of(req.service_tier, key_priority),
     )
+
+
+def not_allowed(backend: ModelBackend, allows: Callable[[str], bool], model: str) -> ModelNotFoundError:
+    """The 404 of a model outside a key's allowance: worded as for an unknown model, listing only allowed ones."""
+    available = ", ".join(m for m in backend.model_ids() if allows(m)) or "none"
+    return ModelNotFoundError(f"model {model!r} does not exist; available models: {available}")
 
 
 def _fan_out(base: GenerationRequest, n: int, offset: int = 0) -> list[tuple[int, GenerationRequest]]:
@@ -123,7 +138,7 @@ class OpenAIServing:
     ) -> Response:
         n = req.n
         obs = RequestObservation(self.sink, model=model, engine=info.engine, endpoint=endpoint,
-                           request_id=request_id_of(request.scope))
+                                 request_id=request_id_of(request.scope), tenancy=tenancy_of(request.scope))
         try:
             if info.max_parallel and len(items) > info.max_parallel:
                 # a 429 here would never clear: the request alone overflows the engine's slots and queue
@@ -171,6 +186,8 @@ class OpenAIServing:
                     collected[idx].add(chunk)
                     prompt[idx] = chunk.prompt_tokens
                     completion[idx] = chunk.completion_tokens
+                    if obs.tenancy is not None and obs.tenancy.meters_tokens:
+                        obs.progress(*_totals(prompt, completion, n))
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -203,6 +220,8 @@ class OpenAIServing:
                 idx, chunk = item
                 obs.token()
                 prompt[idx], completion[idx] = chunk.prompt_tokens, chunk.completion_tokens
+                if obs.tenancy is not None and obs.tenancy.meters_tokens:
+                    obs.progress(*_totals(prompt, completion, n))
                 first = idx not in started
                 started.add(idx)
                 for obj in stream_chunks(idx, chunk, first):
@@ -235,13 +254,23 @@ class OpenAIServing:
             obs.finish(status, err_type)
 
     # --------------------------------------------------------------------- chat
+    def _allowed(self, request: Request, model: str) -> str:
+        """The key's priority; a model outside the key's allowance is a 404, as if it did not exist."""
+        tenant = tenant_of(request.scope)
+        if tenant is None:
+            return "interactive"
+        if not tenant.allows(model):
+            raise not_allowed(self.backend, tenant.allows, model)
+        return tenant.entry.priority
+
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        key_priority = self._allowed(request, req.model)
         info = await self.backend.engine_info(req.model)  # 404 for unknown models
         messages = [m.for_template() for m in req.messages]
         check_tool_messages(messages)
         plan = req.tool_plan()
         parser = get_parser(info.tool_call_parser) if plan is not None and plan.parses_calls else None
-        base = _sampling(req)
+        base = _sampling(req, key_priority)
         base.messages = messages_for_template(messages)
         if plan is not None:
             base.tools = tools_for_template(plan.tools)
@@ -300,10 +329,11 @@ class OpenAIServing:
 
     # --------------------------------------------------------------------- completions
     async def completion(self, req: CompletionRequest, request: Request) -> Response:
+        key_priority = self._allowed(request, req.model)
         info = await self.backend.engine_info(req.model)  # 404 for unknown models
         items: list[tuple[int, GenerationRequest]] = []
         for p_idx, prompt in enumerate(req.prompts):
-            base = _sampling(req)
+            base = _sampling(req, key_priority)
             base.prompt = prompt
             items += _fan_out(base, req.n, offset=p_idx * req.n)
         rid, created = new_id("cmpl"), int(time.time())
@@ -418,8 +448,11 @@ def _chat_chunk(rid: str, created: int, model: str, choice: ChatChunkChoice) -> 
     return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice]).model_dump(exclude_none=True)
 
 
-def _usage(prompt: dict[int, int], completion: dict[int, int], n: int) -> Usage:
+def _totals(prompt: dict[int, int], completion: dict[int, int], n: int) -> tuple[int, int]:
     # the n choices fanned out from one prompt share it: count each distinct prompt once
-    p = sum(v for i, v in prompt.items() if i % n == 0)
-    c = sum(completion.values())
+    return sum(v for i, v in prompt.items() if i % n == 0), sum(completion.values())
+
+
+def _usage(prompt: dict[int, int], completion: dict[int, int], n: int) -> Usage:
+    p, c = _totals(prompt, completion, n)
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)

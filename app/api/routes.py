@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse, Response
 
 from app.api.auth import is_authenticated
 from app.api.backend import ModelBackend
-from app.api.openai import OpenAIServing
+from app.api.errors import error_response
+from app.api.openai import OpenAIServing, not_allowed
 from app.api.openapi import errors
 from app.api.protocol import (
     ChatCompletionRequest,
@@ -34,6 +35,8 @@ from app.api.protocol import (
 )
 from app.engines.base import ModelNotFoundError
 from app.engines.grammar.install import missing_packages
+from app.tenants.gate import tenant_of
+from app.tenants.usage import usage_window
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1")
@@ -90,25 +93,48 @@ async def _card(backend: ModelBackend, model_id: str, detail: dict[str, Any], pa
     )
 
 
+def _allows(request: Request, model_id: str) -> bool:
+    tenant = tenant_of(request.scope)
+    return tenant is None or tenant.allows(model_id)
+
+
 @v1.get("/models")
 async def list_models(request: Request) -> ModelList:
     """Every model, then each model's LoRA adapters found now (`<model>:<adapter>`, `parent` the model)."""
     backend = _backend(request)
     _, detail = await backend.readiness()
-    cards = [await _card(backend, mid, detail) for mid in backend.model_ids()]
+    cards = [await _card(backend, mid, detail) for mid in backend.model_ids() if _allows(request, mid)]
     for mid in backend.model_ids():
-        cards += [await _card(backend, f"{mid}:{name}", detail, parent=mid) for name in await backend.adapter_ids(mid)]
+        cards += [await _card(backend, f"{mid}:{name}", detail, parent=mid) for name in await backend.adapter_ids(mid)
+                  if _allows(request, f"{mid}:{name}")]
     return ModelList(data=cards)
 
 
 @v1.get("/models/{model_id:path}", responses=errors(404))
 async def get_model(model_id: str, request: Request) -> ModelCard:
     backend = _backend(request)
+    if not _allows(request, model_id):
+        raise not_allowed(backend, lambda m: _allows(request, m), model_id)
     _, detail = await backend.readiness()
     base, adapter = backend.split(model_id)
     if adapter is not None and adapter not in await backend.adapter_ids(base):
         raise ModelNotFoundError(f"model {model_id!r} does not exist: model {base} has no adapter {adapter!r}")
     return await _card(backend, model_id, detail, parent=base if adapter is not None else None)
+
+
+@v1.get("/usage", responses=errors(400))
+async def usage(request: Request, start: str | None = None, end: str | None = None) -> JSONResponse:
+    """Requests and tokens per key name and model over [start, end) (unix seconds or ISO 8601 dates; default:
+    this calendar month, UTC), in whole UTC hours. A key sees its own usage; an admin key sees every key's."""
+    tenant = tenant_of(request.scope)
+    try:
+        begin, until = usage_window(start, end)
+    except ValueError as exc:
+        return error_response(str(exc), 400, param="start" if "start" in str(exc) else "end", code="invalid_value")
+    key = None if tenant is not None and tenant.entry.admin else (tenant.name if tenant else "anonymous")
+    rows = request.app.state.tenants.usage.query(begin, until, key)
+    return JSONResponse({"object": "usage", "start": int(begin), "end": int(until), "key": key or "*",
+                         "data": [r.as_dict() for r in rows]})
 
 
 _GENERATION_ERRORS = errors(400, 404, 408, 413, 429, 503)

@@ -1,7 +1,9 @@
 """The Files and Batches routes of OpenAI's Batch API (`/v1/files`, `/v1/batches`), thin over the service.
 
-Every object belongs to the API key that created it (`app.batch.store.owner_of`): another key's id is a 404,
-as an unknown id is. Uploaded names are kept as metadata only (directories stripped); bytes are stored under
+Every object belongs to whoever created it: a named key of the keys file by its name (`key:<name>`, so a key
+rotated under the same name keeps its files and batches), an `API_KEYS` key by a digest of the key
+(`app.batch.store.owner_of`); another owner's id is a 404, as an unknown id is. Uploaded names are kept as
+metadata only (directories stripped); bytes are stored under
 the service's own id. Limits (lines, bytes) are 400s naming the limit.
 """
 
@@ -22,6 +24,8 @@ from app.batch.service import BatchService
 from app.batch.shapes import Batch, BatchCreate, FileDeleted, FileObject, Page
 from app.batch.store import new_batch_id, new_file_id, now, owner_of
 from app.batch.validation import count_lines
+from app.tenants.gate import TenantGate, tenant_of
+from app.tenants.registry import ANONYMOUS
 
 router = APIRouter(prefix="/v1")
 health_router = APIRouter()
@@ -34,8 +38,12 @@ def _service(request: Request) -> BatchService:
 
 
 def _owner(request: Request) -> str:
-    if not request.app.state.api_keys:
+    gate: TenantGate = request.app.state.tenants
+    if not gate.enabled:
         return ""
+    tenant = tenant_of(request.scope)
+    if tenant is not None and tenant.name != ANONYMOUS:
+        return f"key:{tenant.name}"
     _, _, token = request.headers.get("authorization", "").partition(" ")
     return owner_of(token.strip())
 

@@ -1,11 +1,11 @@
 """`python -m app batch-server`: the Batch API as a service of its own (the compose `batch` service).
 
 It serves `/v1/files` and `/v1/batches` (nginx routes them here on the API port), `/healthz` and `/metrics`,
-with the same API keys, error shapes, request ids and body limits as the API (the one middleware stack of
-`app.api.app`), and its runner sends the lines to `LLM_BATCH_TARGET_URL` (the front door). On SIGTERM it stops
-the runner: lines in flight are resent after the restart, their outcomes not yet committed. It runs on the kit's
-guarded HTTP server (`app.http_guard`: slow-client limits, connection cap, drain), with a body timeout long
-enough for an upload through a slow tunnel.
+with the same API keys (`API_KEYS` and the keys file, `KEYS_FILE`), error shapes, request ids and body limits
+as the API (the one middleware stack of `app.api.app`), and its runner sends the lines to `LLM_BATCH_TARGET_URL`
+(the front door). On SIGTERM it stops the runner: lines in flight are resent after the restart, their outcomes
+not yet committed. It runs on the kit's guarded HTTP server (`app.http_guard`: slow-client limits, connection cap,
+drain), with a body timeout long enough for an upload through a slow tunnel.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from app.batch.service import BatchService
 from app.http_guard import guarded_server
 from app.metrics import PrometheusSink
 from app.settings import Settings
+from app.tenants.gate import TenantGate
 
 log = logging.getLogger(__name__)
 UPLOAD_BODY_TIMEOUT_S = 600.0  # the least time an upload's body gets (LLM_BODY_TIMEOUT_S when longer)
@@ -55,6 +56,7 @@ def create_batch_app(settings: Settings) -> FastAPI:
     app.state.batch = service
     app.state.metrics = sink
     app.state.api_keys = settings.api_key_list
+    app.state.tenants = TenantGate.build(sink, api_keys=settings.api_key_list, keys_file=settings.keys_file or None)
     app.state.draining = False
     app.state.stream_cut = asyncio.Event()
     install_error_handlers(app)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from app.batch.store import Store
 from app.client.wire import RetryPolicy
 from app.metrics import MetricsSink
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 GAUGE_PERIOD_S = 2.0
 _LABELS = {"model": "-", "engine": "batch"}
@@ -43,6 +46,9 @@ class BatchService:
     def from_settings(cls, settings: Settings, sink: MetricsSink, target_url: str) -> BatchService:
         store = Store(Path(settings.batch_dir))
         key = settings.batch_api_key or next(iter(settings.api_key_list), "")
+        if not key and settings.keys_file:
+            log.warning("the batch runner has no key: with only a keys file (KEYS_FILE), set LLM_BATCH_API_KEY to a "
+                        "key of it (e.g. one added with --priority batch) or every batch line fails with 401")
         config = RunnerConfig(
             target_url=target_url, api_key=key, concurrency=settings.batch_concurrency,
             per_batch=settings.batch_concurrency_per_batch, max_lines=settings.batch_max_lines,

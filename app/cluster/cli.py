@@ -231,7 +231,8 @@ def deploy(
     settings = Settings()
     opts = DeployOptions(address=address or _default_address(), http_host=http_host, http_port=serve_port,
                          proxy_port=proxy_port if direct_ingress else None, request_timeout_s=request_timeout,
-                         wait_s=wait, api_keys=settings.api_key_list,
+                         wait_s=wait, api_keys=settings.api_key_list, keys_file=settings.keys_file,
+                         usage_db=settings.usage_db,
                          max_body_bytes=settings.max_body_bytes, expected_workers=expected_workers)
     _run(do_deploy, paths, opts)
     where = record.save(record.DeployRecord(configs=[str(p.resolve()) for p in paths], http_host=http_host,
@@ -301,7 +302,7 @@ def local_up(
                  proxy_port=(proxy_port or _free_port()) if direct_ingress else None,
                  metrics_export_port=metrics_export_port, tier=worker_tier, tier_slots=tier_slots,
                  num_cpus=num_cpus, object_store_mb=object_store_mb, wait_s=wait, api_keys=settings.api_key_list,
-                 batch_port=batch_port or None)
+                 batch_port=batch_port or None, keys_file=settings.keys_file, usage_db=settings.usage_db)
     model = state.models[0]  # type: ignore[attr-defined]
     auth = " -H 'Authorization: Bearer $API_KEY'" if settings.api_key_list else ""
     typer.echo(

@@ -37,6 +37,8 @@ class DeployOptions:
     request_timeout_s: float = 300.0
     wait_s: float = 900.0
     api_keys: list[str] | None = None
+    keys_file: str = ""  # KEYS_FILE: read by the ingress replica on the head
+    usage_db: str = ""  # LLM_USAGE_DB: the ingress's per-key usage (the head-state volume in compose)
     max_body_bytes: int = 4 * 1024 * 1024
     expected_workers: int = 0
 
@@ -137,7 +139,8 @@ def deploy(config_paths: list[Path] | list[str], opts: DeployOptions, configs: l
     serve.start(http_options={**http_options(opts.http_host, opts.proxy_port or opts.http_port,
                                              opts.request_timeout_s), "location": "HeadOnly"})
     # the same entry a RayService's serveConfigV2 carries (app.k8s): Serve's builder, called here in the driver
-    entry = application(config_paths, api_keys=opts.api_keys or [], max_body_bytes=opts.max_body_bytes)
+    entry = application(config_paths, api_keys=opts.api_keys or [], max_body_bytes=opts.max_body_bytes,
+                        keys_file=opts.keys_file, usage_db=opts.usage_db)
     compat.serve_run_nonblocking(builder(entry["args"]), name=entry["name"], route_prefix=entry["route_prefix"])
     print(f"deploying {', '.join(c.model_id for c in configs)} ...", flush=True)
     deadline = time.monotonic() + opts.wait_s

@@ -87,7 +87,8 @@ def ensure_tiny_model() -> None:
 
 def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, proxy_port: int | None,
              metrics_export_port: int, tier: str, tier_slots: float, num_cpus: int | None, object_store_mb: int,
-             wait_s: float, api_keys: list[str], batch_port: int | None = None) -> LocalState:
+             wait_s: float, api_keys: list[str], batch_port: int | None = None, keys_file: str = "",
+             usage_db: str = "") -> LocalState:
     """`proxy_port` None: Serve's proxy serves `serve_port`; else the ingress replica does (direct ingress)."""
     from app.cluster.deploy import DeployOptions, deploy
     from app.models.config import load_model_configs
@@ -132,7 +133,8 @@ def local_up(configs: list[Path], *, gcs_port: int, serve_port: int, proxy_port:
         time.sleep(0.3)
     try:
         deploy(configs, DeployOptions(address=f"127.0.0.1:{gcs_port}", http_host="127.0.0.1", http_port=serve_port,
-                                      proxy_port=proxy_port, wait_s=wait_s, api_keys=api_keys), configs=parsed)
+                                      proxy_port=proxy_port, wait_s=wait_s, api_keys=api_keys,
+                                      keys_file=keys_file, usage_db=usage_db), configs=parsed)
         if batch_port:
             state.batch_pid, state.batch_port = _start_batch(batch_port, serve_port, api_keys), batch_port
             STATE.write_text(json.dumps(asdict(state), indent=2))

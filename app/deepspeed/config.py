@@ -85,6 +85,10 @@ class DSSettings(ConfiguredKnobs, HTTPServerKnobs, BaseSettings):
     torch_extensions_dir: str = ""
     log_level: str = "info"
     api_keys: str = Field(default="", validation_alias=AliasChoices("API_KEYS", "DS_API_KEYS"))
+    keys_file: str = Field(default="", validation_alias=AliasChoices("KEYS_FILE", "DS_KEYS_FILE"),
+                           description="Keys file rank 0 enforces (named keys with limits; see README).")
+    usage_db: str = Field(default="", validation_alias=AliasChoices("LLM_USAGE_DB", "DS_USAGE_DB"),
+                          description="SQLite file of rank 0's per-key usage (empty: in memory).")
 
     @property
     def host_list(self) -> list[Host]:

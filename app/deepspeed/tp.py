@@ -484,7 +484,8 @@ def serve_rank0(settings: DSSettings, info: RankInfo) -> int:
     backend = LocalBackend({settings.model_id: engine}, location=f"rank{info.rank}",
                            aliases=model_aliases(settings.model, settings.model_id))
     app = create_app(backend, metrics=sink, api_keys=settings.api_key_list, max_body_bytes=settings.max_body_bytes,
-                     sse_keepalive_s=settings.sse_keepalive_s)
+                     sse_keepalive_s=settings.sse_keepalive_s, keys_file=settings.keys_file or None,
+                     usage_db=settings.usage_db or None)
     # the standalone server's transport guard and drain: slow clients are cut, SIGTERM lets streams finish
     server = guarded_server(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level)
     log.info("rank 0: serving %s on http://%s:%s", settings.model_id, settings.host, settings.port)

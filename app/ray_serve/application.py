@@ -36,6 +36,8 @@ class AppArgs(BaseModel):
                                                       "app is built (a Secret's key on Kubernetes).")
     api_keys: list[str] = Field(default_factory=list, description="In-process callers only; never rendered.")
     max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
+    keys_file: str = Field(default="", description="The keys file's path on the head (named keys with limits).")
+    usage_db: str = Field(default="", description="SQLite file of per-key usage on the head (empty: in memory).")
 
     def config_paths(self) -> list[Path]:
         base = Path(self.config_dir) if self.config_dir else None
@@ -49,10 +51,11 @@ class AppArgs(BaseModel):
 
 
 def application(configs: Sequence[str | Path], *, config_dir: str = "", api_keys_env: str = "",
-                api_keys: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> dict[str, Any]:
+                api_keys: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, keys_file: str = "",
+                usage_db: str = "") -> dict[str, Any]:
     """One entry of a Serve config's `applications` (ServeApplicationSchema's fields)."""
     args = AppArgs(configs=[str(c) for c in configs], config_dir=config_dir, api_keys_env=api_keys_env,
-                   api_keys=list(api_keys), max_body_bytes=max_body_bytes)
+                   api_keys=list(api_keys), max_body_bytes=max_body_bytes, keys_file=keys_file, usage_db=usage_db)
     return {"name": APP_NAME, "route_prefix": ROUTE_PREFIX, "import_path": IMPORT_PATH,
             "args": args.model_dump(exclude_defaults=True)}
 
@@ -69,4 +72,5 @@ def builder(args: dict[str, Any]) -> Any:
 
     parsed = AppArgs.model_validate(args)
     configs = load_model_configs(parsed.config_paths())
-    return build_app(configs, api_keys=parsed.key_list(), max_body_bytes=parsed.max_body_bytes)
+    return build_app(configs, api_keys=parsed.key_list(), max_body_bytes=parsed.max_body_bytes,
+                     keys_file=parsed.keys_file, usage_db=parsed.usage_db)

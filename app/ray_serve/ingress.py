@@ -48,18 +48,21 @@ def route_access_log_to_serve() -> None:
 class Ingress:
     """Deployment class; `__serve_build_asgi_app__` hands Serve the API app at replica start."""
 
-    def __init__(self, handles: dict[str, Any], api_keys: list[str], max_body_bytes: int) -> None:
+    def __init__(self, handles: dict[str, Any], api_keys: list[str], max_body_bytes: int, keys_file: str = "",
+                 usage_db: str = "") -> None:
         compat.serve_direct_ingress_reuse_port()  # a restarted ingress binds SERVE_PORT despite TIME_WAIT
         route_access_log_to_serve()
         self._metrics = RaySink()
         self._backend = RayServeBackend(handles)
         self._api_keys = api_keys
         self._max_body_bytes = max_body_bytes
+        self._keys_file, self._usage_db = keys_file, usage_db  # paths on the head, where this replica runs
 
     def __serve_build_asgi_app__(self) -> Any:
         return create_app(
             self._backend, metrics=self._metrics, api_keys=self._api_keys, max_body_bytes=self._max_body_bytes,
             manage_backend=False, title="LLM serving kit (Ray Serve)", echo_request_id=False,
+            keys_file=self._keys_file or None, usage_db=self._usage_db or None,
         )
 
 
@@ -70,8 +73,11 @@ def build_app(
     max_body_bytes: int = 4 * 1024 * 1024,
     ingress_replicas: int = 1,
     ingress_max_ongoing: int = 1000,
+    keys_file: str = "",
+    usage_db: str = "",
 ) -> Any:
-    """The Serve `Application`: ingress bound to one LLM server deployment per config."""
+    """The Serve `Application`: ingress bound to one LLM server deployment per config. `keys_file`, `usage_db`:
+    paths on the head (the ingress runs there), read by the ingress replica."""
     from ray import serve
 
     from app.ray_serve.llm_server import LLMServer
@@ -90,4 +96,4 @@ def build_app(
         ray_actor_options={"num_cpus": 0.1, "resources": {HEAD_RESOURCE: 0.001},
                            "runtime_env": {"env_vars": dict(compat.SERVE_ONE_LOOP_VARS)}},
     )
-    return ingress.bind(handles, list(api_keys or []), max_body_bytes)
+    return ingress.bind(handles, list(api_keys or []), max_body_bytes, keys_file, usage_db)

@@ -185,7 +185,7 @@ def test_batch_service_state_volume_and_route(model: dict[str, Any], tmp_path: P
 
     svc = model["services"]
     batch = svc["batch"]
-    (vol,) = batch["volumes"]
+    (vol,) = [v for v in batch["volumes"] if v["type"] == "volume"]
     assert vol["type"] == "volume" and vol["target"] == batch["environment"]["LLM_BATCH_DIR"]
     assert "batch-data" in model["volumes"]
     assert "/healthz" in " ".join(batch["healthcheck"]["test"]) and "BATCH_PORT" in batch["healthcheck"]["test"][3]
@@ -195,6 +195,32 @@ def test_batch_service_state_volume_and_route(model: dict[str, Any], tmp_path: P
     assert batch["environment"]["NGINX_BIND"] == svc["nginx"]["environment"]["NGINX_BIND"]
     conf = render_nginx(tmp_path / "nginx", NginxSettings(batch_port=int(svc["nginx"]["environment"]["BATCH_PORT"])))
     assert "server 127.0.0.1:8005;" in conf.read_text()
+
+
+def test_every_api_server_mounts_the_keys_folder_read_only(model: dict[str, Any], tmp_path: Path) -> None:
+    """The keys file's contract: every service that serves the API mounts KEYS_DIR read-only at one path (the
+    folder, so a replaced file is seen) and gets KEYS_FILE inside it only when KEYS_DIR is set; the usage files of
+    the ingress and the fallback live on volumes."""
+    api_servers = ("ray-head", "fallback", "batch", "deepspeed", "deepspeed-node")
+    svc = model["services"]
+    for name in api_servers:
+        (mount,) = [v for v in svc[name]["volumes"] if v["target"] == "/etc/llmkit/keys"]
+        assert mount["type"] == "bind" and mount["read_only"] is True, (name, mount)
+        assert svc[name]["environment"]["KEYS_FILE"] == "", name  # the example .env leaves KEYS_DIR empty
+    usage = {name: svc[name]["environment"]["LLM_USAGE_DB"] for name in ("ray-head", "fallback")}
+    for name, path in usage.items():
+        assert any(v["type"] == "volume" and path.startswith(v["target"] + "/") for v in svc[name]["volumes"]), name
+    assert usage["ray-head"] != usage["fallback"]
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    res = compose(tmp_path, "config", "--format", "json", env_text=example_env(KEYS_DIR=str(keys_dir)),
+                  profiles=tuple(PROFILES))
+    assert res.returncode == 0, res.stderr
+    on = json.loads(res.stdout)["services"]
+    for name in api_servers:
+        assert on[name]["environment"]["KEYS_FILE"] == "/etc/llmkit/keys/keys.yaml", name
+        (mount,) = [v for v in on[name]["volumes"] if v["target"] == "/etc/llmkit/keys"]
+        assert mount["source"] == str(keys_dir), name
 
 
 def test_ray_auth_and_volumes(model: dict[str, Any]) -> None:
@@ -243,14 +269,15 @@ def test_env_example_documents_every_variable() -> None:
         RAY_OBJECT_MANAGER_PORT RAY_NODE_MANAGER_PORT RAY_MIN_WORKER_PORT RAY_MAX_WORKER_PORT RAY_OBJECT_STORE_MB
         NUM_GPUS WORKER_TIER MODEL_CONFIGS SERVE_PORT FALLBACK_PORT FALLBACK_MODEL NGINX_PORT NGINX_BIND PROMETHEUS_PORT
         BATCH_PORT NGINX_BATCH_UPSTREAM NGINX_BATCH_MAX_BODY
-        GRAFANA_PORT API_KEYS HF_TOKEN HF_CACHE_DIR DS_HOSTS DS_MASTER_PORT DS_NET_IFNAME DS_MODEL DS_SERVED_MODEL_NAME
+        GRAFANA_PORT API_KEYS KEYS_DIR KEYS_FILE HF_TOKEN HF_CACHE_DIR
+        DS_HOSTS DS_MASTER_PORT DS_NET_IFNAME DS_MODEL DS_SERVED_MODEL_NAME
         DS_PORT
         DS_COLLECTIVE_TIMEOUT_S DS_LAUNCH_DEADLINE_S DS_SSH_KEY CLUSTER_BASE_URL CLUSTER_API_KEY CLUSTER_TIMEOUT_S
         CLUSTER_MODEL CLUSTER_MAX_ATTEMPTS MCP_HOST MCP_PORT NGINX_STATUS_PORT PROMETHEUS_SCRAPE_INTERVAL
         RAY_NODE_TARGETS DCGM_TARGETS NGINX_EXPORTER_TARGETS PROM_APP_TARGETS""".split()
     from app.settings import Settings
 
-    llm = {f"LLM_{name.upper()}" for name in Settings.model_fields if name != "api_keys"}
+    llm = {f"LLM_{name.upper()}" for name in Settings.model_fields if name not in ("api_keys", "keys_file")}
     missing = (used - {"ENV_FILE", "DS_MODEL_DIR_IN_CONTAINER"}) | set(contract) | llm
     missing -= documented
     assert not missing, f".env.example lacks {sorted(missing)}"

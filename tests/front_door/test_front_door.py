@@ -8,6 +8,7 @@
   nobody serves is a 503 with Retry-After naming it.
 - Edge exposure: the public listener proxies /v1/* and /health only (404 in the OpenAI shape otherwise).
 - SIGTERM stops nginx gracefully and the front door exits 0.
+- With the primary down, the fallback enforces the same keys file (limits, allowance, a revoke).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.tenants.keyfile import KeyEntry, KeysFile, hash_key, save
 from tests.support.front_door import FrontDoorProcess
 from tests.support.openai_errors import assert_openai_error
-from tests.support.servers import ServerProcess, wait_until
+from tests.support.servers import ServerProcess, free_port, wait_until
 
 COMPLETION = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
 READ_TIMEOUT_S = 8  # the time to first byte nginx grants an upstream
@@ -207,3 +209,31 @@ def test_tools_structured_output_and_logprobs_answer_the_same_after_failover(  #
         r = httpx.post(url, json=body, timeout=60)
         assert r.status_code == 200 and r.headers["x-upstream"].endswith(b_addr), (name, r.status_code, r.text[:300])
         assert _answer(r.json()) == before[name], name
+
+
+def test_the_fallback_enforces_the_same_keys_file(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The primary is down (nothing listens on its port): nginx hands every request to the fallback, a `--backup`
+    server reading the same keys file; its limits, model allowance and revocations hold there too."""
+    app_key, other_key = "sk-door-app-" + "a" * 24, "sk-door-other-" + "b" * 24
+    keys = tmp_path / "keys.yaml"
+    save(keys, KeysFile(keys=[KeyEntry(name="app", hash=hash_key(app_key), models=("tiny",), rpm=2),
+                              KeyEntry(name="other", hash=hash_key(other_key), models=("big-*",))]))
+    backup = start_server("--backup", env={"KEYS_FILE": str(keys), "API_KEYS": ""})
+    door = FrontDoorProcess(tmp_path / "door-keys", f"127.0.0.1:{free_port()}", f"127.0.0.1:{backup.port}")
+    try:
+        door.wait_up()
+        url = door.base_url + "/v1/completions"
+        app, other = {"Authorization": f"Bearer {app_key}"}, {"Authorization": f"Bearer {other_key}"}
+        answers = [httpx.post(url, json=COMPLETION, headers=app, timeout=30) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 429], [r.text for r in answers]
+        assert answers[0].headers["x-upstream"].endswith(f"127.0.0.1:{backup.port}")
+        assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
+        assert assert_openai_error(answers[2], 429)["code"] == "rate_limit_exceeded"
+        assert int(answers[2].headers["retry-after"]) >= 1
+        denied = httpx.post(url, json=COMPLETION, headers=other, timeout=30)
+        assert assert_openai_error(denied, 404)["code"] == "model_not_found"  # a 404, not a retryable 503
+        save(keys, KeysFile(keys=[KeyEntry(name="app", hash=hash_key(app_key), models=("tiny",), rpm=2)]))
+        wait_until(lambda: httpx.get(door.base_url + "/v1/models", headers=other, timeout=10).status_code == 401,
+                   1.0, 0.05, "401 through the front door for the revoked key")
+    finally:
+        door.stop()

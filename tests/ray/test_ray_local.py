@@ -1,7 +1,8 @@
 """Ray Serve on one local node (127.0.0.1), started with the real `cluster local-up`: routing by model,
 404 listing ids, streaming, 429 with Retry-After, client disconnect, Ray-exported metrics, status, token
 auth refusal, autoscaling up and down, LoRA adapters routed by Serve's multiplexing to the replica that holds
-them (two replicas of `tiny-lora`), and `local-down` leaving nothing behind.
+them (two replicas of `tiny-lora`), the keys file enforced by the ingress (KEYS_FILE beside API_KEYS), and
+`local-down` leaving nothing behind.
 
 One cluster start-up serves every test in this module (the suite's time budget is minutes).
 """
@@ -24,11 +25,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import yaml
 
+from app.tenants.keyfile import KeyEntry, KeysFile, hash_key, save
 from tests.support.env import ROOT, need
 from tests.support.servers import free_port, wait_until
 
 pytestmark = pytest.mark.slow
+
+PLAIN_KEY = "unused"  # API_KEYS: the anonymous key the other tests send
+AUTH = {"Authorization": f"Bearer {PLAIN_KEY}"}
+LIMITED_KEY, REVOKED_KEY = "sk-ray-limited-" + os.urandom(8).hex(), "sk-ray-revoked-" + os.urandom(8).hex()
 
 TINY = """
 model_loading_config: {{model_id: tiny, model_source: {src}}}
@@ -85,7 +92,7 @@ class Local:
         return json.loads(proc.stdout)
 
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=PLAIN_KEY, max_retries=0, timeout=60)
 
 
 def _our_processes(marker: str) -> list[int]:
@@ -108,8 +115,12 @@ def local(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_loras
     (cwd / "tiny-b.yaml").write_text(TINY_B.format(src=tiny_model))
     shutil.copytree(tiny_loras, cwd / "adapters")
     (cwd / "tiny-lora.yaml").write_text(TINY_LORA.format(src=tiny_model, adapters=cwd / "adapters"))
+    keys = KeysFile(keys=[KeyEntry(name="ray-limited", hash=hash_key(LIMITED_KEY), models=("tiny",), rpm=3),
+                          KeyEntry(name="ray-revoked", hash=hash_key(REVOKED_KEY))])
+    save(cwd / "keys.yaml", keys)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(cwd), HF_HUB_OFFLINE="1", RAY_AUTH_TOKEN=os.urandom(32).hex(), PYTHONPATH=str(ROOT))
+    env.update(HOME=str(cwd), HF_HUB_OFFLINE="1", RAY_AUTH_TOKEN=os.urandom(32).hex(), PYTHONPATH=str(ROOT),
+               API_KEYS=PLAIN_KEY, KEYS_FILE=str(cwd / "keys.yaml"), LLM_USAGE_DB=str(cwd / "usage.sqlite"))
     lc = Local(cwd, free_port(), free_port(), free_port(), env)
     lc.batch = free_port()
     t0 = time.monotonic()
@@ -160,6 +171,31 @@ def test_local_up_serves_the_batch_api(local: Local) -> None:
     assert sorted(r["custom_id"] for r in out) == ["l0", "l1", "l2"]
 
 
+def test_the_ingress_enforces_the_keys_file(local: Local) -> None:
+    """The keys file reaches the ingress replica on the head: limits with OpenAI's headers, model allowance,
+    per-key usage, and a revoke without a redeploy."""
+    limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
+    with httpx.Client(base_url=local.base + "/v1", timeout=60, headers=limited) as h:
+        assert [m["id"] for m in h.get("/models").json()["data"]] == ["tiny"]
+        other = h.post("/completions", json={**body, "model": "tiny-b"})  # takes one of the minute's 3
+        assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+        statuses = [h.post("/completions", json=body) for _ in range(3)]
+        assert [r.status_code for r in statuses] == [200, 200, 429], [r.text for r in statuses]
+        assert statuses[0].headers["x-ratelimit-limit-requests"] == "3"
+        assert int(statuses[2].headers["retry-after"]) >= 1 and statuses[2].json()["error"]["code"] == \
+            "rate_limit_exceeded"
+        usage = h.get("/usage").json()
+        assert usage["key"] == "ray-limited" and sum(r["requests"] for r in usage["data"]) == 4
+    revoked = {"Authorization": f"Bearer {REVOKED_KEY}"}
+    assert httpx.get(local.base + "/v1/models", headers=revoked, timeout=30).status_code == 200
+    keys_file = local.cwd / "keys.yaml"
+    save(keys_file, KeysFile(keys=[e for e in KeysFile.model_validate(yaml.safe_load(keys_file.read_text())).keys
+                                   if e.name != "ray-revoked"]))
+    wait_until(lambda: httpx.get(local.base + "/v1/models", headers=revoked, timeout=30).status_code == 401, 2.0,
+               0.05, "401 for the revoked key")
+
+
 def _listener(port: int) -> int | None:
     """PID of the process holding the TCP socket that listens on `port` (from /proc: no `ss` needed)."""
     inodes = set()
@@ -189,7 +225,7 @@ def test_the_ingress_replica_serves_the_serve_port_itself(local: Local) -> None:
     proxy_pid = _listener(proxy_port)
     assert proxy_pid is not None and Path(f"/proc/{proxy_pid}/cmdline").read_bytes().startswith(b"ray::ProxyActor")
     for port in (local.serve, proxy_port):
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", headers=AUTH, timeout=60,
                        json={"model": "tiny", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, (port, r.text)
     assert httpx.get(local.base + "/-/routes", timeout=30).json() == {"/": "llm"}  # the head's health check reads it
@@ -205,26 +241,27 @@ def test_routes_by_model_and_404_lists_ids(local: Local) -> None:
     assert set(cards) == {"tiny", "tiny-b", "tiny-lora", "tiny-lora:A", "tiny-lora:B", "tiny-lora:C"}
     assert cards["tiny-lora:A"].model_extra["parent"] == "tiny-lora"
     assert cards["tiny"].model_extra["engine"] == "transformers"
-    r = httpx.post(local.base + "/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30)
+    r = httpx.post(local.base + "/v1/completions", headers=AUTH, json={"model": "nope", "prompt": "x"}, timeout=30)
     assert r.status_code == 404
     assert "tiny" in r.json()["error"]["message"] and "tiny-b" in r.json()["error"]["message"]
 
 
 def test_engine_info_crosses_ray_unchanged(local: Local) -> None:
     """max_parallel reaches the ingress: a fan-out above it is the standalone server's 400 naming the limit."""
-    card = httpx.get(local.base + "/v1/models/tiny-b", timeout=30).json()
+    card = httpx.get(local.base + "/v1/models/tiny-b", headers=AUTH, timeout=30).json()
     assert card["engine_info"]["max_parallel"] == 2  # max_num_seqs 1 + max_waiting 1
     assert card["engine_info"]["engine"] == "transformers" and card["engine_info"]["model_id"] == "tiny-b"
-    ready = httpx.get(local.base + "/readyz", timeout=30).json()["models"]["tiny-b"]
+    ready = httpx.get(local.base + "/readyz", headers=AUTH, timeout=30).json()["models"]["tiny-b"]
     assert ready["max_parallel"] == 2 and ready["node_ip"] == "127.0.0.1" and ready["replica_id"]
     body = {"model": "tiny-b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 3}
-    r = httpx.post(local.base + "/v1/chat/completions", json=body, timeout=60)
+    r = httpx.post(local.base + "/v1/chat/completions", headers=AUTH, json=body, timeout=60)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "n" and "needs 3" in err["message"] and "admits at most 2" in err["message"]
     # the serving path, as the replica stamped it: engine@node/replica (tiny: tiny-b's one queue place
     # in Serve's router, max_queued_requests 1, may refuse a second generation while both are routed)
-    ok = httpx.post(local.base + "/v1/chat/completions", json={**body, "model": "tiny", "n": 2}, timeout=60)
+    ok = httpx.post(local.base + "/v1/chat/completions", headers=AUTH, json={**body, "model": "tiny", "n": 2},
+                    timeout=60)
     assert ok.status_code == 200, ok.text
     replicas = {r["replica_id"] for r in local.status()["replicas"] if r["model"] == "tiny"}
     for served_by in ok.headers["x-served-by"].split(", "):  # the two choices may run on two replicas
@@ -235,10 +272,10 @@ def test_engine_info_crosses_ray_unchanged(local: Local) -> None:
 
 def test_access_log_lines_land_in_the_ingress_replica_log(local: Local) -> None:
     rid = f"ray-trace-{os.getpid()}"
-    r = httpx.post(local.base + "/v1/completions", headers={"X-Request-Id": rid}, timeout=60,
+    r = httpx.post(local.base + "/v1/completions", headers={**AUTH, "X-Request-Id": rid}, timeout=60,
                    json={"model": "tiny", "prompt": "log me", "max_tokens": 3, "ignore_eos": True})
     assert r.status_code == 200 and r.headers.get_list("x-request-id") == [rid]  # once: Serve's proxy echoes it
-    made = httpx.get(local.base + "/v1/models", timeout=30).headers.get_list("x-request-id")
+    made = httpx.get(local.base + "/v1/models", headers=AUTH, timeout=30).headers.get_list("x-request-id")
     assert len(made) == 1 and made[0]  # none sent: one is made up and echoed once
     temp_dir = Path(json.loads((local.cwd / ".run" / "local.json").read_text())["temp_dir"])
     logs = temp_dir / "session_latest" / "logs" / "serve"
@@ -298,7 +335,7 @@ def test_queue_full_is_429_with_retry_after(local: Local) -> None:
     body = {"model": "tiny-b", "prompt": "x", "max_tokens": 200, "min_tokens": 200}
 
     def one(_: int) -> httpx.Response:
-        return httpx.post(local.base + "/v1/completions", json=body, timeout=120)
+        return httpx.post(local.base + "/v1/completions", headers=AUTH, json=body, timeout=120)
 
     with cf.ThreadPoolExecutor(10) as ex:
         results = list(ex.map(one, range(10)))
@@ -320,7 +357,7 @@ def _metric(local: Local, name: str, model: str) -> float:
 def test_client_disconnect_cancels_generation(local: Local) -> None:
     before = _metric(local, "ray_llm_requests_aborted_total", "tiny-b")
     body = {"model": "tiny-b", "prompt": "x", "max_tokens": 1800, "min_tokens": 1800, "stream": True}
-    with httpx.stream("POST", local.base + "/v1/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", local.base + "/v1/completions", headers=AUTH, json=body, timeout=60) as r:
         assert r.status_code == 200
         for i, _ in enumerate(r.iter_lines()):
             if i > 3:
@@ -328,7 +365,8 @@ def test_client_disconnect_cancels_generation(local: Local) -> None:
     wait_until(lambda: _metric(local, "ray_llm_requests_aborted_total", "tiny-b") > before, 60, 1,
                "the aborted counter on Ray's metrics port")
     # the one generation slot of tiny-b is free again
-    r = httpx.post(local.base + "/v1/completions", json={"model": "tiny-b", "prompt": "x", "max_tokens": 2},
+    r = httpx.post(local.base + "/v1/completions", headers=AUTH,
+                   json={"model": "tiny-b", "prompt": "x", "max_tokens": 2},
                    timeout=60)
     assert r.status_code == 200
 
@@ -386,7 +424,7 @@ def test_autoscaling_up_under_load_and_back_down(local: Local) -> None:
 
     def load() -> None:
         deadline = time.monotonic() + 240  # bounded even if the test fails
-        with httpx.Client(timeout=120) as h:
+        with httpx.Client(timeout=120, headers=AUTH) as h:
             while not stop.is_set() and time.monotonic() < deadline:
                 h.post(local.base + "/v1/completions", json=body)
 
@@ -432,7 +470,7 @@ def test_a_killed_ingress_replica_is_replaced_and_serves_the_port_again(local: L
     starts a new one, which binds SERVE_PORT again (compat.serve_direct_ingress_reuse_port) and serves."""
     old = _listener(local.serve)
     assert old is not None
-    with httpx.Client(base_url=local.base, timeout=60) as client:
+    with httpx.Client(base_url=local.base, timeout=60, headers=AUTH) as client:
         for i in range(3):
             assert client.post("/v1/completions", json={"model": "tiny", "prompt": f"k{i}", "max_tokens": 2}
                                ).status_code == 200
@@ -442,7 +480,8 @@ def test_a_killed_ingress_replica_is_replaced_and_serves_the_port_again(local: L
     def served() -> bool:
         pid = _listener(local.serve)
         return pid not in (None, old) and httpx.post(
-            local.base + "/v1/completions", json={"model": "tiny", "prompt": "back", "max_tokens": 2},
+            local.base + "/v1/completions", headers=AUTH,
+            json={"model": "tiny", "prompt": "back", "max_tokens": 2},
             timeout=30).status_code == 200
 
     wait_until(served, 180, 1.0, "a new ingress replica serving SERVE_PORT")
@@ -464,7 +503,7 @@ def _lora_metric(local: Local, name: str, adapter: str | None = None) -> dict[st
 def _lora_chat(local: Local, adapter: str) -> httpx.Response:
     body = {"model": f"tiny-lora:{adapter}", "messages": [{"role": "user", "content": "hello world"}],
             "max_tokens": 6, "temperature": 0, "ignore_eos": True}
-    r = httpx.post(local.base + "/v1/chat/completions", json=body, timeout=60)
+    r = httpx.post(local.base + "/v1/chat/completions", json=body, headers=AUTH, timeout=60)
     assert r.status_code == 200, r.text
     return r
 
@@ -490,10 +529,10 @@ def test_lora_requests_go_to_the_replica_holding_the_adapter(local: Local) -> No
     shutil.copytree(local.cwd / "adapters" / "A", local.cwd / "adapters" / "D")  # no redeploy
     again = _lora_chat(local, "D")
     assert again.json()["choices"][0]["message"]["content"] == first[0].json()["choices"][0]["message"]["content"]
-    r = httpx.post(local.base + "/v1/chat/completions", timeout=60, json={
+    r = httpx.post(local.base + "/v1/chat/completions", headers=AUTH, timeout=60, json={
         "model": "tiny-lora:nope", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
-    r = httpx.post(local.base + "/v1/chat/completions", timeout=60, json={
+    r = httpx.post(local.base + "/v1/chat/completions", headers=AUTH, timeout=60, json={
         "model": "tiny-lora:../A", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "an adapter name is a folder name" in r.json()["error"]["message"], r.text
     assert _lora_chat(local, "A").status_code == 200
