@@ -28,6 +28,10 @@ def render(
     name: Annotated[str, typer.Option(help="Name of the RayService and prefix of every object.")] = "llmkit",
     secret_name: Annotated[str, typer.Option(help="Secret holding HF_TOKEN and API_KEYS (created by you).")]
     = "llmkit-secrets",
+    keys_secret: Annotated[str | None, typer.Option(
+        help="Secret whose keys.yaml is the keys file (python -m app keys ...; kubectl create secret generic NAME "
+             "--from-file=keys.yaml): mounted into the Ray head, the fallback and DeepSpeed rank 0, re-read on "
+             "change. Default: API_KEYS only.")] = None,
     cache_size: Annotated[str, typer.Option(help="Model cache PVC size (ReadOnlyMany).")] = "200Gi",
     storage_class: Annotated[str | None, typer.Option(help="Model cache storage class.")] = None,
     allow_namespace: Annotated[list[str] | None, typer.Option(
@@ -55,7 +59,7 @@ def render(
     try:
         inp = gather(env, configs=list(configs or []), tiers=tiers or DEFAULT_TIERS,
                      compose_file=compose_file or DEFAULT_COMPOSE, namespace=namespace, name=name,
-                     secret_name=secret_name, cache_size=cache_size, storage_class=storage_class,
+                     secret_name=secret_name, keys_secret=keys_secret, cache_size=cache_size, storage_class=storage_class,
                      allow_namespaces=list(allow_namespace or []), operator_namespace=operator_namespace,
                      monitoring=monitoring, monitoring_namespace=monitoring_namespace,
                      deepspeed_as=deepspeed_as if deepspeed else None, deepspeed_tier=deepspeed_tier,

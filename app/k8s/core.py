@@ -22,7 +22,7 @@ _ENV_PASSED = re.compile(r"^(LLM|NGINX)_[A-Z0-9_]+$")
 _SECRETISH = re.compile(r"(?i)(^|_)(token|secret|password|passwd|api_keys?|key)$")
 # set per workload by the render (addresses and ports of the Kubernetes objects), never copied from .env
 _OWN = {"NGINX_BIND", "NGINX_PRIMARY", "NGINX_BACKUPS", "NGINX_PORT", "NGINX_ACCESS_LOG", "NGINX_ERROR_LOG",
-        "LLM_HOST", "LLM_PORT"}
+        "LLM_HOST", "LLM_PORT", "LLM_USAGE_DB"}
 
 
 def namespace(inp: Inputs) -> dict[str, Any]:
@@ -84,12 +84,12 @@ def fallback(inp: Inputs) -> dict[str, Any]:
         "name": "fallback", "image": svc.image,
         "command": with_option(svc.command, "--host", "0.0.0.0"),  # the pod's address: the front door is elsewhere
         "ports": [{"name": "http", "containerPort": port}],
-        "env": inp.common_env(), "envFrom": inp.env_from(),
-        "volumeMounts": [m for m in inp.mounts() if m["name"] == "model-cache"],
+        "env": [*inp.common_env(), *inp.keys_env()], "envFrom": inp.env_from(),
+        "volumeMounts": [*(m for m in inp.mounts() if m["name"] == "model-cache"), *inp.keys_mounts()],
         "readinessProbe": probe, "startupProbe": {**probe, "failureThreshold": 40},
     }
     return _deployment(inp, "fallback", "fallback", container,
-                       [v for v in inp.volumes() if v["name"] == "model-cache"])
+                       [*(v for v in inp.volumes() if v["name"] == "model-cache"), *inp.keys_volumes()])
 
 
 def front_door(inp: Inputs) -> dict[str, Any]:

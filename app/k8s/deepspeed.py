@@ -37,7 +37,8 @@ def _pod(inp: Inputs, hosts: str, launcher: bool) -> dict[str, Any]:
     tier = inp.catalogue.tiers[inp.deepspeed_tier]
     gpu_image = inp.compose.service("deepspeed-node").image
     mounts = [{"name": "ds-ssh", "mountPath": SSH_DIR, "readOnly": True},
-              {"name": "model-cache", "mountPath": "/cache/hf", "readOnly": True}]
+              {"name": "model-cache", "mountPath": "/cache/hf", "readOnly": True},
+              *(m for m in inp.keys_mounts() if m["name"] == "api-keys")]  # rank 0 reads it (compose: the same)
     rank = {"name": "rank", "image": gpu_image, "command": inp.compose.service("deepspeed-node").command,
             "env": _ds_env(inp, hosts), "volumeMounts": mounts,
             "resources": {"requests": {"cpu": tier.cpu.request, "memory": tier.memory.request},
@@ -46,14 +47,16 @@ def _pod(inp: Inputs, hosts: str, launcher: bool) -> dict[str, Any]:
     if launcher:
         launch = inp.compose.service("deepspeed")
         port = inp.port("DS_PORT", 8002)
+        keys = [e for e in inp.keys_env() if e["name"] == "KEYS_FILE"]  # it reaches rank 0 as DS_KEYS_FILE
         containers.append({"name": "launcher", "image": launch.image, "command": launch.command,
-                           "env": _ds_env(inp, hosts), "volumeMounts": mounts,
+                           "env": [*_ds_env(inp, hosts), *keys], "volumeMounts": mounts,
                            "ports": [{"name": "http", "containerPort": port}],
                            "readinessProbe": {"httpGet": {"path": "/readyz", "port": port}, "periodSeconds": 15}})
     spec: dict[str, Any] = {
         "hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet", "containers": containers,
         "volumes": [{"name": "ds-ssh", "secret": {"secretName": inp.ds_ssh_secret, "defaultMode": 0o400}},
-                    *(v for v in inp.volumes() if v["name"] == "model-cache")],
+                    *(v for v in inp.volumes() if v["name"] == "model-cache"),
+                    *(v for v in inp.keys_volumes() if v["name"] == "api-keys")],
         "tolerations": tolerations(tier)}
     if tier.node_selector:
         spec["nodeSelector"] = dict(tier.node_selector)

@@ -19,6 +19,9 @@ from app.models.config import ModelConfig
 CONFIG_MOUNT = "/etc/llmkit/models"  # where the compose kit mounts MODEL_CONFIG_DIR in ray-head (compose/ray.yml)
 CACHE_MOUNT = "/cache/hf"  # HF_CACHE_DIR's mount in every compose service (HF_HOME)
 SECRET_KEYS = ("HF_TOKEN", "API_KEYS")  # the secret variables of .env; only ever referenced
+KEYS_MOUNT = "/etc/llmkit/keys"  # where the compose kit mounts KEYS_DIR (the keys file, app/tenants)
+KEYS_FILE = f"{KEYS_MOUNT}/keys.yaml"
+USAGE_DIR = "/var/lib/llmkit-usage"  # per-pod usage database (emptyDir: a pod restart starts it again)
 PART_OF = "app.kubernetes.io/part-of"
 ROLE = "llmkit.io/role"
 
@@ -33,6 +36,7 @@ class Inputs:
     namespace: str = "llmkit"
     name: str = "llmkit"
     secret_name: str = "llmkit-secrets"
+    keys_secret: str | None = None  # a Secret whose `keys.yaml` is the keys file (None: API_KEYS only)
     ds_ssh_secret: str = "llmkit-ds-ssh"
     cache_size: str = "200Gi"
     storage_class: str | None = None
@@ -81,6 +85,26 @@ class Inputs:
     def common_env(self) -> list[dict[str, Any]]:
         # the cache volume is read-only (filled once): models load from it without trying the hub
         return [*self.secret_env(), {"name": "HF_HOME", "value": CACHE_MOUNT}, {"name": "HF_HUB_OFFLINE", "value": "1"}]
+
+    def keys_env(self, variable: str = "KEYS_FILE") -> list[dict[str, Any]]:
+        """The keys file and usage database of a server that mounts the API (none without `keys_secret`)."""
+        if not self.keys_secret:
+            return []
+        return [{"name": variable, "value": KEYS_FILE},
+                {"name": "LLM_USAGE_DB", "value": f"{USAGE_DIR}/usage.sqlite"}]
+
+    def keys_volumes(self) -> list[dict[str, Any]]:
+        """The keys Secret as a folder (not a subPath: kubelet then updates it in place and servers re-read it)."""
+        if not self.keys_secret:
+            return []
+        return [{"name": "api-keys", "secret": {"secretName": self.keys_secret, "defaultMode": 0o440}},
+                {"name": "usage", "emptyDir": {}}]
+
+    def keys_mounts(self) -> list[dict[str, Any]]:
+        if not self.keys_secret:
+            return []
+        return [{"name": "api-keys", "mountPath": KEYS_MOUNT, "readOnly": True},
+                {"name": "usage", "mountPath": USAGE_DIR}]
 
     def env_from(self) -> list[dict[str, Any]]:
         """The `.env` knobs (LLM_*, NGINX_*) every container gets, as compose's env_file gives them."""

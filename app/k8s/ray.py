@@ -24,8 +24,10 @@ GPU = "nvidia.com/gpu"
 
 def serve_config(inp: Inputs) -> dict[str, Any]:
     """Serve's config (ServeDeploySchema) for serveConfigV2: Serve's proxy on the head, the app from its builder."""
+    keys = {e["name"]: e["value"] for e in inp.keys_env()}
     entry = application(inp.config_files, config_dir=inp.config_mount, api_keys_env="API_KEYS",
-                        max_body_bytes=inp.port("LLM_MAX_BODY_BYTES", 4 * 1024 * 1024))
+                        max_body_bytes=inp.port("LLM_MAX_BODY_BYTES", 4 * 1024 * 1024),
+                        keys_file=keys.get("KEYS_FILE", ""), usage_db=keys.get("LLM_USAGE_DB", ""))
     return {"proxy_location": "HeadOnly",
             "http_options": http_options("0.0.0.0", inp.port("SERVE_PORT", 8000),
                                          float(inp.get("SERVE_REQUEST_TIMEOUT_S", "300"))),
@@ -78,12 +80,13 @@ def head_group(inp: Inputs) -> dict[str, Any]:
     container = {
         "name": "ray-head", "image": image,
         "ports": [{"name": n, "containerPort": p} for n, p in ports],
-        "env": _ray_env(inp), "envFrom": inp.env_from(), "volumeMounts": inp.mounts(),
+        "env": _ray_env(inp), "envFrom": inp.env_from(), "volumeMounts": [*inp.mounts(), *inp.keys_mounts()],
         "resources": {"requests": {"cpu": head.cpu.request, "memory": head.memory.request},
                       "limits": {"cpu": head.cpu.limit, "memory": head.memory.limit}},
     }
     return {"rayStartParams": params, "template": {"metadata": {"labels": inp.labels("ray-head")},
-                                                   "spec": {"containers": [container], "volumes": inp.volumes()}}}
+                                                   "spec": {"containers": [container],
+                                                            "volumes": [*inp.volumes(), *inp.keys_volumes()]}}}
 
 
 def worker_params(inp: Inputs, tier: Tier) -> dict[str, str]:

@@ -156,10 +156,11 @@ def test_prometheus_scrapes_standalone_server(start_server, prometheus_factory) 
     for key, expr in dashboard_exprs(dash):
         names = set(re.findall(r"\b([A-Za-z_][A-Za-z0-9_]*)\s*[{\[]", expr))
         if not names or not all(n.startswith("llm_") for n in names) or "5.." in expr or "errors" in expr \
-                or any(n.startswith(("llm_batch", "llm_lora")) for n in names):
+                or any(n.startswith(("llm_batch", "llm_lora", "llm_key")) for n in names):
             # Ray/GPU/nginx panels (no such targets here), error panels (no errors here), the batch service's
-            # row (tests/client/test_batch_service.py scrapes its metrics), the LoRA row (no adapters here:
-            # tests/standalone/test_lora.py runs it against a real Prometheus)
+            # row (tests/client/test_batch_service.py scrapes its metrics), the LoRA and keys rows (no adapters
+            # or keys file here: tests/standalone/test_lora.py and test_tenants.py run them against a real
+            # Prometheus)
             continue
         assert prom.query(expr), f"dashboard query {key} returned nothing: {expr}"
         checked += 1

@@ -131,29 +131,12 @@ def test_bad_adapters_are_clear_4xx_and_the_server_keeps_serving(server: ServerP
 def test_grafana_lora_row_reads_what_prometheus_stores(server: ServerProcess, tmp_path: Path) -> None:
     """Every query of the dashboard's LoRA row returns data from a real Prometheus scraping this server (run after
     the eviction test, so loads, evictions and held adapters all have series)."""
-    from app.ops.prometheus import PrometheusSettings
-    from tests.support.dashboards import DASHBOARD, dashboard_exprs
-    from tests.support.prometheus import Prometheus
-    from tests.support.servers import free_port, wait_until
+    from tests.support.prometheus import assert_dashboard_queries_return_data, scraping
 
-    dead = free_port()  # only this server is up
-    prom = Prometheus(tmp_path, PrometheusSettings(
-        prometheus_scrape_interval="1s", prometheus_eval_interval="1s", fallback_port=str(server.port),
-        ray_metrics_export_port=dead, nginx_exporter_targets=f"127.0.0.1:{dead}",
-        ray_sd_file=str(tmp_path / "no-ray-sd.json")))
+    text(chat(server, "tiny:B"))
+    prom = scraping(server.port, tmp_path)
     try:
-        def stored() -> float:
-            res = prom.query('sum(llm_lora_requests_total{job="llm-fallback"})')
-            return float(res[0]["value"][1]) if res else 0.0
-
-        text(chat(server, "tiny:B"))
-        before = wait_until(stored, 60, 0.2, "the adapter counters in Prometheus")
-        text(chat(server, "tiny:B"))  # an increase after the first sample: rate() has two points
-        wait_until(lambda: stored() > before, 60, 0.2, "the second request in Prometheus")
-        exprs = [(k, e) for k, e in dashboard_exprs(json.loads(DASHBOARD.read_text())) if "llm_lora_" in e]
-        assert len(exprs) == 5, exprs
-        for key, expr in exprs:
-            wait_until(lambda e=expr: prom.query(e), 30, 0.5, f"dashboard query {key}: {expr}")
+        assert_dashboard_queries_return_data(prom, "llm_lora_", 5)
     finally:
         prom.stop()
 

@@ -213,6 +213,18 @@ def test_no_key_or_hash_appears_in_logs_metrics_readyz_or_errors(env: Env) -> No
             assert key not in text and digest[7:] not in text and digest[7:23] not in text
 
 
+def test_grafana_keys_row_reads_what_prometheus_stores(env: Env, tmp_path: Path) -> None:
+    """Every query of the dashboard's keys row returns data from a real Prometheus scraping this server (after the
+    tests above: 2xx and refused requests, tokens and 429s by a key's own limit all have series)."""
+    from tests.support.prometheus import assert_dashboard_queries_return_data, scraping
+
+    prom = scraping(env.server.port, tmp_path)
+    try:
+        assert_dashboard_queries_return_data(prom, "llm_key_", 4)
+    finally:
+        prom.stop()
+
+
 def test_usage_is_persisted_when_the_server_stops_and_only_admins_see_every_key(env: Env) -> None:
     """Last in the module (it stops the server). Reading the file back after a restart is UsageStore's unit test."""
     def usage(name: str) -> dict[str, Any]:

@@ -41,3 +41,26 @@ class Prometheus:
     def stop(self) -> None:
         stop_process(self.proc, signal.SIGTERM, 20)
         self.log.close()
+
+
+def scraping(server_port: int, workdir: Path) -> Prometheus:
+    """A private Prometheus scraping one API server (as the fallback job, every second); the other jobs' targets
+    are a port nobody listens on."""
+    dead = free_port()
+    return Prometheus(workdir, PrometheusSettings(
+        prometheus_scrape_interval="1s", prometheus_eval_interval="1s", fallback_port=str(server_port),
+        ray_metrics_export_port=dead, nginx_exporter_targets=f"127.0.0.1:{dead}",
+        ray_sd_file=str(workdir / "no-ray-sd.json")))
+
+
+def assert_dashboard_queries_return_data(prom: Prometheus, metric_prefix: str, count: int) -> None:
+    """Every query of the shipped dashboard that reads `metric_prefix*` series returns data (within 30 s: rate()
+    needs two scrapes of a series)."""
+    import json
+
+    from tests.support.dashboards import DASHBOARD, dashboard_exprs
+
+    exprs = [(k, e) for k, e in dashboard_exprs(json.loads(DASHBOARD.read_text())) if metric_prefix in e]
+    assert len(exprs) == count, exprs
+    for key, expr in exprs:
+        wait_until(lambda e=expr: prom.query(e), 30, 0.5, f"dashboard query {key}: {expr}")

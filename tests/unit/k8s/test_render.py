@@ -292,3 +292,35 @@ def test_a_request_router_config_reaches_the_rayservice_unchanged(tmp_path: Path
     opts = load_model_config(mounted / "tiny-prefix.yaml").deployment_options()
     assert opts["request_router_config"] == {"request_router_class": "app.ray_serve.prefix_router.PrefixAwareRouter",
                                              "request_router_kwargs": {"imbalance_threshold": 2}}
+
+
+def test_a_keys_secret_is_mounted_where_every_api_server_reads_it() -> None:
+    """`--keys-secret`: the keys file (a Secret's keys.yaml, mounted as a folder so kubelet's in-place updates reach
+    the servers' re-read) in the Ray head (serveConfigV2 names it for the ingress), the fallback and DeepSpeed
+    rank 0; without it nothing changes. Everything still validates strictly."""
+    plain = render(deepspeed_as="mpijob")
+    objs = render(deepspeed_as="mpijob", keys_secret="llmkit-keys")
+    for obj in objs:
+        if obj["kind"] not in ("PodMonitor", "ServiceMonitor"):
+            validate(obj)
+    assert "keys_file" not in yaml.safe_load(kinds(plain)["RayService"][0]["spec"]["serveConfigV2"])[
+        "applications"][0]["args"]
+    args = yaml.safe_load(kinds(objs)["RayService"][0]["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["keys_file"] == "/etc/llmkit/keys/keys.yaml" and args["usage_db"].startswith("/var/lib/")
+
+    def secret_volumes(obj: dict[str, Any]) -> list[str]:
+        return [v["secret"]["secretName"] for spec in pod_specs(obj) for v in spec.get("volumes", [])
+                if "secret" in v and v["name"] == "api-keys"]
+
+    head = kinds(objs)["RayService"][0]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert any(m["mountPath"] == "/etc/llmkit/keys" and m["readOnly"] and "subPath" not in m
+               for m in head["containers"][0]["volumeMounts"])
+    fallback = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "llmkit-fallback")
+    assert secret_volumes(fallback) == ["llmkit-keys"]
+    env = {e["name"]: e.get("value") for e in fallback["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KEYS_FILE"] == "/etc/llmkit/keys/keys.yaml" and env["LLM_USAGE_DB"].startswith("/var/lib/")
+    mpijob = kinds(objs)["MPIJob"][0]
+    launcher = mpijob["spec"]["mpiReplicaSpecs"]["Launcher"]["template"]["spec"]
+    assert secret_volumes(mpijob) and any(e["name"] == "KEYS_FILE" for c in launcher["containers"]
+                                          for e in c["env"] if c["name"] == "launcher")
+    assert not any(secret_volumes(o) for o in plain)
