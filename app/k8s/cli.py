@@ -59,7 +59,8 @@ def render(
     try:
         inp = gather(env, configs=list(configs or []), tiers=tiers or DEFAULT_TIERS,
                      compose_file=compose_file or DEFAULT_COMPOSE, namespace=namespace, name=name,
-                     secret_name=secret_name, keys_secret=keys_secret, cache_size=cache_size, storage_class=storage_class,
+                     secret_name=secret_name, keys_secret=keys_secret, cache_size=cache_size,
+                     storage_class=storage_class,
                      allow_namespaces=list(allow_namespace or []), operator_namespace=operator_namespace,
                      monitoring=monitoring, monitoring_namespace=monitoring_namespace,
                      deepspeed_as=deepspeed_as if deepspeed else None, deepspeed_tier=deepspeed_tier,
