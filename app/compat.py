@@ -2,7 +2,8 @@
 
 Ray, uvicorn, DeepSpeed and vLLM offer no public way to do a few things the kit needs (keep Ray on 127.0.0.1,
 a small key-value record in the GCS, Serve's direct ingress flags, exit 0 after a drained SIGTERM, two DeepSpeed
-#7625 workarounds, vLLM's platform, its CPU attention kernel's head sizes and its EngineCore processes).
+#7625 workarounds, vLLM's platform, its CPU attention kernel's head sizes, its EngineCore processes and a fix of
+its CPU LoRA ops).
 Each helper below reaches the private attribute it needs; when an upgrade removed it, the helper raises
 `CompatError` naming the attribute, the installed version and the pin (pyproject.toml), instead of an
 AttributeError deep inside a replica. Nothing here imports Ray, uvicorn, DeepSpeed or vLLM at module level.
@@ -230,6 +231,46 @@ def vllm_engine_core_processes(llm: Any) -> list[Any]:
     return list(processes)
 
 
+# the two namespaces vLLM-CPU's LoRA path reaches `bgmv_shrink` through: the punica wrapper (decode, logits) and
+# the torch ops module (whose sgmv_shrink, the prefill path, calls its own global)
+VLLM_CPU_SHRINK_MODULES = ("vllm.lora.punica_wrapper.punica_cpu", "vllm.lora.ops.torch_ops.lora_ops")
+
+
+def vllm_cpu_lora_mask_base_rows() -> bool:
+    """Make rows without an adapter get no LoRA delta in vLLM-CPU's mixed batches (a vLLM 0.32 CPU bug).
+
+    The PyTorch punica ops of the CPU build select each token's adapter weights with
+    `lora_weights[lora_indices]`, where a token of a request without an adapter has index -1; PyTorch reads -1
+    as the LAST slot, so in a batch mixing adapter and base requests the base rows got the last slot's adapter
+    (measured: base requests answered with another adapter's tokens; alone they were right). Wrapping
+    `bgmv_shrink` to zero the rows of index -1 fixes it: every LoRA path shrinks first and the expands of a
+    zero row add nothing. Idempotent; True when installed (False on another platform: the GPU kernels skip -1).
+    """
+    platform = _attr("vllm.platforms", "current_platform", VLLM_PIN)
+    if not platform.is_cpu():
+        return False
+    for module in VLLM_CPU_SHRINK_MODULES:
+        mod = importlib.import_module(module)
+        original = getattr(mod, "bgmv_shrink", None)
+        if original is None:
+            raise _missing(f"{module}.bgmv_shrink", "vllm", VLLM_PIN)
+        if getattr(original, "llm_kit_masked", False):
+            continue
+        setattr(mod, "bgmv_shrink", _masked_shrink(original))  # noqa: B010 (a module attribute mypy cannot see)
+    return True
+
+
+def _masked_shrink(original: Callable[..., Any]) -> Callable[..., Any]:
+    def bgmv_shrink(inputs: Any, weights: Any, output: Any, indices: Any, scaling: float = 1.0) -> None:
+        original(inputs, weights, output, indices, scaling)
+        base = indices < 0
+        if bool(base.any()):
+            output[: base.shape[0]][base] = 0
+
+    bgmv_shrink.llm_kit_masked = True  # type: ignore[attr-defined]
+    return bgmv_shrink
+
+
 # ----------------------------------------------------------------------------- check
 
 
@@ -248,6 +289,7 @@ def private_api_problems() -> list[str]:
         ("vllm", "vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackend"),
         ("vllm", "vllm.v1.engine.utils", "CoreEngineProcManager"),
         ("vllm", "vllm.v1.engine.core_client", "BackgroundResources"),
+        *[("vllm", module, "bgmv_shrink") for module in VLLM_CPU_SHRINK_MODULES],
     ]
     problems = []
     for package, module, name in checks:

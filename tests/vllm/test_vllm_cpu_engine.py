@@ -301,12 +301,13 @@ def test_our_plugins_are_registered_with_vllm() -> None:
     need_vllm()
     from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_plugins_by_group
 
-    from app.engines.vllm.plugins import install_error_log, report_threads, watch_parent
+    from app.engines.vllm.plugins import fix_cpu_lora, install_error_log, report_threads, watch_parent
 
     plugins = load_plugins_by_group(DEFAULT_PLUGINS_GROUP)
     assert plugins["llm_kit_error_log"] is install_error_log
     assert plugins["llm_kit_parent_watchdog"] is watch_parent
     assert plugins["llm_kit_thread_report"] is report_threads
+    assert plugins["llm_kit_cpu_lora_fix"] is fix_cpu_lora
 
 
 def test_gpu_check_runs_vllm_on_cpu_when_asked(tmp_path: Path) -> None:

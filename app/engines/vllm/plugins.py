@@ -3,7 +3,7 @@
 vLLM 0.32 calls every `vllm.general_plugins` entry point in each of its processes: the process hosting the
 engine (`AsyncLLM`), its EngineCore child (`EngineCore.__init__`, before the model loads) and that one's
 worker children (`WorkerBase.init_worker`). This module is imported there, so it uses the standard library
-only. Three plugins:
+only (one plugin imports `app.compat` lazily, on vLLM's CPU platform). Four plugins:
 
 - `install_error_log` (entry point `llm_kit_error_log`): every ERROR record of a vLLM process is appended,
   one JSON line each, to the file `LLM_KIT_VLLM_ERROR_LOG` names; `VLLMEngine` reads the first exception as
@@ -20,6 +20,9 @@ only. Three plugins:
 - `report_threads` (entry point `llm_kit_thread_report`): a process vLLM started appends the torch thread count it
   runs with (and its OMP_NUM_THREADS) to the file `LLM_KIT_VLLM_THREADS_REPORT` names, so the engine reports what
   vLLM-CPU's EngineCore actually ran with (`omp_threads.reported`), not only what was asked.
+- `fix_cpu_lora` (entry point `llm_kit_cpu_lora_fix`): on vLLM's CPU build, rows without an adapter in a batch
+  that mixes LoRA and base requests get no adapter delta (`app.compat.vllm_cpu_lora_mask_base_rows`: vLLM 0.32's
+  PyTorch LoRA ops read the "no adapter" index -1 as the last adapter slot).
 """
 
 from __future__ import annotations
@@ -136,3 +139,13 @@ def report_threads() -> None:
             f.write(json.dumps(line) + "\n")
     except OSError as exc:  # a report is never worth breaking vLLM for
         log.warning("thread report to %s failed: %s", path, exc)
+
+
+def fix_cpu_lora() -> None:
+    """vLLM general plugin `llm_kit_cpu_lora_fix`: in vLLM's processes on its CPU platform, mask base rows."""
+    if "vllm.platforms" not in sys.modules:  # only where vLLM runs (it has imported its platform by now)
+        return
+    from app import compat
+
+    if compat.vllm_cpu_lora_mask_base_rows():
+        log.info("pid %d: vLLM-CPU LoRA ops patched: rows without an adapter get no adapter delta", os.getpid())
