@@ -110,7 +110,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON: " + str(first.get("ctx", {}).get("error", "")).strip(), None
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query"):  # where the field came from, not part of its name
+        loc = loc[1:]
     # pydantic puts union member names into the location; keep the field path only
     # (exact tags only: a prefix test would drop real fields such as `stream`)
     loc = [p for p in loc if not (p in _UNION_TAGS or "[" in p or p.startswith(("function-", "constrained-")))]

@@ -15,10 +15,13 @@ All three answer HEAD too (load balancers and vLLM tools probe with it).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import re
+from datetime import date, datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BeforeValidator, Field
 
 from app.api.auth import is_authenticated
 from app.api.backend import ModelBackend
@@ -36,7 +39,7 @@ from app.api.protocol import (
 from app.engines.base import ModelNotFoundError
 from app.engines.grammar.install import missing_packages
 from app.tenants.gate import tenant_of
-from app.tenants.usage import usage_window
+from app.tenants.usage import LATEST_SECONDS, usage_window
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1")
@@ -122,15 +125,30 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     return await _card(backend, model_id, detail, parent=base if adapter is not None else None)
 
 
+def _not_a_number(value: Any) -> Any:
+    """A numeric bound is unix seconds (the integer branch, with its range), never a date-time's timestamp."""
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.match(value.strip())):
+        raise ValueError("unix seconds must be an integer in [0, 253402300799]")
+    return value
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+UsageBound = Annotated[
+    Annotated[int, Field(ge=0, le=LATEST_SECONDS)] | Annotated[datetime, BeforeValidator(_not_a_number)]
+    | Annotated[date, BeforeValidator(_not_a_number)] | None,
+    Query(description="Unix seconds, an ISO 8601 date (midnight UTC) or date-time (UTC when naive)."),
+]
+
+
 @v1.get("/usage", responses=errors(400))
-async def usage(request: Request, start: str | None = None, end: str | None = None) -> JSONResponse:
-    """Requests and tokens per key name and model over [start, end) (unix seconds or ISO 8601 dates; default:
-    this calendar month, UTC), in whole UTC hours. A key sees its own usage; an admin key sees every key's."""
+async def usage(request: Request, start: UsageBound = None, end: UsageBound = None) -> JSONResponse:
+    """Requests and tokens per key name and model over [start, end) (default: this calendar month, UTC), in whole
+    UTC hours; `end` must be after `start`. A key sees its own usage; an admin key sees every key's."""
     tenant = tenant_of(request.scope)
     try:
         begin, until = usage_window(start, end)
     except ValueError as exc:
-        return error_response(str(exc), 400, param="start" if "start" in str(exc) else "end", code="invalid_value")
+        return error_response(str(exc), 400, param=str(exc).split(":", 1)[0], code="invalid_value")
     key = None if tenant is not None and tenant.entry.admin else (tenant.name if tenant else "anonymous")
     rows = request.app.state.tenants.usage.query(begin, until, key)
     return JSONResponse({"object": "usage", "start": int(begin), "end": int(until), "key": key or "*",

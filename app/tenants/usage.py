@@ -15,7 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,32 +120,52 @@ class UsageStore:
 
 
 _LATEST = 253_402_300_800.0  # 10000-01-01T00:00:00Z
+LATEST_SECONDS = int(_LATEST) - 1  # the largest unix-seconds bound (the API's schema states it)
+Bound = str | int | float | datetime | date | None
 
 
-def _instant(value: str, name: str) -> float:
-    text = value.strip()
+def _moment(moment: datetime | date) -> float:
+    """Unix seconds of a date (midnight UTC) or date-time (UTC when naive), clamped to [1970, 9999]: no usage
+    exists outside it, so a wider window is the same window."""
+    if not isinstance(moment, datetime):
+        moment = datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
     try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"{name}: expected unix seconds or an ISO 8601 date/time, e.g. 2026-12-01") from None
         seconds = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    except (OverflowError, ValueError):  # beyond datetime's range once the offset is applied
+        seconds = 0.0 if moment.year < 1970 else _LATEST - 1
+    return min(max(seconds, 0.0), _LATEST - 1)
+
+
+def _instant(value: str | int | float | datetime | date, name: str) -> float:
+    if isinstance(value, datetime | date):
+        return _moment(value)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            try:
+                moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                raise ValueError(f"{name}: expected unix seconds or an ISO 8601 date/time, e.g. 2026-12-01") from None
+            seconds = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
     if not 0 <= seconds < _LATEST:  # also NaN and infinities
         raise ValueError(f"{name}: must be between 1970 and the year 9999")
     return seconds
 
 
-def usage_window(start: str | None, end: str | None, now: float | None = None) -> tuple[float, float]:
-    """[start, end) of a usage query: the given bounds, or this calendar month (UTC) up to now."""
+def usage_window(start: Bound, end: Bound, now: float | None = None) -> tuple[float, float]:
+    """[start, end) of a usage query: the given bounds, or this calendar month (UTC) up to now. Strings are unix
+    seconds or ISO 8601; dates and date-times (the API's typed query) are clamped to 1970..9999."""
     current = time.time() if now is None else now
-    if start:
+    if start is not None and start != "":
         begin = _instant(start, "start")
     else:
         today = datetime.fromtimestamp(current, UTC)
         begin = today.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
-    until = _instant(end, "end") if end else current + 1
+    until = _instant(end, "end") if end is not None and end != "" else current + 1
     if until <= begin:
         raise ValueError("end: must be after start")
     return begin, until

@@ -309,13 +309,13 @@ def _slow_client_answer(vms: TwoVMs) -> tuple[bytes, float]:
     return data, time.monotonic() - t0
 
 
-def _stream_through_sigterm(vms: TwoVMs, group: Group, n: int) -> tuple[int, str | None, bool]:
+def _stream_through_sigterm(vms: TwoVMs, group: Group, n: int, key: str) -> tuple[int, str | None, bool]:
     """Stream `n` tokens, SIGTERM rank 0 once the first arrives; (tokens, finish_reason, [DONE] seen)."""
     body = {"model": "tiny", "prompt": "drain", "max_tokens": n, "ignore_eos": True, "stream": True,
             "temperature": 0, "stream_options": {"include_usage": True}}
     tokens, finish, done, signalled = 0, None, False, False
     with httpx.Client(trust_env=False, timeout=120) as http, http.stream(
-        "POST", f"http://{vms.ip_a}:8002/v1/completions", json=body
+        "POST", f"http://{vms.ip_a}:8002/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}
     ) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
@@ -337,10 +337,19 @@ def _stream_through_sigterm(vms: TwoVMs, group: Group, n: int) -> tuple[int, str
     return tokens, finish, done
 
 
-def test_rank0_guards_slow_clients_and_drains_on_sigterm(vms: TwoVMs, pool: NetnsPool, tiny_model: Path) -> None:
+def test_rank0_guards_slow_clients_enforces_the_keys_file_and_drains_on_sigterm(
+        vms: TwoVMs, pool: NetnsPool, tiny_model: Path, tmp_path: Path) -> None:
     """Rank 0 serves through the standalone server's guarded transport: a client that never finishes its
-    headers gets 408 after DS_HEADER_TIMEOUT_S; SIGTERM lets a running stream finish, then rank 0 exits."""
-    group = vms.launch(tiny_model, name="guard", DS_HEADER_TIMEOUT_S="2", DS_GRACEFUL_TIMEOUT_S="60")
+    headers gets 408 after DS_HEADER_TIMEOUT_S; the keys file (DS_KEYS_FILE, as compose passes it) is enforced
+    (401 without a key, a key's RPM limit a 429 with OpenAI's headers); SIGTERM lets a running stream finish,
+    then rank 0 exits."""
+    from app.tenants.keyfile import KeyEntry, KeysFile, hash_key, save
+
+    limited, streaming = "sk-ds-limited-0123456789", "sk-ds-stream-0123456789"
+    save(tmp_path / "keys.yaml", KeysFile(keys=[KeyEntry(name="ds-limited", hash=hash_key(limited), rpm=1),
+                                                KeyEntry(name="ds-stream", hash=hash_key(streaming))]))
+    group = vms.launch(tiny_model, name="guard", DS_HEADER_TIMEOUT_S="2", DS_GRACEFUL_TIMEOUT_S="60",
+                       DS_KEYS_FILE=str(tmp_path / "keys.yaml"))
     try:
         wait_ready(group, pool)
         answer, took = pool.run(_slow_client_answer, vms)
@@ -348,7 +357,19 @@ def test_rank0_guards_slow_clients_and_drains_on_sigterm(vms: TwoVMs, pool: Netn
         assert b"request_timeout" in answer
         assert 1.5 <= took < 15, took  # cut by the guard, not by the test's own socket timeout
 
-        tokens, finish, done = pool.run(_stream_through_sigterm, vms, group, 200, timeout=180)
+        def complete(key: str | None) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return httpx.post(f"http://{vms.ip_a}:8002/v1/completions", headers=headers, trust_env=False,
+                              json={"model": "tiny", "prompt": "x", "max_tokens": 2}, timeout=60)
+
+        assert pool.run(complete, None).status_code == 401
+        first = pool.run(complete, limited)
+        assert first.status_code == 200 and first.headers["x-ratelimit-limit-requests"] == "1", first.text
+        refused = pool.run(complete, limited)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1, refused.text
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+        tokens, finish, done = pool.run(_stream_through_sigterm, vms, group, 200, streaming, timeout=180)
         assert (tokens, finish, done) == (200, "length", True)
         deadline = time.monotonic() + 60
         while group.rank_pid(vms.ns_a) is not None:

@@ -8,7 +8,8 @@ body can break them: a token budget beyond the served model's context, a fan-out
 slots, a `tool` message that answers no call of the assistant message before it, a named `tool_choice`
 that is not among `tools`, a tool name or call id used twice, a JSON response_format together with a forced
 tool call, a JSON schema using a feature constrained decoding does not support, a `seed` just beyond the signed
-64-bit range that a generator working in doubles rounds onto a bound (2**63 + 100 "is" 2**63 - 1 there). Each is a
+64-bit range that a generator working in doubles rounds onto a bound (2**63 + 100 "is" 2**63 - 1 there), a
+`/v1/usage` window whose `end` is not after its `start` (an order between two query parameters). Each is a
 400 naming that
 parameter (tests/standalone/test_api_features.py and tests/unit/api/test_tools.py prove each one). This check is
 the built-in one with exactly those answers allowed; the fuzz runs it in its place. Everything else a valid
@@ -32,6 +33,7 @@ SERVER_RULES: tuple[tuple[str | None, re.Pattern[str]], ...] = (
     (None, re.compile(r"^tools\.\d+\.function\.(name|parameters)(\..*)?$")),
     (None, re.compile(r"^response_format(\..*)?$")),
     ("invalid_value", re.compile(r"^seed$")),  # beyond the exact int64 range (see _seed_beyond_int64)
+    ("invalid_value", re.compile(r"^end$")),  # /v1/usage: end not after start
 )
 ACCEPTED = {401, 403, 404, 409, 429}
 
