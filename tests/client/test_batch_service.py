@@ -281,7 +281,10 @@ def test_sdk_through_nginx_and_the_primary_killed_mid_batch(server: ServerProces
         assert done.status == "completed" and done.request_counts.completed == 120, done
         assert [r["custom_id"] for r in records(client, done.output_file_id)] == [r["custom_id"] for r in rows]
         log = front.access_log()
-        assert log.count("POST /v1/chat/completions") == 120  # the runner went through the front door
+        # the runner went through the front door: one request a line, plus a resend for a line in flight whose
+        # answer the SIGKILL cut after nginx had started relaying it (a 502 nginx cannot replay; the runner
+        # retries it, and the output still holds the line once)
+        assert 120 <= log.count("POST /v1/chat/completions") <= 120 + 4
         assert f"upstream=127.0.0.1:{primary.port} " in log and f"127.0.0.1:{server.port}" in log  # both served
     finally:
         svc.stop(signal.SIGKILL)
