@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import time
@@ -85,7 +84,8 @@ class Runner:
         headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
         self._http = httpx.AsyncClient(
             headers=headers, timeout=httpx.Timeout(self.config.request_timeout_s, connect=10.0),
-            transport=AsyncRetryTransport(self.config.policy),
+            # whole_body: an answer cut after its headers (primary killed mid-reply) is resent, not failed
+            transport=AsyncRetryTransport(self.config.policy, whole_body=True),
             limits=httpx.Limits(max_connections=self.config.concurrency + 4))
         for batch_id in self.store.active_batch_ids():
             log.info("resuming batch %s", batch_id)
@@ -238,35 +238,16 @@ class Runner:
         body["service_tier"] = "flex"  # batch traffic yields to interactive requests in the engines
         url = self.config.target_url.rstrip("/") + batch.endpoint
         record: dict[str, Any] = {"id": line_request_id(batch.id, line_no), "custom_id": custom_id}
-        policy = self.config.policy
-        for attempt in itertools.count(1):
-            # the transport retries what fails before an answer starts; an answer cut after its headers (the
-            # server behind the front door killed mid-reply: a dropped body, or a 200 whose JSON is cut) is
-            # resent here under the same policy, so the line's one committed outcome is a whole answer
-            try:
-                async with self._http.stream("POST", url, json=body,
-                                             headers={"X-Request-Id": f"{batch.id}-{line_no}"}) as resp:
-                    cut = False
-                    try:
-                        await resp.aread()
-                    except httpx.TransportError:
-                        cut = True
-            except httpx.TransportError as exc:  # no answer at all, after the transport's own attempts
-                err = transport_error(exc, url)
-                return "failed", {**record, "response": None,
-                                  "error": {"code": err.error_type or "connection_error", "message": err.message}}
-            try:
-                answer: Any = None if cut else resp.json()
-            except ValueError:
-                cut = resp.status_code == 200
-                answer = {"error": {"message": resp.text[:2000], "type": "bad_response"}}
-            if cut and attempt < policy.max_attempts:
-                await asyncio.sleep(policy.delay_s(attempt, None))
-                continue
-            if cut and answer is None:
-                return "failed", {**record, "response": None,
-                                  "error": {"code": "connection_error", "message": "the answer was cut off"}}
-            break
+        try:
+            resp = await self._http.post(url, json=body, headers={"X-Request-Id": f"{batch.id}-{line_no}"})
+        except httpx.TransportError as exc:
+            err = transport_error(exc, url)
+            return "failed", {**record, "response": None,
+                              "error": {"code": err.error_type or "connection_error", "message": err.message}}
+        try:
+            answer: Any = resp.json()
+        except ValueError:
+            answer = {"error": {"message": resp.text[:2000], "type": "bad_response"}}
         record["response"] = {"status_code": resp.status_code, "request_id": resp.headers.get("x-request-id", ""),
                               "body": answer}
         record["error"] = None

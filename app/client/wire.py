@@ -172,11 +172,13 @@ class RetryTransport(httpx.BaseTransport):
 
 
 class AsyncRetryTransport(httpx.AsyncBaseTransport):
-    """The async twin of `RetryTransport`."""
+    """The async twin of `RetryTransport`. `whole_body=True` reads each answer's body here, so an answer cut after
+    its headers (the server killed mid-reply) is a transport error the policy retries (not for streams)."""
 
     def __init__(self, policy: RetryPolicy, inner: httpx.AsyncBaseTransport | None = None,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, whole_body: bool = False):
         self.policy, self.inner, self.sleep = policy, inner or httpx.AsyncHTTPTransport(), sleep
+        self.whole_body = whole_body
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         attempt = 0
@@ -184,6 +186,8 @@ class AsyncRetryTransport(httpx.AsyncBaseTransport):
             attempt += 1
             try:
                 response = await self.inner.handle_async_request(request)
+                if self.whole_body:
+                    await response.aread()
             except httpx.TransportError:
                 if not self.policy.decide(attempt, None)[0]:
                     raise
